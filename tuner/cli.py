@@ -1,0 +1,185 @@
+"""The ``tune`` command line: parse, call one core function, print."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from tuner import __version__
+from tuner.errors import TunerError
+
+DEFAULT_COMMAND = "run"
+
+
+class DefaultGroup(click.Group):
+    """A group that runs ``run`` when no subcommand is named: ``tune --model gemma3:1b``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = [DEFAULT_COMMAND, *args]
+        elif not args:
+            args = ["--help"]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TunerError as e:
+            if os.environ.get("TUNER_DEBUG"):
+                raise
+            raise TunerClickError(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo(
+                "\nInterrupted: the running trial is marked failed and every completed trial is kept; "
+                "run the same command again to resume.",
+                err=True,
+            )
+            ctx.exit(130)
+
+
+class TunerClickError(click.ClickException):
+    """A TunerError shown as one line, ``Error: ...``, with exit code 2."""
+
+    exit_code = 2
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg)
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out.extend(x.strip() for x in v.split(",") if x.strip())
+    return out
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tune")
+def cli() -> None:
+    """Find the fastest runtime settings for a local LLM, measured on this machine.
+
+    Without a subcommand, runs a study (the `run` command):
+
+        tune --model gemma3:1b --trials 50
+
+    Then look at it and take the winner into production:
+
+        tune report; tune show; tune export --format modelfile
+    """
+
+
+def _storage_option(f: Any) -> Any:
+    return click.option(
+        "--storage",
+        envvar="TUNER_STORAGE",
+        help="Optuna storage URL [default: sqlite:///studies/tuner.db]; "
+        "postgresql://... for many workers, journal:///path.log for shared file systems.",
+    )(f)
+
+
+@cli.command("run")
+@click.option("--model", "-m", "models", multiple=True, required=True,
+              help="Ollama model tag (e.g. gemma3:1b); with --engine llama-cpp, GGUF path(s) or a "
+                   "directory of them (several make the quantization-variant axis).")
+@click.option("--trials", "-n", type=int, default=50, show_default=True, help="Trials to run now (a re-run adds this many).")
+@click.option("--engine", type=click.Choice(["ollama", "llama-cpp"]), default="ollama", show_default=True,
+              help="Inference engine.")
+@click.option("--host", envvar="OLLAMA_HOST", help="Ollama server URL [default: $OLLAMA_HOST or http://127.0.0.1:11434].")
+@click.option("--param", "-p", "params", multiple=True, metavar="NAME=V1,V2",
+              help="Narrow or fix a parameter: num_ctx=2048,4096  num_gpu=27  num_thread=2..8  variant=TAG,TAG. "
+                   "Repeatable. One value fixes it.")
+@click.option("--space", "space_file", type=click.Path(dir_okay=False),
+              help="TOML space file with a [params] table (see studies/*.toml).")
+@click.option("--variants", multiple=True, metavar="TAG,TAG",
+              help="Extra quantization variants to include (pulled first if missing).")
+@click.option("--context", type=int, help="Context length your application needs: num_ctx never goes below it.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="Your prompts: a text file with prompts separated by '---' lines, or .jsonl with "
+                   '{"name", "prompt"} [default: a short chat prompt and a ~1k-token document].')
+@click.option("--repeats", "-r", type=int, default=3, show_default=True, help="Measured repeats of each prompt per trial.")
+@click.option("--num-predict", type=int, default=128, show_default=True, help="Tokens generated per request.")
+@click.option("--objective", "objective", default="decode_tps", show_default=True,
+              type=click.Choice(["decode_tps", "prefill_tps", "e2e_tps", "tokens_per_joule"]),
+              help="What to maximise (mean over the trial's requests).")
+@click.option("--objectives", "objectives", metavar="A,B",
+              help="Multi-objective study, e.g. decode_tps,ttft_p95: prints the Pareto set.")
+@click.option("--max-ttft-ms", type=float, help="Limit on p95 time to first token (ms).")
+@click.option("--max-latency-ms", type=float, help="Limit on p95 request latency (ms).")
+@click.option("--max-vram-mib", type=float, help="Limit on peak GPU memory used (MiB).")
+@click.option("--max-power-w", type=float, help="Limit on mean GPU power (W).")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default="tpe", show_default=True,
+              help="Optuna sampler; random and grid are baselines.")
+@click.option("--seed", type=int, help="Sampler seed, for reproducible searches.")
+@_storage_option
+@click.option("--study", "study_name", help="Study name [default: MODEL@HOST].")
+@click.option("--no-baseline", is_flag=True, help="Skip trial 0 (the model as Ollama runs it by default).")
+@click.option("--gpu", "gpus", metavar="0,1", help="GPU indices to sample telemetry from [default: all].")
+@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+              help="Seconds to wait for one request (model loads included).")
+@click.option("--retry-failed", is_flag=True, help="Re-queue once a trial whose worker died (RDB heartbeats).")
+def run_cmd(**kw: Any) -> None:
+    """Run (or resume) a measured study and print the best feasible configuration.
+
+    Example: tune run --model gemma3:1b --trials 50 --max-ttft-ms 500
+    """
+    from tuner.space import parse_param_option
+    from tuner.study import TuneOptions, run_study
+
+    params: dict[str, list[Any]] = {}
+    for text in kw["params"]:
+        name, values = parse_param_option(text)
+        params[name] = values
+    objectives = _split((kw["objectives"],)) if kw["objectives"] else [kw["objective"]]
+    gpus = [int(x) for x in _split((kw["gpus"],))] if kw["gpus"] else None
+    opts = TuneOptions(
+        model=list(kw["models"]), engine=kw["engine"], host=kw["host"], trials=kw["trials"],
+        repeats=kw["repeats"], num_predict=kw["num_predict"], prompts_file=kw["prompts_file"],
+        context=kw["context"], params=params, space_file=kw["space_file"],
+        variants=_split(kw["variants"]), objectives=objectives,
+        max_ttft_ms=kw["max_ttft_ms"], max_latency_ms=kw["max_latency_ms"],
+        max_vram_mib=kw["max_vram_mib"], max_power_w=kw["max_power_w"], sampler=kw["sampler"],
+        seed=kw["seed"], storage=kw["storage"], study_name=kw["study_name"],
+        baseline=not kw["no_baseline"], gpus=gpus, timeout_s=kw["timeout_s"], retry_failed=kw["retry_failed"],
+    )
+    summary = run_study(opts, echo=_echo)
+    from tuner.show import format_summary
+
+    click.echo(format_summary(summary))
+
+
+@cli.command("studies")
+@_storage_option
+def studies_cmd(storage: str | None) -> None:
+    """List the studies in a storage: name, model, trials, best feasible value, last update.
+
+    Example: tune studies --storage sqlite:///studies/tuner.db
+    """
+    from tuner.show import format_studies
+
+    click.echo(format_studies(storage))
+
+
+@cli.command("show")
+@click.argument("study", required=False)
+@_storage_option
+@click.option("--top", "-k", type=int, default=10, show_default=True, help="Rows in the top-k table.")
+def show_cmd(study: str | None, storage: str | None, top: int) -> None:
+    """Print a study's best configuration and its top-k table [default: the latest study].
+
+    Example: tune show 'gemma3:1b@127.0.0.1:11434' --top 5
+    """
+    from tuner.show import format_show
+
+    click.echo(format_show(storage, study, top))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="tune")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Inference engines behind one interface: ``ollama`` (HTTP, default) and ``llama-cpp``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuner.engines.base import Engine, ModelInfo
+from tuner.errors import TunerError
+
+ENGINES = ("ollama", "llama-cpp")
+
+
+def get_engine(name: str, **kwargs: Any) -> Engine:
+    """Construct the engine called ``name``."""
+    if name == "ollama":
+        from tuner.engines.ollama import OllamaEngine
+
+        return OllamaEngine(host=kwargs.get("host"), timeout_s=kwargs.get("timeout_s", 600.0))
+    if name == "llama-cpp":
+        from tuner.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(models=kwargs.get("models") or [])
+    raise TunerError(f"unknown engine '{name}': choose one of {', '.join(ENGINES)}")
+
+
+__all__ = ["Engine", "ModelInfo", "ENGINES", "get_engine"]

@@ -1,0 +1,76 @@
+"""The small interface every inference engine implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tuner.metrics import RequestSample
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the tuner needs to know about a model to build its search space."""
+
+    name: str
+    architecture: str
+    block_count: int
+    context_length: int
+    family: str = ""
+    parameter_size: str = ""
+    quantization: str = ""
+    digest: str = ""
+    size_bytes: int = 0
+
+
+class Engine(ABC):
+    """Loads a model with a configuration and runs one streamed, timed request."""
+
+    name: str = "engine"
+    #: Parameters of the search space this engine can apply.
+    supported_params: tuple[str, ...] = ()
+
+    @abstractmethod
+    def server_info(self) -> dict[str, Any]:
+        """Engine/server identity and version, recorded with the study."""
+
+    @abstractmethod
+    def model_info(self, model: str) -> ModelInfo:
+        """Architecture facts of ``model``; raises ModelNotFoundError if absent."""
+
+    @abstractmethod
+    def variants(self, model: str) -> list[str]:
+        """Locally available quantization variants of ``model`` (itself first)."""
+
+    def ensure_models(self, models: list[str], echo: Echo) -> None:
+        """Make the given variants available (pull them), showing progress."""
+
+    def has_gpu(self) -> bool:
+        """Whether layers can be offloaded to a GPU on this machine."""
+        from tuner.telemetry import probe_gpus
+
+        return probe_gpus().available
+
+    def prepare(self, server_settings: dict[str, Any]) -> bool:
+        """Apply server-level settings; return True if the server was restarted."""
+        return False
+
+    @abstractmethod
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        runner_options: dict[str, Any] | None,
+        predict_options: dict[str, Any],
+    ) -> RequestSample:
+        """Run one streamed request; ``runner_options=None`` sends none (engine defaults)."""
+
+    def server_pids(self) -> list[int]:
+        """PIDs of the local server process(es), for host telemetry."""
+        return []
+
+    def close(self) -> None:
+        """Release what the engine holds (models, managed server)."""

@@ -1,0 +1,283 @@
+"""The Ollama engine: every call goes through the ``ollama`` client and one error choke point."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import time
+from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import urlsplit
+
+from tuner.engines.base import Echo, Engine, ModelInfo
+from tuner.errors import LoadError, ModelNotFoundError, ServerError
+from tuner.metrics import RequestSample
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+#: Keep the model loaded between a trial's requests (Ollama's default is 5 minutes).
+KEEP_ALIVE = "30m"
+NS_PER_MS = 1_000_000
+T = TypeVar("T")
+
+
+def normalise_host(host: str | None) -> str:
+    """Turn OLLAMA_HOST-style values (``host``, ``host:port``, URLs) into a base URL."""
+    raw = (host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST).strip()
+    text = raw if "://" in raw else f"http://{raw}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+        bad = True
+    else:
+        bad = parts.scheme not in ("http", "https") or not parts.hostname
+    if bad or parts is None:
+        raise ServerError(
+            f"invalid Ollama host '{raw}': write it as http://HOST:PORT, e.g. {DEFAULT_HOST}"
+        )
+    default_port = 443 if parts.scheme == "https" and "://" in raw else 11434
+    hostname = parts.hostname or "127.0.0.1"
+    if ":" in hostname:
+        hostname = f"[{hostname}]"
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{hostname}:{port or default_port}{path}"
+
+
+class OllamaEngine(Engine):
+    """Talks to a running Ollama server over HTTP."""
+
+    name = "ollama"
+    supported_params = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
+
+    def __init__(self, host: str | None = None, timeout_s: float = 600.0) -> None:
+        import ollama
+
+        self.host = normalise_host(host)
+        self._ollama = ollama
+        self._client = ollama.Client(host=self.host, timeout=timeout_s)
+        self._tags: list[dict[str, Any]] | None = None
+
+    # -- the one choke point -------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T], model: str | None = None) -> T:
+        """Run ``fn``; map transport and server failures to TunerErrors that name the fix."""
+        import httpx
+
+        try:
+            return fn()
+        except self._ollama.ResponseError as e:
+            msg = (e.error or "").strip()
+            if e.status_code == 404 and model is not None:
+                raise self._not_found(model) from None
+            if e.status_code == -1 or e.status_code >= 500:
+                raise LoadError(msg or f"server error {e.status_code}") from None
+            raise ServerError(f"Ollama at {self.host} rejected {what} ({e.status_code}): {msg}") from None
+        except (ConnectionError, httpx.ConnectError):
+            raise ServerError(
+                f"cannot reach Ollama at {self.host}: is it running? Start it with `ollama serve` "
+                "or point --host / OLLAMA_HOST at it"
+            ) from None
+        except httpx.TimeoutException:
+            raise ServerError(
+                f"Ollama at {self.host} did not answer {what} in time: check the server, "
+                "or raise --timeout"
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+            raise ServerError(
+                f"Ollama at {self.host} broke off {what} ({e.__class__.__name__}): "
+                "check the server log"
+            ) from None
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise ServerError(
+                f"Ollama at {self.host} sent a malformed response to {what}: {e}; "
+                "is this an Ollama server?"
+            ) from None
+
+    def _not_found(self, model: str) -> ModelNotFoundError:
+        names = [m["name"] for m in self._list_tags(refresh=True)]
+        close = difflib.get_close_matches(model, names, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? Or pull it" if close else "pull it"
+        return ModelNotFoundError(
+            f"model '{model}' is not installed on {self.host}: {hint} with `ollama pull {model}`"
+        )
+
+    # -- server and models ---------------------------------------------------------------
+    def server_info(self) -> dict[str, Any]:
+        def get() -> dict[str, Any]:
+            r = self._client._client.get("/api/version")
+            r.raise_for_status()
+            return dict(r.json())
+
+        import httpx
+
+        try:
+            data = self._call("/api/version", get)
+        except httpx.HTTPStatusError as e:
+            raise ServerError(
+                f"{self.host} answered /api/version with {e.response.status_code}: is this an Ollama server?"
+            ) from None
+        return {"engine": "ollama", "host": self.host, "version": str(data.get("version", "unknown"))}
+
+    def _list_tags(self, refresh: bool = False) -> list[dict[str, Any]]:
+        if self._tags is None or refresh:
+            resp = self._call("/api/tags", self._client.list)
+            self._tags = [
+                {
+                    "name": m.model,
+                    "digest": m.digest or "",
+                    "size": m.size or 0,
+                    "family": (m.details.family if m.details else "") or "",
+                    "parameter_size": (m.details.parameter_size if m.details else "") or "",
+                    "quantization": (m.details.quantization_level if m.details else "") or "",
+                }
+                for m in resp.models
+            ]
+        return self._tags
+
+    def model_info(self, model: str) -> ModelInfo:
+        resp = self._call("/api/show", lambda: self._client.show(model), model=model)
+        info = dict(resp.modelinfo or {})
+        arch = str(info.get("general.architecture") or (resp.details.family if resp.details else "") or "")
+        block = info.get(f"{arch}.block_count")
+        ctx = info.get(f"{arch}.context_length")
+        if not isinstance(block, int) or not isinstance(ctx, int):
+            raise ServerError(
+                f"/api/show for '{model}' lacks {arch}.block_count or {arch}.context_length: "
+                "is it a GGUF language model? Fix the space with --param num_gpu=... and num_ctx=..."
+            )
+        tag = next((t for t in self._list_tags() if t["name"] in (model, f"{model}:latest")), {})
+        details = resp.details
+        return ModelInfo(
+            name=model,
+            architecture=arch,
+            block_count=block,
+            context_length=ctx,
+            family=(details.family if details else "") or tag.get("family", ""),
+            parameter_size=(details.parameter_size if details else "") or tag.get("parameter_size", ""),
+            quantization=(details.quantization_level if details else "") or tag.get("quantization", ""),
+            digest=tag.get("digest", ""),
+            size_bytes=int(tag.get("size", 0)),
+        )
+
+    def variants(self, model: str) -> list[str]:
+        tags = self._list_tags(refresh=True)
+        me = next((t for t in tags if t["name"] in (model, f"{model}:latest")), None)
+        if me is None:
+            return [model]
+        base, _, tag = me["name"].partition(":")
+        size_prefix = tag.split("-")[0] if tag and tag != "latest" else None
+        out, digests = [model], {me["digest"]}
+        for t in sorted(tags, key=lambda t: t["name"]):
+            b, _, tg = t["name"].partition(":")
+            if b != base or t["digest"] in digests or t["family"] != me["family"]:
+                continue
+            same_size = t["parameter_size"] == me["parameter_size"] and bool(me["parameter_size"])
+            same_prefix = size_prefix is not None and (tg == size_prefix or tg.startswith(size_prefix + "-"))
+            if same_prefix or (size_prefix is None and same_size):
+                out.append(t["name"])
+                digests.add(t["digest"])
+        return out
+
+    def ensure_models(self, models: list[str], echo: Echo) -> None:
+        installed = {t["name"] for t in self._list_tags(refresh=True)}
+        for m in models:
+            if m in installed or f"{m}:latest" in installed:
+                continue
+            echo(f"pulling {m} ...")
+
+            def pull(m: str = m) -> None:
+                last = -10
+                for p in self._client.pull(m, stream=True):
+                    if p.total and p.completed is not None:
+                        pct = int(100 * p.completed / p.total)
+                        if pct >= last + 10 or pct == 100:
+                            echo(f"  {m}: {p.status} {pct}%")
+                            last = pct
+                    elif p.status:
+                        echo(f"  {m}: {p.status}")
+
+            try:
+                self._call(f"pull of {m}", pull, model=m)
+            except LoadError as e:
+                raise ModelNotFoundError(f"cannot pull '{m}': {e}; check the tag on ollama.com/library") from None
+        self._list_tags(refresh=True)
+
+    def loaded(self) -> list[dict[str, Any]]:
+        """What /api/ps reports as loaded (size, size_vram, context_length)."""
+        resp = self._call("/api/ps", self._client.ps)
+        return [
+            {"name": m.model, "size": m.size, "size_vram": m.size_vram,
+             "context_length": getattr(m, "context_length", None)}
+            for m in resp.models
+        ]
+
+    def create(self, name: str, source: str, parameters: dict[str, Any], echo: Echo) -> None:
+        """Create model ``name`` from ``source`` with PARAMETER values (``ollama create``)."""
+
+        def run() -> None:
+            for p in self._client.create(model=name, from_=source, parameters=parameters, stream=True):
+                if p.status:
+                    echo(f"  {p.status}")
+
+        try:
+            self._call(f"create of {name}", run, model=source)
+        except LoadError as e:
+            raise ServerError(f"Ollama could not create '{name}': {e}") from None
+
+    # -- measurement ---------------------------------------------------------------------
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        runner_options: dict[str, Any] | None,
+        predict_options: dict[str, Any],
+    ) -> RequestSample:
+        options = {**(runner_options or {}), **predict_options}
+
+        def run() -> RequestSample:
+            start = time.perf_counter()
+            first: float | None = None
+            final: Any = None
+            stream: Iterator[Any] = self._client.generate(
+                model=model, prompt=prompt, options=options, stream=True, keep_alive=KEEP_ALIVE
+            )
+            for chunk in stream:
+                if first is None and (chunk.response or getattr(chunk, "thinking", None)):
+                    first = time.perf_counter()
+                if chunk.done:
+                    final = chunk
+            end = time.perf_counter()
+            if final is None:
+                raise ServerError(
+                    f"Ollama at {self.host} ended the stream without its final message: "
+                    "the server may have crashed; check its log"
+                )
+            return RequestSample(
+                prompt="",
+                repeat=0,
+                ttft_ms=((first or end) - start) * 1e3,
+                latency_ms=(end - start) * 1e3,
+                prompt_tokens=int(final.prompt_eval_count or 0),
+                prompt_eval_ms=(final.prompt_eval_duration or 0) / NS_PER_MS,
+                eval_tokens=int(final.eval_count or 0),
+                eval_ms=(final.eval_duration or 0) / NS_PER_MS,
+                load_ms=(final.load_duration or 0) / NS_PER_MS,
+                total_ms=(final.total_duration or 0) / NS_PER_MS,
+                done_reason=str(final.done_reason or ""),
+            )
+
+        return self._call("a generate request", run, model=model)
+
+    def server_pids(self) -> list[int]:
+        host = urlsplit(self.host).hostname
+        if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+            return []
+        try:
+            import psutil
+
+            return [p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("ollama")]
+        except Exception:
+            return []
+
+    def close(self) -> None:
+        self._client._client.close()

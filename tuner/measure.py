@@ -1,0 +1,79 @@
+"""One trial's measurement: warm-up after a reload, then the workload, timed and sampled."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from tuner.engines.base import Engine
+from tuner.metrics import RequestSample, summarise
+from tuner.workload import Workload, with_nonce
+
+#: A measured request whose load time exceeds this reloaded the model unexpectedly
+#: (e.g. keep-alive expired, another client changed the options).
+UNEXPECTED_LOAD_MS = 250.0
+
+
+class Sampler(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> Any: ...
+
+
+@dataclass
+class TrialMeasurement:
+    """Everything one trial measured; ``samples`` are the raw per-request records."""
+
+    samples: list[RequestSample]
+    warmup: RequestSample | None
+    reload_ms: float | None
+    metrics: dict[str, float]
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    unexpected_reloads: int = 0
+    stopped_early: bool = False
+
+
+def measure_config(
+    engine: Engine,
+    model: str,
+    runner_options: dict[str, Any] | None,
+    workload: Workload,
+    *,
+    reload: bool,
+    sampler: Sampler | None = None,
+    on_repeat: Callable[[int, list[RequestSample]], bool] | None = None,
+) -> TrialMeasurement:
+    """Measure one configuration.
+
+    ``reload``: the config differs from what is loaded, so one discarded warm-up request
+    loads it first; its load time is the reload cost. ``on_repeat(i, samples)`` is called
+    after each full repeat of the prompt set and may return True to stop early.
+    Raises LoadError (the config does not run) or ServerError (transport) from the engine.
+    """
+    predict = workload.predict_options()
+    warmup = None
+    reload_ms = None
+    if reload:
+        warm_predict = {**predict, "num_predict": min(workload.warmup_predict, workload.num_predict)}
+        warmup = engine.generate(model, with_nonce(workload.prompts[0].text), runner_options, warm_predict)
+        reload_ms = warmup.load_ms
+    samples: list[RequestSample] = []
+    stopped = False
+    if sampler is not None:
+        sampler.start()
+    summary: Any = None
+    try:
+        for r in range(workload.repeats):
+            for p in workload.prompts:
+                s = engine.generate(model, with_nonce(p.text), runner_options, predict)
+                samples.append(dataclasses.replace(s, prompt=p.name, repeat=r))
+            if on_repeat is not None and r < workload.repeats - 1 and on_repeat(r, samples):
+                stopped = True
+                break
+    finally:
+        if sampler is not None:
+            summary = sampler.stop()
+    telemetry = summary.to_attrs() if summary is not None and hasattr(summary, "to_attrs") else {}
+    metrics = summarise(samples)
+    unexpected = sum(1 for s in samples if s.load_ms > UNEXPECTED_LOAD_MS)
+    return TrialMeasurement(samples, warmup, reload_ms, metrics, telemetry, unexpected, stopped)

@@ -1,0 +1,142 @@
+"""Plain-text views of studies for the terminal: the run summary, `studies`, `show`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuner import results
+from tuner.storage import mask, open_storage
+
+_METRIC_ROWS = (
+    ("decode tok/s", "decode_tps"),
+    ("prefill tok/s", "prefill_tps"),
+    ("end-to-end tok/s", "e2e_tps"),
+    ("TTFT ms", "ttft_ms"),
+    ("latency ms", "latency_ms"),
+)
+_TELEMETRY_ROWS = (
+    ("GPU power mean W", "gpu_power_mean_w"),
+    ("GPU energy J", "gpu_energy_j"),
+    ("tokens per joule", "tokens_per_joule"),
+    ("GPU memory peak MiB", "gpu_mem_used_peak_mib"),
+    ("GPU memory increase MiB", "gpu_mem_increase_mib"),
+    ("host CPU util %", "host_cpu_util_mean_pct"),
+    ("host memory peak MiB", "host_mem_used_peak_mib"),
+    ("server RSS peak MiB", "server_rss_peak_mib"),
+)
+
+
+def _num(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def format_trial(v: results.TrialView, title: str) -> str:
+    """The block that describes one trial: config, metric statistics, telemetry."""
+    lines = [f"{title} (trial #{v.number}):"]
+    lines.append(f"  {'model':<24} {v.model}")
+    if v.baseline:
+        lines.append(f"  {'options':<24} none (Ollama defaults)")
+    for k, val in {**v.options, **v.server}.items():
+        lines.append(f"  {k:<24} {val}")
+    m = v.metrics
+    if v.error:
+        lines.append(f"  {'error':<24} {v.error}")
+        return "\n".join(lines)
+    lines.append(f"  {'metric':<24} {'mean':>10} {'sd':>8} {'p50':>10} {'p95':>10}")
+    for label, key in _METRIC_ROWS:
+        if f"{key}_mean" in m:
+            lines.append(
+                f"  {label:<24} {_num(m.get(key + '_mean')):>10} {_num(m.get(key + '_sd')):>8} "
+                f"{_num(m.get(key + '_p50')):>10} {_num(m.get(key + '_p95')):>10}"
+            )
+    if m.get("reload_ms") is not None:
+        lines.append(f"  {'reload (load) ms':<24} {_num(m['reload_ms']):>10}")
+    for label, key in _TELEMETRY_ROWS:
+        if m.get(key) is not None:
+            lines.append(f"  {label:<24} {_num(m[key], 2):>10}")
+    if m.get("n_requests"):
+        lines.append(f"  {'requests measured':<24} {m['n_requests']:>10}")
+    if v.violations:
+        lines.append(f"  {'violates':<24} {'; '.join(v.violations)}")
+    return "\n".join(lines)
+
+
+def format_summary(s: Any) -> str:
+    """The end-of-run summary printed by ``tune``."""
+    out = [""]
+    if len(s.objectives) > 1:
+        out.append(f"Pareto set ({', '.join(s.objectives)}): {len(s.pareto)} feasible trade-offs")
+        for v in s.pareto:
+            vals = ", ".join(f"{o}={x:.2f}" for o, x in zip(s.objectives, v.values or []))
+            out.append(f"  #{v.number}: {vals}  {v.config_text()}")
+    if s.best is None:
+        out.append("No trial completed: nothing to report yet.")
+    elif s.best_is_feasible:
+        out.append(format_trial(s.best, "Best feasible configuration"))
+    else:
+        out.append("No feasible configuration: every measured trial violates a limit.")
+        out.append(format_trial(s.best, "Least-violating configuration"))
+    if s.speedup is not None and s.baseline is not None and s.best is not None:
+        obj = s.objectives[0]
+        out.append(
+            f"{s.speedup:.2f}x {obj.replace('_tps', ' tok/s')} vs Ollama defaults "
+            f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f})"
+        )
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
+    out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
+    out.append(f"Stored in {s.storage} as study '{s.study_name}'")
+    out.append(f"Next: tune report '{s.study_name}'   tune export '{s.study_name}' --format modelfile")
+    return "\n".join(out)
+
+
+def format_studies(storage_url: str | None) -> str:
+    """A table of the studies in a storage."""
+    import optuna
+
+    storage = open_storage(storage_url, create=False)
+    rows = []
+    for summ in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summ.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        best = results.best_feasible(study)
+        last = max((t.datetime_complete or t.datetime_start for t in trials if t.datetime_start), default=None)
+        rows.append((
+            summ.study_name,
+            str(study.user_attrs.get("model", "")),
+            str(len(trials)),
+            f"{best.values[0]:.2f}" if best is not None and best.values else "-",
+            last.strftime("%Y-%m-%d %H:%M") if last else "-",
+        ))
+    if not rows:
+        return f"no studies in {mask(storage_url or 'sqlite:///studies/tuner.db')}"
+    head = ("study", "model", "trials", "best feasible", "last update")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r) for r in [head, *rows])
+
+
+def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str:
+    """The best configuration and the top-k table of one study."""
+    storage = open_storage(storage_url, create=False)
+    study = results.load_study(storage, name)
+    from tuner.study import summarise_study
+
+    objectives = list(study.user_attrs.get("objectives", ["decode_tps"]))
+    s = summarise_study(study, objectives, mask(storage_url or "sqlite:///studies/tuner.db"))
+    text = format_summary(s)
+    ranked = results.ranked_feasible(study)[: max(top, 0)]
+    if ranked:
+        lines = ["", f"Top {len(ranked)} feasible:"]
+        lines.append(f"  {'#':>4} {objectives[0]:>12} {'p95 TTFT ms':>12}  config")
+        for t in ranked:
+            v = results.view(t)
+            lines.append(f"  {t.number:>4} {t.values[0]:>12.2f} {v.metrics.get('ttft_ms_p95', 0):>12.0f}  {v.config_text()}")
+        text += "\n".join(lines)
+    failed = [results.view(t) for t in study.get_trials(deepcopy=False) if results.view(t).error]
+    if failed:
+        text += "\n\nFailed or infeasible by error:\n" + "\n".join(f"  #{v.number} {v.config_text()}: {v.error}" for v in failed)
+    return text

@@ -1,0 +1,345 @@
+"""The search space: which runtime settings are tuned, over which values.
+
+Built from the model itself (block count, trained context) and the machine (cores, GPU),
+then narrowed by the user with ``--param name=v1,v2`` or a TOML space file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from tuner.errors import SpaceError
+
+#: Every tunable parameter: (level, value type, what it is).
+#: level "runner": fixed when the model loads (a change reloads it);
+#: level "server": environment of the server process (a change restarts it);
+#: level "model": which model file/tag is loaded.
+PARAMETERS: dict[str, tuple[str, type, str]] = {
+    "variant": ("model", str, "quantization variant (Ollama tag or GGUF path)"),
+    "num_ctx": ("runner", int, "context window in tokens"),
+    "num_batch": ("runner", int, "prompt-processing batch size"),
+    "num_gpu": ("runner", int, "layers offloaded to the GPU (-1 = auto, 0 = CPU only)"),
+    "num_thread": ("runner", int, "CPU threads (0 = runtime decides)"),
+    "flash_attention": ("server", str, "flash attention: auto, on or off"),
+    "kv_cache_type": ("server", str, "KV-cache type: f16, q8_0 or q4_0"),
+    "num_parallel": ("server", int, "parallel request slots"),
+}
+RUNNER_PARAMS = tuple(k for k, v in PARAMETERS.items() if v[0] == "runner")
+SERVER_PARAMS = tuple(k for k, v in PARAMETERS.items() if v[0] == "server")
+_WORDS = {"num_gpu": {"auto": -1}, "num_thread": {"auto": 0}}
+_CHOICES = {"flash_attention": ("auto", "on", "off"), "kv_cache_type": ("f16", "q8_0", "q4_0")}
+# Contiguous integer ranges longer than this are sampled as ordered integers, not categories.
+_INT_RANGE_MIN = 8
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter and the values it may take (one value = fixed, not searched)."""
+
+    name: str
+    values: tuple[Any, ...]
+
+    @property
+    def level(self) -> str:
+        return PARAMETERS[self.name][0]
+
+    @property
+    def fixed(self) -> bool:
+        return len(self.values) == 1
+
+    def is_int_range(self) -> bool:
+        vals = self.values
+        return (
+            len(vals) >= _INT_RANGE_MIN
+            and all(isinstance(v, int) for v in vals)
+            and list(vals) == list(range(vals[0], vals[-1] + 1))
+        )
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """An ordered set of parameters; ``suggest`` turns an Optuna trial into a config."""
+
+    params: tuple[Param, ...] = field(default_factory=tuple)
+
+    def __getitem__(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(p.name == name for p in self.params)
+
+    @property
+    def searched(self) -> list[Param]:
+        return [p for p in self.params if not p.fixed]
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        return {p.name: p.values[0] for p in self.params if p.fixed}
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Ask the trial for every searched parameter; return the full config."""
+        config: dict[str, Any] = {}
+        for p in self.params:
+            if p.fixed:
+                config[p.name] = p.values[0]
+            elif p.is_int_range():
+                config[p.name] = trial.suggest_int(p.name, p.values[0], p.values[-1])
+            else:
+                config[p.name] = trial.suggest_categorical(p.name, list(p.values))
+        return config
+
+    def grid(self) -> dict[str, list[Any]]:
+        """Every searched parameter with all its values (for GridSampler)."""
+        return {p.name: list(p.values) for p in self.searched}
+
+    def size(self) -> int:
+        return math.prod(len(p.values) for p in self.params)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {p.name: list(p.values) for p in self.params}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def contains(self, config: dict[str, Any]) -> bool:
+        """Whether every searched value of ``config`` is one the space allows."""
+        return all(p.name in config and config[p.name] in p.values for p in self.searched)
+
+
+def powers_of_two(low: int, high: int) -> list[int]:
+    """Powers of two in [low, high], with ``low`` rounded up to the next power of two."""
+    if low > high:
+        return []
+    start = 1 << max(0, math.ceil(math.log2(max(low, 1))))
+    out = []
+    v = start
+    while v <= high:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def parse_value(name: str, raw: Any) -> Any:
+    """Convert one user-given value to the parameter's type, or raise SpaceError."""
+    if name not in PARAMETERS:
+        known = ", ".join(PARAMETERS)
+        raise SpaceError(f"unknown parameter '{name}': known parameters are {known}")
+    kind = PARAMETERS[name][1]
+    if isinstance(raw, str):
+        text = raw.strip()
+        words = _WORDS.get(name, {})
+        if text.lower() in words:
+            return words[text.lower()]
+        if kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise SpaceError(
+                    f"invalid value '{text}' for {name}: expected an integer"
+                    + (" or 'auto'" if words else "")
+                ) from None
+        if name in _CHOICES and text.lower() not in _CHOICES[name]:
+            raise SpaceError(
+                f"invalid value '{text}' for {name}: choose from {', '.join(_CHOICES[name])}"
+            )
+        return text.lower() if name in _CHOICES else text
+    if kind is int and isinstance(raw, bool):
+        raise SpaceError(f"invalid value {raw!r} for {name}: expected an integer")
+    if kind is int and isinstance(raw, int):
+        return raw
+    if kind is str and isinstance(raw, bool) and name == "flash_attention":
+        return "on" if raw else "off"
+    if kind is str and isinstance(raw, str):
+        return raw
+    raise SpaceError(f"invalid value {raw!r} for {name}: expected {kind.__name__}")
+
+
+def _expand(name: str, raw: str) -> list[Any]:
+    values: list[Any] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if ".." in part and PARAMETERS[name][1] is int:
+            lo_s, hi_s = part.split("..", 1)
+            lo, hi = parse_value(name, lo_s), parse_value(name, hi_s)
+            if lo > hi:
+                raise SpaceError(f"invalid range '{part}' for {name}: low is above high")
+            values.extend(range(lo, hi + 1))
+        else:
+            values.append(parse_value(name, part))
+    return values
+
+
+def parse_param_option(text: str) -> tuple[str, list[Any]]:
+    """Parse one ``--param name=v1,v2`` (or ``name=lo..hi``) into its name and values."""
+    if "=" not in text:
+        raise SpaceError(
+            f"invalid --param '{text}': write it as name=value or name=v1,v2 (e.g. num_ctx=2048,4096)"
+        )
+    name, raw = (s.strip() for s in text.split("=", 1))
+    if name not in PARAMETERS:
+        parse_value(name, raw)  # raises the unknown-parameter error
+    values = _expand(name, raw)
+    if not values:
+        raise SpaceError(f"--param {name} has no values: give at least one, e.g. {name}=512")
+    return name, values
+
+
+def load_space_file(path: str | Path) -> dict[str, list[Any]]:
+    """Read the ``[params]`` table of a TOML space file into name -> values."""
+    data = read_toml(path)
+    table = data.get("params", {})
+    if not isinstance(table, dict):
+        raise SpaceError(f"space file {path}: [params] must be a table of name = values")
+    out: dict[str, list[Any]] = {}
+    for name, raw in table.items():
+        if isinstance(raw, dict):
+            if "values" in raw:
+                raw = raw["values"]
+            elif "min" in raw and "max" in raw:
+                raw = f"{raw['min']}..{raw['max']}"
+            else:
+                raise SpaceError(
+                    f"space file {path}: '{name}' must be a value, a list, or {{min=.., max=..}}"
+                )
+        if name not in PARAMETERS:
+            parse_value(name, "")
+        if isinstance(raw, str):
+            values = _expand(name, raw)
+        elif isinstance(raw, list):
+            values = [parse_value(name, v) for v in raw]
+        else:
+            values = [parse_value(name, raw)]
+        if not values:
+            raise SpaceError(f"space file {path}: '{name}' has an empty value list")
+        out[name] = values
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, mapping every failure to a SpaceError naming the file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpaceError(f"cannot read space file {p}: {e.strerror or e}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpaceError(f"space file {p} is not valid TOML: {e}") from None
+
+
+@dataclass(frozen=True)
+class SpaceLimits:
+    """What the model and machine allow, used to build and validate the space."""
+
+    context_length: int
+    block_count: int
+    physical_cores: int
+    has_gpu: bool
+    min_ctx: int = 512
+    variants: tuple[str, ...] = ()
+    supported: tuple[str, ...] = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
+
+
+def default_values(limits: SpaceLimits) -> dict[str, list[Any]]:
+    """The default space for a model on this machine."""
+    vals: dict[str, list[Any]] = {}
+    if "variant" in limits.supported and limits.variants:
+        vals["variant"] = list(limits.variants)
+    ctx = powers_of_two(max(512, limits.min_ctx), limits.context_length)
+    if not ctx and limits.min_ctx <= limits.context_length:
+        ctx = [limits.min_ctx]
+    vals["num_ctx"] = ctx
+    vals["num_batch"] = powers_of_two(32, 2048)
+    vals["num_gpu"] = list(range(-1, limits.block_count + 2)) if limits.has_gpu else [0]
+    vals["num_thread"] = list(range(0, max(1, limits.physical_cores) + 1))
+    return {k: v for k, v in vals.items() if k in limits.supported}
+
+
+def build_space(
+    limits: SpaceLimits, overrides: dict[str, list[Any]] | None = None
+) -> SearchSpace:
+    """Default space for the model, with user overrides applied and validated."""
+    overrides = dict(overrides or {})
+    for name in overrides:
+        if name not in limits.supported:
+            raise SpaceError(
+                f"parameter '{name}' is not supported by this engine"
+                + (
+                    " without a managed server: add --manage-server"
+                    if name in SERVER_PARAMS
+                    else ""
+                )
+            )
+    values = default_values(limits)
+    if not values.get("num_ctx") and "num_ctx" not in overrides:
+        raise SpaceError(
+            f"the workload needs a context of {limits.min_ctx} tokens but the model's trained "
+            f"context is {limits.context_length}: use shorter prompts or a smaller --num-predict"
+        )
+    values.update(overrides)
+    _validate(values, limits)
+    order = [n for n in PARAMETERS if n in values]
+    return SearchSpace(tuple(Param(n, tuple(_dedupe(values[n]))) for n in order))
+
+
+def _dedupe(values: Iterable[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    if all(isinstance(v, int) for v in seen):
+        seen.sort()
+    return seen
+
+
+def _validate(values: dict[str, list[Any]], limits: SpaceLimits) -> None:
+    for name, vals in values.items():
+        if not vals:
+            raise SpaceError(f"parameter '{name}' has no values: give at least one")
+    for v in values.get("num_ctx", []):
+        if v <= 0:
+            raise SpaceError(f"num_ctx={v} is invalid: it must be a positive number of tokens")
+        if v > limits.context_length:
+            raise SpaceError(
+                f"num_ctx={v} is above the model's trained context of {limits.context_length}: "
+                f"use at most {limits.context_length}"
+            )
+        if v < limits.min_ctx:
+            raise SpaceError(
+                f"num_ctx={v} is below the {limits.min_ctx} tokens the workload needs "
+                f"(--context and the longest prompt plus --num-predict): use num_ctx >= {limits.min_ctx}"
+            )
+    for v in values.get("num_batch", []):
+        if v <= 0:
+            raise SpaceError(f"num_batch={v} is invalid: it must be at least 1")
+    top = limits.block_count + 1
+    for v in values.get("num_gpu", []):
+        if v < -1:
+            raise SpaceError(f"num_gpu={v} is invalid: use -1 (auto), 0 (CPU) or a layer count")
+        if v > top:
+            raise SpaceError(
+                f"num_gpu={v} is above the model's {top} offloadable layers "
+                f"({limits.block_count} blocks + output): use at most {top}"
+            )
+    for v in values.get("num_thread", []):
+        if v < 0:
+            raise SpaceError(f"num_thread={v} is invalid: use 0 (auto) or a thread count")
+    for v in values.get("num_parallel", []):
+        if v < 1:
+            raise SpaceError(f"num_parallel={v} is invalid: it must be at least 1")

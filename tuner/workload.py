@@ -1,0 +1,132 @@
+"""The workload a trial runs: fixed prompts, repeats and generation length."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tuner.errors import WorkloadError
+
+#: Tokens added by a chat template around the prompt, plus the nonce; a safe upper bound.
+TEMPLATE_TOKENS = 32
+#: Characters per token used to size num_ctx before the model has tokenised anything.
+#: English text runs ~4 characters per token on Gemma/Llama tokenizers; 3 errs on the safe side.
+CHARS_PER_TOKEN = 3.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One measured prompt."""
+
+    name: str
+    text: str
+
+    def estimated_tokens(self) -> int:
+        return math.ceil(len(self.text) / CHARS_PER_TOKEN) + TEMPLATE_TOKENS
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every trial measures: each prompt ``repeats`` times, ``num_predict`` tokens each."""
+
+    prompts: tuple[Prompt, ...]
+    repeats: int = 3
+    num_predict: int = 128
+    seed: int = 42
+    temperature: float = 0.0
+    warmup_predict: int = 8
+    source: str = "builtin"
+    concurrency: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.repeats <= 0:
+            raise WorkloadError(f"--repeats must be at least 1 (got {self.repeats})")
+        if self.num_predict <= 0:
+            raise WorkloadError(f"--num-predict must be at least 1 (got {self.num_predict})")
+        if not self.prompts:
+            raise WorkloadError("the workload has no prompts: give a non-empty --prompts file")
+
+    def needed_context(self) -> int:
+        """Tokens the longest prompt plus the generated tokens need."""
+        return max(p.estimated_tokens() for p in self.prompts) + self.num_predict
+
+    def predict_options(self) -> dict[str, Any]:
+        """Per-request (no reload) options sent with every measured request."""
+        return {"num_predict": self.num_predict, "temperature": self.temperature, "seed": self.seed}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prompts"] = [{"name": p.name, "chars": len(p.text), "sha256": _sha(p.text)} for p in self.prompts]
+        return d
+
+    def fingerprint(self) -> str:
+        d = self.to_dict()
+        d.pop("source", None)
+        return _sha(json.dumps(d, sort_keys=True))[:16]
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def builtin_prompts() -> tuple[Prompt, ...]:
+    """A short chat prompt and a ~1k-token document prompt."""
+    base = resources.files("tuner") / "prompts"
+    return (
+        Prompt("chat", (base / "chat.txt").read_text(encoding="utf-8").strip()),
+        Prompt("document", (base / "document.txt").read_text(encoding="utf-8").strip()),
+    )
+
+
+def load_prompts(path: str | Path) -> tuple[Prompt, ...]:
+    """Read prompts from a file.
+
+    ``.jsonl``: one ``{"name": ..., "prompt": ...}`` per line. Any other file: prompts
+    separated by lines holding only ``---``.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise WorkloadError(f"cannot read prompts file {p}: {reason}") from None
+    prompts: list[Prompt] = []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                prompts.append(Prompt(str(obj.get("name", f"p{len(prompts) + 1}")), str(obj["prompt"])))
+            except (ValueError, KeyError, AttributeError):
+                raise WorkloadError(
+                    f'prompts file {p} line {i}: expected {{"name": ..., "prompt": ...}}'
+                ) from None
+    else:
+        chunks, cur = [], []
+        for line in text.splitlines():
+            if line.strip() == "---":
+                chunks.append("\n".join(cur))
+                cur = []
+            else:
+                cur.append(line)
+        chunks.append("\n".join(cur))
+        prompts = [Prompt(f"p{i + 1}", c.strip()) for i, c in enumerate(c for c in chunks if c.strip())]
+    prompts = [pr for pr in prompts if pr.text.strip()]
+    if not prompts:
+        raise WorkloadError(
+            f"prompts file {p} holds no prompt: write prompts separated by '---' lines"
+        )
+    return tuple(prompts)
+
+
+def with_nonce(text: str) -> str:
+    """Prefix a unique nonce so no server-side prompt cache can serve any of the prompt."""
+    return f"[request {uuid.uuid4().hex[:12]}]\n{text}"
