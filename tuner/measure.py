@@ -59,10 +59,10 @@ def measure_config(
         reload_ms = warmup.load_ms
     samples: list[RequestSample] = []
     stopped = False
-    if sampler is not None:
-        sampler.start()
     summary: Any = None
     try:
+        if sampler is not None:
+            sampler.start()
         for r in range(workload.repeats):
             for p in workload.prompts:
                 s = engine.generate(model, with_nonce(p.text), runner_options, predict)

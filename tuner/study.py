@@ -497,9 +497,13 @@ class _Progress:
 
 def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
     """Run ``o.trials`` measured trials (creating or resuming the study) and summarise."""
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats and grouped TPE are marked experimental; users need not see that per run.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     p = prepare(o, echo)
     try:
         study = open_study(o, p)
