@@ -30,8 +30,12 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
     ``sqlite:///path``, ``postgresql://...``, ``mysql://...`` become an RDBStorage with
     heartbeats; ``journal:///path/file.log`` a journal-file storage for shared file systems.
     """
+    import warnings
+
     import optuna
 
+    # Heartbeats are marked experimental in Optuna; the warning is noise for users.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = url or default_storage_url()
     if url.startswith("journal://"):
         path = Path(url[len("journal://"):])
