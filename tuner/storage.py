@@ -64,7 +64,7 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
         )
     except ImportError as e:
         raise StudyError(
-            f"storage '{mask(url)}' needs a database driver ({e.name or e}): "
+            f"storage '{mask(url)}' needs a database driver ({e.name or 'not installed'}): "
             "for PostgreSQL install `pip install 'ollama-tuner[postgres]'`"
         ) from None
     except Exception as e:  # sqlalchemy errors carry the URL, possibly with a password
