@@ -241,3 +241,52 @@ def test_pulls_missing_variants_with_progress(fake: FakeOllama) -> None:
         assert any("pulling gemma3:1b-it-q8_0" in line for line in lines)
         assert any("success" in line for line in lines)
         assert "gemma3:1b-it-q8_0" in f.model_names()
+
+
+def test_pruning_stops_clearly_worse_trials_and_keeps_what_they_measured(fake: FakeOllama, gpu: None) -> None:
+    o = opts(fake, trials=10, repeats=3, validate=0,
+             params={"variant": ["gemma3:1b", "gemma3:1b-it-fp16"], "num_gpu": [0, 27], "num_thread": [1, 4],
+                     "num_ctx": [2048], "num_batch": [512]})
+    summary = run_study(o)
+    study = _load()
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert pruned and summary.pruned == len(pruned)
+    for t in pruned:
+        n = len(t.user_attrs["samples"])
+        assert 3 <= n < 6  # stopped before the workload's 3 repeats x 2 prompts
+        assert t.user_attrs["decode_tps_mean"] > 0
+        assert t.user_attrs["pruned_saved_s"] >= 0
+        assert len(t.intermediate_values) == n
+    # the winner is never pruned
+    assert results.best_feasible(study).state.name == "COMPLETE"
+
+
+def test_winner_revalidation_is_interleaved_and_stored(fake: FakeOllama, gpu: None) -> None:
+    o = opts(fake, trials=5, repeats=1, prune=False, validate=3, validate_rounds=2,
+             params={"num_gpu": [0, 27], "num_thread": [1, 4], "num_ctx": [2048], "num_batch": [512],
+                     "variant": ["gemma3:1b"]})
+    n_before = 0
+    summary = run_study(o)
+    study = _load()
+    val = study.user_attrs["validation"]
+    assert val["rounds"] == 2 and len(val["entries"]) == 3
+    assert summary.validation is not None
+    assert val["winner"] == results.best_feasible(study).number
+    for e in val["entries"]:
+        assert len(e["values"]) == 2 and e["ci95"][0] <= e["mean"] <= e["ci95"][1]
+    # the last requests alternate configs: A B C A B C (each preceded by its warm-up)
+    measured = [g for g in fake.generate_requests()[n_before:] if g["options"]["num_predict"] != 8]
+    tail = [(g["options"].get("num_gpu"), g["options"].get("num_thread")) for g in measured[-12:]]
+    per_round = [tail[i] for i in range(0, 12, 2)]
+    assert per_round[:3] == per_round[3:] and len(set(per_round[:3])) == 3
+
+
+def test_roofline_is_stored_with_the_study(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tuner.roofline as rl
+
+    monkeypatch.setattr(rl, "cpu_bandwidth_gbs", lambda *a, **k: 50.0)
+    run_study(opts(fake, trials=2))
+    roof = _load().user_attrs["roofline"]
+    assert roof["bandwidth_gbs"] == 50.0 and roof["device"] == "CPU"
+    assert roof["ceiling_tps"] == pytest.approx(50e9 / roof["model_bytes"])
+    assert roof["share"] == pytest.approx(roof["decode_tps"] / roof["ceiling_tps"], rel=1e-3)

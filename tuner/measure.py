@@ -41,13 +41,14 @@ def measure_config(
     *,
     reload: bool,
     sampler: Sampler | None = None,
-    on_repeat: Callable[[int, list[RequestSample]], bool] | None = None,
+    on_request: Callable[[int, RequestSample], bool] | None = None,
 ) -> TrialMeasurement:
     """Measure one configuration.
 
     ``reload``: the config differs from what is loaded, so one discarded warm-up request
-    loads it first; its load time is the reload cost. ``on_repeat(i, samples)`` is called
-    after each full repeat of the prompt set and may return True to stop early.
+    loads it first; its load time is the reload cost. ``on_request(step, sample)`` is called
+    after each measured request (step = repeat * len(prompts) + prompt index, the same for
+    every trial) and may return True to stop early (pruning).
     Raises LoadError (the config does not run) or ServerError (transport) from the engine.
     """
     predict = workload.predict_options()
@@ -63,12 +64,17 @@ def measure_config(
     try:
         if sampler is not None:
             sampler.start()
+        total = workload.repeats * len(workload.prompts)
         for r in range(workload.repeats):
-            for p in workload.prompts:
+            for i, p in enumerate(workload.prompts):
                 s = engine.generate(model, with_nonce(p.text), runner_options, predict)
-                samples.append(dataclasses.replace(s, prompt=p.name, repeat=r))
-            if on_repeat is not None and r < workload.repeats - 1 and on_repeat(r, samples):
-                stopped = True
+                s = dataclasses.replace(s, prompt=p.name, repeat=r)
+                samples.append(s)
+                step = r * len(workload.prompts) + i
+                if on_request is not None and step < total - 1 and on_request(step, s):
+                    stopped = True
+                    break
+            if stopped:
                 break
     finally:
         if sampler is not None:

@@ -96,8 +96,18 @@ def ranked_feasible(study: Any) -> list[Any]:
 
 
 def best_feasible(study: Any) -> Any | None:
+    """The best feasible trial: the re-validated winner when the validation covered the
+    current leader, else the highest-ranked trial."""
     ranked = ranked_feasible(study)
-    return ranked[0] if ranked else None
+    if not ranked:
+        return None
+    val = study.user_attrs.get("validation") or {}
+    numbers = {e["number"] for e in val.get("entries", [])}
+    if val.get("winner") is not None and ranked[0].number in numbers:
+        for t in ranked:
+            if t.number == val["winner"]:
+                return t
+    return ranked[0]
 
 
 def least_violating(study: Any) -> Any | None:

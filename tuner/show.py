@@ -86,6 +86,16 @@ def format_summary(s: Any) -> str:
             f"{s.speedup:.2f}x {obj.replace('_tps', ' tok/s')} vs Ollama defaults "
             f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f})"
         )
+    if s.validation:
+        from tuner.validate import Validated, Validation
+
+        val = dict(s.validation)
+        val["entries"] = [Validated(**{**e, "ci95": tuple(e["ci95"])}) for e in val["entries"]]
+        out.extend(Validation(**val).describe())
+    if s.roofline:
+        out.append(f"Roofline: {s.roofline['text']}")
+    if s.pruned:
+        out.append(f"Pruning: {s.pruned} trials stopped early, saving about {s.pruned_saved_s:.1f} s of measurement")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
     out.append(f"Stored in {s.storage} as study '{s.study_name}'")

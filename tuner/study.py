@@ -15,9 +15,12 @@ from tuner import __version__
 from tuner.engines import Engine, get_engine
 from tuner.errors import LoadError, ServerError, SpaceError, StudyError, TrialFailedError, TunerError
 from tuner.measure import measure_config
+from tuner.pruning import PER_REQUEST, make_pruner
 from tuner.metrics import OBJECTIVES, objective_value
 from tuner.space import RUNNER_PARAMS, SERVER_PARAMS, SearchSpace, SpaceLimits, build_space, load_space_file
+from tuner.roofline import roofline
 from tuner.storage import mask, open_storage
+from tuner.validate import validate_top
 from tuner.workload import Workload, builtin_prompts, load_prompts
 from tuner import results
 
@@ -58,6 +61,11 @@ class TuneOptions:
     max_consecutive_failures: int = 3
     server_wait_s: float = 30.0
     retry_failed: bool = False
+    prune: bool = True
+    prune_margin: float = 0.02
+    validate: int = 3
+    validate_rounds: int = 3
+    roofline: bool = True
 
 
 @dataclass
@@ -76,6 +84,10 @@ class StudySummary:
     pareto: list[results.TrialView] = field(default_factory=list)
     space: dict[str, list[Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    validation: Any = None
+    roofline: dict[str, Any] | None = None
+    pruned: int = 0
+    pruned_saved_s: float = 0.0
 
 
 @dataclass
@@ -273,9 +285,13 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
     name = o.study_name or default_study_name(o, p.server)
     directions = [OBJECTIVES[x] for x in o.objectives]
     sampler = make_sampler(o.sampler, p.space, o.seed, len(o.objectives))
+    pruner = None
+    if o.prune and len(o.objectives) == 1 and o.objectives[0] in PER_REQUEST:
+        pruner = make_pruner(margin=o.prune_margin)
     try:
         study = optuna.create_study(
-            study_name=name, storage=storage, directions=directions, sampler=sampler, load_if_exists=True
+            study_name=name, storage=storage, directions=directions, sampler=sampler,
+            pruner=pruner, load_if_exists=True,
         )
     except Exception as e:
         raise StudyError(f"cannot create study '{name}' in {mask(o.storage or 'studies/tuner.db')}: {e}") from None
@@ -361,7 +377,8 @@ class _Runner:
             restarted = p.engine.prepare(server)
             key = (model, None if runner is None else tuple(sorted(runner.items())), tuple(sorted(server.items())))
             reload = restarted or key != self.loaded_key
-            m = measure_config(p.engine, model, runner, p.workload, reload=reload, sampler=self._sampler())
+            m = measure_config(p.engine, model, runner, p.workload, reload=reload,
+                               sampler=self._sampler(), on_request=self._reporter(trial, baseline))
         except LoadError as e:
             self.loaded_key = None
             return self._failed_load(trial, str(e))
@@ -391,6 +408,13 @@ class _Runner:
             trial.set_user_attr("warmup", m.warmup.to_dict())
         violations = self._constrain(trial, attrs, load_failed=False)
         trial.set_user_attr("violations", violations)
+        if m.stopped_early:
+            import optuna
+
+            total = p.workload.repeats * len(p.workload.prompts)
+            mean_s = sum(s.latency_ms for s in m.samples) / len(m.samples) / 1e3
+            trial.set_user_attr("pruned_saved_s", round((total - len(m.samples)) * mean_s, 3))
+            raise optuna.TrialPruned(f"worse than the best after {len(m.samples)} of {total} requests")
         values = []
         for obj, direction in zip(o.objectives, self.directions):
             v = objective_value(attrs, obj)
@@ -401,6 +425,18 @@ class _Runner:
                 )
             values.append(v)
         return values[0] if len(values) == 1 else values
+
+    def _reporter(self, trial: Any, baseline: bool) -> Callable[[int, Any], bool] | None:
+        """Report each request's objective value; ask the pruner whether to stop."""
+        if len(self.o.objectives) != 1 or self.o.objectives[0] not in PER_REQUEST:
+            return None
+        metric = PER_REQUEST[self.o.objectives[0]]
+
+        def on_request(step: int, sample: Any) -> bool:
+            trial.report(float(getattr(sample, metric)), step)
+            return bool(self.o.prune and not baseline and trial.should_prune())
+
+        return on_request
 
     def _constrain(self, trial: Any, attrs: dict[str, Any], load_failed: bool) -> list[str]:
         """Set every constraint (same keys on every trial) and return the violations."""
@@ -468,7 +504,12 @@ class _Progress:
         self.done += 1
         v = results.view(trial)
         obj = self.o.objectives[0]
-        if trial.state.name == "FAIL":
+        if trial.state.name == "PRUNED":
+            self.consecutive_failures = 0
+            saved = trial.user_attrs.get("pruned_saved_s", 0.0)
+            status = f"pruned (clearly worse; saved {saved:.1f} s)"
+            metric = f"decode {v.metrics.get('decode_tps_mean', 0):.1f} tok/s so far  "
+        elif trial.state.name == "FAIL":
             self.consecutive_failures += 1
             self.last_error = v.error or "unknown error"
             status = f"FAILED: {self.last_error}"
@@ -529,10 +570,36 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
                 f"stopped after {progress.consecutive_failures} consecutive failed trials "
                 f"(last: {progress.last_error}); the study is intact: fix the cause and re-run to resume"
             )
+        if o.validate > 1 and len(o.objectives) == 1:
+            val = validate_top(study, p.engine, p.workload, p.model, o.objectives[0], o.validate,
+                               o.validate_rounds, echo, sampler_factory=runner._sampler)
+            if val is not None:
+                study.set_user_attr("validation", val.to_dict())
+        if o.roofline:
+            _store_roofline(study, p)
         return summarise_study(study, o.objectives, mask(o.storage or "sqlite:///studies/tuner.db"),
                                trials_run=len(study.get_trials(deepcopy=False)) - before, space=p.space)
     finally:
         p.engine.close()
+
+
+def _store_roofline(study: Any, p: _Prepared) -> None:
+    """Compute the winner's share of the memory-bandwidth ceiling and keep it with the study."""
+    best = results.best_feasible(study)
+    if best is None:
+        return
+    v = results.view(best)
+    decode = v.metrics.get("decode_tps_mean")
+    if not decode:
+        return
+    try:
+        size = p.engine.model_info(v.model or p.model).size_bytes
+    except TunerError:
+        return
+    on_gpu = p.has_gpu and v.options.get("num_gpu", -1) != 0
+    r = roofline(float(decode), size, on_gpu)
+    if r is not None:
+        study.set_user_attr("roofline", {**r.to_dict(), "trial": best.number, "text": r.describe()})
 
 
 def summarise_study(study: Any, objectives: list[str], storage: str, trials_run: int = 0,
@@ -549,6 +616,7 @@ def summarise_study(study: Any, objectives: list[str], storage: str, trials_run:
     if best is None:
         best = results.least_violating(study)
     base = results.baseline_trial(study)
+    pruned = [t for t in study.get_trials(deepcopy=False) if t.state.name == "PRUNED"]
     pareto: list[results.TrialView] = []
     if len(objectives) > 1:
         pareto = [results.view(t) for t in study.best_trials if results.is_feasible(t)]
@@ -564,4 +632,8 @@ def summarise_study(study: Any, objectives: list[str], storage: str, trials_run:
         speedup=results.speedup(study, best) if best is not None and feasible else None,
         pareto=pareto,
         space=space.to_dict() if space else dict(study.user_attrs.get("space", {})),
+        validation=study.user_attrs.get("validation"),
+        roofline=study.user_attrs.get("roofline"),
+        pruned=len(pruned),
+        pruned_saved_s=sum(float(t.user_attrs.get("pruned_saved_s", 0.0)) for t in pruned),
     )
