@@ -290,3 +290,17 @@ def test_roofline_is_stored_with_the_study(fake: FakeOllama, monkeypatch: pytest
     assert roof["bandwidth_gbs"] == 50.0 and roof["device"] == "CPU"
     assert roof["ceiling_tps"] == pytest.approx(50e9 / roof["model_bytes"])
     assert roof["share"] == pytest.approx(roof["decode_tps"] / roof["ceiling_tps"], rel=1e-3)
+
+
+def test_concurrency_sends_simultaneous_streams(fake: FakeOllama) -> None:
+    run_study(opts(fake, trials=2, repeats=1, concurrency=3, objectives=["aggregate_tps"], validate=0))
+    study = _load()
+    for t in study.trials:
+        assert t.user_attrs["n_requests"] == 2 * 3
+        assert t.user_attrs["concurrency"] == 3
+        assert t.user_attrs["aggregate_tps_mean"] > 0
+        assert t.values[0] == pytest.approx(t.user_attrs["aggregate_tps_mean"])
+    # requests overlapped in time: the fake serialises them, so later streams queue (TTFT grows)
+    samples = study.trials[-1].user_attrs["samples"]
+    first_prompt = [s["ttft_ms"] for s in samples if s["prompt"] == "chat"]
+    assert max(first_prompt) > 1.5 * min(first_prompt)

@@ -101,8 +101,11 @@ def _storage_option(f: Any) -> Any:
                    '{"name", "prompt"} [default: a short chat prompt and a ~1k-token document].')
 @click.option("--repeats", "-r", type=int, default=3, show_default=True, help="Measured repeats of each prompt per trial.")
 @click.option("--num-predict", type=int, default=128, show_default=True, help="Tokens generated per request.")
+@click.option("--concurrency", type=int, default=1, show_default=True,
+              help="Simultaneous streams per measured request (measures num_parallel under load; "
+                   "adds aggregate_tps, the objective for serving many users).")
 @click.option("--objective", "objective", default="decode_tps", show_default=True,
-              type=click.Choice(["decode_tps", "prefill_tps", "e2e_tps", "tokens_per_joule"]),
+              type=click.Choice(["decode_tps", "prefill_tps", "e2e_tps", "aggregate_tps", "tokens_per_joule"]),
               help="What to maximise (mean over the trial's requests).")
 @click.option("--objectives", "objectives", metavar="A,B",
               help="Multi-objective study, e.g. decode_tps,ttft_p95: prints the Pareto set.")
@@ -120,6 +123,14 @@ def _storage_option(f: Any) -> Any:
 @click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
               help="Seconds to wait for one request (model loads included).")
 @click.option("--retry-failed", is_flag=True, help="Re-queue once a trial whose worker died (RDB heartbeats).")
+@click.option("--prune/--no-prune", default=True, show_default=True,
+              help="Stop trials whose first requests are clearly worse than the best (Wilcoxon test "
+                   "plus a 2% margin); they are stored as PRUNED with what they measured.")
+@click.option("--validate", type=int, default=3, show_default=True,
+              help="Re-measure the top K feasible configs interleaved at the end (0 turns it off).")
+@click.option("--validate-rounds", type=int, default=3, show_default=True,
+              help="Interleaved rounds of the re-validation (more rounds, narrower intervals).")
+@click.option("--no-roofline", is_flag=True, help="Skip the memory-bandwidth measurement for the roofline.")
 def run_cmd(**kw: Any) -> None:
     """Run (or resume) a measured study and print the best feasible configuration.
 
@@ -143,6 +154,8 @@ def run_cmd(**kw: Any) -> None:
         max_vram_mib=kw["max_vram_mib"], max_power_w=kw["max_power_w"], sampler=kw["sampler"],
         seed=kw["seed"], storage=kw["storage"], study_name=kw["study_name"],
         baseline=not kw["no_baseline"], gpus=gpus, timeout_s=kw["timeout_s"], retry_failed=kw["retry_failed"],
+        concurrency=kw["concurrency"], prune=kw["prune"], validate=kw["validate"], validate_rounds=kw["validate_rounds"],
+        roofline=not kw["no_roofline"],
     )
     summary = run_study(opts, echo=_echo)
     from tuner.show import format_summary

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from tuner.engines.base import Engine
-from tuner.metrics import RequestSample, summarise
+from tuner.metrics import RequestSample, describe, summarise
 from tuner.workload import Workload, with_nonce
 
 #: A measured request whose load time exceeds this reloaded the model unexpectedly
@@ -59,6 +59,7 @@ def measure_config(
         warmup = engine.generate(model, with_nonce(workload.prompts[0].text), runner_options, warm_predict)
         reload_ms = warmup.load_ms
     samples: list[RequestSample] = []
+    aggregate: list[float] = []  # tok/s over all concurrent streams, one value per batch
     stopped = False
     summary: Any = None
     try:
@@ -67,9 +68,16 @@ def measure_config(
         total = workload.repeats * len(workload.prompts)
         for r in range(workload.repeats):
             for i, p in enumerate(workload.prompts):
-                s = engine.generate(model, with_nonce(p.text), runner_options, predict)
-                s = dataclasses.replace(s, prompt=p.name, repeat=r)
-                samples.append(s)
+                if workload.concurrency > 1:
+                    texts = [with_nonce(p.text) for _ in range(workload.concurrency)]
+                    batch, wall_ms = engine.generate_concurrent(model, texts, runner_options, predict)
+                    samples.extend(dataclasses.replace(b, prompt=p.name, repeat=r) for b in batch)
+                    aggregate.append(sum(b.eval_tokens for b in batch) / wall_ms * 1e3 if wall_ms > 0 else 0.0)
+                    s = batch[0]
+                else:
+                    s = engine.generate(model, with_nonce(p.text), runner_options, predict)
+                    s = dataclasses.replace(s, prompt=p.name, repeat=r)
+                    samples.append(s)
                 step = r * len(workload.prompts) + i
                 if on_request is not None and step < total - 1 and on_request(step, s):
                     stopped = True
@@ -81,5 +89,9 @@ def measure_config(
             summary = sampler.stop()
     telemetry = summary.to_attrs() if summary is not None and hasattr(summary, "to_attrs") else {}
     metrics = summarise(samples)
+    if aggregate:
+        for stat, v in describe(aggregate).items():
+            metrics[f"aggregate_tps_{stat}"] = round(v, 4)
+        metrics["concurrency"] = workload.concurrency
     unexpected = sum(1 for s in samples if s.load_ms > UNEXPECTED_LOAD_MS)
     return TrialMeasurement(samples, warmup, reload_ms, metrics, telemetry, unexpected, stopped)

@@ -11,6 +11,7 @@ _METRIC_ROWS = (
     ("decode tok/s", "decode_tps"),
     ("prefill tok/s", "prefill_tps"),
     ("end-to-end tok/s", "e2e_tps"),
+    ("aggregate tok/s", "aggregate_tps"),
     ("TTFT ms", "ttft_ms"),
     ("latency ms", "latency_ms"),
 )

@@ -58,6 +58,7 @@ class TuneOptions:
     gpus: list[int] | None = None
     telemetry_interval_s: float = 0.1
     timeout_s: float = 600.0
+    concurrency: int = 1
     max_consecutive_failures: int = 3
     server_wait_s: float = 30.0
     retry_failed: bool = False
@@ -100,6 +101,7 @@ class _Prepared:
     environment: dict[str, Any]
     has_gpu: bool
     warnings: list[str]
+    gpu_telemetry: bool = False
 
 
 def _physical_cores() -> int:
@@ -136,6 +138,12 @@ def validate_options(o: TuneOptions) -> None:
         )
     if len(set(o.objectives)) != len(o.objectives):
         raise TunerError("--objectives lists the same objective twice")
+    if o.concurrency < 1:
+        raise TunerError(f"--concurrency must be at least 1 (got {o.concurrency})")
+    if "aggregate_tps" in o.objectives and o.concurrency < 2:
+        raise TunerError("objective 'aggregate_tps' needs --concurrency 2 or more")
+    if o.validate < 0 or o.validate_rounds < 1:
+        raise TunerError("--validate must be >= 0 and --validate-rounds >= 1")
     if o.sampler not in SAMPLERS:
         raise TunerError(f"unknown sampler '{o.sampler}': choose from {', '.join(SAMPLERS)}")
     if not o.model:
@@ -149,6 +157,7 @@ def build_workload(o: TuneOptions) -> Workload:
         repeats=o.repeats,
         num_predict=o.num_predict,
         source=str(o.prompts_file or "builtin"),
+        concurrency=o.concurrency,
     )
 
 
@@ -209,7 +218,12 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
         )
         space = build_space(limits, overrides)
         env = environment(engine, server, info)
-        return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings)
+        from tuner.telemetry import probe_gpus
+
+        probe = probe_gpus(o.gpus)
+        if not probe.available:
+            warnings.append(f"no NVIDIA GPU telemetry: {probe.reason}")
+        return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, probe.available)
     except BaseException:
         engine.close()
         raise
@@ -356,7 +370,7 @@ class _Runner:
             interval_s=self.o.telemetry_interval_s,
             gpu_indices=self.o.gpus,
             server_pids=self.p.engine.server_pids(),
-            gpus=self.p.has_gpu,
+            gpus=self.p.gpu_telemetry,
         )
 
     def __call__(self, trial: Any) -> Any:
@@ -553,8 +567,10 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
         echo(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}")
         if p.space.fixed:
             echo("fixed: " + ", ".join(f"{k}={v}" for k, v in p.space.fixed.items()))
-        if not p.has_gpu and o.engine == "ollama":
-            echo("no GPU found: num_gpu fixed to 0")
+        for w in p.warnings:
+            echo(w)
+        if not p.has_gpu and "num_gpu" in p.space and p.space["num_gpu"].values == (0,):
+            echo("no GPU found: num_gpu fixed to 0 and left out of the search")
         existing = study.get_trials(deepcopy=False)
         if o.baseline and not any(t.user_attrs.get("baseline") for t in existing):
             study.enqueue_trial({}, user_attrs={"baseline": True})
@@ -577,8 +593,10 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
                 study.set_user_attr("validation", val.to_dict())
         if o.roofline:
             _store_roofline(study, p)
-        return summarise_study(study, o.objectives, mask(o.storage or "sqlite:///studies/tuner.db"),
-                               trials_run=len(study.get_trials(deepcopy=False)) - before, space=p.space)
+        summary = summarise_study(study, o.objectives, mask(o.storage or "sqlite:///studies/tuner.db"),
+                                  trials_run=len(study.get_trials(deepcopy=False)) - before, space=p.space)
+        summary.warnings = p.warnings
+        return summary
     finally:
         p.engine.close()
 

@@ -50,6 +50,8 @@ class Workload:
             raise WorkloadError(f"--repeats must be at least 1 (got {self.repeats})")
         if self.num_predict <= 0:
             raise WorkloadError(f"--num-predict must be at least 1 (got {self.num_predict})")
+        if self.concurrency < 1:
+            raise WorkloadError(f"--concurrency must be at least 1 (got {self.concurrency})")
         if not self.prompts:
             raise WorkloadError("the workload has no prompts: give a non-empty --prompts file")
 

@@ -68,6 +68,23 @@ class Engine(ABC):
     ) -> RequestSample:
         """Run one streamed request; ``runner_options=None`` sends none (engine defaults)."""
 
+    def generate_concurrent(
+        self,
+        model: str,
+        prompts: list[str],
+        runner_options: dict[str, Any] | None,
+        predict_options: dict[str, Any],
+    ) -> tuple[list[RequestSample], float]:
+        """Run the prompts as simultaneous streams; return the samples and the wall time (ms).
+
+        Engines without concurrency run them one after another.
+        """
+        import time
+
+        t0 = time.perf_counter()
+        out = [self.generate(model, p, runner_options, predict_options) for p in prompts]
+        return out, (time.perf_counter() - t0) * 1e3
+
     def server_pids(self) -> list[int]:
         """PIDs of the local server process(es), for host telemetry."""
         return []

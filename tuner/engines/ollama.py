@@ -44,6 +44,23 @@ def normalise_host(host: str | None) -> str:
     return f"{parts.scheme}://{hostname}:{port or default_port}{path}"
 
 
+def _sample(final: Any, start: float, first: float | None, end: float) -> RequestSample:
+    """A RequestSample from the final stream object (ns durations) and client-side clocks."""
+    return RequestSample(
+        prompt="",
+        repeat=0,
+        ttft_ms=((first or end) - start) * 1e3,
+        latency_ms=(end - start) * 1e3,
+        prompt_tokens=int(final.prompt_eval_count or 0),
+        prompt_eval_ms=(final.prompt_eval_duration or 0) / NS_PER_MS,
+        eval_tokens=int(final.eval_count or 0),
+        eval_ms=(final.eval_duration or 0) / NS_PER_MS,
+        load_ms=(final.load_duration or 0) / NS_PER_MS,
+        total_ms=(final.total_duration or 0) / NS_PER_MS,
+        done_reason=str(final.done_reason or ""),
+    )
+
+
 class OllamaEngine(Engine):
     """Talks to a running Ollama server over HTTP."""
 
@@ -55,6 +72,7 @@ class OllamaEngine(Engine):
 
         self.host = normalise_host(host)
         self._ollama = ollama
+        self._timeout_s = timeout_s
         self._client = ollama.Client(host=self.host, timeout=timeout_s)
         self._tags: list[dict[str, Any]] | None = None
 
@@ -252,21 +270,47 @@ class OllamaEngine(Engine):
                     f"Ollama at {self.host} ended the stream without its final message: "
                     "the server may have crashed; check its log"
                 )
-            return RequestSample(
-                prompt="",
-                repeat=0,
-                ttft_ms=((first or end) - start) * 1e3,
-                latency_ms=(end - start) * 1e3,
-                prompt_tokens=int(final.prompt_eval_count or 0),
-                prompt_eval_ms=(final.prompt_eval_duration or 0) / NS_PER_MS,
-                eval_tokens=int(final.eval_count or 0),
-                eval_ms=(final.eval_duration or 0) / NS_PER_MS,
-                load_ms=(final.load_duration or 0) / NS_PER_MS,
-                total_ms=(final.total_duration or 0) / NS_PER_MS,
-                done_reason=str(final.done_reason or ""),
-            )
+            return _sample(final, start, first, end)
 
         return self._call("a generate request", run, model=model)
+
+    def generate_concurrent(
+        self,
+        model: str,
+        prompts: list[str],
+        runner_options: dict[str, Any] | None,
+        predict_options: dict[str, Any],
+    ) -> tuple[list[RequestSample], float]:
+        """Send the prompts as simultaneous streams (async client); return samples and wall ms."""
+        import asyncio
+
+        options = {**(runner_options or {}), **predict_options}
+
+        async def one(client: Any, prompt: str, t0: float) -> RequestSample:
+            first: float | None = None
+            final: Any = None
+            async for chunk in await client.generate(
+                model=model, prompt=prompt, options=options, stream=True, keep_alive=KEEP_ALIVE
+            ):
+                if first is None and (chunk.response or getattr(chunk, "thinking", None)):
+                    first = time.perf_counter()
+                if chunk.done:
+                    final = chunk
+            end = time.perf_counter()
+            if final is None:
+                raise ServerError(f"Ollama at {self.host} ended a stream without its final message")
+            return _sample(final, t0, first, end)
+
+        async def run_all() -> tuple[list[RequestSample], float]:
+            client = self._ollama.AsyncClient(host=self.host, timeout=self._timeout_s)
+            t0 = time.perf_counter()
+            try:
+                out = await asyncio.gather(*(one(client, p, t0) for p in prompts))
+            finally:
+                await client._client.aclose()
+            return list(out), (time.perf_counter() - t0) * 1e3
+
+        return self._call("concurrent generate requests", lambda: asyncio.run(run_all()), model=model)
 
     def server_pids(self) -> list[int]:
         host = urlsplit(self.host).hostname

@@ -1,0 +1,511 @@
+"""The llama.cpp engine: GGUF files run in-process through ``llama-cpp-python``.
+
+Every tuned setting is a load parameter of ``llama_cpp.Llama``; a request whose settings
+differ from the loaded ones closes the model and loads it again, and reports that load as
+``load_ms`` (like Ollama's ``load_duration``). Timings come from llama.cpp's own perf
+counters (``llama_perf_context``), so decode and prefill rates mean what Ollama's mean.
+
+Parameter mapping (tuner name -> ``Llama`` keyword):
+
+* ``num_ctx`` -> ``n_ctx``
+* ``num_batch`` -> ``n_batch`` and ``n_ubatch`` (both equal, as Ollama's runner sets them,
+  so the axis changes the physical batch the compute runs on; with ``n_ubatch`` capped at
+  512 every ``num_batch >= 512`` would be the same configuration)
+* ``num_gpu`` -> ``n_gpu_layers`` (-1 = every layer)
+* ``num_thread`` -> ``n_threads`` and ``n_threads_batch`` (0 = not passed: the binding's default)
+* ``flash_attention`` on/off/auto -> ``flash_attn_type`` where the binding has it, else the
+  boolean ``flash_attn``; the boolean API cannot say "auto", so auto then passes nothing
+  (the binding's default, off in llama-cpp-python 0.3.x)
+* ``kv_cache_type`` f16/q8_0/q4_0 -> ``type_k`` and ``type_v`` (GGML types 1, 8, 2)
+
+Engine defaults (the baseline, ``runner_options=None``): :data:`BASELINE`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import inspect
+import mmap
+import os
+import re
+import struct
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tuner._imports import require
+from tuner.engines.base import Echo, Engine, ModelInfo
+from tuner.errors import LoadError, ModelNotFoundError, SpaceError, TunerError
+from tuner.metrics import RequestSample
+
+#: The baseline configuration: llama-cpp-python's defaults, except the context, which is
+#: llama-server's (and Ollama's) 4096 (or the trained context if smaller) because the
+#: binding's 512 cannot hold the built-in document prompt. ``n_threads=None`` lets the
+#: binding choose (half the logical CPUs for decode, all of them for prompt processing).
+BASELINE: dict[str, Any] = {
+    "n_ctx": 4096,
+    "n_batch": 512,
+    "n_ubatch": 512,
+    "n_gpu_layers": 0,
+    "n_threads": None,
+    "n_threads_batch": None,
+}
+#: GGML tensor types of the KV cache (ggml.h: GGML_TYPE_F16 = 1, Q4_0 = 2, Q8_0 = 8).
+KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
+FLASH_ATTENTION = ("auto", "on", "off")
+#: llama_flash_attn_type (llama.h): AUTO = -1, DISABLED = 0, ENABLED = 1.
+_FLASH_TYPES = {"auto": -1, "off": 0, "on": 1}
+#: Per-request options and the ``create_completion`` keyword each maps to.
+_PREDICT = {
+    "num_predict": "max_tokens",
+    "temperature": "temperature",
+    "seed": "seed",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
+    "stop": "stop",
+}
+#: ggml_log_level ERROR in the ggml that llama-cpp-python >= 0.3 bundles (NONE, DEBUG,
+#: INFO, WARN, ERROR, CONT = 0..5); llama-cpp-python's own _logger comment is outdated.
+_GGML_LOG_ERROR = 4
+
+
+def _lib() -> Any:
+    return require("llama_cpp", "the llama-cpp engine")
+
+
+# -- GGUF header ---------------------------------------------------------------------------
+#: llama_ftype (llama.h) -> the quantization name Ollama shows.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+    39: "NVFP4",
+}
+_QUANT_IN_NAME = re.compile(r"(?<![a-z0-9])(i?q\d(?:_[a-z0-9]+)*|bf16|f16|f32)(?![a-z0-9])", re.I)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+#: Arrays longer than this (vocabularies) are skipped, not stored.
+_MAX_STORED_ARRAY = 64
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """The metadata of a GGUF file and its parameter count (from the tensor infos)."""
+
+    version: int
+    metadata: dict[str, Any]
+    n_params: int
+
+
+class _Reader:
+    def __init__(self, buf: Any) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, fmt: str) -> Any:
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if n > len(self.buf) - self.pos:
+            raise ValueError("string runs past the end of the file")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, kind: int) -> Any:
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, n = self.scalar("<I"), self.scalar("<Q")
+            if n <= _MAX_STORED_ARRAY:
+                return [self.value(item) for _ in range(n)]
+            if item in _SCALARS:
+                self.pos += n * struct.calcsize(_SCALARS[item])
+            elif item == _STRING:
+                for _ in range(n):
+                    self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+            else:
+                for _ in range(n):
+                    self.value(item)
+            if self.pos > len(self.buf):
+                raise ValueError("array runs past the end of the file")
+            return None
+        raise ValueError(f"unknown metadata value type {kind}")
+
+
+def read_gguf(path: str | Path) -> GgufHeader:
+    """Read a GGUF file's metadata and tensor infos without loading its weights."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+            if magic != b"GGUF":
+                raise TunerError(
+                    f"'{p}' is not a GGUF file (it starts with {magic!r}, not b'GGUF'): "
+                    "pass a .gguf model file (convert others with llama.cpp's convert_hf_to_gguf.py)"
+                )
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _parse(mm)
+    except OSError as e:
+        raise TunerError(f"cannot read GGUF file '{p}': {e.strerror or e}") from None
+    except (struct.error, ValueError, OverflowError, MemoryError) as e:
+        raise TunerError(f"'{p}' is a damaged or truncated GGUF file ({e}): download it again") from None
+
+
+def _parse(buf: Any) -> GgufHeader:
+    r = _Reader(buf)
+    r.pos = 4
+    version = r.scalar("<I")
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is too old for llama.cpp")
+    n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+    if n_kv > 1 << 20 or n_tensors > 1 << 24:
+        raise ValueError(f"implausible header ({n_kv} keys, {n_tensors} tensors)")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string()
+        value = r.value(r.scalar("<I"))
+        if value is not None:
+            meta[key] = value
+    n_params = 0
+    for _ in range(n_tensors):
+        r.string()
+        dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
+        r.pos += 12  # tensor type (u32) and data offset (u64)
+        count = 1
+        for d in dims:
+            count *= d
+        n_params += count
+    return GgufHeader(version, meta, n_params)
+
+
+def file_type_names(lib: Any = None) -> dict[int, str]:
+    """:data:`FILE_TYPES`, extended by the binding's own ``LLAMA_FTYPE_MOSTLY_*`` constants."""
+    names = dict(FILE_TYPES)
+    for attr, value in vars(lib).items() if lib is not None else ():
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_") and "GUESSED" not in attr and isinstance(value, int):
+            names.setdefault(value, attr.removeprefix("LLAMA_FTYPE_MOSTLY_"))
+    return names
+
+
+def quantization_name(meta: dict[str, Any], path: str | Path, names: dict[int, str] | None = None) -> str:
+    """The quantization from ``general.file_type``, else from the file name."""
+    ft = meta.get("general.file_type")
+    names = FILE_TYPES if names is None else names
+    if isinstance(ft, int) and ft in names:
+        return names[ft]
+    m = _QUANT_IN_NAME.search(Path(path).stem)
+    return m.group(1).upper() if m else ""
+
+
+def _human_params(n: int) -> str:
+    """A parameter count the way Ollama prints it: 1.2B, 268.10M, 641K."""
+    for scale, unit, digits in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.{digits}f}{unit}"
+    return str(n) if n else ""
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in this process."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+# -- paths -------------------------------------------------------------------------------
+def _not_found(path: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"GGUF file '{path}' does not exist: check the path (relative paths start at "
+        f"{os.getcwd()}), or pass --model DIR to use every .gguf file in a directory"
+    )
+
+
+def _ggufs_in(directory: str) -> list[str]:
+    found = sorted(n for n in os.listdir(directory) if n.lower().endswith(".gguf"))
+    if not found:
+        raise ModelNotFoundError(
+            f"directory '{directory}' holds no .gguf file: put GGUF models in it or pass a file path"
+        )
+    return [os.path.join(directory, n) for n in found]
+
+
+def expand_models(models: list[str]) -> list[str]:
+    """GGUF paths from files and directories (all ``*.gguf`` in each), duplicates dropped."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for m in models:
+        m = os.path.expanduser(str(m))
+        if os.path.isdir(m):
+            paths = _ggufs_in(m)
+        elif os.path.isfile(m):
+            paths = [m]
+        else:
+            raise _not_found(m)
+        for p in paths:
+            real = os.path.realpath(p)
+            if real not in seen:
+                seen.add(real)
+                out.append(p)
+    return out
+
+
+@contextmanager
+def _llama_errors(lib: Any) -> Iterator[list[str]]:
+    """Collect llama.cpp's error log lines: its exceptions alone say only 'Failed to ...'."""
+    lines: list[str] = []
+    log_set = getattr(lib, "llama_log_set", None)
+    callback_type = getattr(lib, "llama_log_callback", None)
+    original = getattr(getattr(lib, "_logger", None), "llama_log_callback", None)
+    if log_set is None or callback_type is None or original is None:
+        yield lines
+        return
+
+    def record(level: int, text: bytes, _user: Any) -> None:
+        if level == _GGML_LOG_ERROR:
+            lines.append(text.decode("utf-8", errors="replace").strip())
+
+    callback = callback_type(record)
+    log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        log_set(original, ctypes.c_void_p(0))
+
+
+class LlamaCppEngine(Engine):
+    """Runs GGUF models in this process with llama-cpp-python."""
+
+    name = "llama-cpp"
+    supported_params = (
+        "variant", "num_ctx", "num_batch", "num_gpu", "num_thread", "flash_attention", "kv_cache_type",
+    )
+
+    def __init__(self, models: list[str]) -> None:
+        if not models:
+            raise TunerError("the llama-cpp engine needs a model: pass --model PATH.gguf (or a directory)")
+        self._lib = _lib()
+        self.models = expand_models(list(models))
+        self._server: dict[str, Any] = {}
+        self._headers: dict[str, GgufHeader] = {}
+        self._llm: Any = None
+        self._key: tuple[Any, ...] | None = None
+        self._pending_load_ms = 0.0
+        try:
+            params = inspect.signature(self._lib.Llama.__init__).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        # Newer bindings take llama.cpp's enum (with "auto"); 0.3.x only a boolean.
+        self._flash_type_api = "flash_attn_type" in params
+
+    # -- models ------------------------------------------------------------------------
+    def resolve(self, model: str) -> str:
+        """The GGUF file ``model`` names (a directory names its first ``*.gguf``)."""
+        m = os.path.expanduser(str(model))
+        if os.path.isdir(m):
+            return _ggufs_in(m)[0]
+        if not os.path.isfile(m):
+            raise _not_found(m)
+        return m
+
+    def header(self, model: str) -> GgufHeader:
+        path = self.resolve(model)
+        real = os.path.realpath(path)
+        if real not in self._headers:
+            self._headers[real] = read_gguf(path)
+        return self._headers[real]
+
+    def server_info(self) -> dict[str, Any]:
+        raw = self._lib.llama_print_system_info()
+        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+        return {
+            "engine": "llama-cpp",
+            "host": "in-process",
+            "version": str(getattr(self._lib, "__version__", "unknown")),
+            "system_info": text.strip(),
+        }
+
+    def model_info(self, model: str) -> ModelInfo:
+        path = self.resolve(model)
+        h = self.header(path)
+        meta = h.metadata
+        arch = str(meta.get("general.architecture", ""))
+        block, ctx = meta.get(f"{arch}.block_count"), meta.get(f"{arch}.context_length")
+        if not isinstance(block, int) or not isinstance(ctx, int):
+            raise TunerError(
+                f"'{path}' lacks {arch or '<arch>'}.block_count or .context_length: "
+                "is it a GGUF language model? Use a text-generation GGUF"
+            )
+        return ModelInfo(
+            name=str(model),
+            architecture=arch,
+            block_count=block,
+            context_length=ctx,
+            family=arch,
+            parameter_size=str(meta.get("general.size_label") or _human_params(h.n_params)),
+            quantization=quantization_name(meta, path, file_type_names(self._lib)),
+            digest=file_digest(path),
+            size_bytes=os.path.getsize(path),
+        )
+
+    def variants(self, model: str) -> list[str]:
+        first = self.resolve(model)
+        real = os.path.realpath(first)
+        return [first] + [p for p in self.models if os.path.realpath(p) != real]
+
+    def ensure_models(self, models: list[str], echo: Echo) -> None:
+        for m in models:
+            read_gguf(self.resolve(m))
+
+    def has_gpu(self) -> bool:
+        return bool(self._lib.llama_supports_gpu_offload())
+
+    def server_pids(self) -> list[int]:
+        return [os.getpid()]
+
+    # -- configuration ----------------------------------------------------------------
+    def prepare(self, server_settings: dict[str, Any]) -> bool:
+        """Store flash_attention / kv_cache_type; they take effect at the next load."""
+        settings = dict(server_settings)
+        for key, value in settings.items():
+            allowed = {"flash_attention": FLASH_ATTENTION, "kv_cache_type": tuple(KV_CACHE_TYPES)}.get(key)
+            if allowed is None:
+                raise SpaceError(f"parameter '{key}' is not supported by the llama-cpp engine")
+            if value not in allowed:
+                raise SpaceError(f"invalid value '{value}' for {key}: choose from {', '.join(allowed)}")
+        self._server = settings
+        return False
+
+    def _flash_kwargs(self, value: str | None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if self._flash_type_api:
+            return {"flash_attn_type": _FLASH_TYPES[value]}
+        if value == "auto":
+            return {}
+        return {"flash_attn": value == "on"}
+
+    def load_kwargs(self, model: str, runner_options: dict[str, Any] | None) -> dict[str, Any]:
+        """The ``Llama`` keywords for runner options (None = :data:`BASELINE`) and server settings."""
+        kw = dict(BASELINE)
+        kw["n_ctx"] = min(BASELINE["n_ctx"], self._trained_ctx(model))
+        opts = runner_options or {}
+        if "num_ctx" in opts:
+            kw["n_ctx"] = int(opts["num_ctx"])
+        if "num_batch" in opts:
+            kw["n_batch"] = kw["n_ubatch"] = int(opts["num_batch"])
+        if "num_gpu" in opts:
+            kw["n_gpu_layers"] = int(opts["num_gpu"])
+        if "num_thread" in opts:
+            n = int(opts["num_thread"]) or None
+            kw["n_threads"] = kw["n_threads_batch"] = n
+        kw.update(self._flash_kwargs(self._server.get("flash_attention")))
+        kv = self._server.get("kv_cache_type")
+        if kv is not None:
+            kw["type_k"] = kw["type_v"] = KV_CACHE_TYPES[kv]
+        return kw
+
+    def _trained_ctx(self, model: str) -> int:
+        meta = self.header(model).metadata
+        ctx = meta.get(f"{meta.get('general.architecture', '')}.context_length")
+        return ctx if isinstance(ctx, int) and ctx > 0 else BASELINE["n_ctx"]
+
+    # -- loading and measuring --------------------------------------------------------
+    def _unload(self) -> None:
+        llm, self._llm, self._key = self._llm, None, None
+        if llm is not None:
+            llm.close()
+            del llm
+            # The Llama holds ctypes buffers in reference cycles; collect them now so a
+            # long study's RSS does not grow with every reload.
+            gc.collect()
+
+    def _load(self, path: str, kwargs: dict[str, Any], key: tuple[Any, ...]) -> None:
+        self._unload()
+        self.header(path)  # a clear error for a non-GGUF file before llama.cpp's vague one
+        start = time.perf_counter()
+        with _llama_errors(self._lib) as errors:
+            try:
+                llm = self._lib.Llama(model_path=path, verbose=False, **kwargs)
+            except (ValueError, RuntimeError, OSError) as e:
+                reason = "; ".join(dict.fromkeys(errors)) or "see llama.cpp's log"
+                shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)
+                raise LoadError(f"llama.cpp could not load {Path(path).name} with {shown}: {e} ({reason})") from None
+        self._pending_load_ms = (time.perf_counter() - start) * 1e3
+        self._llm, self._key = llm, key
+
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        runner_options: dict[str, Any] | None,
+        predict_options: dict[str, Any],
+    ) -> RequestSample:
+        path = self.resolve(model)
+        kwargs = self.load_kwargs(path, runner_options)
+        key = (os.path.realpath(path), tuple(sorted(kwargs.items())))
+        start = time.perf_counter()
+        if key != self._key:
+            self._load(path, kwargs, key)
+        llm, lib = self._llm, self._lib
+        completion = {_PREDICT[k]: v for k, v in predict_options.items() if k in _PREDICT}
+        # Clear the KV cache and the counters so this request evaluates (and counts) its
+        # whole prompt, with nothing reused from the previous request.
+        llm.reset()
+        lib.llama_perf_context_reset(llm.ctx)
+        first: float | None = None
+        reason = ""
+        try:
+            for chunk in llm.create_completion(prompt, stream=True, **completion):
+                choice = chunk["choices"][0]
+                if first is None and choice.get("text"):
+                    first = time.perf_counter()
+                if choice.get("finish_reason"):
+                    reason = str(choice["finish_reason"])
+        except (ValueError, RuntimeError) as e:
+            raise LoadError(f"llama.cpp failed to run {Path(path).name}: {e}") from None
+        end = time.perf_counter()
+        perf = lib.llama_perf_context(llm.ctx)
+        load_ms, self._pending_load_ms = self._pending_load_ms, 0.0
+        latency_ms = (end - start) * 1e3
+        return RequestSample(
+            prompt="",
+            repeat=0,
+            ttft_ms=((first or end) - start) * 1e3,
+            latency_ms=latency_ms,
+            prompt_tokens=int(perf.n_p_eval),
+            prompt_eval_ms=float(perf.t_p_eval_ms),
+            # n_eval counts decode steps: one fewer than the tokens generated, since the
+            # last sampled token is never fed back; n_eval / t_eval is llama.cpp's own rate.
+            eval_tokens=int(perf.n_eval),
+            eval_ms=float(perf.t_eval_ms),
+            load_ms=load_ms,
+            total_ms=latency_ms,
+            done_reason=reason,
+        )
+
+    def close(self) -> None:
+        self._unload()

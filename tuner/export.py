@@ -1,0 +1,340 @@
+"""Taking a winner into production: Modelfile, request JSON, server env file, CSV/Parquet.
+
+``export`` loads the study and dispatches; the ``*_text`` functions are pure (trial + study
+in, text out) so they can be tested and reused without storage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tuner import results
+from tuner.errors import ExportError
+
+FORMATS = ("modelfile", "json", "env", "csv", "parquet")
+#: Ollama's Options (api/types.go Options + Runner) with the JSON type each one takes.
+OLLAMA_OPTIONS: dict[str, type] = {
+    "num_keep": int, "seed": int, "num_predict": int, "top_k": int, "top_p": float, "min_p": float,
+    "typical_p": float, "repeat_last_n": int, "temperature": float, "repeat_penalty": float,
+    "presence_penalty": float, "frequency_penalty": float, "stop": list,
+    "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
+}
+#: Values that mean "let Ollama decide": exported as absent, which is the same setting.
+DEFAULT_EQUIVALENT = {"num_gpu": -1, "num_thread": 0}
+#: Server-level settings and their `ollama serve` environment variables.
+SERVER_ENV = {
+    "flash_attention": "OLLAMA_FLASH_ATTENTION",
+    "kv_cache_type": "OLLAMA_KV_CACHE_TYPE",
+    "num_parallel": "OLLAMA_NUM_PARALLEL",
+}
+_TOKEN = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export`` produced: ``text`` for stdout (None for binary formats) and the file written."""
+
+    fmt: str
+    text: str | None
+    path: Path | None
+    trial_number: int | None
+    message: str
+
+
+TrialLike = Any  # a FrozenTrial or a results.TrialView
+
+
+def _view(trial: TrialLike) -> results.TrialView:
+    return trial if isinstance(trial, results.TrialView) else results.view(trial)
+
+
+def _check_value(key: str, value: Any, number: int) -> None:
+    kind = OLLAMA_OPTIONS.get(key)
+    if kind is None:
+        raise ExportError(
+            f"trial #{number} sets '{key}', which is not an Ollama option: export another trial with --trial N"
+        )
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        list: isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        raise ExportError(
+            f"trial #{number} has {key}={value!r} but Ollama needs a {kind.__name__}: "
+            "export another trial with --trial N"
+        )
+
+
+def runtime_options(trial: TrialLike) -> dict[str, Any]:
+    """The runner options a trial used, minus those equal to Ollama's automatic default.
+
+    Raises ExportError when a key is not an Ollama option or has the wrong type.
+    """
+    v = _view(trial)
+    out = {}
+    for key, value in v.options.items():
+        _check_value(key, value, v.number)
+        if DEFAULT_EQUIVALENT.get(key) == value and not isinstance(value, bool):
+            continue
+        out[key] = value
+    return out
+
+
+def _model_tag(v: results.TrialView) -> str:
+    if not v.model or not _TOKEN.match(v.model):
+        raise ExportError(
+            f"trial #{v.number} has no usable model name ({v.model!r}): export another trial with --trial N"
+        )
+    return v.model
+
+
+def _one_line(text: Any) -> str:
+    # Keeps study text (names, errors) from starting a new Modelfile or env-file line.
+    return " ".join(str(text).split())
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
+def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
+    v = _view(trial)
+    m = v.metrics
+    objectives = list(study.user_attrs.get("objectives") or ["decode_tps"])
+    lines = [
+        f"# {what} exported by ollama-tuner on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"# study '{_one_line(study.study_name)}', trial #{v.number}"
+        + (" (baseline: Ollama defaults)" if v.baseline else "")
+        + f"; measured on Ollama {_one_line(study.user_attrs.get('server_version') or '?')}"
+        + f" at {_one_line(study.user_attrs.get('host') or '?')}",
+    ]
+    if v.values:
+        lines.append("# objective " + ", ".join(f"{o} = {_fmt(x, 2)}" for o, x in zip(objectives, v.values)))
+    if "decode_tps_mean" in m:
+        lines.append(
+            f"# decode {_fmt(m.get('decode_tps_mean'))} ± {_fmt(m.get('decode_tps_sd'))} tok/s "
+            f"(p50 {_fmt(m.get('decode_tps_p50'))}), prefill {_fmt(m.get('prefill_tps_mean'), 0)} tok/s, "
+            f"TTFT p50 {_fmt(m.get('ttft_ms_p50'), 0)} / p95 {_fmt(m.get('ttft_ms_p95'), 0)} ms"
+        )
+    if not isinstance(trial, results.TrialView):
+        sp = results.speedup(study, trial)
+        if sp is not None:
+            lines.append(f"# {sp:.2f}x the baseline (Ollama defaults) on {objectives[0]}")
+    if not v.feasible:
+        why = v.error or "; ".join(v.violations) or v.state.lower()
+        lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")
+    return lines
+
+
+def modelfile_text(trial: TrialLike, study: Any) -> str:
+    """A Modelfile: ``FROM`` the trial's model and a ``PARAMETER`` line per tuned runtime option."""
+    v = _view(trial)
+    lines = _comment_header(trial, study, "Modelfile")
+    options = runtime_options(v)
+    skipped = [k for k, val in v.options.items() if k not in options]
+    if skipped:
+        lines.append("# left to Ollama (automatic): " + ", ".join(f"{k}={v.options[k]}" for k in skipped))
+    if v.server:
+        lines.append("# server-level settings cannot go in a Modelfile; set them on `ollama serve`: "
+                     + ", ".join(f"{k}={_one_line(val)}" for k, val in v.server.items()))
+        lines.append(f"# (see: tune export '{_one_line(study.study_name)}' --format env --trial {v.number})")
+    lines.append(f"FROM {_model_tag(v)}")
+    for key, value in options.items():
+        if isinstance(value, list):
+            lines += [f"PARAMETER {key} {json.dumps(item)}" for item in value]
+        elif isinstance(value, bool):
+            lines.append(f"PARAMETER {key} {'true' if value else 'false'}")
+        else:
+            lines.append(f"PARAMETER {key} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def json_text(trial: TrialLike, study: Any) -> str:
+    """The body fields for /api/generate or /api/chat: ``{"model": ..., "options": {...}}``."""
+    v = _view(trial)
+    return json.dumps({"model": _model_tag(v), "options": runtime_options(v)}, indent=2) + "\n"
+
+
+def _server_env(v: results.TrialView) -> tuple[dict[str, str], list[str]]:
+    env: dict[str, str] = {}
+    notes: list[str] = []
+    for key, value in v.server.items():
+        var = SERVER_ENV.get(key)
+        if var is None:
+            raise ExportError(f"trial #{v.number} sets server setting '{key}', which this tuner cannot export: "
+                              "export another trial with --trial N")
+        text = str(value).strip().lower()
+        if key == "flash_attention":
+            if text in ("auto", "", "none"):
+                notes.append(f"{var} left unset: flash attention on auto (the server decides)")
+                continue
+            flag = {"on": "1", "true": "1", "1": "1", "off": "0", "false": "0", "0": "0"}.get(text)
+            if flag is None:
+                raise ExportError(f"trial #{v.number} has flash_attention={value!r}: expected auto, on or off")
+            env[var] = flag
+        elif key == "num_parallel":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ExportError(f"trial #{v.number} has num_parallel={value!r}: expected a whole number >= 1")
+            env[var] = str(value)
+        else:
+            if not re.fullmatch(r"[a-z0-9_]+", text):
+                raise ExportError(f"trial #{v.number} has kv_cache_type={value!r}: expected f16, q8_0 or q4_0")
+            env[var] = text
+    return env, notes
+
+
+def env_text(trial: TrialLike, study: Any) -> str:
+    """The server-level settings as a ``KEY=value`` env file for ``ollama serve``."""
+    v = _view(trial)
+    lines = _comment_header(trial, study, "Ollama server environment")
+    env, notes = _server_env(v)
+    lines.append("# use with systemd (EnvironmentFile=), docker (--env-file) or `set -a; . FILE; set +a`,")
+    lines.append("# then restart `ollama serve`: these settings only apply at server start")
+    if not v.server:
+        lines.append(f"# study '{_one_line(study.study_name)}' tuned no server-level setting "
+                     "(flash_attention, kv_cache_type, num_parallel): nothing to set, keep the server's defaults")
+    lines += [f"# {n}" for n in notes]
+    lines += [f"{k}={val}" for k, val in env.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _frame(study: Any) -> Any:
+    df = results.trials_frame(study)
+    if df.empty:
+        raise ExportError(f"study '{study.study_name}' has no trials yet: run `tune --model MODEL` first")
+    return df
+
+
+def csv_text(study: Any) -> str:
+    """Every trial as one CSV row: state, values, params_*, metrics and telemetry, constraints."""
+    return str(_frame(study).to_csv(index=False))
+
+
+def parquet_bytes(study: Any) -> bytes:
+    """Every trial as one row of a Parquet table (same columns as ``csv_text``)."""
+    from tuner._imports import require
+
+    require("pyarrow", "parquet export")
+    import io
+
+    df = _frame(study)
+    for col in df.columns:
+        if df[col].dtype == object:
+            kinds = {type(x) for x in df[col] if x is not None and x == x}
+            # Arrow wants one type per column; a column mixing e.g. str and int becomes text.
+            if len(kinds) > 1:
+                df[col] = df[col].map(lambda x: None if x is None or x != x else str(x))
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False, engine="pyarrow")
+    return buf.getvalue()
+
+
+_RENDERERS: dict[str, Callable[[Any, Any], str]] = {
+    "modelfile": modelfile_text,
+    "json": json_text,
+    "env": env_text,
+}
+
+
+def _load(storage_url: str | None, study_name: str | None) -> Any:
+    from tuner.storage import open_storage
+
+    return results.load_study(open_storage(storage_url, create=False), study_name)
+
+
+def export(
+    storage_url: str | None,
+    study_name: str | None,
+    fmt: str,
+    *,
+    trial_number: int | None = None,
+    output: str | None = None,
+    allow_infeasible: bool = False,
+) -> ExportResult:
+    """Export the best feasible trial (or ``trial_number``) of a study as ``fmt``.
+
+    modelfile, json, env and csv return their text (and write it to ``output`` when given);
+    parquet is binary and always goes to a file, ``output`` or ``<study>.parquet`` in the
+    current folder. Raises StudyError when no trial is feasible and ``allow_infeasible`` is
+    off, ExportError for a bad format or an unwritable file.
+    """
+    from tuner.report import safe_name, write_atomic
+
+    fmt = fmt.strip().lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{fmt}': choose from {', '.join(FORMATS)}")
+    study = _load(storage_url, study_name)
+    path = Path(output) if output else None
+    if fmt in ("csv", "parquet"):
+        if trial_number is not None:
+            raise ExportError(f"--trial does not apply to {fmt}, which exports every trial: drop --trial")
+        n = len(study.get_trials(deepcopy=False))
+        if fmt == "csv":
+            text: str | None = csv_text(study)
+            data = (text or "").encode("utf-8")
+        else:
+            text, data = None, parquet_bytes(study)
+            path = path or Path(f"{safe_name(study.study_name)}.parquet")
+        if path is not None:
+            write_atomic(path, data, f"{fmt} export", ExportError)
+        where = f" to {path}" if path is not None else ""
+        return ExportResult(fmt, text, path, None, f"exported {n} trials of '{study.study_name}' as {fmt}{where}")
+    trial = results.pick_trial(study, trial_number, allow_infeasible)
+    text = _RENDERERS[fmt](trial, study)
+    if path is not None:
+        write_atomic(path, text.encode("utf-8"), f"{fmt} export", ExportError)
+    feasible = "" if results.is_feasible(trial) else " (not feasible)"
+    where = f" to {path}" if path is not None else ""
+    return ExportResult(fmt, text, path, trial.number,
+                        f"exported trial #{trial.number}{feasible} of '{study.study_name}' as {fmt}{where}")
+
+
+def create_model(
+    storage_url: str | None,
+    study_name: str | None,
+    name: str,
+    host: str | None = None,
+    trial_number: int | None = None,
+    allow_infeasible: bool = False,
+    echo: Callable[[str], None] = print,
+) -> ExportResult:
+    """Create Ollama model ``name`` from the winner's variant with its runtime options as PARAMETERs.
+
+    ``host`` defaults to the server the study was tuned on (its ``host`` attr), then
+    OLLAMA_HOST. Afterwards ``ollama run NAME`` uses the tuned settings. The result's text is
+    the equivalent Modelfile.
+    """
+    if not name or not _TOKEN.match(name):
+        raise ExportError(f"invalid model name '{name}': use letters, digits and - _ . : / (e.g. gemma3-tuned)")
+    study = _load(storage_url, study_name)
+    engine_name = study.user_attrs.get("engine", "ollama")
+    if engine_name != "ollama":
+        raise ExportError(
+            f"study '{study.study_name}' was tuned with the {engine_name} engine: creating an Ollama model "
+            "needs an Ollama study; use --format modelfile and `ollama create` instead"
+        )
+    trial = results.pick_trial(study, trial_number, allow_infeasible)
+    v = results.view(trial)
+    source = _model_tag(v)
+    params = runtime_options(v)
+    from tuner.engines.ollama import OllamaEngine
+
+    engine = OllamaEngine(host or study.user_attrs.get("host") or None)
+    try:
+        echo(f"creating '{name}' from {source} (trial #{v.number})"
+             + (": " + ", ".join(f"{k}={val}" for k, val in params.items()) if params else " with no options"))
+        engine.create(name, source=source, parameters=params, echo=echo)
+    finally:
+        engine.close()
+    msg = f"created '{name}' on {engine.host}: `ollama run {name}` now uses the tuned settings"
+    if v.server:
+        msg += (f"; the server-level settings ({', '.join(f'{k}={val}' for k, val in v.server.items())}) "
+                f"need `tune export '{study.study_name}' --format env`")
+    return ExportResult("create", modelfile_text(trial, study), None, v.number, msg)

@@ -1,0 +1,792 @@
+"""The HTML report of a study: ``build_report`` computes a ReportData, ``render_html`` draws it.
+
+The file is self-contained (plotly.js inlined once), so it opens offline and can be mailed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import html
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tuner import results
+from tuner.errors import TunerError
+
+TOP_N = 10
+REPORTS_DIR = Path("reports")
+
+#: (label, metric prefix) of the request metrics shown with their spread.
+METRIC_ROWS = (
+    ("decode tok/s", "decode_tps"),
+    ("prefill tok/s", "prefill_tps"),
+    ("end-to-end tok/s", "e2e_tps"),
+    ("TTFT ms", "ttft_ms"),
+    ("latency ms", "latency_ms"),
+    ("load ms", "load_ms"),
+)
+#: (label, attr) of the per-trial telemetry shown for the best config.
+TELEMETRY_ROWS = (
+    ("GPU power mean W", "gpu_power_mean_w"),
+    ("GPU power max W", "gpu_power_max_w"),
+    ("GPU energy J", "gpu_energy_j"),
+    ("tokens per joule", "tokens_per_joule"),
+    ("GPU memory peak MiB", "gpu_mem_used_peak_mib"),
+    ("GPU memory increase MiB", "gpu_mem_increase_mib"),
+    ("host CPU util %", "host_cpu_util_mean_pct"),
+    ("host memory peak MiB", "host_mem_used_peak_mib"),
+    ("server RSS peak MiB", "server_rss_peak_mib"),
+    ("reload ms", "reload_ms"),
+)
+#: Telemetry plotted against tok/s: (figure key, attr, axis label, limit attr).
+TELEMETRY_VIEWS = (
+    ("power", "gpu_power_mean_w", "mean GPU power (W)", "max_power_w"),
+    ("vram", "gpu_mem_used_peak_mib", "peak GPU memory (MiB)", "max_vram_mib"),
+    ("tokens_per_joule", "tokens_per_joule", "tokens per joule", None),
+)
+_OBJECTIVE_LABELS = {
+    "decode_tps": "decode tok/s",
+    "prefill_tps": "prefill tok/s",
+    "e2e_tps": "end-to-end tok/s",
+    "tokens_per_joule": "tokens per joule",
+    "ttft_p95": "p95 TTFT ms",
+    "latency_p95": "p95 latency ms",
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    """Facts about the study and the machine it ran on."""
+
+    study_name: str
+    model: str
+    engine: str
+    host: str
+    server_version: str
+    gpu: str
+    cpu: str
+    os: str
+    objectives: list[str]
+    limits: dict[str, float]
+    space: dict[str, list[Any]]
+    workload: str
+    created_at: str
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One request metric of a trial with its spread over the measured requests."""
+
+    label: str
+    key: str
+    mean: float | None
+    sd: float | None
+    p50: float | None
+    p95: float | None
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """The winner (or, when nothing is feasible, the least-violating trial)."""
+
+    number: int
+    feasible: bool
+    model: str
+    options: dict[str, Any]
+    server: dict[str, Any]
+    baseline: bool
+    objective: str
+    value: float | None
+    metrics: list[MetricRow]
+    telemetry: list[tuple[str, float]]
+    violations: list[str]
+    speedup: float | None
+    baseline_number: int | None
+    baseline_value: float | None
+
+
+@dataclass(frozen=True)
+class TopRow:
+    """One row of the top-configs table."""
+
+    rank: int
+    number: int
+    value: float | None
+    config: str
+    tps_mean: float | None
+    tps_sd: float | None
+    ttft_ms_p95: float | None
+    latency_ms_p95: float | None
+    vram_mib: float | None
+    power_w: float | None
+    tokens_per_joule: float | None
+    speedup: float | None
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """A measured trial on the tok/s vs p95 TTFT plane."""
+
+    number: int
+    tps: float
+    ttft_ms_p95: float
+    feasible: bool
+    baseline: bool
+    pareto: bool
+    config: str
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    """A trial that failed, failed to load, or broke a limit, with why."""
+
+    number: int
+    kind: str
+    config: str
+    message: str
+
+
+@dataclass(frozen=True)
+class NamedFigure:
+    """A plotly figure and where it goes in the report."""
+
+    key: str
+    title: str
+    figure: Any
+    caption: str = ""
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows; the numbers are plain fields so tests can check them."""
+
+    header: Header
+    best: BestConfig | None
+    top: list[TopRow]
+    tps_metric: str
+    tps_label: str
+    tradeoff: list[TradeoffPoint]
+    max_ttft_ms: float | None
+    failures: list[FailureRow]
+    figures: list[NamedFigure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    generated_at: str = ""
+
+    @property
+    def pareto(self) -> list[TradeoffPoint]:
+        return sorted((p for p in self.tradeoff if p.pareto), key=lambda p: p.tps)
+
+
+# ------------------------------------------------------------------------------ compute
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _counts(study: Any) -> dict[str, int]:
+    counts = {"total": 0, "complete": 0, "feasible": 0, "infeasible": 0, "load_failed": 0,
+              "failed": 0, "pruned": 0, "running": 0}
+    for t in study.get_trials(deepcopy=False):
+        counts["total"] += 1
+        state = t.state.name
+        if state == "COMPLETE":
+            counts["complete"] += 1
+            if results.is_feasible(t):
+                counts["feasible"] += 1
+            else:
+                counts["infeasible"] += 1
+                if t.user_attrs.get("error"):
+                    counts["load_failed"] += 1
+        elif state == "FAIL":
+            counts["failed"] += 1
+        elif state == "PRUNED":
+            counts["pruned"] += 1
+        else:
+            counts["running"] += 1
+    return counts
+
+
+def _gpu_text(env: dict[str, Any]) -> str:
+    gpus = env.get("gpus") or []
+    if gpus:
+        parts = []
+        for g in gpus:
+            mem = g.get("memory_total_mib")
+            parts.append(f"{g.get('name', 'GPU')}" + (f" ({mem} MiB)" if mem else ""))
+        driver = gpus[0].get("driver_version")
+        return ", ".join(parts) + (f"; driver {driver}" if driver else "")
+    reason = env.get("gpu_unavailable_reason")
+    return f"none ({reason})" if reason else "none recorded"
+
+
+def _cpu_text(env: dict[str, Any]) -> str:
+    host = env.get("host") or {}
+    model = host.get("cpu_model") or "unknown CPU"
+    cores = host.get("cpu_physical_cores")
+    threads = host.get("cpu_logical_cores")
+    ram = host.get("ram_total_mib")
+    extra = [f"{cores} cores" if cores else "", f"{threads} threads" if threads else "",
+             f"{ram / 1024:.0f} GiB RAM" if ram else ""]
+    extra = [e for e in extra if e]
+    return model + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _workload_text(w: dict[str, Any]) -> str:
+    if not w:
+        return "not recorded"
+    prompts = w.get("prompts") or []
+    names = ", ".join(str(p.get("name", "?")) for p in prompts)
+    return (f"{len(prompts)} prompt(s) ({names}) x {w.get('repeats', '?')} repeat(s), "
+            f"{w.get('num_predict', '?')} tokens generated each; source {w.get('source', '?')}")
+
+
+def _header(study: Any) -> Header:
+    ua = study.user_attrs
+    env = dict(ua.get("environment") or {})
+    return Header(
+        study_name=study.study_name,
+        model=str(ua.get("model") or env.get("model") or ""),
+        engine=str(ua.get("engine") or env.get("engine") or ""),
+        host=str(ua.get("host") or ""),
+        server_version=str(ua.get("server_version") or env.get("server_version") or "unknown"),
+        gpu=_gpu_text(env),
+        cpu=_cpu_text(env),
+        os=str(env.get("os") or (env.get("host") or {}).get("os") or ""),
+        objectives=list(ua.get("objectives") or ["decode_tps"]),
+        limits={k: float(v) for k, v in dict(ua.get("limits") or {}).items() if _num(v) is not None},
+        space=dict(ua.get("space") or {}),
+        workload=_workload_text(dict(ua.get("workload") or {})),
+        created_at=str(ua.get("created_at") or ""),
+        counts=_counts(study),
+    )
+
+
+def _metric_rows(m: dict[str, Any]) -> list[MetricRow]:
+    return [
+        MetricRow(label, key, _num(m.get(f"{key}_mean")), _num(m.get(f"{key}_sd")),
+                  _num(m.get(f"{key}_p50")), _num(m.get(f"{key}_p95")))
+        for label, key in METRIC_ROWS
+        if f"{key}_mean" in m
+    ]
+
+
+def _best(study: Any, objective: str) -> BestConfig | None:
+    t = results.best_feasible(study)
+    feasible = t is not None
+    if t is None:
+        t = results.least_violating(study)
+    if t is None:
+        return None
+    v = results.view(t)
+    base = results.baseline_trial(study)
+    return BestConfig(
+        number=v.number,
+        feasible=feasible,
+        model=v.model,
+        options=v.options,
+        server=v.server,
+        baseline=v.baseline,
+        objective=objective,
+        value=v.value,
+        metrics=_metric_rows(v.metrics),
+        telemetry=[(label, float(v.metrics[k])) for label, k in TELEMETRY_ROWS if _num(v.metrics.get(k)) is not None],
+        violations=v.violations,
+        speedup=results.speedup(study, t) if feasible else None,
+        baseline_number=base.number if base is not None else None,
+        baseline_value=base.values[0] if base is not None and base.values else None,
+    )
+
+
+def _top(study: Any, tps_key: str) -> list[TopRow]:
+    rows = []
+    for rank, t in enumerate(results.ranked_feasible(study)[:TOP_N], start=1):
+        v = results.view(t)
+        m = v.metrics
+        rows.append(TopRow(
+            rank=rank,
+            number=v.number,
+            value=v.value,
+            config=v.config_text(),
+            tps_mean=_num(m.get(f"{tps_key}_mean")),
+            tps_sd=_num(m.get(f"{tps_key}_sd")),
+            ttft_ms_p95=_num(m.get("ttft_ms_p95")),
+            latency_ms_p95=_num(m.get("latency_ms_p95")),
+            vram_mib=_num(m.get("gpu_mem_used_peak_mib")),
+            power_w=_num(m.get("gpu_power_mean_w")),
+            tokens_per_joule=_num(m.get("tokens_per_joule")),
+            speedup=results.speedup(study, t),
+        ))
+    return rows
+
+
+def _measured(study: Any) -> list[Any]:
+    """Complete trials that actually ran requests (not failed loads)."""
+    return [t for t in study.get_trials(deepcopy=False) if results.is_complete(t) and not t.user_attrs.get("error")]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when maximising x and minimising y."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 >= x and y2 <= y) and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _tradeoff(study: Any, tps_key: str) -> list[TradeoffPoint]:
+    rows = []
+    for t in _measured(study):
+        m = t.user_attrs
+        tps, ttft = _num(m.get(f"{tps_key}_mean")), _num(m.get("ttft_ms_p95"))
+        if tps is None or ttft is None:
+            continue
+        rows.append((t, tps, ttft))
+    # The front is drawn over feasible trials only: those are the trade-offs one can pick.
+    feasible = [(tps, ttft) for t, tps, ttft in rows if results.is_feasible(t)]
+    feasible_idx = [i for i, (t, _, _) in enumerate(rows) if results.is_feasible(t)]
+    on_front = {feasible_idx[i] for i in pareto_front(feasible)}
+    return [
+        TradeoffPoint(
+            number=t.number, tps=tps, ttft_ms_p95=ttft, feasible=results.is_feasible(t),
+            baseline=bool(t.user_attrs.get("baseline")), pareto=i in on_front,
+            config=results.view(t).config_text(),
+        )
+        for i, (t, tps, ttft) in enumerate(rows)
+    ]
+
+
+def _failures(study: Any) -> list[FailureRow]:
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        v = results.view(t)
+        if t.state.name == "FAIL":
+            out.append(FailureRow(v.number, "failed", v.config_text(), v.error or "no error recorded"))
+        elif v.error:
+            out.append(FailureRow(v.number, "load failed", v.config_text(), v.error))
+        elif results.is_complete(t) and not v.feasible:
+            out.append(FailureRow(v.number, "infeasible", v.config_text(), "; ".join(v.violations) or "violates a limit"))
+    return out
+
+
+def _copy_study(study: Any, keep: Callable[[Any], bool]) -> Any:
+    """An in-memory, single-objective copy for optuna's plots.
+
+    Trials not kept become FAIL placeholders so trial numbers stay the same; user attrs
+    are dropped because optuna puts them in hover text (samples would bloat the file).
+    """
+    import optuna
+
+    copy = optuna.create_study(direction=results.directions(study)[0])
+    for t in study.get_trials(deepcopy=False):
+        if keep(t) and results.is_complete(t) and t.values:
+            copy.add_trial(optuna.trial.create_trial(
+                value=t.values[0], params=t.params, distributions=t.distributions,
+                constraints=dict(t.constraints or {}),
+            ))
+        else:
+            copy.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    return copy
+
+
+def _searched(study: Any, trials: list[Any]) -> list[str]:
+    seen: dict[str, set[str]] = {}
+    for t in trials:
+        for k, val in t.params.items():
+            seen.setdefault(k, set()).add(repr(val))
+    space = study.user_attrs.get("space") or {}
+    names = [k for k in seen if len(space.get(k, [])) > 1] if space else [k for k, s in seen.items() if len(s) > 1]
+    return sorted(names)
+
+
+def _optuna_figures(study: Any, label: str, notes: list[str]) -> list[NamedFigure]:
+    import optuna
+    import optuna.visualization as vis
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    figs: list[NamedFigure] = []
+    history = _copy_study(study, lambda t: True)
+    if any(results.is_complete(t) for t in history.get_trials(deepcopy=False)):
+        fig = vis.plot_optimization_history(history, target_name=label)
+        figs.append(NamedFigure(
+            "history", "Optimisation history", fig,
+            "Every complete trial by number; infeasible ones (limits broken or failed loads, scored "
+            "0) are drawn apart from the feasible ones and the best-feasible line.",
+        ))
+    else:
+        notes.append("Optimisation history skipped: no complete trial yet.")
+
+    param_trials = [t for t in study.get_trials(deepcopy=False)
+                    if results.is_complete(t) and t.values and t.params and not t.user_attrs.get("error")]
+    params = _searched(study, param_trials)
+    if not param_trials or not params:
+        notes.append("Parameter plots skipped: no measured trial with searched parameters "
+                     "(only the baseline or fixed settings so far).")
+        return figs
+    keep = {t.number for t in param_trials}
+    pstudy = _copy_study(study, lambda t: t.number in keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if len(param_trials) >= 2 and len(params) > 1:
+            try:
+                fig = vis.plot_param_importances(pstudy, params=params, target_name=label)
+                figs.append(NamedFigure("importances", "Parameter importances", fig,
+                                        "How much each setting explains the objective (PED-ANOVA), "
+                                        "over measured trials; few trials make it rough."))
+            except Exception as e:  # importance evaluators reject degenerate data
+                notes.append(f"Parameter importances skipped: {e}")
+        else:
+            notes.append(
+                "Parameter importances skipped: they need at least 2 measured trials and more than "
+                f"one searched parameter (have {len(param_trials)} trial(s), {len(params)} parameter(s))."
+            )
+        figs.append(NamedFigure("parallel", "Parallel coordinates",
+                                vis.plot_parallel_coordinate(pstudy, params=params, target_name=label),
+                                "Each line is a measured trial; infeasible ones are dotted."))
+        figs.append(NamedFigure("slices", f"{label} against each parameter",
+                                vis.plot_slice(pstudy, params=params, target_name=label),
+                                "Baseline and failed loads are left out (they have no parameters or no measurement)."))
+    return figs
+
+
+def _hover(p: TradeoffPoint | Any, extra: str = "") -> str:
+    # Plotly renders hover text as pseudo-HTML: escape what came from the study.
+    return html.escape(f"#{p.number} {p.config}") + extra
+
+
+def _tradeoff_figure(data: ReportData) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    groups = (
+        ("feasible", [p for p in data.tradeoff if p.feasible and not p.pareto and not p.baseline],
+         {"color": "#1f77b4", "symbol": "circle", "size": 9}),
+        ("infeasible", [p for p in data.tradeoff if not p.feasible],
+         {"color": "#aaaaaa", "symbol": "x", "size": 9}),
+        ("baseline (Ollama defaults)", [p for p in data.tradeoff if p.baseline and not p.pareto],
+         {"color": "#2ca02c", "symbol": "star", "size": 14}),
+    )
+    for name, pts, marker in groups:
+        if pts:
+            fig.add_trace(go.Scatter(
+                x=[p.tps for p in pts], y=[p.ttft_ms_p95 for p in pts], mode="markers", name=name,
+                marker=marker, text=[_hover(p) for p in pts], hovertemplate="%{text}<br>%{x:.1f} tok/s, %{y:.0f} ms<extra></extra>",
+            ))
+    front = data.pareto
+    if front:
+        fig.add_trace(go.Scatter(
+            x=[p.tps for p in front], y=[p.ttft_ms_p95 for p in front], mode="lines+markers",
+            name="Pareto front (feasible)", line={"color": "#d62728", "shape": "hv"},
+            marker={"color": "#d62728", "size": 11},
+            text=[_hover(p) for p in front], hovertemplate="%{text}<br>%{x:.1f} tok/s, %{y:.0f} ms<extra></extra>",
+        ))
+    if data.max_ttft_ms is not None:
+        fig.add_hline(y=data.max_ttft_ms, line_dash="dash", line_color="#d62728",
+                      annotation_text=f"max TTFT {data.max_ttft_ms:g} ms", annotation_position="top left")
+    fig.update_layout(title="Throughput vs p95 time to first token", xaxis_title=data.tps_label,
+                      yaxis_title="p95 TTFT (ms)", legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def _telemetry_figures(study: Any, data: ReportData) -> list[NamedFigure]:
+    import plotly.graph_objects as go
+
+    limits = data.header.limits
+    measured = _measured(study)
+    figs = []
+    for key, attr, label, limit_key in TELEMETRY_VIEWS:
+        pts = [(t, _num(t.user_attrs.get(f"{data.tps_metric}_mean")), _num(t.user_attrs.get(attr))) for t in measured]
+        pts = [(t, x, y) for t, x, y in pts if x is not None and y is not None]
+        if not pts:
+            continue
+        fig = go.Figure()
+        for name, feas, color, symbol in (("feasible", True, "#1f77b4", "circle"), ("infeasible", False, "#aaaaaa", "x")):
+            sel = [(t, x, y) for t, x, y in pts if results.is_feasible(t) == feas]
+            if sel:
+                fig.add_trace(go.Scatter(
+                    x=[x for _, x, _ in sel], y=[y for _, _, y in sel], mode="markers", name=name,
+                    marker={"color": color, "symbol": symbol, "size": 9},
+                    text=[html.escape(f"#{t.number} {results.view(t).config_text()}") for t, _, _ in sel],
+                    hovertemplate="%{text}<br>%{x:.1f} tok/s, %{y:.2f}<extra></extra>",
+                ))
+        if limit_key and limit_key in limits:
+            fig.add_hline(y=limits[limit_key], line_dash="dash", line_color="#d62728",
+                          annotation_text=f"{limit_key} {limits[limit_key]:g}", annotation_position="top left")
+        fig.update_layout(title=f"{label} against {data.tps_label}", xaxis_title=data.tps_label, yaxis_title=label)
+        figs.append(NamedFigure(key, f"{label} against {data.tps_label}", fig))
+    if not figs:
+        data.notes.append("Telemetry views skipped: no trial recorded GPU power, memory or energy.")
+    return figs
+
+
+def build_report(study: Any) -> ReportData:
+    """Compute everything the report shows from a loaded study (no HTML here)."""
+    header = _header(study)
+    objective = header.objectives[0]
+    tps_obj = objective if objective.endswith("_tps") else "decode_tps"
+    data = ReportData(
+        header=header,
+        best=_best(study, objective),
+        top=_top(study, tps_obj),
+        tps_metric=tps_obj,
+        tps_label=_OBJECTIVE_LABELS[tps_obj],
+        tradeoff=_tradeoff(study, tps_obj),
+        max_ttft_ms=header.limits.get("max_ttft_ms"),
+        failures=_failures(study),
+        generated_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    if header.counts["complete"] and data.best is not None and not data.best.feasible:
+        data.notes.append("No trial is feasible: the best config shown is the least-violating one.")
+    data.figures.extend(_optuna_figures(study, _OBJECTIVE_LABELS.get(objective, objective), data.notes))
+    if data.tradeoff:
+        data.figures.append(NamedFigure(
+            "tradeoff", "Throughput vs time to first token", _tradeoff_figure(data),
+            "Upper left is worse, lower right is better; the red steps join the feasible Pareto front.",
+        ))
+    else:
+        data.notes.append("Trade-off plot skipped: no measured trial has both tok/s and p95 TTFT.")
+    data.figures.extend(_telemetry_figures(study, data))
+    return data
+
+
+# ------------------------------------------------------------------------------- render
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1300px;padding:1em 2em;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.facts dt{font-weight:600}dl.facts dd{margin:0}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;margin:.4em 0}
+.warn{background:#fdecea;border-left:4px solid #d62728;padding:.4em .8em;margin:.4em 0}
+.speedup{font-size:1.3em;font-weight:600;color:#2a7d2a}.caption{color:#555;font-size:.9em}
+code{background:#f4f4f4;padding:0 .2em}.figure{min-height:420px}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _f(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _table(head: list[str], rows: list[list[tuple[str, bool]]]) -> str:
+    """An HTML table; each cell is (escaped html, is_number)."""
+    out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td class=\"n\">{c}</td>" if num else f"<td>{c}</td>" for c, num in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _values_text(values: list[Any]) -> str:
+    if len(values) > 4 and all(isinstance(v, int) for v in values) and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))
+
+
+def _header_html(h: Header) -> str:
+    c = h.counts
+    facts = [
+        ("Model", h.model), ("Engine", h.engine), ("Host", h.host), ("Ollama version", h.server_version),
+        ("GPU", h.gpu), ("CPU", h.cpu), ("OS", h.os),
+        ("Objective(s)", ", ".join(h.objectives)),
+        ("Limits", ", ".join(f"{k} = {v:g}" for k, v in h.limits.items()) or "none"),
+        ("Search space", "; ".join(f"{k}: {_values_text(v)}" for k, v in h.space.items()) or "not recorded"),
+        ("Workload", h.workload),
+        ("Created", h.created_at or "unknown"),
+        ("Trials", f"{c['total']} in all: {c['complete']} complete ({c['feasible']} feasible, "
+                   f"{c['infeasible']} infeasible of which {c['load_failed']} failed to load), "
+                   f"{c['failed']} failed, {c['pruned']} pruned, {c['running']} running or waiting"),
+    ]
+    return "<dl class=\"facts\">" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
+
+
+def _best_html(data: ReportData) -> str:
+    b = data.best
+    if b is None:
+        return "<h2>Best configuration</h2><p class=\"note\">No trial has completed yet: nothing to report.</p>"
+    title = "Best feasible configuration" if b.feasible else "Least-violating configuration (nothing is feasible)"
+    parts = [f"<h2>{_e(title)} &mdash; trial #{b.number}</h2>"]
+    if b.speedup is not None:
+        parts.append(
+            f"<p class=\"speedup\">{b.speedup:.2f}&times; {_e(_OBJECTIVE_LABELS.get(b.objective, b.objective))} "
+            f"vs Ollama defaults (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
+            f"best: {_f(b.value, 2)})</p>"
+        )
+    elif b.baseline_number is None:
+        parts.append("<p class=\"caption\">No baseline trial (study run with --no-baseline): no speedup to show.</p>")
+    if not b.feasible and b.violations:
+        parts.append(f"<p class=\"warn\">Violates: {_e('; '.join(b.violations))}</p>")
+    cfg = [("model", b.model)]
+    if b.baseline:
+        cfg.append(("options", "none (Ollama defaults)"))
+    cfg += [(k, v) for k, v in b.options.items()]
+    cfg += [(f"{k} (server)", v) for k, v in b.server.items()]
+    parts.append(_table(["setting", "value"], [[(_e(k), False), (_e(v), False)] for k, v in cfg]))
+    if b.metrics:
+        parts.append(_table(
+            ["metric", "mean", "± sd", "p50", "p95"],
+            [[(_e(m.label), False), (_f(m.mean), True), (_f(m.sd), True), (_f(m.p50), True), (_f(m.p95), True)]
+             for m in b.metrics],
+        ))
+    if b.telemetry:
+        parts.append(_table(["telemetry", "value"], [[(_e(k), False), (_f(v, 2), True)] for k, v in b.telemetry]))
+    return "".join(parts)
+
+
+def _top_html(data: ReportData) -> str:
+    parts = [f"<h2>Top {TOP_N} feasible configurations</h2>"]
+    if not data.top:
+        return parts[0] + "<p class=\"note\">No feasible configuration yet.</p>"
+    head = ["rank", "trial", "objective", "config", f"{data.tps_label} mean ± sd", "p95 TTFT ms",
+            "p95 latency ms", "VRAM peak MiB", "power W", "tokens/J", "speedup"]
+    rows = [[
+        (str(r.rank), True), (f"#{r.number}", True), (_f(r.value, 2), True), (_e(r.config), False),
+        (f"{_f(r.tps_mean)} ± {_f(r.tps_sd)}", True), (_f(r.ttft_ms_p95, 0), True), (_f(r.latency_ms_p95, 0), True),
+        (_f(r.vram_mib, 0), True), (_f(r.power_w), True), (_f(r.tokens_per_joule, 2), True),
+        ("-" if r.speedup is None else f"{r.speedup:.2f}×", True),
+    ] for r in data.top]
+    return "".join(parts) + _table(head, rows)
+
+
+def _failures_html(data: ReportData) -> str:
+    if not data.failures:
+        return "<h2>Failures</h2><p>No trial failed or broke a limit.</p>"
+    rows = [[(f"#{f.number}", True), (_e(f.kind), False), (_e(f.config), False), (_e(f.message), False)]
+            for f in data.failures]
+    return "<h2>Failures and infeasible trials</h2>" + _table(["trial", "kind", "config", "error or violation"], rows)
+
+
+def _figure_json(fig: Any) -> str:
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    # optuna sizes some plots in pixels (slices: 300 px a parameter); let them fit the page.
+    fig = go.Figure(fig).update_layout(width=None, autosize=True)
+    text = pio.to_json(fig, validate=False)
+    # Plotly already escapes these; doing it here too keeps "</script>" from ever ending the tag.
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_html(data: ReportData) -> str:
+    """One self-contained HTML page (plotly.js inlined once in <head>)."""
+    from plotly.offline import get_plotlyjs
+
+    h = data.header
+    body = [
+        f"<h1>ollama-tuner report: {_e(h.study_name)}</h1>",
+        f"<p class=\"caption\">Generated {_e(data.generated_at)}</p>",
+        _header_html(h),
+        _best_html(data),
+    ]
+    body += [f"<p class=\"note\">{_e(n)}</p>" for n in data.notes]
+    scripts = []
+    for i, nf in enumerate(data.figures):
+        div = f"fig-{i}-{re.sub(r'[^a-z0-9_-]', '', nf.key.lower())}"
+        body.append(f"<h2>{_e(nf.title)}</h2>")
+        if nf.caption:
+            body.append(f"<p class=\"caption\">{_e(nf.caption)}</p>")
+        body.append(f"<div id=\"{div}\" class=\"figure\"></div>")
+        scripts.append(f"drawFigure({json.dumps(div)}, {_figure_json(nf.figure)});")
+    body.append(_top_html(data))
+    body.append(_failures_html(data))
+    return "\n".join([
+        "<!DOCTYPE html>",
+        "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>{_e('ollama-tuner report: ' + h.study_name)}</title>",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<style>{_CSS}</style>",
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>",
+        "<script type=\"text/javascript\">function drawFigure(id, fig){"
+        "Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false});}</script>",
+        "</head><body>",
+        *body,
+        "<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>",
+        "</body></html>",
+        "",
+    ])
+
+
+# -------------------------------------------------------------------------------- write
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a study name (``gemma3:1b@host:11434`` -> ``gemma3_1b_host_11434``)."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "study"
+    return s[:150]
+
+
+def write_atomic(path: Path, data: bytes, what: str, error: type[TunerError] = TunerError) -> None:
+    """Write ``data`` to ``path`` via a temp file and rename, so no half-written file is left."""
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise error(f"cannot write the {what} to {path}: {parent} is a file, not a folder; pass another --output") from None
+    except OSError as e:
+        raise error(f"cannot create the folder {parent} for the {what}: {e.strerror or e}; pass a writable --output") from None
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        # mkstemp makes the file 0600; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        hint = "free some disk space or pass --output on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else "pass a writable --output"
+        raise error(f"cannot write the {what} to {path}: {e.strerror or e}; {hint}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def write_report(storage_url: str | None, study_name: str | None, output: str | None) -> Path:
+    """Build and write the HTML report of a stored study; return the path written.
+
+    ``output`` defaults to ``reports/<safe study name>.html``; an existing folder gets that
+    file name inside it. Raises StudyError for a missing study, TunerError when the file
+    cannot be written.
+    """
+    from tuner.storage import open_storage
+
+    storage = open_storage(storage_url, create=False)
+    study = results.load_study(storage, study_name)
+    data = build_report(study)
+    text = render_html(data)
+    default = f"{safe_name(study.study_name)}.html"
+    if output is None:
+        path = REPORTS_DIR / default
+    else:
+        path = Path(output)
+        if path.is_dir():
+            path = path / default
+    write_atomic(path, text.encode("utf-8"), "report")
+    return path
