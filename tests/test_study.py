@@ -300,7 +300,8 @@ def test_concurrency_sends_simultaneous_streams(fake: FakeOllama) -> None:
         assert t.user_attrs["concurrency"] == 3
         assert t.user_attrs["aggregate_tps_mean"] > 0
         assert t.values[0] == pytest.approx(t.user_attrs["aggregate_tps_mean"])
-    # requests overlapped in time: the fake serialises them, so later streams queue (TTFT grows)
+    # the streams overlapped: the fake serves one at a time and reports the queueing in
+    # load_duration, so all but the first stream of a batch waited
     samples = study.trials[-1].user_attrs["samples"]
-    first_prompt = [s["ttft_ms"] for s in samples if s["prompt"] == "chat"]
-    assert max(first_prompt) > 1.5 * min(first_prompt)
+    waits = sorted(s["load_ms"] for s in samples if s["prompt"] == "chat")
+    assert waits[-1] > 10 * max(waits[0], 0.05)

@@ -123,6 +123,12 @@ def _storage_option(f: Any) -> Any:
 @click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
               help="Seconds to wait for one request (model loads included).")
 @click.option("--retry-failed", is_flag=True, help="Re-queue once a trial whose worker died (RDB heartbeats).")
+@click.option("--heartbeat-interval", "heartbeat_s", type=int, default=30, show_default=True,
+              help="Seconds between a running trial's heartbeats in the storage.")
+@click.option("--grace-period", "grace_s", type=int, default=90, show_default=True,
+              help="Seconds without a heartbeat after which another worker marks a trial FAIL.")
+@click.option("--allow-mixed-hardware", is_flag=True,
+              help="Let a worker on different hardware add trials to an existing study.")
 @click.option("--prune/--no-prune", default=True, show_default=True,
               help="Stop trials whose first requests are clearly worse than the best (Wilcoxon test "
                    "plus a 2% margin); they are stored as PRUNED with what they measured.")
@@ -154,7 +160,8 @@ def run_cmd(**kw: Any) -> None:
         max_vram_mib=kw["max_vram_mib"], max_power_w=kw["max_power_w"], sampler=kw["sampler"],
         seed=kw["seed"], storage=kw["storage"], study_name=kw["study_name"],
         baseline=not kw["no_baseline"], gpus=gpus, timeout_s=kw["timeout_s"], retry_failed=kw["retry_failed"],
-        concurrency=kw["concurrency"], prune=kw["prune"], validate=kw["validate"], validate_rounds=kw["validate_rounds"],
+        concurrency=kw["concurrency"], prune=kw["prune"], allow_mixed_hardware=kw["allow_mixed_hardware"],
+        heartbeat_s=kw["heartbeat_s"], grace_s=kw["grace_s"], validate=kw["validate"], validate_rounds=kw["validate_rounds"],
         roofline=not kw["no_roofline"],
     )
     summary = run_study(opts, echo=_echo)

@@ -205,11 +205,21 @@ def env_text(trial: TrialLike, study: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+_LEAD = ("number", "state", "feasible", "baseline", "model", "datetime_start", "datetime_complete", "duration_s")
+
+
 def _frame(study: Any) -> Any:
     df = results.trials_frame(study)
     if df.empty:
         raise ExportError(f"study '{study.study_name}' has no trials yet: run `tune --model MODEL` first")
-    return df
+    # The baseline (first row) has no params, so without this they would come after the metrics.
+    cols = list(df.columns)
+    lead = [c for c in _LEAD if c in cols]
+    values = [c for c in cols if c == "value" or c.startswith("value_")]
+    params = [c for c in cols if c.startswith("params_")]
+    tail = [c for c in cols if c.startswith("constraint_")] + [c for c in ("violations", "error") if c in cols]
+    rest = [c for c in cols if c not in {*lead, *values, *params, *tail}]
+    return df[lead + values + params + rest + tail]
 
 
 def csv_text(study: Any) -> str:

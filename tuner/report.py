@@ -392,7 +392,7 @@ def _copy_study(study: Any, keep: Callable[[Any], bool]) -> Any:
     """
     import optuna
 
-    copy = optuna.create_study(direction=results.directions(study)[0])
+    copy = optuna.create_study(direction=study.directions[0])
     for t in study.get_trials(deepcopy=False):
         if keep(t) and results.is_complete(t) and t.values:
             copy.add_trial(optuna.trial.create_trial(
@@ -416,17 +416,34 @@ def _searched(study: Any, trials: list[Any]) -> list[str]:
 
 def _optuna_figures(study: Any, label: str, notes: list[str]) -> list[NamedFigure]:
     import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # PED-ANOVA warns about small samples; the figure caption says so instead.
+            warnings.simplefilter("ignore")
+            return _draw_optuna_figures(study, label, notes)
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _draw_optuna_figures(study: Any, label: str, notes: list[str]) -> list[NamedFigure]:
+    import optuna
     import optuna.visualization as vis
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     figs: list[NamedFigure] = []
-    history = _copy_study(study, lambda t: True)
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    # Failed loads score 0 when maximising (a fair "no tokens"), but 1e12 when minimising,
+    # which would flatten the plot: leave them out then (they are in the failures table).
+    history = _copy_study(study, lambda t: maximize or not t.user_attrs.get("error"))
     if any(results.is_complete(t) for t in history.get_trials(deepcopy=False)):
         fig = vis.plot_optimization_history(history, target_name=label)
+        failed = "failed loads, scored 0" if maximize else "failed loads are left out"
         figs.append(NamedFigure(
             "history", "Optimisation history", fig,
-            "Every complete trial by number; infeasible ones (limits broken or failed loads, scored "
-            "0) are drawn apart from the feasible ones and the best-feasible line.",
+            f"Every complete trial by number; infeasible ones (a limit broken; {failed}) are drawn "
+            "apart from the feasible ones and the best-feasible line.",
         ))
     else:
         notes.append("Optimisation history skipped: no complete trial yet.")
@@ -440,33 +457,31 @@ def _optuna_figures(study: Any, label: str, notes: list[str]) -> list[NamedFigur
         return figs
     keep = {t.number for t in param_trials}
     pstudy = _copy_study(study, lambda t: t.number in keep)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if len(param_trials) >= 2 and len(params) > 1:
-            try:
-                fig = vis.plot_param_importances(pstudy, params=params, target_name=label)
-                figs.append(NamedFigure("importances", "Parameter importances", fig,
-                                        "How much each setting explains the objective (PED-ANOVA), "
-                                        "over measured trials; few trials make it rough."))
-            except Exception as e:  # importance evaluators reject degenerate data
-                notes.append(f"Parameter importances skipped: {e}")
-        else:
-            notes.append(
-                "Parameter importances skipped: they need at least 2 measured trials and more than "
-                f"one searched parameter (have {len(param_trials)} trial(s), {len(params)} parameter(s))."
-            )
-        figs.append(NamedFigure("parallel", "Parallel coordinates",
-                                vis.plot_parallel_coordinate(pstudy, params=params, target_name=label),
-                                "Each line is a measured trial; infeasible ones are dotted."))
-        figs.append(NamedFigure("slices", f"{label} against each parameter",
-                                vis.plot_slice(pstudy, params=params, target_name=label),
-                                "Baseline and failed loads are left out (they have no parameters or no measurement)."))
+    if len(param_trials) >= 2 and len(params) > 1:
+        try:
+            fig = vis.plot_param_importances(pstudy, params=params, target_name=label)
+            figs.append(NamedFigure("importances", "Parameter importances", fig,
+                                    "How much each setting explains the objective (PED-ANOVA), "
+                                    "over measured trials; few trials make it rough."))
+        except Exception as e:  # importance evaluators reject degenerate data
+            notes.append(f"Parameter importances skipped: {e}")
+    else:
+        notes.append(
+            "Parameter importances skipped: they need at least 2 measured trials and more than "
+            f"one searched parameter (have {len(param_trials)} trial(s), {len(params)} parameter(s))."
+        )
+    figs.append(NamedFigure("parallel", "Parallel coordinates",
+                            vis.plot_parallel_coordinate(pstudy, params=params, target_name=label),
+                            "Each line is a measured trial; infeasible ones are dotted."))
+    figs.append(NamedFigure("slices", f"{label} against each parameter",
+                            vis.plot_slice(pstudy, params=params, target_name=label),
+                            "Baseline and failed loads are left out (they have no parameters or no measurement)."))
     return figs
 
 
-def _hover(p: TradeoffPoint | Any, extra: str = "") -> str:
+def _hover(p: TradeoffPoint) -> str:
     # Plotly renders hover text as pseudo-HTML: escape what came from the study.
-    return html.escape(f"#{p.number} {p.config}") + extra
+    return html.escape(f"#{p.number} {p.config}")
 
 
 def _tradeoff_figure(data: ReportData) -> Any:
@@ -715,8 +730,12 @@ def render_html(data: ReportData) -> str:
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
         f"<style>{_CSS}</style>",
         f"<script type=\"text/javascript\">{get_plotlyjs()}</script>",
+        # One figure failing to draw must not stop the others; the error stays visible.
         "<script type=\"text/javascript\">function drawFigure(id, fig){"
-        "Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false});}</script>",
+        "function fail(e){console.error('figure ' + id + ': ' + e);"
+        "document.getElementById(id).textContent = 'This figure could not be drawn: ' + e;}"
+        "try {Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false}).catch(fail);}"
+        " catch (e) {fail(e);}}</script>",
         "</head><body>",
         *body,
         "<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>",

@@ -340,13 +340,20 @@ class ManagedServer:
             self.current = effective_settings(settings, version or self.version)
             return True
 
-    def check_alive(self) -> None:
-        """Raise LoadError with the log's last lines if the server has died."""
+    def check_alive(self, grace_s: float = 1.0) -> None:
+        """Raise LoadError with the log's last lines if the server has died.
+
+        Waits up to ``grace_s`` for a dying server: a dropped connection can arrive before
+        the process has exited.
+        """
         proc = self._proc
-        if proc is not None and proc.poll() is not None:
-            raise LoadError(
-                f"ollama serve exited with code {proc.returncode}: {self._tail_line()}"
-            )
+        if proc is None:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            return
+        raise LoadError(f"ollama serve exited with code {proc.returncode}: {self._tail_line()}")
 
     def stop(self) -> None:
         """Terminate the server and its children (SIGTERM, then SIGKILL); idempotent."""

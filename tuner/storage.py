@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ def mask(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = True) -> Any:
+def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = True,
+                 heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Any:
     """Open (creating when asked) the storage at ``url``.
 
     ``sqlite:///path``, ``postgresql://...``, ``mysql://...`` become an RDBStorage with
@@ -53,23 +56,34 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
             f"invalid storage URL '{mask(url)}': use sqlite:///path.db, postgresql://user@host/db "
             "or journal:///path.log"
         )
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg (3).
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
     callback = optuna.storages.RetryFailedTrialCallback(max_retry=1) if retry_failed else None
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            failed_trial_callback=callback,
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
-    except ImportError as e:
-        raise StudyError(
-            f"storage '{mask(url)}' needs a database driver ({e.name or 'not installed'}): "
-            "for PostgreSQL install `pip install 'ollama-tuner[postgres]'`"
-        ) from None
-    except Exception as e:  # sqlalchemy errors carry the URL, possibly with a password
-        reason = mask(str(e).splitlines()[0]) if str(e) else e.__class__.__name__
-        raise StudyError(f"cannot open storage '{mask(url)}': {reason}") from None
+    last: Exception | None = None
+    # Several workers starting at once race to create the schema; the losers retry.
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_s,
+                grace_period=grace_s,
+                failed_trial_callback=callback,
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
+        except ImportError as e:
+            raise StudyError(
+                f"storage '{mask(url)}' needs a database driver ({e.name or 'not installed'}): "
+                "for PostgreSQL install `pip install 'ollama-tuner[postgres]'`"
+            ) from None
+        except Exception as e:  # sqlalchemy errors carry the URL, possibly with a password
+            last = e
+            if "already exists" in str(e) or "duplicate key" in str(e) or "UniqueViolation" in str(e):
+                time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
+                continue
+            break
+    reason = mask(str(last).splitlines()[0]) if last and str(last) else last.__class__.__name__
+    raise StudyError(f"cannot open storage '{mask(url)}': {reason}") from None
 
 
 def _check_dir(path: Path, url: str, create: bool) -> None:

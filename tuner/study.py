@@ -62,6 +62,9 @@ class TuneOptions:
     max_consecutive_failures: int = 3
     server_wait_s: float = 30.0
     retry_failed: bool = False
+    allow_mixed_hardware: bool = False
+    heartbeat_s: int = 30
+    grace_s: int = 90
     prune: bool = True
     prune_margin: float = 0.02
     validate: int = 3
@@ -256,6 +259,18 @@ def environment(engine: Engine, server: dict[str, Any], info: Any) -> dict[str, 
     return env
 
 
+def hardware_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
+    """What makes two workers' measurements comparable: CPU, cores, RAM, GPUs."""
+    host = env.get("host") or {}
+    ram = host.get("ram_total_mib")
+    return {
+        "cpu": host.get("cpu_model"),
+        "cores": host.get("cpu_physical_cores"),
+        "ram_gib": round(ram / 1024) if ram else None,
+        "gpus": sorted(g.get("name", "") for g in env.get("gpus") or []),
+    }
+
+
 def default_study_name(o: TuneOptions, server: dict[str, Any]) -> str:
     if o.engine == "ollama":
         host = str(server.get("host", "")).split("://")[-1]
@@ -295,23 +310,48 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
     """Create the study, or resume it if its model, space and workload match."""
     import optuna
 
-    storage = open_storage(o.storage, retry_failed=o.retry_failed)
+    if o.grace_s <= o.heartbeat_s or o.heartbeat_s < 1:
+        raise TunerError("--grace-period must be longer than --heartbeat-interval (both in seconds, >= 1)")
+    storage = open_storage(o.storage, retry_failed=o.retry_failed, heartbeat_s=o.heartbeat_s, grace_s=o.grace_s)
     name = o.study_name or default_study_name(o, p.server)
     directions = [OBJECTIVES[x] for x in o.objectives]
     sampler = make_sampler(o.sampler, p.space, o.seed, len(o.objectives))
     pruner = None
     if o.prune and len(o.objectives) == 1 and o.objectives[0] in PER_REQUEST:
         pruner = make_pruner(margin=o.prune_margin)
+    created = True
     try:
-        study = optuna.create_study(
-            study_name=name, storage=storage, directions=directions, sampler=sampler,
-            pruner=pruner, load_if_exists=True,
-        )
+        try:
+            study = optuna.create_study(
+                study_name=name, storage=storage, directions=directions, sampler=sampler,
+                pruner=pruner, load_if_exists=False,
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            created = False
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    except StudyError:
+        raise
     except Exception as e:
-        raise StudyError(f"cannot create study '{name}' in {mask(o.storage or 'studies/tuner.db')}: {e}") from None
+        reason = mask(str(e).splitlines()[0]) if str(e) else e.__class__.__name__
+        raise StudyError(f"cannot create study '{name}' in {mask(o.storage or 'studies/tuner.db')}: {reason}") from None
+    setattr(study, "_tuner_created", created)
     ident = _study_identity(o, p)
     attrs = study.user_attrs
+    if "space_hash" not in attrs and not created:
+        # Another worker created it a moment ago and is writing its attrs.
+        for _ in range(50):
+            time.sleep(0.1)
+            attrs = study.user_attrs
+            if "space_hash" in attrs:
+                break
     if "space_hash" in attrs:
+        hw = hardware_fingerprint(p.environment)
+        if attrs.get("hardware") not in (None, hw) and not o.allow_mixed_hardware:
+            raise StudyError(
+                f"study '{name}' was measured on different hardware ({_hw_text(attrs['hardware'])}) "
+                f"than this machine ({_hw_text(hw)}): use another --study, or pass "
+                "--allow-mixed-hardware to mix them on purpose"
+            )
         labels = {"model": "model", "engine": "engine", "objectives": "objective(s)",
                   "space_hash": "search space", "workload_hash": "workload (prompts, repeats, num_predict)"}
         for key, label in labels.items():
@@ -329,6 +369,7 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         study.set_user_attr("space", p.space.to_dict())
         study.set_user_attr("workload", p.workload.to_dict())
         study.set_user_attr("environment", p.environment)
+        study.set_user_attr("hardware", hardware_fingerprint(p.environment))
         study.set_user_attr("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
     study.set_user_attr(
         "limits",
@@ -336,6 +377,11 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
                            ("max_vram_mib", o.max_vram_mib), ("max_power_w", o.max_power_w)) if v is not None},
     )
     return study
+
+
+def _hw_text(hw: dict[str, Any]) -> str:
+    gpus = ", ".join(hw.get("gpus") or []) or "no GPU"
+    return f"{hw.get('cpu')}, {hw.get('cores')} cores, {hw.get('ram_gib')} GiB, {gpus}"
 
 
 def starting_points(space: SearchSpace, has_gpu: bool, cores: int) -> list[dict[str, Any]]:
@@ -361,6 +407,9 @@ class _Runner:
     def __init__(self, o: TuneOptions, p: _Prepared, echo: Echo) -> None:
         self.o, self.p, self.echo = o, p, echo
         self.loaded_key: Any = None
+        hw = hardware_fingerprint(p.environment)
+        self.worker = {"hostname": platform.node(), "pid": os.getpid(), "gpus": hw["gpus"],
+                       "server": p.server.get("host", "")}
         self.directions = [OBJECTIVES[x] for x in o.objectives]
 
     def _sampler(self) -> Any:
@@ -387,6 +436,7 @@ class _Runner:
             runner = {k: config[k] for k in RUNNER_PARAMS if k in config}
             server = {k: config[k] for k in SERVER_PARAMS if k in config}
         trial.set_user_attr("config", {"model": model, "options": runner or {}, "server": server})
+        trial.set_user_attr("worker", self.worker)
         try:
             restarted = p.engine.prepare(server)
             key = (model, None if runner is None else tuple(sorted(runner.items())), tuple(sorted(server.items())))
@@ -572,9 +622,12 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
         if not p.has_gpu and "num_gpu" in p.space and p.space["num_gpu"].values == (0,):
             echo("no GPU found: num_gpu fixed to 0 and left out of the search")
         existing = study.get_trials(deepcopy=False)
-        if o.baseline and not any(t.user_attrs.get("baseline") for t in existing):
+        created = getattr(study, "_tuner_created", False)
+        # Only the worker that created the study (or a resumed study lacking one) queues the
+        # baseline, so concurrent workers never measure it twice.
+        if o.baseline and not any(t.user_attrs.get("baseline") for t in existing) and (created or existing):
             study.enqueue_trial({}, user_attrs={"baseline": True})
-        if not existing:
+        if created:
             for point in starting_points(p.space, p.has_gpu, _physical_cores()):
                 study.enqueue_trial(point, skip_if_exists=True)
         before = len(existing)

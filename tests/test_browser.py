@@ -1,0 +1,147 @@
+"""The HTML report in headless Chromium: no console errors, every figure drawn, a screenshot.
+
+Needs the `chromium` binary (Debian: `apt-get install -y chromium`); skipped without it.
+Runs fully offline: the report inlines plotly.js and Chromium's network features are off.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_report import XSS, make_study
+from tuner import report
+
+pytestmark = pytest.mark.browser
+
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "report-screenshot.png"
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
+    "--virtual-time-budget=15000",
+]
+# Runs first in <head>: records uncaught errors, rejections, console.error and any alert()
+# (which would mean study text got executed), then writes them into the DOM for --dump-dom.
+RECORDER = """<script>
+window.__errors = [];
+window.addEventListener('error', function (e) { __errors.push('error: ' + e.message); });
+window.addEventListener('unhandledrejection', function (e) { __errors.push('rejection: ' + e.reason); });
+(function () {
+  var ce = console.error;
+  console.error = function () { __errors.push('console.error: ' + Array.prototype.join.call(arguments, ' ')); ce.apply(console, arguments); };
+})();
+window.alert = function (m) { __errors.push('alert: ' + m); };
+window.addEventListener('load', function () {
+  setTimeout(function () {
+    var pre = document.createElement('pre');
+    pre.id = '__errors';
+    pre.textContent = JSON.stringify(__errors);
+    document.body.appendChild(pre);
+  }, 1000);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not on PATH: install it (Debian: apt-get install -y chromium) to run the browser test")
+    return exe
+
+
+# HTML void elements have no end tag; Chromium serialises SVG elements with one.
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class _Dom(HTMLParser):
+    """Collects the figure divs and counts plotly's drawn elements under each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures: dict[str, dict[str, Any]] = {}
+        self.stack: list[str | None] = []
+        self.errors_text = ""
+        self._in_errors = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        fid = a.get("id") or ""
+        current = next((f for f in reversed(self.stack) if f), None)
+        if fid.startswith("fig-"):
+            self.figures[fid] = {"plotted": "js-plotly-plot" in classes, "main_svg": 0, "traces": 0}
+            current = fid
+        if current is not None:
+            if tag == "svg" and "main-svg" in classes:
+                self.figures[current]["main_svg"] += 1
+            if tag == "g" and "trace" in classes:
+                self.figures[current]["traces"] += 1
+        self._in_errors = fid == "__errors"
+        if tag not in VOID:
+            self.stack.append(fid if fid.startswith("fig-") else None)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag not in VOID and self.stack:
+            self.stack.pop()
+        self._in_errors = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_errors:
+            self.errors_text += data
+
+
+def _run(exe: str, args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [exe, *FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+
+
+def test_report_renders_in_chromium(tmp_path: Path) -> None:
+    exe = _chromium()
+    _, study = make_study(None)
+    data = report.build_report(study)
+    page = report.render_html(data)
+    from plotly.offline import get_plotlyjs
+
+    own = page.replace(get_plotlyjs(), "")
+    assert len(own) < len(page) and not re.search(r"""<(script|link|img|iframe)[^>]+(src|href)=""", own), \
+        "the report must inline plotly.js and load nothing else"
+    html_path = tmp_path / "report.html"
+    html_path.write_text(page.replace("<head>", "<head>" + RECORDER, 1), encoding="utf-8")
+    url = html_path.as_uri()
+
+    dom = _run(exe, ["--dump-dom", url], tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = _Dom()
+    parsed.feed(dom.stdout)
+    assert parsed.errors_text, "the error recorder did not run: the page did not finish loading"
+    errors = json.loads(parsed.errors_text)
+    assert errors == [], errors
+    uncaught = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and "Uncaught" in line]
+    assert uncaught == [], uncaught
+
+    # Every figure in ReportData became a drawn plotly plot with traces in it.
+    assert len(parsed.figures) == len(data.figures) == 8
+    for fid, f in parsed.figures.items():
+        assert f["plotted"] and f["main_svg"] >= 1 and f["traces"] >= 1, (fid, f)
+    assert dom.stdout.count("js-plotly-plot") >= len(data.figures)
+    assert XSS not in dom.stdout  # the escaped text stayed text
+
+    shot = tmp_path / "report.png"
+    # The screenshot is of the page as users get it, without the recorder.
+    (tmp_path / "plain.html").write_text(page, encoding="utf-8")
+    res = _run(exe, [f"--screenshot={shot}", "--window-size=1400,4000", (tmp_path / "plain.html").as_uri()],
+               tmp_path / "profile-shot")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+    DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, DOCS_SCREENSHOT)
