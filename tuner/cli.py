@@ -30,6 +30,8 @@ class DefaultGroup(click.Group):
             if os.environ.get("TUNER_DEBUG"):
                 raise
             raise TunerClickError(str(e)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo(
                 "\nInterrupted: the running trial is marked failed and every completed trial is kept; "
@@ -37,6 +39,16 @@ class DefaultGroup(click.Group):
                 err=True,
             )
             ctx.exit(130)
+        except Exception as e:
+            # A bug, not bad input: tests and TUNER_DEBUG=1 want the traceback.
+            if os.environ.get("TUNER_DEBUG") or os.environ.get("PYTEST_CURRENT_TEST"):
+                raise
+            click.echo(
+                f"Error: internal error ({e.__class__.__name__}: {e}); rerun with TUNER_DEBUG=1 "
+                "for the traceback and report it",
+                err=True,
+            )
+            ctx.exit(1)
 
 
 class TunerClickError(click.ClickException):
@@ -127,6 +139,12 @@ def _storage_option(f: Any) -> Any:
               help="Seconds between a running trial's heartbeats in the storage.")
 @click.option("--grace-period", "grace_s", type=int, default=90, show_default=True,
               help="Seconds without a heartbeat after which another worker marks a trial FAIL.")
+@click.option("--manage-server", is_flag=True,
+              help="Start and manage our own `ollama serve` (implied when the space has flash_attention, "
+                   "kv_cache_type or num_parallel).")
+@click.option("--ollama-bin", type=click.Path(dir_okay=False), help="The `ollama` executable [default: on PATH].")
+@click.option("--models-dir", type=click.Path(file_okay=False),
+              help="Model store for the managed server [default: $OLLAMA_MODELS or ~/.ollama/models].")
 @click.option("--allow-mixed-hardware", is_flag=True,
               help="Let a worker on different hardware add trials to an existing study.")
 @click.option("--prune/--no-prune", default=True, show_default=True,
@@ -160,7 +178,8 @@ def run_cmd(**kw: Any) -> None:
         max_vram_mib=kw["max_vram_mib"], max_power_w=kw["max_power_w"], sampler=kw["sampler"],
         seed=kw["seed"], storage=kw["storage"], study_name=kw["study_name"],
         baseline=not kw["no_baseline"], gpus=gpus, timeout_s=kw["timeout_s"], retry_failed=kw["retry_failed"],
-        concurrency=kw["concurrency"], prune=kw["prune"], allow_mixed_hardware=kw["allow_mixed_hardware"],
+        concurrency=kw["concurrency"], manage_server=kw["manage_server"], ollama_bin=kw["ollama_bin"],
+        models_dir=kw["models_dir"], prune=kw["prune"], allow_mixed_hardware=kw["allow_mixed_hardware"],
         heartbeat_s=kw["heartbeat_s"], grace_s=kw["grace_s"], validate=kw["validate"], validate_rounds=kw["validate_rounds"],
         roofline=not kw["no_roofline"],
     )
@@ -194,6 +213,58 @@ def show_cmd(study: str | None, storage: str | None, top: int) -> None:
     from tuner.show import format_show
 
     click.echo(format_show(storage, study, top))
+
+
+@cli.command("report")
+@click.argument("study", required=False)
+@_storage_option
+@click.option("--output", "-o", type=click.Path(), help="HTML file or folder [default: reports/<study>.html].")
+@click.option("--open", "open_browser", is_flag=True, help="Open the report in the browser.")
+def report_cmd(study: str | None, storage: str | None, output: str | None, open_browser: bool) -> None:
+    """Write a self-contained HTML report of a study [default: the latest study].
+
+    Example: tune report 'gemma3:1b@127.0.0.1:11434' --open
+    """
+    from tuner.report import write_report
+
+    path = write_report(storage, study, output)
+    click.echo(str(path))
+    if open_browser:
+        click.launch(str(path))
+
+
+@cli.command("export")
+@click.argument("study", required=False)
+@click.option("--format", "-f", "fmt", type=click.Choice(["modelfile", "json", "env", "csv", "parquet"]),
+              default="modelfile", show_default=True,
+              help="modelfile: FROM + PARAMETER lines; json: request options; env: server settings; "
+                   "csv/parquet: every trial.")
+@_storage_option
+@click.option("--trial", "trial_number", type=int, help="Export this trial instead of the best feasible one.")
+@click.option("--output", "-o", type=click.Path(), help="Write to this file instead of standard output.")
+@click.option("--allow-infeasible", is_flag=True,
+              help="Export even when no trial meets the limits (the least-violating one).")
+@click.option("--create", "create_name", metavar="NAME",
+              help="Create Ollama model NAME with the tuned settings (`ollama run NAME`).")
+@click.option("--host", envvar="OLLAMA_HOST", help="Ollama server for --create [default: the study's host].")
+def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: int | None, output: str | None,
+               allow_infeasible: bool, create_name: str | None, host: str | None) -> None:
+    """Export the winner (or --trial N) for production, or every trial as a table.
+
+    Example: tune export --format modelfile -o Modelfile && ollama create gemma3-tuned -f Modelfile
+    """
+    from tuner.export import create_model, export
+
+    if create_name:
+        r = create_model(storage, study, create_name, host=host, trial_number=trial_number,
+                         allow_infeasible=allow_infeasible, echo=click.echo)
+        click.echo(r.message)
+        return
+    r = export(storage, study, fmt, trial_number=trial_number, output=output, allow_infeasible=allow_infeasible)
+    if r.path is None and r.text is not None:
+        click.echo(r.text, nl=not r.text.endswith("\n"))
+    else:
+        click.echo(r.message, err=True)
 
 
 def main() -> None:

@@ -156,6 +156,36 @@ class FailureRow:
 
 
 @dataclass(frozen=True)
+class ValidationRow:
+    """One config re-measured in the interleaved re-validation, with its 95% interval."""
+
+    rank: int
+    number: int
+    config: str
+    n: int
+    mean: float | None
+    sd: float | None
+    ci_low: float | None
+    ci_high: float | None
+    search_value: float | None
+    winner: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class PrunedRow:
+    """A trial stopped early because it was clearly worse than the best so far."""
+
+    number: int
+    config: str
+    requests: int
+    planned: int | None
+    decode_tps_mean: float | None
+    last_value: float | None
+    saved_s: float
+
+
+@dataclass(frozen=True)
 class NamedFigure:
     """A plotly figure and where it goes in the report."""
 
@@ -180,6 +210,22 @@ class ReportData:
     figures: list[NamedFigure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     generated_at: str = ""
+    #: The re-validation of the top configs (``study.user_attrs["validation"]``), best mean first.
+    validation: list[ValidationRow] = field(default_factory=list)
+    validation_objective: str = ""
+    validation_rounds: int = 0
+    validation_trials_at: int = 0
+    #: The top two 95% intervals overlap: the winner is not distinguishable from the runner-up.
+    validation_overlap: bool = False
+    #: The declared winner of the re-validation (None without one).
+    winner: int | None = None
+    #: The re-validation covers the current leader, so the best config is its winner
+    #: (as ``results.best_feasible`` decides); False when later trials took the lead.
+    validation_current: bool = False
+    #: ``study.user_attrs["roofline"]``: the best config's share of the bandwidth ceiling.
+    roofline: dict[str, Any] | None = None
+    pruned: list[PrunedRow] = field(default_factory=list)
+    pruned_saved_s: float = 0.0
 
     @property
     def pareto(self) -> list[TradeoffPoint]:
@@ -374,6 +420,8 @@ def _tradeoff(study: Any, tps_key: str) -> list[TradeoffPoint]:
 def _failures(study: Any) -> list[FailureRow]:
     out = []
     for t in study.get_trials(deepcopy=False):
+        if t.state.name == "PRUNED":  # listed with the pruned trials, not as failures
+            continue
         v = results.view(t)
         if t.state.name == "FAIL":
             out.append(FailureRow(v.number, "failed", v.config_text(), v.error or "no error recorded"))
@@ -382,6 +430,103 @@ def _failures(study: Any) -> list[FailureRow]:
         elif results.is_complete(t) and not v.feasible:
             out.append(FailureRow(v.number, "infeasible", v.config_text(), "; ".join(v.violations) or "violates a limit"))
     return out
+
+
+def _validation(study: Any, data: ReportData) -> None:
+    """Fill the re-validation fields from ``study.user_attrs["validation"]`` (Validation.to_dict())."""
+    val = study.user_attrs.get("validation")
+    if not isinstance(val, dict) or not isinstance(val.get("entries"), list):
+        return
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    winner = val.get("winner")
+    winner = winner if isinstance(winner, int) and not isinstance(winner, bool) else None
+    rows = []
+    for e in val["entries"]:
+        if not isinstance(e, dict) or not isinstance(e.get("number"), int):
+            continue
+        values = [x for x in (_num(v) for v in e.get("values") or []) if x is not None]
+        ci = e.get("ci95") if isinstance(e.get("ci95"), (list, tuple)) and len(e.get("ci95")) == 2 else (None, None)
+        error = str(e["error"]) if e.get("error") else None
+        t = trials.get(e["number"])
+        measured = bool(values) and error is None
+        rows.append(dict(
+            number=e["number"], config=results.view(t).config_text() if t is not None else "(trial not in the study)",
+            n=len(values), mean=_num(e.get("mean")) if measured else None, sd=_num(e.get("sd")) if measured else None,
+            ci_low=_num(ci[0]) if measured else None, ci_high=_num(ci[1]) if measured else None,
+            search_value=_num(t.values[0]) if t is not None and t.values else None,
+            winner=e["number"] == winner, error=error,
+        ))
+    # As the terminal summary orders them: best mean first, the failed ones last.
+    rows.sort(key=lambda r: (r["mean"] is None, -(r["mean"] or 0.0)))
+    data.validation = [ValidationRow(rank=i, **r) for i, r in enumerate(rows, start=1)]
+    data.validation_objective = str(val.get("objective") or "")
+    data.validation_rounds = int(_num(val.get("rounds")) or 0)
+    data.validation_trials_at = int(_num(val.get("trials_at")) or 0)
+    data.validation_overlap = bool(val.get("overlap"))
+    data.winner = winner
+    # Mirrors results.best_feasible: the winner counts while the current leader was re-validated.
+    ranked = results.ranked_feasible(study)
+    numbers = {r.number for r in data.validation}
+    data.validation_current = bool(
+        winner is not None and ranked and ranked[0].number in numbers and any(t.number == winner for t in ranked)
+    )
+    if winner is not None and not data.validation_current:
+        leader = f"#{ranked[0].number}" if ranked else "none"
+        data.notes.append(
+            f"The re-validation (run after {data.validation_trials_at} trials) does not cover the current "
+            f"leader ({leader}): the best configuration shown is the top-ranked trial, not its winner; "
+            "re-run with --validate to re-check."
+        )
+
+
+def _roofline(study: Any) -> dict[str, Any] | None:
+    r = study.user_attrs.get("roofline")
+    if not isinstance(r, dict):
+        return None
+    r = dict(r)
+    if not isinstance(r.get("text"), str) or not r["text"]:
+        from tuner.roofline import Roofline
+
+        try:
+            r["text"] = Roofline(str(r["device"]), float(r["bandwidth_gbs"]), str(r["method"]), int(r["model_bytes"]),
+                                 float(r["ceiling_tps"]), float(r["decode_tps"])).describe()
+        except (KeyError, TypeError, ValueError):
+            return None
+    return r
+
+
+def _planned_requests(study: Any) -> int | None:
+    w = study.user_attrs.get("workload") or {}
+    repeats, prompts = _num(w.get("repeats")), w.get("prompts")
+    return int(repeats) * len(prompts) if repeats and isinstance(prompts, list) and prompts else None
+
+
+def _last_value(t: Any) -> float | None:
+    """The value a pruned trial stopped at: optuna keeps the last reported one."""
+    if t.values:
+        return _num(t.values[0])
+    iv = t.intermediate_values or {}
+    return _num(iv[max(iv)]) if iv else None
+
+
+def _pruned(study: Any) -> list[PrunedRow]:
+    planned = _planned_requests(study)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name != "PRUNED":
+            continue
+        ua = t.user_attrs
+        samples = ua.get("samples")
+        rows.append(PrunedRow(
+            number=t.number,
+            config=results.view(t).config_text(),
+            requests=len(samples) if isinstance(samples, list) else len(t.intermediate_values or {}),
+            planned=planned,
+            decode_tps_mean=_num(ua.get("decode_tps_mean")),
+            last_value=_last_value(t),
+            saved_s=_num(ua.get("pruned_saved_s")) or 0.0,
+        ))
+    return rows
 
 
 def _copy_study(study: Any, keep: Callable[[Any], bool]) -> Any:
@@ -440,11 +585,12 @@ def _draw_optuna_figures(study: Any, label: str, notes: list[str]) -> list[Named
     if any(results.is_complete(t) for t in history.get_trials(deepcopy=False)):
         fig = vis.plot_optimization_history(history, target_name=label)
         failed = "failed loads, scored 0" if maximize else "failed loads are left out"
-        figs.append(NamedFigure(
-            "history", "Optimisation history", fig,
-            f"Every complete trial by number; infeasible ones (a limit broken; {failed}) are drawn "
-            "apart from the feasible ones and the best-feasible line.",
-        ))
+        caption = (f"Every complete trial by number; infeasible ones (a limit broken; {failed}) are drawn "
+                   "apart from the feasible ones and the best-feasible line.")
+        if _add_pruned_trace(study, fig):
+            caption += (" Pruned trials (grey crosses) show the last request measured before they "
+                        "were stopped; they never count as best.")
+        figs.append(NamedFigure("history", "Optimisation history", fig, caption))
     else:
         notes.append("Optimisation history skipped: no complete trial yet.")
 
@@ -477,6 +623,57 @@ def _draw_optuna_figures(study: Any, label: str, notes: list[str]) -> list[Named
                             vis.plot_slice(pstudy, params=params, target_name=label),
                             "Baseline and failed loads are left out (they have no parameters or no measurement)."))
     return figs
+
+
+def _add_pruned_trace(study: Any, fig: Any) -> bool:
+    """Draw pruned trials on the history at the value they were stopped at."""
+    import plotly.graph_objects as go
+
+    pts = [(t, _last_value(t)) for t in study.get_trials(deepcopy=False) if t.state.name == "PRUNED"]
+    pts = [(t, v) for t, v in pts if v is not None]
+    if not pts:
+        return False
+    fig.add_trace(go.Scatter(
+        x=[t.number for t, _ in pts], y=[v for _, v in pts], mode="markers", name="Pruned Trial",
+        marker={"color": "#999999", "symbol": "x", "size": 8},
+        text=[html.escape(f"#{t.number} pruned: {results.view(t).config_text()}") for t, _ in pts],
+        hovertemplate="%{text}<br>last request: %{y:.2f}<extra></extra>",
+    ))
+    return True
+
+
+def _validation_figure(data: ReportData) -> Any:
+    import plotly.graph_objects as go
+
+    label = _OBJECTIVE_LABELS.get(data.validation_objective, data.validation_objective)
+    rows = [r for r in data.validation if r.mean is not None]
+    fig = go.Figure()
+    for name, sel, color in (("re-validated", [r for r in rows if not r.winner], "#1f77b4"),
+                             ("winner", [r for r in rows if r.winner], "#d62728")):
+        if not sel:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[f"#{r.number}" for r in sel], y=[r.mean for r in sel], mode="markers", name=name,
+            marker={"color": color, "size": 13 if name == "winner" else 10,
+                    "symbol": "star" if name == "winner" else "circle"},
+            error_y={"type": "data", "symmetric": False, "color": color, "thickness": 2, "width": 8,
+                     "array": [(r.ci_high if r.ci_high is not None else r.mean) - r.mean for r in sel],
+                     "arrayminus": [r.mean - (r.ci_low if r.ci_low is not None else r.mean) for r in sel]},
+            text=[html.escape(f"#{r.number} {r.config}") for r in sel],
+            hovertemplate="%{text}<br>mean %{y:.2f}<extra></extra>",
+        ))
+    searched = [r for r in rows if r.search_value is not None]
+    if searched:
+        fig.add_trace(go.Scatter(
+            x=[f"#{r.number}" for r in searched], y=[r.search_value for r in searched], mode="markers",
+            name="value during the search", marker={"color": "#7f7f7f", "symbol": "diamond-open", "size": 10},
+            hovertemplate="value during the search: %{y:.2f}<extra></extra>",
+        ))
+    fig.update_layout(title=f"Re-validated {label}: mean and 95% CI", xaxis_title="trial", yaxis_title=label,
+                      xaxis={"type": "category", "categoryorder": "array",
+                             "categoryarray": [f"#{r.number}" for r in rows]},
+                      legend={"orientation": "h", "y": -0.2}, height=380)
+    return fig
 
 
 def _hover(p: TradeoffPoint) -> str:
@@ -564,7 +761,11 @@ def build_report(study: Any) -> ReportData:
         max_ttft_ms=header.limits.get("max_ttft_ms"),
         failures=_failures(study),
         generated_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        roofline=_roofline(study),
+        pruned=_pruned(study),
     )
+    data.pruned_saved_s = sum(p.saved_s for p in data.pruned)
+    _validation(study, data)
     if header.counts["complete"] and data.best is not None and not data.best.feasible:
         data.notes.append("No trial is feasible: the best config shown is the least-violating one.")
     data.figures.extend(_optuna_figures(study, _OBJECTIVE_LABELS.get(objective, objective), data.notes))
@@ -576,6 +777,12 @@ def build_report(study: Any) -> ReportData:
     else:
         data.notes.append("Trade-off plot skipped: no measured trial has both tok/s and p95 TTFT.")
     data.figures.extend(_telemetry_figures(study, data))
+    if any(r.mean is not None for r in data.validation):
+        data.figures.append(NamedFigure(
+            "validation", "Re-validation of the top configurations", _validation_figure(data),
+            "Each config re-measured in interleaved rounds: mean with its 95% confidence interval; the "
+            "diamond is the single value it scored during the search.",
+        ))
     return data
 
 
@@ -590,7 +797,8 @@ dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.fact
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;margin:.4em 0}
 .warn{background:#fdecea;border-left:4px solid #d62728;padding:.4em .8em;margin:.4em 0}
 .speedup{font-size:1.3em;font-weight:600;color:#2a7d2a}.caption{color:#555;font-size:.9em}
-code{background:#f4f4f4;padding:0 .2em}.figure{min-height:420px}
+code{background:#f4f4f4;padding:0 .2em}.figure{min-height:420px}.figure.small{min-height:380px;max-width:800px}
+.validated,.roofline{font-weight:600}
 """
 
 
@@ -617,7 +825,16 @@ def _values_text(values: list[Any]) -> str:
     return ", ".join(map(str, values))
 
 
-def _header_html(h: Header) -> str:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _pruned_text(data: ReportData) -> str:
+    return f"{_plural(len(data.pruned), 'trial')} pruned, about {data.pruned_saved_s:,.1f} s of measurement saved"
+
+
+def _header_html(data: ReportData) -> str:
+    h = data.header
     c = h.counts
     facts = [
         ("Model", h.model), ("Engine", h.engine), ("Host", h.host), ("Ollama version", h.server_version),
@@ -631,6 +848,8 @@ def _header_html(h: Header) -> str:
                    f"{c['infeasible']} infeasible of which {c['load_failed']} failed to load), "
                    f"{c['failed']} failed, {c['pruned']} pruned, {c['running']} running or waiting"),
     ]
+    if data.pruned:
+        facts.append(("Pruning", _pruned_text(data) + " (clearly worse trials stopped early)"))
     return "<dl class=\"facts\">" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
 
 
@@ -648,6 +867,11 @@ def _best_html(data: ReportData) -> str:
         )
     elif b.baseline_number is None:
         parts.append("<p class=\"caption\">No baseline trial (study run with --no-baseline): no speedup to show.</p>")
+    parts.extend(_winner_html(data))
+    r = data.roofline
+    if r is not None:
+        of = "" if r.get("trial") in (None, b.number) else f" (measured on trial #{r.get('trial')})"
+        parts.append(f"<p class=\"roofline\">Roofline: {_e(r['text'])}{_e(of)}</p>")
     if not b.feasible and b.violations:
         parts.append(f"<p class=\"warn\">Violates: {_e('; '.join(b.violations))}</p>")
     cfg = [("model", b.model)]
@@ -665,6 +889,72 @@ def _best_html(data: ReportData) -> str:
     if b.telemetry:
         parts.append(_table(["telemetry", "value"], [[(_e(k), False), (_f(v, 2), True)] for k, v in b.telemetry]))
     return "".join(parts)
+
+
+def _validated(r: ValidationRow, digits: int = 2) -> str:
+    return (f"{_f(r.mean, digits)} (95% CI {_f(r.ci_low, digits)} .. {_f(r.ci_high, digits)}, "
+            f"sd {_f(r.sd, digits)}, {_plural(r.n, 'round')})")
+
+
+def _winner_html(data: ReportData) -> list[str]:
+    """Lines for the best section: the re-validated winner, and whether it stands out."""
+    b = data.best
+    win = next((r for r in data.validation if r.winner), None)
+    if b is None or win is None or not data.validation_current or b.number != win.number:
+        return []
+    label = _OBJECTIVE_LABELS.get(data.validation_objective, data.validation_objective)
+    out = [f"<p class=\"validated\">Re-validated winner over {data.validation_rounds} interleaved rounds: "
+           f"{_e(label)} {_e(_validated(win))}.</p>"]
+    if data.top and data.top[0].number != win.number:
+        out.append(f"<p class=\"caption\">Chosen over trial #{data.top[0].number}, which scored higher in its single "
+                   "measurement during the search.</p>")
+    ok = [r for r in data.validation if r.mean is not None]
+    if data.validation_overlap and len(ok) > 1:
+        out.append(f"<p class=\"warn\">The top two 95% intervals overlap (#{ok[0].number} and #{ok[1].number}): "
+                   "they are not distinguishable at this precision; more --validate-rounds narrows the "
+                   "intervals.</p>")
+    return out
+
+
+def _validation_html(data: ReportData, figure: str) -> str:
+    if not data.validation:
+        return ""
+    label = _OBJECTIVE_LABELS.get(data.validation_objective, data.validation_objective)
+    parts = [f"<h2>Re-validation of the top {len(data.validation)} configurations</h2>",
+             f"<p class=\"caption\">{_e(label)} re-measured in {data.validation_rounds} interleaved rounds "
+             f"after {data.validation_trials_at} trials, mean and 95% confidence interval.</p>"]
+    rows = []
+    for r in data.validation:
+        if r.error:
+            note = f"failed: {r.error}"
+        elif r.winner:
+            note = "winner" + ("" if data.validation_current else " (not current: later trials took the lead)")
+        else:
+            note = ""
+        rows.append([
+            (str(r.rank), True), (f"#{r.number}", True), (_e(r.config), False), (str(r.n), True),
+            (_f(r.mean, 2), True), (_f(r.sd, 2), True), (f"{_f(r.ci_low, 2)} .. {_f(r.ci_high, 2)}", True),
+            (_f(r.search_value, 2), True), (_e(note), False),
+        ])
+    parts.append(_table(["rank", "trial", "config", "rounds", "mean", "± sd", "95% CI", "during search", ""], rows))
+    if data.validation_overlap and not any("intervals overlap" in line for line in _winner_html(data)):
+        parts.append("<p class=\"warn\">The top two intervals overlap: they are not distinguishable at this "
+                     "precision (more --validate-rounds narrows the intervals).</p>")
+    return "".join(parts) + figure
+
+
+def _pruned_html(data: ReportData) -> str:
+    if not data.pruned:
+        return ""
+    rows = [[
+        (f"#{r.number}", True), (_e(r.config), False),
+        (f"{r.requests} of {r.planned}" if r.planned else str(r.requests), True),
+        (_f(r.decode_tps_mean), True), (_f(r.last_value, 2), True), (_f(r.saved_s), True),
+    ] for r in data.pruned]
+    return (f"<h2>Pruned trials</h2><p>{_e(_pruned_text(data))}: each was stopped once it was clearly worse "
+            "than the best trial on the same requests.</p>"
+            + _table(["trial", "config", "requests measured", "decode tok/s so far", "last request value",
+                      "saved s"], rows))
 
 
 def _top_html(data: ReportData) -> str:
@@ -706,22 +996,29 @@ def render_html(data: ReportData) -> str:
     from plotly.offline import get_plotlyjs
 
     h = data.header
+    scripts = []
+    figures: list[tuple[str, str]] = []  # (key, html)
+    for i, nf in enumerate(data.figures):
+        div = f"fig-{i}-{re.sub(r'[^a-z0-9_-]', '', nf.key.lower())}"
+        # The re-validation figure sits in its own section, under its table.
+        part = "" if nf.key == "validation" else f"<h2>{_e(nf.title)}</h2>"
+        if nf.caption:
+            part += f"<p class=\"caption\">{_e(nf.caption)}</p>"
+        cls = "figure small" if nf.key == "validation" else "figure"
+        part += f"<div id=\"{div}\" class=\"{cls}\"></div>"
+        figures.append((nf.key, part))
+        scripts.append(f"drawFigure({json.dumps(div)}, {_figure_json(nf.figure)});")
     body = [
         f"<h1>ollama-tuner report: {_e(h.study_name)}</h1>",
         f"<p class=\"caption\">Generated {_e(data.generated_at)}</p>",
-        _header_html(h),
+        _header_html(data),
         _best_html(data),
+        _validation_html(data, "".join(p for k, p in figures if k == "validation")),
     ]
     body += [f"<p class=\"note\">{_e(n)}</p>" for n in data.notes]
-    scripts = []
-    for i, nf in enumerate(data.figures):
-        div = f"fig-{i}-{re.sub(r'[^a-z0-9_-]', '', nf.key.lower())}"
-        body.append(f"<h2>{_e(nf.title)}</h2>")
-        if nf.caption:
-            body.append(f"<p class=\"caption\">{_e(nf.caption)}</p>")
-        body.append(f"<div id=\"{div}\" class=\"figure\"></div>")
-        scripts.append(f"drawFigure({json.dumps(div)}, {_figure_json(nf.figure)});")
+    body += [p for k, p in figures if k != "validation"]
     body.append(_top_html(data))
+    body.append(_pruned_html(data))
     body.append(_failures_html(data))
     return "\n".join([
         "<!DOCTYPE html>",

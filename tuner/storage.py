@@ -56,6 +56,7 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
             f"invalid storage URL '{mask(url)}': use sqlite:///path.db, postgresql://user@host/db "
             "or journal:///path.log"
         )
+    shown = mask(url)
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg (3).
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -73,7 +74,7 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
             )
         except ImportError as e:
             raise StudyError(
-                f"storage '{mask(url)}' needs a database driver ({e.name or 'not installed'}): "
+                f"storage '{shown}' needs a database driver ({e.name or 'not installed'}): "
                 "for PostgreSQL install `pip install 'ollama-tuner[postgres]'`"
             ) from None
         except Exception as e:  # sqlalchemy errors carry the URL, possibly with a password
@@ -83,7 +84,7 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
                 continue
             break
     reason = mask(str(last).splitlines()[0]) if last and str(last) else last.__class__.__name__
-    raise StudyError(f"cannot open storage '{mask(url)}': {reason}") from None
+    raise StudyError(f"cannot open storage '{shown}': {reason}") from None
 
 
 def _check_dir(path: Path, url: str, create: bool) -> None:

@@ -59,6 +59,9 @@ class TuneOptions:
     telemetry_interval_s: float = 0.1
     timeout_s: float = 600.0
     concurrency: int = 1
+    manage_server: bool = False
+    ollama_bin: str | None = None
+    models_dir: str | None = None
     max_consecutive_failures: int = 3
     server_wait_s: float = 30.0
     retry_failed: bool = False
@@ -168,15 +171,20 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
     """Connect, inspect the model, and build the workload and search space."""
     validate_options(o)
     workload = build_workload(o)
-    engine = get_engine(o.engine, host=o.host, models=o.model, timeout_s=o.timeout_s)
+    overrides: dict[str, list[Any]] = {}
+    if o.space_file:
+        overrides.update(load_space_file(o.space_file))
+    overrides.update(o.params)
+    manage = o.manage_server
+    if o.engine == "ollama" and not manage and any(k in SERVER_PARAMS for k in overrides):
+        manage = True
+        echo("server-level parameters in the space: starting a managed `ollama serve` (--manage-server)")
+    engine = get_engine(o.engine, host=o.host, models=o.model, timeout_s=o.timeout_s,
+                        manage_server=manage, ollama_bin=o.ollama_bin, models_dir=o.models_dir)
     try:
         server = engine.server_info()
         model = o.model[0]
         info = engine.model_info(model)
-        overrides: dict[str, list[Any]] = {}
-        if o.space_file:
-            overrides.update(load_space_file(o.space_file))
-        overrides.update(o.params)
         variants = engine.variants(model)
         extra = [v for v in o.variants if v not in variants]
         if "variant" in overrides:
@@ -439,6 +447,9 @@ class _Runner:
         trial.set_user_attr("worker", self.worker)
         try:
             restarted = p.engine.prepare(server)
+            effective = getattr(p.engine, "effective_server_settings", lambda s: None)(server)
+            if effective is not None and server:
+                trial.set_user_attr("server_effective", effective)
             key = (model, None if runner is None else tuple(sorted(runner.items())), tuple(sorted(server.items())))
             reload = restarted or key != self.loaded_key
             m = measure_config(p.engine, model, runner, p.workload, reload=reload,

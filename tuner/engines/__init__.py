@@ -15,7 +15,18 @@ def get_engine(name: str, **kwargs: Any) -> Engine:
     if name == "ollama":
         from tuner.engines.ollama import OllamaEngine
 
-        return OllamaEngine(host=kwargs.get("host"), timeout_s=kwargs.get("timeout_s", 600.0))
+        server = None
+        if kwargs.get("manage_server"):
+            from tuner.server import ManagedServer, find_ollama
+
+            server = ManagedServer(find_ollama(kwargs.get("ollama_bin")), kwargs.get("models_dir"))
+            server.ensure({})
+        try:
+            return OllamaEngine(host=kwargs.get("host"), timeout_s=kwargs.get("timeout_s", 600.0), server=server)
+        except BaseException:
+            if server is not None:
+                server.stop()
+            raise
     if name == "llama-cpp":
         from tuner.engines.llamacpp import LlamaCppEngine
 

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from tuner.engines.base import Echo, Engine, ModelInfo
 from tuner.errors import LoadError, ModelNotFoundError, ServerError
 from tuner.metrics import RequestSample
+from tuner.space import SERVER_PARAMS
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 #: Keep the model loaded between a trial's requests (Ollama's default is 5 minutes).
@@ -67,9 +68,14 @@ class OllamaEngine(Engine):
     name = "ollama"
     supported_params = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
 
-    def __init__(self, host: str | None = None, timeout_s: float = 600.0) -> None:
+    def __init__(self, host: str | None = None, timeout_s: float = 600.0, server: Any = None) -> None:
         import ollama
 
+        #: A tuner-managed ``ollama serve`` (tuner.server.ManagedServer), or None for a running one.
+        self.server = server
+        if server is not None:
+            self.supported_params = self.supported_params + SERVER_PARAMS
+            host = server.url
         self.host = normalise_host(host)
         self._ollama = ollama
         self._timeout_s = timeout_s
@@ -91,6 +97,7 @@ class OllamaEngine(Engine):
                 raise LoadError(msg or f"server error {e.status_code}") from None
             raise ServerError(f"Ollama at {self.host} rejected {what} ({e.status_code}): {msg}") from None
         except (ConnectionError, httpx.ConnectError):
+            self._check_managed()
             raise ServerError(
                 f"cannot reach Ollama at {self.host}: is it running? Start it with `ollama serve` "
                 "or point --host / OLLAMA_HOST at it"
@@ -101,6 +108,7 @@ class OllamaEngine(Engine):
                 "or raise --timeout"
             ) from None
         except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+            self._check_managed()
             raise ServerError(
                 f"Ollama at {self.host} broke off {what} ({e.__class__.__name__}): "
                 "check the server log"
@@ -110,6 +118,11 @@ class OllamaEngine(Engine):
                 f"Ollama at {self.host} sent a malformed response to {what}: {e}; "
                 "is this an Ollama server?"
             ) from None
+
+    def _check_managed(self) -> None:
+        """If our managed server died, say so with its log (LoadError: the config crashed it)."""
+        if self.server is not None:
+            self.server.check_alive()
 
     def _not_found(self, model: str) -> ModelNotFoundError:
         names = [m["name"] for m in self._list_tags(refresh=True)]
@@ -121,6 +134,13 @@ class OllamaEngine(Engine):
 
     # -- server and models ---------------------------------------------------------------
     def server_info(self) -> dict[str, Any]:
+        info = self._server_info()
+        if self.server is not None:
+            info["managed"] = True
+            info["server_log"] = str(self.server.log_path or "")
+        return info
+
+    def _server_info(self) -> dict[str, Any]:
         def get() -> dict[str, Any]:
             r = self._client._client.get("/api/version")
             r.raise_for_status()
@@ -312,7 +332,24 @@ class OllamaEngine(Engine):
 
         return self._call("concurrent generate requests", lambda: asyncio.run(run_all()), model=model)
 
+    def prepare(self, server_settings: dict[str, Any]) -> bool:
+        """Restart the managed server when a server-level setting changes."""
+        if self.server is None:
+            return False
+        restarted = bool(self.server.ensure(server_settings))
+        if restarted:
+            self._tags = None
+        return restarted
+
+    def effective_server_settings(self, server_settings: dict[str, Any]) -> dict[str, Any] | None:
+        """What the managed server really runs for these settings (old versions fall back)."""
+        if self.server is None:
+            return None
+        return dict(self.server.effective(server_settings))
+
     def server_pids(self) -> list[int]:
+        if self.server is not None:
+            return [self.server.pid] if self.server.pid else []
         host = urlsplit(self.host).hostname
         if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
             return []
@@ -325,3 +362,5 @@ class OllamaEngine(Engine):
 
     def close(self) -> None:
         self._client._client.close()
+        if self.server is not None:
+            self.server.stop()
