@@ -370,3 +370,104 @@ def test_server_never_outlives_the_tuner(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------- through the study loop
+
+
+def _study_opts(**kw: Any) -> Any:
+    from tuner.study import TuneOptions
+
+    base: dict[str, Any] = dict(model=["gemma3:1b"], trials=6, repeats=1, num_predict=4, storage="sqlite:///s.db",
+                                seed=3, prune=False, validate=0, roofline=False,
+                                params={"kv_cache_type": ["f16", "q8_0"], "flash_attention": ["on", "off"],
+                                        "num_thread": [2], "num_ctx": [2048], "num_batch": [512],
+                                        "variant": ["gemma3:1b"]})
+    base.update(kw)
+    return TuneOptions(**base)
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_study_searches_server_settings_on_a_managed_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+
+    from tuner.study import run_study
+
+    record = tmp_path / "starts.jsonl"
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_OLLAMA_RECORD", str(record))
+    lines: list[str] = []
+    run_study(_study_opts(), echo=lines.append)
+    assert any("managed `ollama serve`" in line for line in lines)
+    study = optuna.load_study(study_name=optuna.get_all_study_names("sqlite:///s.db")[0], storage="sqlite:///s.db")
+    starts = _records(record)
+    # one start per distinct run of server settings, in trial order
+    seen: list[tuple[Any, Any]] = []
+    for t in study.trials:
+        srv = t.user_attrs["config"]["server"]
+        key = (srv.get("flash_attention"), srv.get("kv_cache_type"))
+        if not seen or seen[-1] != key:
+            seen.append(key)
+    assert len(starts) == len(seen)  # the baseline (no server settings) runs on the first, default start
+    last_env = starts[-1]["env"]
+    last = study.trials[-1].user_attrs["config"]["server"]
+    assert last_env.get("OLLAMA_KV_CACHE_TYPE") == last["kv_cache_type"]
+    assert last_env.get("OLLAMA_FLASH_ATTENTION") == ("1" if last["flash_attention"] == "on" else "0")
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    # the managed server is gone after the run
+    for s in starts:
+        assert not psutil.pid_exists(s["pid"]) or psutil.Process(s["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_old_server_records_quantized_kv_without_fa_as_f16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    from tuner.study import run_study
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_OLLAMA_VERSION", "0.29.0")
+    run_study(_study_opts(trials=4, params={"kv_cache_type": ["q8_0"], "flash_attention": ["on", "off"],
+                                            "num_thread": [2], "num_ctx": [2048], "num_batch": [512],
+                                            "variant": ["gemma3:1b"]}))
+    study = optuna.load_study(study_name=optuna.get_all_study_names("sqlite:///s.db")[0], storage="sqlite:///s.db")
+    for t in study.trials:
+        srv = t.user_attrs["config"]["server"]
+        if not srv:
+            continue
+        eff = t.user_attrs["server_effective"]
+        assert eff["kv_cache_type"] == ("q8_0" if srv["flash_attention"] == "on" else "f16")
+
+
+def test_failed_server_start_is_a_failed_trial_with_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.errors import LoadError
+    from tuner.study import run_study
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_OLLAMA_FAIL_START", "1")
+    with pytest.raises(LoadError, match="address already in use"):
+        run_study(_study_opts(trials=2))
+
+
+def test_config_whose_server_fails_to_start_is_infeasible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    from tuner import results
+    from tuner.study import run_study
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_OLLAMA_FAIL_START", "OLLAMA_KV_CACHE_TYPE=q4_0")
+    run_study(_study_opts(trials=6, params={"kv_cache_type": ["f16", "q4_0"], "num_thread": [2],
+                                            "num_ctx": [2048], "num_batch": [512], "variant": ["gemma3:1b"]}))
+    study = optuna.load_study(study_name=optuna.get_all_study_names("sqlite:///s.db")[0], storage="sqlite:///s.db")
+    bad = [t for t in study.trials if t.user_attrs["config"]["server"].get("kv_cache_type") == "q4_0"]
+    good = [t for t in study.trials if t.user_attrs["config"]["server"].get("kv_cache_type") == "f16"]
+    assert bad and good
+    for t in bad:
+        assert t.state.name == "COMPLETE" and not results.is_feasible(t)
+        assert "failed to start" in t.user_attrs["error"] and "address already in use" in t.user_attrs["error"]
+    assert all(results.is_feasible(t) for t in good)
