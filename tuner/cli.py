@@ -215,6 +215,25 @@ def show_cmd(study: str | None, storage: str | None, top: int) -> None:
     click.echo(format_show(storage, study, top))
 
 
+@cli.command("demo")
+@click.option("--trials", "-n", type=int, default=8, show_default=True, help="Trials to run.")
+@_storage_option
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the HTML report and the exported winner.")
+def demo_cmd(trials: int, storage: str | None, out_dir: str) -> None:
+    """Run a short real study of Gemma 3 270M on this CPU (llama.cpp), then report and export it.
+
+    Needs `pip install -e '.[demo]'`. Example: tune demo --trials 8
+    """
+    from tuner.demo import run_demo
+
+    r = run_demo(trials=trials, storage=storage, out_dir=out_dir, echo=click.echo)
+    click.echo(r.summary_text)
+    click.echo(f"report:    {r.report}")
+    click.echo(f"Modelfile: {r.modelfile}")
+    click.echo(f"options:   {r.options_json}")
+
+
 @cli.command("report")
 @click.argument("study", required=False)
 @_storage_option

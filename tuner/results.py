@@ -57,11 +57,16 @@ class TrialView:
     def value(self) -> float | None:
         return self.values[0] if self.values else None
 
+    @property
+    def model_label(self) -> str:
+        """The model as shown: a GGUF path by its file name."""
+        return self.model.rsplit("/", 1)[-1] if self.model.endswith(".gguf") else self.model
+
     def config_text(self) -> str:
         if self.baseline:
-            return f"{self.model} (Ollama defaults: no options sent)"
+            return f"{self.model_label} (defaults: no options sent)"
         parts = [f"{k}={v}" for k, v in {**self.options, **self.server}.items()]
-        return f"{self.model} " + " ".join(parts)
+        return f"{self.model_label} " + " ".join(parts)
 
 
 def view(t: Any) -> TrialView:

@@ -27,6 +27,9 @@ _TELEMETRY_ROWS = (
 )
 
 
+_ENGINE_NAMES = {"ollama": "Ollama", "llama-cpp": "llama.cpp", "replay": "replayed"}
+
+
 def _num(v: Any, digits: int = 1) -> str:
     if v is None:
         return "-"
@@ -40,7 +43,7 @@ def format_trial(v: results.TrialView, title: str) -> str:
     lines = [f"{title} (trial #{v.number}):"]
     lines.append(f"  {'model':<24} {v.model}")
     if v.baseline:
-        lines.append(f"  {'options':<24} none (Ollama defaults)")
+        lines.append(f"  {'options':<24} none (the engine's defaults)")
     for k, val in {**v.options, **v.server}.items():
         lines.append(f"  {k:<24} {val}")
     m = v.metrics
@@ -84,7 +87,7 @@ def format_summary(s: Any) -> str:
     if s.speedup is not None and s.baseline is not None and s.best is not None:
         obj = s.objectives[0]
         out.append(
-            f"{s.speedup:.2f}x {obj.replace('_tps', ' tok/s')} vs Ollama defaults "
+            f"{s.speedup:.2f}x {obj.replace('_tps', ' tok/s')} vs {_ENGINE_NAMES.get(s.engine, s.engine)} defaults "
             f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f})"
         )
     if s.validation:

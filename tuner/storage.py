@@ -40,6 +40,9 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
     # Heartbeats are marked experimental in Optuna; the warning is noise for users.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     url = url or default_storage_url()
+    if url in ("memory", "memory://", ":memory:"):
+        # For benchmarks and scripts: nothing is written anywhere.
+        return optuna.storages.InMemoryStorage()
     if url.startswith("journal://"):
         path = Path(url[len("journal://"):])
         _check_dir(path, url, create)

@@ -93,6 +93,7 @@ class StudySummary:
     warnings: list[str] = field(default_factory=list)
     validation: Any = None
     roofline: dict[str, Any] | None = None
+    engine: str = "ollama"
     pruned: int = 0
     pruned_saved_s: float = 0.0
 
@@ -715,6 +716,7 @@ def summarise_study(study: Any, objectives: list[str], storage: str, trials_run:
         pareto=pareto,
         space=space.to_dict() if space else dict(study.user_attrs.get("space", {})),
         validation=study.user_attrs.get("validation"),
+        engine=str(study.user_attrs.get("engine", "ollama")),
         roofline=study.user_attrs.get("roofline"),
         pruned=len(pruned),
         pruned_saved_s=sum(float(t.user_attrs.get("pruned_saved_s", 0.0)) for t in pruned),

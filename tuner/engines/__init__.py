@@ -7,7 +7,7 @@ from typing import Any
 from tuner.engines.base import Engine, ModelInfo
 from tuner.errors import TunerError
 
-ENGINES = ("ollama", "llama-cpp")
+ENGINES = ("ollama", "llama-cpp", "replay")
 
 
 def get_engine(name: str, **kwargs: Any) -> Engine:
@@ -31,6 +31,10 @@ def get_engine(name: str, **kwargs: Any) -> Engine:
         from tuner.engines.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(models=kwargs.get("models") or [])
+    if name == "replay":
+        from tuner.engines.replay import ReplayEngine
+
+        return ReplayEngine(models=kwargs.get("models") or [])
     raise TunerError(f"unknown engine '{name}': choose one of {', '.join(ENGINES)}")
 
 
