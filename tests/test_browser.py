@@ -107,7 +107,8 @@ def _run(exe: str, args: list[str], profile: Path) -> subprocess.CompletedProces
 
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
     exe = _chromium()
-    _, study = make_study(None)
+    # With a re-validation, a roofline and a pruned trial, so every section and figure is drawn.
+    _, study = make_study(None, validation=True, roofline=True, pruned=True)
     data = report.build_report(study)
     page = report.render_html(data)
     from plotly.offline import get_plotlyjs
@@ -130,7 +131,7 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     assert uncaught == [], uncaught
 
     # Every figure in ReportData became a drawn plotly plot with traces in it.
-    assert len(parsed.figures) == len(data.figures) == 8
+    assert len(parsed.figures) == len(data.figures) == 9
     for fid, f in parsed.figures.items():
         assert f["plotted"] and f["main_svg"] >= 1 and f["traces"] >= 1, (fid, f)
     assert dom.stdout.count("js-plotly-plot") >= len(data.figures)

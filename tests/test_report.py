@@ -86,6 +86,9 @@ def make_study(
     objectives: tuple[str, ...] = ("decode_tps",),
     searched: tuple[str, ...] = tuple(SPACE),
     baseline: bool = True,
+    validation: bool = False,
+    roofline: bool = False,
+    pruned: bool = False,
 ) -> tuple[str, Any]:
     """A study in a tmp SQLite storage shaped like what tuner/study.py stores.
 
@@ -93,6 +96,9 @@ def make_study(
     (TTFT limit, model name with a script tag), 5 failed load with an error, 6 FAIL.
     ``feasible=False`` makes every measured trial break the TTFT limit. With ``tmp_path``
     None the study is in memory (faster; the URL returned is then "").
+    ``pruned`` adds trial 7, PRUNED after 3 of 6 requests (single objective only);
+    ``validation`` stores a re-validation of 1-3 that declares #2 the winner, overlapping #1,
+    with #3 failed; ``roofline`` stores the winner's share of the bandwidth ceiling.
     """
     import optuna
     from optuna.trial import TrialState, create_trial
@@ -152,13 +158,73 @@ def make_study(
         user_attrs={"config": _config({"num_ctx": 4096}), "baseline": False,
                     "error": "cannot reach Ollama at http://127.0.0.1:11434: is it running?"},
     ))
+    if pruned:
+        add_pruned(study, searched, objectives)
+    if validation:
+        study.set_user_attr("validation", validation_attr())
+    if roofline:
+        best = results.best_feasible(study)
+        assert best is not None
+        study.set_user_attr("roofline", roofline_attr(best.number, best.user_attrs["decode_tps_mean"]))
     return url, study
+
+
+PRUNED_PARAMS = {"variant": "gemma3:1b", "num_ctx": 2048, "num_batch": 256, "num_gpu": 0,
+                 "flash_attention": "off", "kv_cache_type": "f16"}
+
+
+def add_pruned(study: Any, searched: tuple[str, ...] = tuple(SPACE), objectives: tuple[str, ...] = ("decode_tps",)) -> None:
+    """A trial stopped by the pruner after 3 of 6 requests, as tuner/study.py leaves it: its
+    metrics so far, the requests it measured as intermediate values, the last one as value."""
+    from optuna.trial import TrialState, create_trial
+
+    params = {k: v for k, v in PRUNED_PARAMS.items() if k in searched}
+    ua = {"config": _config(params), "baseline": False, **_metrics(31.0, 250.0), "violations": [],
+          "samples": [{"prompt": "chat", "repeat": r, "decode_tps": d} for r, d in enumerate((32.0, 31.0, 30.0))],
+          "pruned_saved_s": 12.5}
+    study.add_trial(create_trial(
+        state=TrialState.PRUNED, values=[30.0] if len(objectives) == 1 else None, params=params,
+        distributions={k: _dists()[k] for k in params}, user_attrs=ua, constraints=_ok(250.0),
+        intermediate_values={0: 32.0, 1: 31.0, 2: 30.0},
+    ))
+
+
+def validation_attr(winner: int = 2, overlap: bool = True, trials_at: int = 7) -> dict[str, Any]:
+    """``Validation.to_dict()`` of re-measuring trials 1-3 over 4 rounds: #2 ahead of #1 by a
+    little (the intervals overlap), #3 failed to load."""
+    from tuner.validate import Validated, Validation, mean_ci95
+
+    def entry(number: int, values: list[float]) -> Validated:
+        m, sd, lo, hi = mean_ci95(values)
+        return Validated(number, values, m, sd, (lo, hi))
+
+    gap = 0.0 if overlap else 20.0
+    entries = [entry(1, [58.0, 59.0, 60.0, 61.0]), entry(2, [v + gap for v in (59.5, 60.5, 61.5, 62.5)]),
+               Validated(3, error=f"model failed to load: out of memory {XSS}")]
+    return Validation("decode_tps", 4, entries, winner, overlap, trials_at).to_dict()
+
+
+ROOFLINE_DEVICE = "GPU 0 (NVIDIA H200 <NVL>)"
+
+
+def roofline_attr(trial: int, decode: float) -> dict[str, Any]:
+    """What tuner/study.py stores: Roofline.to_dict() plus the trial and the described text."""
+    from tuner.roofline import Roofline
+
+    r = Roofline(ROOFLINE_DEVICE, 4800.0, "NVML memory clock x bus width", 20_000_000_000, 240.0, decode)
+    return {**r.to_dict(), "trial": trial, "text": r.describe()}
 
 
 @pytest.fixture(scope="module")
 def study_url(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Any]:
     # Read-only for every test that uses it, so built once.
     return make_study(tmp_path_factory.mktemp("study"))
+
+
+@pytest.fixture(scope="module")
+def full_study(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    # Stored in SQLite, so the PRUNED trial's value and intermediate values go through storage.
+    return make_study(tmp_path_factory.mktemp("full"), validation=True, roofline=True, pruned=True)[1]
 
 
 def test_header_facts(study_url: tuple[str, Any]) -> None:
@@ -190,7 +256,7 @@ def test_top_rows_ranked_feasible_only(study_url: tuple[str, Any]) -> None:
     assert [r.number for r in top] == [1, 2, 3, 0]
     assert [r.rank for r in top] == [1, 2, 3, 4]
     assert top[0].tps_mean == 60.0 and top[0].ttft_ms_p95 == 200.0 and top[0].speedup == pytest.approx(1.5)
-    assert top[3].config.endswith("(Ollama defaults: no options sent)")
+    assert top[3].config.endswith("(defaults: no options sent)")
 
 
 def test_pareto_and_constraint_line(study_url: tuple[str, Any]) -> None:
@@ -338,3 +404,143 @@ def test_results_helpers_agree(study_url: tuple[str, Any]) -> None:
     base, best = results.baseline_trial(study), results.best_feasible(study)
     assert base is not None and base.number == 0
     assert best is not None and best.number == 1
+
+
+# ------------------------------------------------------- validation, roofline, pruned trials
+
+
+def test_validation_rows_and_winner(full_study: Any) -> None:
+    data = report.build_report(full_study)
+    assert data.winner == 2 and data.validation_current and data.validation_overlap
+    assert data.validation_objective == "decode_tps" and data.validation_rounds == 4 and data.validation_trials_at == 7
+    rows = data.validation
+    assert [(r.rank, r.number, r.winner) for r in rows] == [(1, 2, True), (2, 1, False), (3, 3, False)]
+    win = rows[0]
+    assert win.n == 4 and win.mean == pytest.approx(61.0) and win.search_value == 55.0
+    assert win.ci_low is not None and win.ci_high is not None and rows[1].ci_high is not None
+    assert win.ci_low < 61.0 < win.ci_high and win.ci_low < rows[1].ci_high  # the overlap
+    assert rows[2].mean is None and rows[2].n == 0 and "out of memory" in (rows[2].error or "")
+    # The best config is the declared winner, as results.best_feasible decides.
+    best = results.best_feasible(full_study)
+    assert data.best is not None and best is not None and data.best.number == 2 == best.number
+    assert data.top[0].number == 1  # the table still ranks by the search-time value
+    fig = next(f.figure for f in data.figures if f.key == "validation")
+    by_name = {tr.name: tr for tr in fig.data}
+    assert list(by_name["winner"].x) == ["#2"] and list(by_name["winner"].y) == [pytest.approx(61.0)]
+    assert by_name["winner"].error_y.array[0] == pytest.approx(win.ci_high - 61.0)
+    assert list(by_name["re-validated"].x) == ["#1"]  # the failed #3 has no point
+
+
+def test_validation_html_says_overlap_and_escapes(full_study: Any) -> None:
+    text = report.render_html(report.build_report(full_study))
+    assert "Re-validated winner over 4 interleaved rounds: decode tok/s 61.00 (95% CI" in text
+    assert "Chosen over trial #1" in text
+    assert "The top two 95% intervals overlap (#2 and #1)" in text
+    assert text.count("intervals overlap") == 1  # said once, in the best section
+    assert "Re-validation of the top 3 configurations" in text
+    assert f"failed: model failed to load: out of memory {XSS_ESCAPED}" in text
+    assert XSS not in text
+
+
+def test_validation_without_overlap() -> None:
+    _, study = make_study(None)
+    study.set_user_attr("validation", validation_attr(overlap=False))
+    data = report.build_report(study)
+    assert data.winner == 2 and data.validation_current and not data.validation_overlap
+    assert data.validation[0].ci_low > data.validation[1].ci_high  # type: ignore[operator]
+    text = report.render_html(data)
+    assert "Re-validated winner" in text and "intervals overlap" not in text
+
+
+def test_stale_validation_does_not_pick_the_winner() -> None:
+    # A later trial took the lead, so the validation no longer decides the best config.
+    _, study = make_study(None, validation=True)
+    from optuna.trial import create_trial
+
+    params = {"variant": "gemma3:1b", "num_ctx": 4096, "num_batch": 1024, "num_gpu": 27,
+              "flash_attention": "on", "kv_cache_type": "q8_0"}
+    study.add_trial(create_trial(
+        value=80.0, params=params, distributions={k: _dists()[k] for k in params},
+        user_attrs={"config": _config(params), "baseline": False, **_metrics(80.0, 200.0), "violations": []},
+        constraints=_ok(200.0),
+    ))
+    data = report.build_report(study)
+    assert data.winner == 2 and not data.validation_current
+    best = results.best_feasible(study)
+    assert data.best is not None and best is not None and data.best.number == 7 == best.number
+    assert any("does not cover the current leader (#7)" in n for n in data.notes)
+    text = report.render_html(data)
+    assert "Re-validated winner" not in text and "winner (not current" in text
+    assert "The top two intervals overlap: they are not distinguishable" in text  # in its own section then
+
+
+def test_roofline_in_best_section(full_study: Any) -> None:
+    data = report.build_report(full_study)
+    r = data.roofline
+    assert r is not None and r["trial"] == 2 and r["decode_tps"] == 55.0 and r["share"] == pytest.approx(0.2292)
+    assert r["text"].startswith("55.0 tok/s is 23% of the GPU 0 (NVIDIA H200 <NVL>) bandwidth ceiling (")
+    text = report.render_html(data)
+    assert "Roofline: 55.0 tok/s is 23% of the GPU 0 (NVIDIA H200 &lt;NVL&gt;) bandwidth ceiling (4800.0 GB/s" in text
+    assert "<NVL>" not in text
+
+
+def test_roofline_text_rebuilt_and_other_trial_named() -> None:
+    _, study = make_study(None)
+    attr = roofline_attr(3, 50.0)
+    del attr["text"]
+    study.set_user_attr("roofline", attr)
+    data = report.build_report(study)
+    assert data.roofline is not None and data.roofline["text"].startswith("50.0 tok/s is 21% of the GPU 0")
+    assert "(measured on trial #3)" in report.render_html(data)
+    study.set_user_attr("roofline", {"device": "CPU"})  # malformed: left out, not a crash
+    assert report.build_report(study).roofline is None
+
+
+def test_pruned_trials_counted_listed_and_plotted(full_study: Any) -> None:
+    data = report.build_report(full_study)
+    assert data.header.counts == {"total": 8, "complete": 6, "feasible": 4, "infeasible": 2, "load_failed": 1,
+                                  "failed": 1, "pruned": 1, "running": 0}
+    assert len(data.pruned) == 1
+    p = data.pruned[0]
+    assert (p.number, p.requests, p.planned, p.decode_tps_mean, p.last_value, p.saved_s) == (7, 3, 6, 31.0, 30.0, 12.5)
+    assert data.pruned_saved_s == 12.5
+    # Not a failure, not a top row, not a point on the measured-trial plots.
+    assert 7 not in {f.number for f in data.failures}
+    assert 7 not in {r.number for r in data.top} and 7 not in {t.number for t in data.tradeoff}
+    hist = next(f for f in data.figures if f.key == "history")
+    pruned = [tr for tr in hist.figure.data if tr.name == "Pruned Trial"]
+    assert len(pruned) == 1 and list(pruned[0].x) == [7] and list(pruned[0].y) == [30.0]
+    assert "Pruned trials" in hist.caption
+    text = report.render_html(data)
+    assert "1 trial pruned, about 12.5 s of measurement saved" in text
+    assert "1 failed, 1 pruned, 0 running" in text
+    assert "<h2>Pruned trials</h2>" in text and "3 of 6" in text
+
+
+def test_pruned_trial_without_value_and_several_saved() -> None:
+    # Multi-objective trials are stored without a value when pruned: the last report stands in.
+    _, study = make_study(None, objectives=("decode_tps", "ttft_p95"), pruned=True)
+    add_pruned(study, objectives=("decode_tps", "ttft_p95"))
+    data = report.build_report(study)
+    assert [p.last_value for p in data.pruned] == [30.0, 30.0] and data.pruned_saved_s == 25.0
+    assert data.header.counts["pruned"] == 2
+    assert "2 trials pruned, about 25.0 s of measurement saved" in report.render_html(data)
+
+
+def test_full_report_escapes_and_draws_each_figure_once(full_study: Any) -> None:
+    data = report.build_report(full_study)
+    assert [f.key for f in data.figures] == ["history", "importances", "parallel", "slices", "tradeoff", "power",
+                                            "vram", "tokens_per_joule", "validation"]
+    text = report.render_html(data)
+    assert XSS not in text and XSS_ESCAPED in text
+    assert text.count("<script") == 3 and text.count("drawFigure(\"fig-") == 9
+    # The validation figure sits in its section, before the search figures.
+    assert text.index("fig-8-validation") < text.index("fig-0-history")
+
+
+def test_plain_study_has_no_new_sections(study_url: tuple[str, Any]) -> None:
+    data = report.build_report(study_url[1])
+    assert data.validation == [] and data.winner is None and not data.validation_overlap
+    assert data.roofline is None and data.pruned == [] and data.pruned_saved_s == 0.0
+    text = report.render_html(data)
+    assert "Re-validation" not in text and "Roofline" not in text and "Pruned trials" not in text

@@ -104,6 +104,11 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
 
+def _defaults(study: Any) -> str:
+    engine = study.user_attrs.get("engine", "ollama")
+    return {"ollama": "Ollama defaults", "llama-cpp": "llama.cpp defaults"}.get(engine, "engine defaults")
+
+
 def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
     v = _view(trial)
     m = v.metrics
@@ -111,7 +116,7 @@ def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
     lines = [
         f"# {what} exported by ollama-tuner on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"# study '{_one_line(study.study_name)}', trial #{v.number}"
-        + (" (baseline: Ollama defaults)" if v.baseline else "")
+        + (f" (baseline: {_defaults(study)})" if v.baseline else "")
         + f"; measured on Ollama {_one_line(study.user_attrs.get('server_version') or '?')}"
         + f" at {_one_line(study.user_attrs.get('host') or '?')}",
     ]
@@ -126,7 +131,7 @@ def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
     if not isinstance(trial, results.TrialView):
         sp = results.speedup(study, trial)
         if sp is not None:
-            lines.append(f"# {sp:.2f}x the baseline (Ollama defaults) on {objectives[0]}")
+            lines.append(f"# {sp:.2f}x the baseline ({_defaults(study)}) on {objectives[0]}")
     if not v.feasible:
         why = v.error or "; ".join(v.violations) or v.state.lower()
         lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")

@@ -5,6 +5,7 @@ The file is self-contained (plotly.js inlined once), so it opens offline and can
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import html
@@ -299,6 +300,11 @@ def _workload_text(w: dict[str, Any]) -> str:
             f"{w.get('num_predict', '?')} tokens generated each; source {w.get('source', '?')}")
 
 
+def _defaults_name(engine: str) -> str:
+    """How the baseline is named: the defaults of the engine the study ran on."""
+    return {"ollama": "Ollama defaults", "llama-cpp": "llama.cpp defaults"}.get(engine, "engine defaults")
+
+
 def _header(study: Any) -> Header:
     ua = study.user_attrs
     env = dict(ua.get("environment") or {})
@@ -440,25 +446,27 @@ def _validation(study: Any, data: ReportData) -> None:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     winner = val.get("winner")
     winner = winner if isinstance(winner, int) and not isinstance(winner, bool) else None
-    rows = []
+    rows: list[ValidationRow] = []
     for e in val["entries"]:
         if not isinstance(e, dict) or not isinstance(e.get("number"), int):
             continue
         values = [x for x in (_num(v) for v in e.get("values") or []) if x is not None]
-        ci = e.get("ci95") if isinstance(e.get("ci95"), (list, tuple)) and len(e.get("ci95")) == 2 else (None, None)
+        ci = e.get("ci95")
+        lo, hi = (ci[0], ci[1]) if isinstance(ci, (list, tuple)) and len(ci) == 2 else (None, None)
         error = str(e["error"]) if e.get("error") else None
         t = trials.get(e["number"])
         measured = bool(values) and error is None
-        rows.append(dict(
-            number=e["number"], config=results.view(t).config_text() if t is not None else "(trial not in the study)",
+        rows.append(ValidationRow(
+            rank=0, number=e["number"],
+            config=results.view(t).config_text() if t is not None else "(trial not in the study)",
             n=len(values), mean=_num(e.get("mean")) if measured else None, sd=_num(e.get("sd")) if measured else None,
-            ci_low=_num(ci[0]) if measured else None, ci_high=_num(ci[1]) if measured else None,
+            ci_low=_num(lo) if measured else None, ci_high=_num(hi) if measured else None,
             search_value=_num(t.values[0]) if t is not None and t.values else None,
             winner=e["number"] == winner, error=error,
         ))
     # As the terminal summary orders them: best mean first, the failed ones last.
-    rows.sort(key=lambda r: (r["mean"] is None, -(r["mean"] or 0.0)))
-    data.validation = [ValidationRow(rank=i, **r) for i, r in enumerate(rows, start=1)]
+    rows.sort(key=lambda r: (r.mean is None, -(r.mean or 0.0)))
+    data.validation = [dataclasses.replace(r, rank=i) for i, r in enumerate(rows, start=1)]
     data.validation_objective = str(val.get("objective") or "")
     data.validation_rounds = int(_num(val.get("rounds")) or 0)
     data.validation_trials_at = int(_num(val.get("trials_at")) or 0)
@@ -647,6 +655,12 @@ def _validation_figure(data: ReportData) -> Any:
 
     label = _OBJECTIVE_LABELS.get(data.validation_objective, data.validation_objective)
     rows = [r for r in data.validation if r.mean is not None]
+
+    def bar(r: ValidationRow) -> tuple[float, float]:
+        """(above, below) the mean, for the error bars."""
+        m = r.mean or 0.0
+        return (r.ci_high - m if r.ci_high is not None else 0.0, m - r.ci_low if r.ci_low is not None else 0.0)
+
     fig = go.Figure()
     for name, sel, color in (("re-validated", [r for r in rows if not r.winner], "#1f77b4"),
                              ("winner", [r for r in rows if r.winner], "#d62728")):
@@ -657,8 +671,7 @@ def _validation_figure(data: ReportData) -> Any:
             marker={"color": color, "size": 13 if name == "winner" else 10,
                     "symbol": "star" if name == "winner" else "circle"},
             error_y={"type": "data", "symmetric": False, "color": color, "thickness": 2, "width": 8,
-                     "array": [(r.ci_high if r.ci_high is not None else r.mean) - r.mean for r in sel],
-                     "arrayminus": [r.mean - (r.ci_low if r.ci_low is not None else r.mean) for r in sel]},
+                     "array": [bar(r)[0] for r in sel], "arrayminus": [bar(r)[1] for r in sel]},
             text=[html.escape(f"#{r.number} {r.config}") for r in sel],
             hovertemplate="%{text}<br>mean %{y:.2f}<extra></extra>",
         ))
@@ -690,7 +703,7 @@ def _tradeoff_figure(data: ReportData) -> Any:
          {"color": "#1f77b4", "symbol": "circle", "size": 9}),
         ("infeasible", [p for p in data.tradeoff if not p.feasible],
          {"color": "#aaaaaa", "symbol": "x", "size": 9}),
-        ("baseline (Ollama defaults)", [p for p in data.tradeoff if p.baseline and not p.pareto],
+        (f"baseline ({_defaults_name(data.header.engine)})", [p for p in data.tradeoff if p.baseline and not p.pareto],
          {"color": "#2ca02c", "symbol": "star", "size": 14}),
     )
     for name, pts, marker in groups:
@@ -837,7 +850,7 @@ def _header_html(data: ReportData) -> str:
     h = data.header
     c = h.counts
     facts = [
-        ("Model", h.model), ("Engine", h.engine), ("Host", h.host), ("Ollama version", h.server_version),
+        ("Model", h.model), ("Engine", h.engine), ("Host", h.host), ("Server version", h.server_version),
         ("GPU", h.gpu), ("CPU", h.cpu), ("OS", h.os),
         ("Objective(s)", ", ".join(h.objectives)),
         ("Limits", ", ".join(f"{k} = {v:g}" for k, v in h.limits.items()) or "none"),
@@ -862,7 +875,7 @@ def _best_html(data: ReportData) -> str:
     if b.speedup is not None:
         parts.append(
             f"<p class=\"speedup\">{b.speedup:.2f}&times; {_e(_OBJECTIVE_LABELS.get(b.objective, b.objective))} "
-            f"vs Ollama defaults (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
+            f"vs {_defaults_name(data.header.engine)} (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
             f"best: {_f(b.value, 2)})</p>"
         )
     elif b.baseline_number is None:
@@ -876,7 +889,7 @@ def _best_html(data: ReportData) -> str:
         parts.append(f"<p class=\"warn\">Violates: {_e('; '.join(b.violations))}</p>")
     cfg = [("model", b.model)]
     if b.baseline:
-        cfg.append(("options", "none (Ollama defaults)"))
+        cfg.append(("options", f"none ({_defaults_name(data.header.engine)})"))
     cfg += [(k, v) for k, v in b.options.items()]
     cfg += [(f"{k} (server)", v) for k, v in b.server.items()]
     parts.append(_table(["setting", "value"], [[(_e(k), False), (_e(v), False)] for k, v in cfg]))
