@@ -19,6 +19,9 @@ Parameter mapping (tuner name -> ``Llama`` keyword):
 * ``kv_cache_type`` f16/q8_0/q4_0 -> ``type_k`` and ``type_v`` (GGML types 1, 8, 2)
 
 Engine defaults (the baseline, ``runner_options=None``): :data:`BASELINE`.
+
+Prompts run as plain completions (no chat template, unlike Ollama's ``/api/generate``).
+Each request starts from an empty KV cache, so its whole prompt is evaluated and counted.
 """
 
 from __future__ import annotations
@@ -439,8 +442,9 @@ class LlamaCppEngine(Engine):
         if llm is not None:
             llm.close()
             del llm
-            # The Llama holds ctypes buffers in reference cycles; collect them now so a
-            # long study's RSS does not grow with every reload.
+            # A Llama sits in reference cycles (its tokenizer points back at it) holding
+            # n_batch x n_vocab logits buffers; collect it now so a long study's memory
+            # does not grow with every reload.
             gc.collect()
 
     def _load(self, path: str, kwargs: dict[str, Any], key: tuple[Any, ...]) -> None:
@@ -451,9 +455,11 @@ class LlamaCppEngine(Engine):
             try:
                 llm = self._lib.Llama(model_path=path, verbose=False, **kwargs)
             except (ValueError, RuntimeError, OSError) as e:
-                reason = "; ".join(dict.fromkeys(errors)) or "see llama.cpp's log"
+                reason = "; ".join(dict.fromkeys(errors))
                 shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)
-                raise LoadError(f"llama.cpp could not load {Path(path).name} with {shown}: {e} ({reason})") from None
+                raise LoadError(
+                    f"llama.cpp could not load {Path(path).name} with {shown}: {e}" + (f" ({reason})" if reason else "")
+                ) from None
         self._pending_load_ms = (time.perf_counter() - start) * 1e3
         self._llm, self._key = llm, key
 

