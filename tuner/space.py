@@ -287,7 +287,7 @@ def build_space(
                 )
             )
     values = default_values(limits)
-    if not values.get("num_ctx") and "num_ctx" not in overrides:
+    if "num_ctx" in limits.supported and not values.get("num_ctx") and "num_ctx" not in overrides:
         raise SpaceError(
             f"the workload needs a context of {limits.min_ctx} tokens but the model's trained "
             f"context is {limits.context_length}: use shorter prompts or a smaller --num-predict"

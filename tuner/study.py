@@ -284,7 +284,7 @@ def default_study_name(o: TuneOptions, server: dict[str, Any]) -> str:
     if o.engine == "ollama":
         host = str(server.get("host", "")).split("://")[-1]
         return f"{o.model[0]}@{host}"
-    return f"{Path(o.model[0]).name}@llama-cpp"
+    return f"{Path(o.model[0]).name}@{o.engine}"
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int | None, n_objectives: int) -> Any:
@@ -323,7 +323,7 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         raise TunerError("--grace-period must be longer than --heartbeat-interval (both in seconds, >= 1)")
     storage = open_storage(o.storage, retry_failed=o.retry_failed, heartbeat_s=o.heartbeat_s, grace_s=o.grace_s)
     name = o.study_name or default_study_name(o, p.server)
-    directions = [OBJECTIVES[x] for x in o.objectives]
+    directions: Any = [OBJECTIVES[x] for x in o.objectives]
     sampler = make_sampler(o.sampler, p.space, o.seed, len(o.objectives))
     pruner = None
     if o.prune and len(o.objectives) == 1 and o.objectives[0] in PER_REQUEST:
@@ -629,6 +629,12 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
         echo(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}")
         if p.space.fixed:
             echo("fixed: " + ", ".join(f"{k}={v}" for k, v in p.space.fixed.items()))
+        steps = p.workload.repeats * len(p.workload.prompts)
+        if o.prune and len(o.objectives) == 1 and o.objectives[0] in PER_REQUEST and steps < 5:
+            p.warnings.append(
+                f"pruning needs at least 5 requests per trial to be significant (this workload has {steps}): "
+                "raise --repeats to let it stop bad trials early"
+            )
         for w in p.warnings:
             echo(w)
         if not p.has_gpu and "num_gpu" in p.space and p.space["num_gpu"].values == (0,):

@@ -109,17 +109,17 @@ def validate_top(
                 continue
             v = results.view(t)
             runner = None if v.baseline else v.options
-            key = (v.model, None if runner is None else tuple(sorted(runner.items())), tuple(sorted(v.server.items())))
+            cfg_key = (v.model, None if runner is None else tuple(sorted(runner.items())), tuple(sorted(v.server.items())))
             try:
                 restarted = engine.prepare(v.server)
                 m = measure_config(engine, v.model or base_model, runner, one,
-                                   reload=restarted or key != loaded,
+                                   reload=restarted or cfg_key != loaded,
                                    sampler=sampler_factory() if sampler_factory else None)
             except (LoadError, ServerError) as err:
                 e.error = str(err)
                 loaded = None
                 continue
-            loaded = key
+            loaded = cfg_key
             attrs = {**m.metrics, **m.telemetry}
             energy = m.telemetry.get("gpu_energy_j")
             if energy:

@@ -112,7 +112,8 @@ def load_prompts(path: str | Path) -> tuple[Prompt, ...]:
                     f'prompts file {p} line {i}: expected {{"name": ..., "prompt": ...}}'
                 ) from None
     else:
-        chunks, cur = [], []
+        chunks: list[str] = []
+        cur: list[str] = []
         for line in text.splitlines():
             if line.strip() == "---":
                 chunks.append("\n".join(cur))

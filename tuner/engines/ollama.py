@@ -29,11 +29,8 @@ def normalise_host(host: str | None) -> str:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
-        parts, port = None, None
-        bad = True
-    else:
-        bad = parts.scheme not in ("http", "https") or not parts.hostname
-    if bad or parts is None:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ServerError(
             f"invalid Ollama host '{raw}': write it as http://HOST:PORT, e.g. {DEFAULT_HOST}"
         )
@@ -66,7 +63,7 @@ class OllamaEngine(Engine):
     """Talks to a running Ollama server over HTTP."""
 
     name = "ollama"
-    supported_params = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
+    supported_params: tuple[str, ...] = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
 
     def __init__(self, host: str | None = None, timeout_s: float = 600.0, server: Any = None) -> None:
         import ollama
