@@ -26,13 +26,13 @@ def t975(df: int) -> float:
 
 
 def mean_ci95(values: list[float]) -> tuple[float, float, float, float]:
-    """mean, sd, and the 95% confidence interval of the mean."""
+    """mean, sd, and the 95% confidence interval of the mean (rates cannot go below 0)."""
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, 0.0, m, m
     sd = statistics.stdev(values)
     half = t975(len(values) - 1) * sd / math.sqrt(len(values))
-    return m, sd, m - half, m + half
+    return m, sd, max(0.0, m - half), m + half
 
 
 @dataclass
