@@ -607,6 +607,19 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_HEAD = do_DELETE = do_PUT = _go
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that hang up (a killed stream, a stopped test) are normal here, not errors."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 class FakeOllama:
     """A fake Ollama server with a deterministic speed model and failure injection."""
 
@@ -669,7 +682,7 @@ class FakeOllama:
         """Start serving in a daemon thread (reuses the previous port after a stop)."""
         if self._server is not None:
             return self
-        server = ThreadingHTTPServer((self.host, self.port), _Handler)
+        server = _QuietServer((self.host, self.port), _Handler)
         server.daemon_threads = True
         server.fake = self  # type: ignore[attr-defined]
         self.port = server.server_address[1]
