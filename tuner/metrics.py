@@ -29,6 +29,39 @@ OBJECTIVES = {
     "latency_p95": "minimize",
 }
 
+#: Display labels of objectives.
+OBJECTIVE_LABELS = {
+    "decode_tps": "decode tok/s",
+    "prefill_tps": "prefill tok/s",
+    "e2e_tps": "end-to-end tok/s",
+    "aggregate_tps": "aggregate tok/s",
+    "tokens_per_joule": "tokens per joule",
+    "ttft_p95": "p95 TTFT ms",
+    "latency_p95": "p95 latency ms",
+}
+#: (label, metric prefix) of the request metrics shown with their spread.
+METRIC_ROWS = (
+    ("decode tok/s", "decode_tps"),
+    ("prefill tok/s", "prefill_tps"),
+    ("end-to-end tok/s", "e2e_tps"),
+    ("aggregate tok/s", "aggregate_tps"),
+    ("TTFT ms", "ttft_ms"),
+    ("latency ms", "latency_ms"),
+    ("load ms", "load_ms"),
+)
+#: (label, attr) of the per-trial telemetry shown for a trial.
+TELEMETRY_ROWS = (
+    ("GPU power mean W", "gpu_power_mean_w"),
+    ("GPU power max W", "gpu_power_max_w"),
+    ("GPU energy J", "gpu_energy_j"),
+    ("tokens per joule", "tokens_per_joule"),
+    ("GPU memory peak MiB", "gpu_mem_used_peak_mib"),
+    ("GPU memory increase MiB", "gpu_mem_increase_mib"),
+    ("host CPU util %", "host_cpu_util_mean_pct"),
+    ("host memory peak MiB", "host_mem_used_peak_mib"),
+    ("server RSS peak MiB", "server_rss_peak_mib"),
+)
+
 
 @dataclass(frozen=True)
 class RequestSample:

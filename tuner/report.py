@@ -21,46 +21,20 @@ from typing import Any, Callable
 
 from tuner import results
 from tuner.errors import TunerError
+from tuner.metrics import METRIC_ROWS, OBJECTIVE_LABELS, TELEMETRY_ROWS
 
 TOP_N = 10
 REPORTS_DIR = Path("reports")
 
-#: (label, metric prefix) of the request metrics shown with their spread.
-METRIC_ROWS = (
-    ("decode tok/s", "decode_tps"),
-    ("prefill tok/s", "prefill_tps"),
-    ("end-to-end tok/s", "e2e_tps"),
-    ("TTFT ms", "ttft_ms"),
-    ("latency ms", "latency_ms"),
-    ("load ms", "load_ms"),
-)
-#: (label, attr) of the per-trial telemetry shown for the best config.
-TELEMETRY_ROWS = (
-    ("GPU power mean W", "gpu_power_mean_w"),
-    ("GPU power max W", "gpu_power_max_w"),
-    ("GPU energy J", "gpu_energy_j"),
-    ("tokens per joule", "tokens_per_joule"),
-    ("GPU memory peak MiB", "gpu_mem_used_peak_mib"),
-    ("GPU memory increase MiB", "gpu_mem_increase_mib"),
-    ("host CPU util %", "host_cpu_util_mean_pct"),
-    ("host memory peak MiB", "host_mem_used_peak_mib"),
-    ("server RSS peak MiB", "server_rss_peak_mib"),
-    ("reload ms", "reload_ms"),
-)
+#: Shown with the best config: the shared telemetry rows plus the reload cost.
+BEST_TELEMETRY_ROWS = (*TELEMETRY_ROWS, ("reload ms", "reload_ms"))
 #: Telemetry plotted against tok/s: (figure key, attr, axis label, limit attr).
 TELEMETRY_VIEWS = (
     ("power", "gpu_power_mean_w", "mean GPU power (W)", "max_power_w"),
     ("vram", "gpu_mem_used_peak_mib", "peak GPU memory (MiB)", "max_vram_mib"),
     ("tokens_per_joule", "tokens_per_joule", "tokens per joule", None),
 )
-_OBJECTIVE_LABELS = {
-    "decode_tps": "decode tok/s",
-    "prefill_tps": "prefill tok/s",
-    "e2e_tps": "end-to-end tok/s",
-    "tokens_per_joule": "tokens per joule",
-    "ttft_p95": "p95 TTFT ms",
-    "latency_p95": "p95 latency ms",
-}
+_OBJECTIVE_LABELS = OBJECTIVE_LABELS
 
 
 @dataclass(frozen=True)
@@ -354,7 +328,7 @@ def _best(study: Any, objective: str) -> BestConfig | None:
         objective=objective,
         value=v.value,
         metrics=_metric_rows(v.metrics),
-        telemetry=[(label, float(v.metrics[k])) for label, k in TELEMETRY_ROWS if _num(v.metrics.get(k)) is not None],
+        telemetry=[(label, float(v.metrics[k])) for label, k in BEST_TELEMETRY_ROWS if _num(v.metrics.get(k)) is not None],
         violations=v.violations,
         speedup=results.speedup(study, t) if feasible else None,
         baseline_number=base.number if base is not None else None,

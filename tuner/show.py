@@ -5,27 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from tuner import results
+from tuner.metrics import METRIC_ROWS, TELEMETRY_ROWS
 from tuner.storage import mask, open_storage
-
-_METRIC_ROWS = (
-    ("decode tok/s", "decode_tps"),
-    ("prefill tok/s", "prefill_tps"),
-    ("end-to-end tok/s", "e2e_tps"),
-    ("aggregate tok/s", "aggregate_tps"),
-    ("TTFT ms", "ttft_ms"),
-    ("latency ms", "latency_ms"),
-)
-_TELEMETRY_ROWS = (
-    ("GPU power mean W", "gpu_power_mean_w"),
-    ("GPU energy J", "gpu_energy_j"),
-    ("tokens per joule", "tokens_per_joule"),
-    ("GPU memory peak MiB", "gpu_mem_used_peak_mib"),
-    ("GPU memory increase MiB", "gpu_mem_increase_mib"),
-    ("host CPU util %", "host_cpu_util_mean_pct"),
-    ("host memory peak MiB", "host_mem_used_peak_mib"),
-    ("server RSS peak MiB", "server_rss_peak_mib"),
-)
-
 
 _ENGINE_NAMES = {"ollama": "Ollama", "llama-cpp": "llama.cpp", "replay": "replayed"}
 
@@ -51,7 +32,7 @@ def format_trial(v: results.TrialView, title: str) -> str:
         lines.append(f"  {'error':<24} {v.error}")
         return "\n".join(lines)
     lines.append(f"  {'metric':<24} {'mean':>10} {'sd':>8} {'p50':>10} {'p95':>10}")
-    for label, key in _METRIC_ROWS:
+    for label, key in METRIC_ROWS:
         if f"{key}_mean" in m:
             lines.append(
                 f"  {label:<24} {_num(m.get(key + '_mean')):>10} {_num(m.get(key + '_sd')):>8} "
@@ -59,7 +40,7 @@ def format_trial(v: results.TrialView, title: str) -> str:
             )
     if m.get("reload_ms") is not None:
         lines.append(f"  {'reload (load) ms':<24} {_num(m['reload_ms']):>10}")
-    for label, key in _TELEMETRY_ROWS:
+    for label, key in TELEMETRY_ROWS:
         if m.get(key) is not None:
             lines.append(f"  {label:<24} {_num(m[key], 2):>10}")
     if m.get("n_requests"):
