@@ -33,11 +33,15 @@ class Roofline:
         return d
 
     def describe(self) -> str:
-        return (
+        text = (
             f"{self.decode_tps:.1f} tok/s is {self.share:.0%} of the {self.device} bandwidth ceiling "
             f"({self.bandwidth_gbs:.1f} GB/s / {self.model_bytes / 1e6:.0f} MB per token = "
             f"{self.ceiling_tps:.1f} tok/s; {self.method})"
         )
+        if self.share > 1.05:
+            # Above a physical limit: the model did not run on the memory that was measured.
+            text += "; above the ceiling, so the model ran elsewhere (a remote server or a GPU NVML cannot see)"
+        return text
 
 
 def cpu_bandwidth_gbs(size_mib: int = 256, repeats: int = 5) -> float:
