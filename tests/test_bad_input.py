@@ -124,6 +124,9 @@ CASES: list[tuple[str, list[str], str, bool]] = [
      "Error: study 'taken' was created with a different search space: pass --study NEW_NAME", True),
     ("export-no-feasible", ["export", "taken", "--trial", "999"], "Error: study 'taken' has no trial 999", True),
     ("export-unknown-study", ["export", "nope"], "Error: no study named 'nope' in this storage: known studies are taken", True),
+    ("gpu-not-an-index", [*M, "--gpu", "x"], "Error: invalid --gpu 'x': give GPU indices like 0 or 0,1", False),
+    ("tokens-per-joule-without-gpu", [*M, "--objective", "tokens_per_joule"],
+     "Error: objective 'tokens_per_joule' needs GPU energy telemetry, and there is none (", False),
     ("show-no-storage", ["show", "--storage", "sqlite:///none/t.db"],
      "Error: no study storage at none/t.db: run `tune --model ...` first or pass --storage", False),
 ]

@@ -305,3 +305,49 @@ def test_concurrency_sends_simultaneous_streams(fake: FakeOllama) -> None:
     samples = study.trials[-1].user_attrs["samples"]
     waits = sorted(s["load_ms"] for s in samples if s["prompt"] == "chat")
     assert waits[-1] > 10 * max(waits[0], 0.05)
+
+
+@pytest.mark.parametrize("given,expected", [
+    (None, "http://127.0.0.1:11434"),
+    ("0.0.0.0", "http://0.0.0.0:11434"),
+    ("localhost:11500", "http://localhost:11500"),
+    (":11434", "http://127.0.0.1:11434"),
+    ("http://example.com", "http://example.com:80"),
+    ("https://example.com", "https://example.com:443"),
+    ("https://example.com:8443/ollama/", "https://example.com:8443/ollama"),
+    ("[::1]:11434", "http://[::1]:11434"),
+])
+def test_ollama_host_forms(given: str | None, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.engines.ollama import normalise_host
+
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert normalise_host(given) == expected
+
+
+def test_remote_server_keeps_num_gpu_in_the_search() -> None:
+    from tuner.engines.ollama import OllamaEngine
+
+    assert OllamaEngine("http://gpu-box.example:11434").has_gpu()
+
+
+def test_context_reaches_the_baseline(fake: FakeOllama) -> None:
+    run_study(opts(fake, trials=1, context=8192))
+    base = _load().trials[0]
+    assert base.user_attrs["baseline"] and base.user_attrs["config"]["options"] == {"num_ctx": 8192}
+    first = fake.generate_requests()[0]
+    assert first["options"]["num_ctx"] == 8192
+
+
+def test_busy_server_is_a_failed_trial_not_an_infeasible_config(fake: FakeOllama) -> None:
+    fake.fail_next(1, status=503, error="server busy, please try again. maximum pending requests exceeded")
+    run_study(opts(fake, trials=2, server_wait_s=1))
+    t0 = _load().trials[0]
+    assert t0.state.name == "FAIL" and "busy (503)" in t0.user_attrs["error"]
+
+
+def test_a_config_that_times_out_is_infeasible() -> None:
+    with FakeOllama(time_scale=1.0) as slow:  # a real 1.2 s+ load
+        run_study(opts(slow, trials=1, timeout_s=0.5, num_predict=4))
+    t = _load().trials[0]
+    assert t.state.name == "COMPLETE" and t.constraints["load"] == 1.0
+    assert "no answer within --timeout 0.5 s" in t.user_attrs["error"]

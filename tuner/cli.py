@@ -168,7 +168,10 @@ def run_cmd(**kw: Any) -> None:
         name, values = parse_param_option(text)
         params[name] = values
     objectives = _split((kw["objectives"],)) if kw["objectives"] else [kw["objective"]]
-    gpus = [int(x) for x in _split((kw["gpus"],))] if kw["gpus"] else None
+    try:
+        gpus = [int(x) for x in _split((kw["gpus"],))] if kw["gpus"] else None
+    except ValueError:
+        raise TunerClickError(f"invalid --gpu '{kw['gpus']}': give GPU indices like 0 or 0,1") from None
     opts = TuneOptions(
         model=list(kw["models"]), engine=kw["engine"], host=kw["host"], trials=kw["trials"],
         repeats=kw["repeats"], num_predict=kw["num_predict"], prompts_file=kw["prompts_file"],

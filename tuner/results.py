@@ -44,6 +44,7 @@ class TrialView:
     state: str
     model: str
     options: dict[str, Any]
+    #: Server settings that really ran (an old server may fall back from what was asked).
     server: dict[str, Any]
     values: list[float] | None
     feasible: bool
@@ -64,7 +65,8 @@ class TrialView:
 
     def config_text(self) -> str:
         if self.baseline:
-            return f"{self.model_label} (defaults: no options sent)"
+            extra = "".join(f" {k}={v}" for k, v in self.options.items())
+            return f"{self.model_label} (defaults: no options sent{extra and ' but' + extra})"
         parts = [f"{k}={v}" for k, v in {**self.options, **self.server}.items()]
         return f"{self.model_label} " + " ".join(parts)
 
@@ -72,13 +74,14 @@ class TrialView:
 def view(t: Any) -> TrialView:
     ua = t.user_attrs
     cfg = ua.get("config", {})
-    metric_keys = {k: v for k, v in ua.items() if k not in ("config", "samples", "warmup", "error", "violations", "baseline")}
+    metric_keys = {k: v for k, v in ua.items()
+                   if k not in ("config", "samples", "warmup", "error", "violations", "baseline", "server_effective")}
     return TrialView(
         number=t.number,
         state=t.state.name,
         model=cfg.get("model", ""),
         options=dict(cfg.get("options") or {}),
-        server=dict(cfg.get("server") or {}),
+        server={**dict(cfg.get("server") or {}), **dict(ua.get("server_effective") or {})},
         values=list(t.values) if t.values is not None else None,
         feasible=is_feasible(t),
         violations=list(ua.get("violations", [])),

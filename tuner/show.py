@@ -84,7 +84,8 @@ def format_summary(s: Any) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
     out.append(f"Stored in {s.storage} as study '{s.study_name}'")
-    out.append(f"Next: tune report '{s.study_name}'   tune export '{s.study_name}' --format modelfile")
+    at = "" if s.storage == "sqlite:///studies/tuner.db" else f" --storage '{s.storage}'"
+    out.append(f"Next: tune report '{s.study_name}'{at}   tune export '{s.study_name}'{at} --format modelfile")
     return "\n".join(out)
 
 

@@ -234,6 +234,11 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
 
         probe = probe_gpus(o.gpus)
         if not probe.available:
+            if "tokens_per_joule" in o.objectives:
+                raise TunerError(
+                    f"objective 'tokens_per_joule' needs GPU energy telemetry, and there is none "
+                    f"({probe.reason}): choose another --objective"
+                )
             warnings.append(f"no NVIDIA GPU telemetry: {probe.reason}")
         return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, probe.available)
     except BaseException:
@@ -283,6 +288,9 @@ def hardware_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
 def default_study_name(o: TuneOptions, server: dict[str, Any]) -> str:
     if o.engine == "ollama":
         host = str(server.get("host", "")).split("://")[-1]
+        for alias in ("localhost:", "0.0.0.0:", "[::1]:"):
+            if host.startswith(alias):
+                host = "127.0.0.1:" + host[len(alias):]
         return f"{o.model[0]}@{host}"
     return f"{Path(o.model[0]).name}@{o.engine}"
 
@@ -437,7 +445,9 @@ class _Runner:
         if baseline:
             config: dict[str, Any] = {}
             model = p.model
-            runner: dict[str, Any] | None = None
+            # The defaults, except a context the application needs (else the "winner" could be
+            # a config that silently truncates its prompts).
+            runner: dict[str, Any] | None = {"num_ctx": o.context} if o.context else None
             server: dict[str, Any] = {}
         else:
             config = p.space.suggest(trial)
@@ -488,13 +498,15 @@ class _Runner:
             import optuna
 
             total = p.workload.repeats * len(p.workload.prompts)
+            done = len(m.samples) // max(1, p.workload.concurrency)
             mean_s = sum(s.latency_ms for s in m.samples) / len(m.samples) / 1e3
-            trial.set_user_attr("pruned_saved_s", round((total - len(m.samples)) * mean_s, 3))
-            raise optuna.TrialPruned(f"worse than the best after {len(m.samples)} of {total} requests")
+            trial.set_user_attr("pruned_saved_s", round(max(0, total - done) * mean_s, 3))
+            raise optuna.TrialPruned(f"worse than the best after {done} of {total} requests")
         values = []
         for obj, direction in zip(o.objectives, self.directions):
             v = objective_value(attrs, obj)
             if v is None:
+                trial.set_user_attr("error", f"objective '{obj}' could not be measured")
                 raise TrialFailedError(
                     f"objective '{obj}' could not be measured (no GPU energy counter?): "
                     "choose another --objective"
@@ -618,7 +630,9 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Failed trials are reported on our own progress lines; Optuna's warnings repeat them
+    # with a traceback each.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     # heartbeats and grouped TPE are marked experimental; users need not see that per run.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     p = prepare(o, echo)

@@ -22,9 +22,17 @@ T = TypeVar("T")
 
 
 def normalise_host(host: str | None) -> str:
-    """Turn OLLAMA_HOST-style values (``host``, ``host:port``, URLs) into a base URL."""
+    """Turn OLLAMA_HOST-style values into a base URL, the way Ollama reads them.
+
+    ``host`` or ``host:port`` without a scheme is http on port 11434 by default; an explicit
+    ``http://host`` / ``https://host`` without a port is port 80 / 443; ``:11434`` is
+    127.0.0.1.
+    """
     raw = (host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST).strip()
-    text = raw if "://" in raw else f"http://{raw}"
+    has_scheme = "://" in raw
+    text = raw if has_scheme else f"http://{raw}"
+    if text.split("://", 1)[1].startswith(":"):
+        text = text.replace("://", "://127.0.0.1", 1)
     try:
         parts = urlsplit(text)
         port = parts.port
@@ -34,12 +42,18 @@ def normalise_host(host: str | None) -> str:
         raise ServerError(
             f"invalid Ollama host '{raw}': write it as http://HOST:PORT, e.g. {DEFAULT_HOST}"
         )
-    default_port = 443 if parts.scheme == "https" and "://" in raw else 11434
-    hostname = parts.hostname or "127.0.0.1"
+    if port is None:
+        port = (443 if parts.scheme == "https" else 80) if has_scheme else 11434
+    hostname = parts.hostname
     if ":" in hostname:
         hostname = f"[{hostname}]"
     path = parts.path.rstrip("/")
-    return f"{parts.scheme}://{hostname}:{port or default_port}{path}"
+    return f"{parts.scheme}://{hostname}:{port}{path}"
+
+
+def is_local(url: str) -> bool:
+    """Whether the server runs on this machine (so its hardware is ours to inspect)."""
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
 def _sample(final: Any, start: float, first: float | None, end: float) -> RequestSample:
@@ -90,6 +104,9 @@ class OllamaEngine(Engine):
             msg = (e.error or "").strip()
             if e.status_code == 404 and model is not None:
                 raise self._not_found(model) from None
+            if e.status_code in (499, 503):
+                # Queue full or cancelled: the server is busy, not the config at fault.
+                raise ServerError(f"Ollama at {self.host} is busy ({e.status_code}): {msg}") from None
             if e.status_code == -1 or e.status_code >= 500:
                 raise LoadError(msg or f"server error {e.status_code}") from None
             raise ServerError(f"Ollama at {self.host} rejected {what} ({e.status_code}): {msg}") from None
@@ -100,6 +117,11 @@ class OllamaEngine(Engine):
                 "or point --host / OLLAMA_HOST at it"
             ) from None
         except httpx.TimeoutException:
+            if what.startswith(("a generate", "concurrent generate")):
+                # The config did not load or answer in time: a property of the config.
+                raise LoadError(
+                    f"no answer within --timeout {self._timeout_s:g} s (load or generation too slow)"
+                ) from None
             raise ServerError(
                 f"Ollama at {self.host} did not answer {what} in time: check the server, "
                 "or raise --timeout"
@@ -329,6 +351,18 @@ class OllamaEngine(Engine):
 
         return self._call("concurrent generate requests", lambda: asyncio.run(run_all()), model=model)
 
+    def has_gpu(self) -> bool:
+        """GPU offload is possible unless this is a local Linux/Windows box without a GPU.
+
+        A remote server's hardware cannot be inspected from here, and macOS (Metal) or AMD
+        (ROCm) GPUs are invisible to NVML: there the layer count stays in the search.
+        """
+        import platform
+
+        if not is_local(self.host) or platform.system() == "Darwin" or os.path.exists("/dev/kfd"):
+            return True
+        return super().has_gpu()
+
     def prepare(self, server_settings: dict[str, Any]) -> bool:
         """Restart the managed server when a server-level setting changes."""
         if self.server is None:
@@ -347,8 +381,7 @@ class OllamaEngine(Engine):
     def server_pids(self) -> list[int]:
         if self.server is not None:
             return [self.server.pid] if self.server.pid else []
-        host = urlsplit(self.host).hostname
-        if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        if not is_local(self.host):
             return []
         try:
             import psutil
