@@ -470,3 +470,18 @@ def test_config_whose_server_fails_to_start_is_infeasible(tmp_path: Path, monkey
         assert t.state.name == "COMPLETE" and not results.is_feasible(t)
         assert "failed to start" in t.user_attrs["error"] and "address already in use" in t.user_attrs["error"]
     assert all(results.is_feasible(t) for t in good)
+
+
+def test_managed_study_resumes_under_the_same_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import optuna
+
+    from tuner.study import run_study
+
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    run_study(_study_opts(trials=2))
+    run_study(_study_opts(trials=2))  # a new server on a new port: still the same study
+    names = optuna.get_all_study_names("sqlite:///s.db")
+    assert names == ["gemma3:1b@managed-ollama"]
+    study = optuna.load_study(study_name=names[0], storage="sqlite:///s.db")
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
+    assert study.user_attrs["managed_server"] is True

@@ -341,7 +341,9 @@ def create_model(
     params = runtime_options(v)
     from tuner.engines.ollama import OllamaEngine
 
-    engine = OllamaEngine(host or study.user_attrs.get("host") or None)
+    # A managed server's address died with the run that started it: use OLLAMA_HOST then.
+    tuned_on = None if study.user_attrs.get("managed_server") else study.user_attrs.get("host")
+    engine = OllamaEngine(host or tuned_on or None)
     try:
         echo(f"creating '{name}' from {source} (trial #{v.number})"
              + (": " + ", ".join(f"{k}={val}" for k, val in params.items()) if params else " with no options"))

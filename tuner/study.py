@@ -286,6 +286,9 @@ def hardware_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_study_name(o: TuneOptions, server: dict[str, Any]) -> str:
+    if o.engine == "ollama" and server.get("managed"):
+        # The managed server's port changes every run; the study must not.
+        return f"{o.model[0]}@managed-ollama"
     if o.engine == "ollama":
         host = str(server.get("host", "")).split("://")[-1]
         for alias in ("localhost:", "0.0.0.0:", "[::1]:"):
@@ -382,6 +385,7 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         for k, v in ident.items():
             study.set_user_attr(k, v)
         study.set_user_attr("host", p.server.get("host", ""))
+        study.set_user_attr("managed_server", bool(p.server.get("managed")))
         study.set_user_attr("server_version", p.server.get("version", ""))
         study.set_user_attr("space", p.space.to_dict())
         study.set_user_attr("workload", p.workload.to_dict())
