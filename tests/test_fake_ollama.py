@@ -16,24 +16,14 @@ import httpx
 import ollama
 import pytest
 
-try:
-    from fake_ollama import (
-        TEMPLATE_TOKENS,
-        FakeModel,
-        FakeOllama,
-        count_tokens,
-        parse_keep_alive,
-        prompt_token_count,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.fake_ollama import (
-        TEMPLATE_TOKENS,
-        FakeModel,
-        FakeOllama,
-        count_tokens,
-        parse_keep_alive,
-        prompt_token_count,
-    )
+from fake_ollama import (
+    TEMPLATE_TOKENS,
+    FakeModel,
+    FakeOllama,
+    count_tokens,
+    parse_keep_alive,
+    prompt_token_count,
+)
 
 METRICS = (
     "total_duration",

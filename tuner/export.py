@@ -105,8 +105,7 @@ def _fmt(x: Any, digits: int = 1) -> str:
 
 
 def _defaults(study: Any) -> str:
-    engine = study.user_attrs.get("engine", "ollama")
-    return {"ollama": "Ollama defaults", "llama-cpp": "llama.cpp defaults"}.get(engine, "engine defaults")
+    return results.defaults_name(study.user_attrs.get("engine", "ollama"))
 
 
 def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:

@@ -20,6 +20,12 @@ class Sampler(Protocol):
     def stop(self) -> Any: ...
 
 
+def config_key(model: str, runner_options: dict[str, Any] | None, server: dict[str, Any]) -> tuple[Any, ...]:
+    """What is loaded: a change of this key means a reload (so a warm-up) before measuring."""
+    runner = None if runner_options is None else tuple(sorted(runner_options.items()))
+    return (model, runner, tuple(sorted(server.items())))
+
+
 @dataclass
 class TrialMeasurement:
     """Everything one trial measured; ``samples`` are the raw per-request records."""

@@ -274,11 +274,6 @@ def _workload_text(w: dict[str, Any]) -> str:
             f"{w.get('num_predict', '?')} tokens generated each; source {w.get('source', '?')}")
 
 
-def _defaults_name(engine: str) -> str:
-    """How the baseline is named: the defaults of the engine the study ran on."""
-    return {"ollama": "Ollama defaults", "llama-cpp": "llama.cpp defaults"}.get(engine, "engine defaults")
-
-
 def _header(study: Any) -> Header:
     ua = study.user_attrs
     env = dict(ua.get("environment") or {})
@@ -677,7 +672,7 @@ def _tradeoff_figure(data: ReportData) -> Any:
          {"color": "#1f77b4", "symbol": "circle", "size": 9}),
         ("infeasible", [p for p in data.tradeoff if not p.feasible],
          {"color": "#aaaaaa", "symbol": "x", "size": 9}),
-        (f"baseline ({_defaults_name(data.header.engine)})", [p for p in data.tradeoff if p.baseline and not p.pareto],
+        (f"baseline ({results.defaults_name(data.header.engine)})", [p for p in data.tradeoff if p.baseline and not p.pareto],
          {"color": "#2ca02c", "symbol": "star", "size": 14}),
     )
     for name, pts, marker in groups:
@@ -849,7 +844,7 @@ def _best_html(data: ReportData) -> str:
     if b.speedup is not None:
         parts.append(
             f"<p class=\"speedup\">{b.speedup:.2f}&times; {_e(_OBJECTIVE_LABELS.get(b.objective, b.objective))} "
-            f"vs {_defaults_name(data.header.engine)} (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
+            f"vs {results.defaults_name(data.header.engine)} (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
             f"best: {_f(b.value, 2)})</p>"
         )
     elif b.baseline_number is None:
@@ -863,7 +858,7 @@ def _best_html(data: ReportData) -> str:
         parts.append(f"<p class=\"warn\">Violates: {_e('; '.join(b.violations))}</p>")
     cfg = [("model", b.model)]
     if b.baseline:
-        cfg.append(("options", f"none ({_defaults_name(data.header.engine)})"))
+        cfg.append(("options", f"none ({results.defaults_name(data.header.engine)})"))
     cfg += [(k, v) for k, v in b.options.items()]
     cfg += [(f"{k} (server)", v) for k, v in b.server.items()]
     parts.append(_table(["setting", "value"], [[(_e(k), False), (_e(v), False)] for k, v in cfg]))

@@ -13,6 +13,11 @@ from typing import Any
 from tuner.errors import StudyError
 
 
+def defaults_name(engine: str) -> str:
+    """What the baseline is called: the defaults of the engine a study ran on."""
+    return {"ollama": "Ollama defaults", "llama-cpp": "llama.cpp defaults"}.get(engine, "engine defaults")
+
+
 def _optuna() -> Any:
     import optuna
 

@@ -6,10 +6,7 @@ from typing import Any
 
 from tuner import results
 from tuner.metrics import METRIC_ROWS, TELEMETRY_ROWS
-from tuner.storage import mask, open_storage
-
-_ENGINE_NAMES = {"ollama": "Ollama", "llama-cpp": "llama.cpp", "replay": "replayed"}
-
+from tuner.storage import default_storage_url, open_storage, shown_url
 
 def _num(v: Any, digits: int = 1) -> str:
     if v is None:
@@ -68,7 +65,7 @@ def format_summary(s: Any) -> str:
     if s.speedup is not None and s.baseline is not None and s.best is not None:
         obj = s.objectives[0]
         out.append(
-            f"{s.speedup:.2f}x {obj.replace('_tps', ' tok/s')} vs {_ENGINE_NAMES.get(s.engine, s.engine)} defaults "
+            f"{s.speedup:.2f}x {obj.replace('_tps', ' tok/s')} vs {results.defaults_name(s.engine)} "
             f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f})"
         )
     if s.validation:
@@ -84,7 +81,7 @@ def format_summary(s: Any) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
     out.append(f"Stored in {s.storage} as study '{s.study_name}'")
-    at = "" if s.storage == "sqlite:///studies/tuner.db" else f" --storage '{s.storage}'"
+    at = "" if s.storage == default_storage_url() else f" --storage '{s.storage}'"
     out.append(f"Next: tune report '{s.study_name}'{at}   tune export '{s.study_name}'{at} --format modelfile")
     return "\n".join(out)
 
@@ -108,7 +105,7 @@ def format_studies(storage_url: str | None) -> str:
             last.strftime("%Y-%m-%d %H:%M") if last else "-",
         ))
     if not rows:
-        return f"no studies in {mask(storage_url or 'sqlite:///studies/tuner.db')}"
+        return f"no studies in {shown_url(storage_url)}"
     head = ("study", "model", "trials", "best feasible", "last update")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -122,7 +119,7 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
     from tuner.study import summarise_study
 
     objectives = list(study.user_attrs.get("objectives", ["decode_tps"]))
-    s = summarise_study(study, objectives, mask(storage_url or "sqlite:///studies/tuner.db"))
+    s = summarise_study(study, objectives, shown_url(storage_url))
     text = format_summary(s)
     ranked = results.ranked_feasible(study)[: max(top, 0)]
     if ranked:

@@ -26,6 +26,11 @@ def mask(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
+def shown_url(url: str | None) -> str:
+    """The storage URL as printed: the default when none was given, passwords masked."""
+    return mask(url or default_storage_url())
+
+
 def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = True,
                  heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Any:
     """Open (creating when asked) the storage at ``url``.

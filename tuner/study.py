@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import os
 import platform
 import time
@@ -14,12 +13,12 @@ from typing import Any, Callable
 from tuner import __version__
 from tuner.engines import Engine, get_engine
 from tuner.errors import LoadError, ServerError, SpaceError, StudyError, TrialFailedError, TunerError
-from tuner.measure import measure_config
+from tuner.measure import config_key, measure_config
 from tuner.pruning import PER_REQUEST, make_pruner
 from tuner.metrics import OBJECTIVES, objective_value
 from tuner.space import RUNNER_PARAMS, SERVER_PARAMS, SearchSpace, SpaceLimits, build_space, load_space_file
 from tuner.roofline import roofline
-from tuner.storage import mask, open_storage
+from tuner.storage import mask, open_storage, shown_url
 from tuner.validate import validate_top
 from tuner.workload import Workload, builtin_prompts, load_prompts
 from tuner import results
@@ -353,7 +352,7 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         raise
     except Exception as e:
         reason = mask(str(e).splitlines()[0]) if str(e) else e.__class__.__name__
-        raise StudyError(f"cannot create study '{name}' in {mask(o.storage or 'studies/tuner.db')}: {reason}") from None
+        raise StudyError(f"cannot create study '{name}' in {shown_url(o.storage)}: {reason}") from None
     setattr(study, "_tuner_created", created)
     ident = _study_identity(o, p)
     attrs = study.user_attrs
@@ -465,7 +464,7 @@ class _Runner:
             effective = getattr(p.engine, "effective_server_settings", lambda s: None)(server)
             if effective is not None and server:
                 trial.set_user_attr("server_effective", effective)
-            key = (model, None if runner is None else tuple(sorted(runner.items())), tuple(sorted(server.items())))
+            key = config_key(model, runner, server)
             reload = restarted or key != self.loaded_key
             m = measure_config(p.engine, model, runner, p.workload, reload=reload,
                                sampler=self._sampler(), on_request=self._reporter(trial, baseline))
@@ -643,7 +642,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
     try:
         study = open_study(o, p)
         searched = ", ".join(f"{x.name}[{len(x.values)}]" for x in p.space.searched) or "nothing (all fixed)"
-        echo(f"study '{study.study_name}' in {mask(o.storage or 'sqlite:///studies/tuner.db')}")
+        echo(f"study '{study.study_name}' in {shown_url(o.storage)}")
         echo(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}")
         if p.space.fixed:
             echo("fixed: " + ", ".join(f"{k}={v}" for k, v in p.space.fixed.items()))
@@ -682,7 +681,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
                 study.set_user_attr("validation", val.to_dict())
         if o.roofline:
             _store_roofline(study, p)
-        summary = summarise_study(study, o.objectives, mask(o.storage or "sqlite:///studies/tuner.db"),
+        summary = summarise_study(study, o.objectives, shown_url(o.storage),
                                   trials_run=len(study.get_trials(deepcopy=False)) - before, space=p.space)
         summary.warnings = p.warnings
         return summary

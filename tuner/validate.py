@@ -11,7 +11,7 @@ from typing import Any, Callable
 from tuner import results
 from tuner.engines.base import Engine
 from tuner.errors import LoadError, ServerError
-from tuner.measure import measure_config
+from tuner.measure import config_key, measure_config
 from tuner.metrics import objective_value
 from tuner.workload import Workload
 
@@ -109,7 +109,7 @@ def validate_top(
                 continue
             v = results.view(t)
             runner = None if v.baseline else v.options
-            cfg_key = (v.model, None if runner is None else tuple(sorted(runner.items())), tuple(sorted(v.server.items())))
+            cfg_key = config_key(v.model, runner, v.server)
             try:
                 restarted = engine.prepare(v.server)
                 m = measure_config(engine, v.model or base_model, runner, one,

@@ -56,6 +56,32 @@ def is_local(url: str) -> bool:
     return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
+class _StreamClock:
+    """Client-side timing of one streamed request: first non-empty chunk, and the final one."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.final: Any = None
+
+    def see(self, chunk: Any) -> None:
+        if self.first is None and (chunk.response or getattr(chunk, "thinking", None)):
+            self.first = time.perf_counter()
+        if chunk.done:
+            self.final = chunk
+
+    def sample(self) -> RequestSample:
+        """The request's sample; raises ServerError if the stream never sent its final message."""
+        end = time.perf_counter()
+        if self.final is None:
+            raise ServerError(
+                f"Ollama at {self.host} ended the stream without its final message: "
+                "the server may have crashed; check its log"
+            )
+        return _sample(self.final, self.start, self.first, end)
+
+
 def _sample(final: Any, start: float, first: float | None, end: float) -> RequestSample:
     """A RequestSample from the final stream object (ns durations) and client-side clocks."""
     return RequestSample(
@@ -292,24 +318,13 @@ class OllamaEngine(Engine):
         options = {**(runner_options or {}), **predict_options}
 
         def run() -> RequestSample:
-            start = time.perf_counter()
-            first: float | None = None
-            final: Any = None
+            clock = _StreamClock(self.host)
             stream: Iterator[Any] = self._client.generate(
                 model=model, prompt=prompt, options=options, stream=True, keep_alive=KEEP_ALIVE
             )
             for chunk in stream:
-                if first is None and (chunk.response or getattr(chunk, "thinking", None)):
-                    first = time.perf_counter()
-                if chunk.done:
-                    final = chunk
-            end = time.perf_counter()
-            if final is None:
-                raise ServerError(
-                    f"Ollama at {self.host} ended the stream without its final message: "
-                    "the server may have crashed; check its log"
-                )
-            return _sample(final, start, first, end)
+                clock.see(chunk)
+            return clock.sample()
 
         return self._call("a generate request", run, model=model)
 
@@ -325,26 +340,19 @@ class OllamaEngine(Engine):
 
         options = {**(runner_options or {}), **predict_options}
 
-        async def one(client: Any, prompt: str, t0: float) -> RequestSample:
-            first: float | None = None
-            final: Any = None
+        async def one(client: Any, prompt: str) -> RequestSample:
+            clock = _StreamClock(self.host)
             async for chunk in await client.generate(
                 model=model, prompt=prompt, options=options, stream=True, keep_alive=KEEP_ALIVE
             ):
-                if first is None and (chunk.response or getattr(chunk, "thinking", None)):
-                    first = time.perf_counter()
-                if chunk.done:
-                    final = chunk
-            end = time.perf_counter()
-            if final is None:
-                raise ServerError(f"Ollama at {self.host} ended a stream without its final message")
-            return _sample(final, t0, first, end)
+                clock.see(chunk)
+            return clock.sample()
 
         async def run_all() -> tuple[list[RequestSample], float]:
             client = self._ollama.AsyncClient(host=self.host, timeout=self._timeout_s)
             t0 = time.perf_counter()
             try:
-                out = await asyncio.gather(*(one(client, p, t0) for p in prompts))
+                out = await asyncio.gather(*(one(client, p) for p in prompts))
             finally:
                 await client._client.aclose()
             return list(out), (time.perf_counter() - t0) * 1e3
