@@ -29,10 +29,12 @@ def fake() -> Iterator[FakeOllama]:
 
 @pytest.fixture
 def gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pretend the machine has a GPU, so num_gpu is searched."""
+    """Skip the offload probe and say the server offloads to a GPU, so num_gpu is searched."""
+    from tuner.engines import GpuOffload
     from tuner.engines.ollama import OllamaEngine
 
-    monkeypatch.setattr(OllamaEngine, "has_gpu", lambda self: True)
+    monkeypatch.setattr(OllamaEngine, "gpu_offload",
+                        lambda self, model, options: GpuOffload(True, "test", "the test says so"))
 
 
 def invoke(*args: Any) -> Any:

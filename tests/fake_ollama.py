@@ -26,6 +26,9 @@ Behaviour (all durations reported are synthetic integer nanoseconds; the server 
   model``; so a plain generate prompt costs ``count_tokens(prompt) + TEMPLATE_TOKENS``
   (use :func:`prompt_token_count`). A templated prompt of >= num_ctx tokens is truncated
   llama.cpp-style (keep num_keep head tokens + a tail).
+* GPU: ``memory_budget_mib`` is the GPU's memory; 0 makes a CPU-only server (every layer on
+  the CPU whatever num_gpu asks; /api/ps reports ``size_vram`` 0).
+* Hangs: :meth:`FakeOllama.hang` holds requests for a while (a frozen or overloaded server).
 * Prompt cache: per runner, the previous prompt + output tokens are remembered; the common
   prefix with the new prompt is cached (at least one token is always evaluated).
   ``prompt_eval_count`` counts every prompt token, ``prompt_eval_duration`` only the uncached
@@ -338,7 +341,10 @@ def memory_usage(
         cpu = (weights + kv) * (1 - frac) + (compute if layers == 0 else 0.0)
         return gpu, cpu
 
-    if num_gpu < 0:
+    if memory_budget_mib <= 0:
+        # No GPU: Ollama runs every layer on the CPU whatever num_gpu asks.
+        layers = 0
+    elif num_gpu < 0:
         layers = min(AUTO_GPU_LAYERS, total_layers)
         while layers > 0 and split(layers)[0] > memory_budget_mib:
             layers -= 1
@@ -666,6 +672,11 @@ class FakeOllama:
         self._pullable = {m.name: m for m in source}
         self._runners: dict[str, _Runner] = {}
         self._inject = _Injection()
+        self._hang_until = 0.0
+        self._hang_seconds = 0.0
+        self._hang_after = 0
+        self._hang_paths: set[str] | None = None
+        self._released = threading.Event()
         self._sched = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
@@ -682,6 +693,7 @@ class FakeOllama:
         """Start serving in a daemon thread (reuses the previous port after a stop)."""
         if self._server is not None:
             return self
+        self._released = threading.Event()
         server = _QuietServer((self.host, self.port), _Handler)
         server.daemon_threads = True
         server.fake = self  # type: ignore[attr-defined]
@@ -696,6 +708,7 @@ class FakeOllama:
         server, self._server = self._server, None
         if server is None:
             return
+        self._released.set()
         server.shutdown()
         server.server_close()
         with self._lock:
@@ -730,6 +743,10 @@ class FakeOllama:
             return [
                 r["body"] for r in self.requests if r["path"] in ("/api/generate", "/api/chat")
             ]
+
+    def prompt_requests(self) -> list[dict[str, Any]]:
+        """Bodies of generate/chat requests that carried a prompt (not load or unload calls)."""
+        return [b for b in self.generate_requests() if (b or {}).get("prompt") or (b or {}).get("messages")]
 
     def loaded_models(self) -> list[dict[str, Any]]:
         """Currently loaded runners: model name, runner options, expiry (ns since epoch)."""
@@ -787,6 +804,19 @@ class FakeOllama:
         """
         with self._lock:
             self._inject.truncate.append((after_chunks, clean))
+
+    def hang(self, seconds: float, paths: Iterable[str] | None = None, after_generates: int = 0) -> None:
+        """Stop answering for ``seconds``, like a frozen or overloaded server.
+
+        Requests to ``paths`` (every path when None) that arrive in that time are held until it
+        ends (or the server stops) and only then handled. The hang starts now, or once
+        ``after_generates`` more generate/chat requests have arrived. ``hang(0)`` ends a hang.
+        """
+        with self._lock:
+            self._hang_seconds = seconds
+            self._hang_after = after_generates
+            self._hang_until = time.monotonic() + seconds if after_generates <= 0 else 0.0
+            self._hang_paths = None if paths is None else set(paths)
 
     def malformed_next(self) -> None:
         """Make the next generate/chat response (stream or not) start with invalid JSON."""
@@ -927,6 +957,14 @@ class FakeOllama:
                 bad_json = f"invalid character in JSON: {exc}"
         with self._lock:
             self.requests.append({"method": method, "path": path, "body": body, "time": time.time()})
+            until, hang_paths = self._hang_until, self._hang_paths
+            if self._hang_after > 0 and path in ("/api/generate", "/api/chat"):
+                self._hang_after -= 1
+                if self._hang_after == 0:
+                    # This request is the last one answered; everything after it hangs.
+                    self._hang_until = time.monotonic() + self._hang_seconds
+        if time.monotonic() < until and (hang_paths is None or path in hang_paths):
+            self._released.wait(until - time.monotonic())
         ex = _Exchange(h)
         routes: dict[str, dict[str, Callable[..., None]]] = {
             "/": {"GET": self._root, "HEAD": self._root},

@@ -153,6 +153,11 @@ def test_killed_worker_trial_fails_after_grace_and_is_retried(pg: str, tmp_path:
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed_number]
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
     assert retried[0].params == by_number[killed_number].params
+    from tuner.show import format_show
+
+    shown = format_show(pg, "shared")
+    line = next(x for x in shown.splitlines() if x.startswith(f"  #{killed_number} "))
+    assert f"pid {p.pid}) sent no heartbeat for 3 s: it was killed, crashed or hung" in line
 
 
 def test_server_dying_mid_study_is_waited_for(pg: str) -> None:

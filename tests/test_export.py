@@ -13,7 +13,7 @@ import pytest
 
 from test_report import STUDY, XSS, make_study
 from tuner import export, results
-from tuner.errors import ExportError, MissingDependencyError, StudyError
+from tuner.errors import ExportError, MissingDependencyError, StudyError, TunerError
 
 MODELFILE_COMMANDS = {"from", "adapter", "parameter", "template", "system", "license", "message", "requires"}
 INT_KEYS = {"num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
@@ -294,3 +294,48 @@ def test_create_model_stubbed(study_url: tuple[str, Any], monkeypatch: pytest.Mo
     ]
     with pytest.raises(ExportError, match="invalid model name 'my model'"):
         export.create_model(study_url[0], None, "my model")
+
+
+def test_create_targets_the_studys_host_not_ollama_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import invoke
+    from fake_ollama import FakeOllama
+
+    with FakeOllama() as tuned_on, FakeOllama() as other:
+        r = invoke("--model", "gemma3:1b", "--host", tuned_on.url, "--trials", "1", "--repeats", "1",
+                   "--num-predict", "4", "--study", "s", "--validate", "0", "--no-roofline")
+        assert r.exit_code == 0, r.output
+        monkeypatch.setenv("OLLAMA_HOST", other.url)
+        r = invoke("export", "s", "--create", "gemma3-tuned")
+        assert r.exit_code == 0, r.output
+        assert tuned_on.get_model("gemma3-tuned") is not None and other.get_model("gemma3-tuned") is None
+        assert f"created 'gemma3-tuned' on {tuned_on.url}" in r.output
+
+
+def test_create_reports_a_404_from_the_endpoint_as_such(study_url: tuple[str, Any]) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NoCreate(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = b"404 page not found"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), NoCreate)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        with pytest.raises(TunerError) as e:
+            export.create_model(study_url[0], None, "gemma3-tuned", host=url, echo=lambda s: None)
+    finally:
+        srv.shutdown()
+    assert str(e.value) == (
+        f"Ollama at {url} answered 404 Not Found to /api/create (404 page not found): this server, or a proxy "
+        "in front of it, does not offer model creation; write a Modelfile with `tune export --format modelfile "
+        "-o Modelfile` and run `ollama create gemma3-tuned -f Modelfile` on the server")

@@ -396,6 +396,7 @@ def test_server_info_and_gpu(fake_lib: SimpleNamespace, gguf: str) -> None:
     assert engine.server_info() == {
         "engine": "llama-cpp", "host": "in-process", "version": "9.9.9", "system_info": "CPU : AVX2 = 1 |",
     }
-    assert engine.has_gpu() is False
+    off = engine.gpu_offload(gguf, None)
+    assert (off.offloads, off.source) == (False, "llama.cpp")
     fake_lib.llama_supports_gpu_offload = lambda: True
-    assert engine.has_gpu() is True
+    assert engine.gpu_offload(gguf, None).offloads is True

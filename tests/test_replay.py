@@ -67,7 +67,7 @@ def test_model_facts_axes_and_identity(grid: Path) -> None:
     assert (info.architecture, info.block_count, info.context_length, info.size_bytes) == ("gemma3", 18, 32768, 253_000_000)
     assert e.supported_params == ("num_ctx", "num_thread", "num_batch")
     assert e.variants(str(grid)) == [str(grid)]
-    assert e.has_gpu() is False
+    assert e.gpu_offload(e.path, None).offloads is False
     server = e.server_info()
     assert server["engine"] == "replay" and server["source"]["engine"] == "llama-cpp"
     with pytest.raises(ModelNotFoundError):
@@ -151,4 +151,4 @@ def test_the_committed_cpu_grid_covers_its_axes() -> None:
         assert e.error or len(e.samples) == grid.repeats * len(grid.prompts)
     e = ReplayEngine([str(path)])
     assert e.model_info(str(path)).architecture == "gemma3"
-    assert not e.has_gpu()
+    assert not e.gpu_offload(e.path, None).offloads

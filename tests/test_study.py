@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
+import re
+import time
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -11,6 +16,7 @@ from conftest import invoke
 from fake_ollama import FakeOllama
 
 from tuner import results
+from tuner.errors import TunerError
 from tuner.study import TuneOptions, run_study
 
 STORAGE = "sqlite:///t.db"
@@ -65,13 +71,13 @@ def test_measured_metrics_equal_what_the_server_reported(fake: FakeOllama, gpu: 
 def test_warmups_only_after_reloads_and_every_prompt_has_a_fresh_nonce(fake: FakeOllama) -> None:
     # Same config twice in a row: the second trial must not warm up again.
     o = opts(fake, trials=3, baseline=False, params={"num_ctx": [2048], "num_batch": [512], "num_thread": [2],
-                                                      "variant": ["gemma3:1b"]})
+                                                      "num_gpu": [27], "variant": ["gemma3:1b"]})
     run_study(o)
     study = _load()
     warm = [t.number for t in study.trials if "warmup" in t.user_attrs]
     assert warm == [0]
     assert len(fake.loads) == 1
-    gens = fake.generate_requests()
+    gens = fake.prompt_requests()
     warmups = [g for g in gens if g["options"]["num_predict"] == 8]
     assert len(warmups) == 1
     prompts = [g["prompt"] for g in gens]
@@ -97,7 +103,7 @@ def test_oom_trials_are_recorded_as_infeasible(fake: FakeOllama, gpu: None) -> N
     assert failed, "the fp16 / 32k / full-offload config must not fit the fake's 6 GB"
     for t in failed:
         assert t.state == optuna.trial.TrialState.COMPLETE
-        assert t.constraints["load"] == 1.0
+        assert results.constraints(t)["load"] == 1.0
         assert "memory" in t.user_attrs["error"]
         assert not results.is_feasible(t)
     assert summary.best is not None and summary.best.baseline  # only the baseline ran
@@ -114,7 +120,7 @@ def test_constraints_exclude_violating_trials_from_best(gpu: None) -> None:
     assert slow, "fp16 on CPU must exceed a 40 ms p95 TTFT at this time scale"
     for t in slow:
         assert not results.is_feasible(t)
-        assert t.constraints["ttft_p95_ms"] > 0
+        assert results.constraints(t)["ttft_p95_ms"] > 0
         assert any("TTFT" in v for v in t.user_attrs["violations"])
     best = results.best_feasible(study)
     assert best is not None and best.user_attrs["ttft_ms_p95"] <= 40.0
@@ -221,14 +227,14 @@ def test_space_is_built_from_the_model(fake: FakeOllama, gpu: None) -> None:
     assert space["num_thread"][0] == 0
 
 
-def test_no_gpu_fixes_num_gpu_to_zero(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tuner.engines.ollama import OllamaEngine
+def test_a_cpu_only_server_fixes_num_gpu_to_zero() -> None:
     from tuner.study import prepare
 
-    monkeypatch.setattr(OllamaEngine, "has_gpu", lambda self: False)
-    p = prepare(opts(fake, params={}, context=8000), lambda s: None)
-    p.engine.close()
+    with FakeOllama(memory_budget_mib=0) as cpu_only:  # /api/ps reports size_vram 0
+        p = prepare(opts(cpu_only, params={}, context=8000), lambda s: None)
+        p.engine.close()
     assert p.space["num_gpu"].values == (0,) and p.space["num_gpu"].fixed
+    assert p.offload is not None and p.offload.source == "ollama-ps" and not p.offload.offloads
     assert min(p.space["num_ctx"].values) == 8192  # never below --context
 
 
@@ -275,7 +281,7 @@ def test_winner_revalidation_is_interleaved_and_stored(fake: FakeOllama, gpu: No
     for e in val["entries"]:
         assert len(e["values"]) == 2 and e["ci95"][0] <= e["mean"] <= e["ci95"][1]
     # the last requests alternate configs: A B C A B C (each preceded by its warm-up)
-    measured = [g for g in fake.generate_requests()[n_before:] if g["options"]["num_predict"] != 8]
+    measured = [g for g in fake.prompt_requests()[n_before:] if g["options"]["num_predict"] != 8]
     tail = [(g["options"].get("num_gpu"), g["options"].get("num_thread")) for g in measured[-12:]]
     per_round = [tail[i] for i in range(0, 12, 2)]
     assert per_round[:3] == per_round[3:] and len(set(per_round[:3])) == 3
@@ -293,7 +299,8 @@ def test_roofline_is_stored_with_the_study(fake: FakeOllama, monkeypatch: pytest
 
 
 def test_concurrency_sends_simultaneous_streams(fake: FakeOllama) -> None:
-    run_study(opts(fake, trials=2, repeats=1, concurrency=3, objectives=["aggregate_tps"], validate=0))
+    run_study(opts(fake, trials=2, repeats=1, concurrency=3, objectives=["aggregate_tps"], validate=0,
+                   params={"num_thread": [1, 2, 4, 8], "num_gpu": [0]}))
     study = _load()
     for t in study.trials:
         assert t.user_attrs["n_requests"] == 2 * 3
@@ -324,10 +331,63 @@ def test_ollama_host_forms(given: str | None, expected: str, monkeypatch: pytest
     assert normalise_host(given) == expected
 
 
-def test_remote_server_keeps_num_gpu_in_the_search() -> None:
-    from tuner.engines.ollama import OllamaEngine
+def _no_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tuner.telemetry as telemetry
 
-    assert OllamaEngine("http://gpu-box.example:11434").has_gpu()
+    monkeypatch.setattr(telemetry, "probe_gpus", lambda indices=None: telemetry.GpuProbe(
+        available=False, reason="NVML library not found (no NVIDIA driver installed?)"))
+
+
+def test_the_gpu_is_whatever_the_server_says_it_is(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GPU NVML cannot see (WSL, Vulkan, a container): the server's /api/ps decides.
+    _no_nvml(monkeypatch)
+    lines: list[str] = []
+    summary = run_study(opts(fake, trials=30, repeats=1, params={}, validate=0), echo=lines.append)
+    assert "GPU offload (ollama-ps): the server offloads to a GPU: /api/ps reports " in "\n".join(lines)
+    assert summary.space["num_gpu"] == list(range(-1, 28))
+    study = _load()
+    assert study.user_attrs["gpu_offload_source"] == "ollama-ps"
+    assert summary.speedup is not None and summary.speedup > 1.2
+    best = results.view(results.best_feasible(study))
+    assert best.options["num_gpu"] >= 27
+    measured = [t for t in study.trials if t.state.name == "COMPLETE" and not t.user_attrs.get("error")]
+    for t in measured:
+        used = fake.memory(t.user_attrs["config"]["model"], t.user_attrs["config"]["options"] or None)
+        assert t.user_attrs["server_vram_mib"] == pytest.approx(used["gpu_mib"], abs=0.1)
+    # The probe's load is undone; the baseline measured its own load.
+    assert study.trials[0].user_attrs["reload_ms"] > 1000
+
+
+def test_vram_limit_uses_the_servers_report_without_nvml(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_nvml(monkeypatch)
+    run_study(opts(fake, trials=3, params={"num_gpu": [0, 27], "num_thread": [4], "variant": ["gemma3:1b"],
+                                           "num_ctx": [2048], "num_batch": [512]}, sampler="grid",
+                   max_vram_mib=300, validate=0, baseline=False))
+    study = _load()
+    for t in study.trials:
+        vram = t.user_attrs["server_vram_mib"]
+        assert results.is_feasible(t) == (vram <= 300), (t.params, vram)
+    assert {t.params["num_gpu"] for t in study.trials} == {0, 27}
+
+
+def test_limits_that_cannot_be_measured_are_refused(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_nvml(monkeypatch)
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--max-power-w", "200")
+    assert r.exit_code == 2
+    assert r.output == ("Error: --max-power-w needs GPU power telemetry (NVML), and there is none (NVML library "
+                        "not found (no NVIDIA driver installed?)): drop --max-power-w, or run the tuner on the "
+                        "machine with the NVIDIA GPU\n")
+    assert fake.prompt_requests() == [] and not Path("studies/tuner.db").exists()
+
+
+def test_the_server_is_left_as_it_was(fake: FakeOllama) -> None:
+    import ollama
+
+    client = ollama.Client(host=fake.url)
+    fake.max_loaded_models = 3
+    client.generate(model="gemma3:1b-it-qat", prompt="", keep_alive="1h")  # the user's own model
+    run_study(opts(fake, trials=3, params={"variant": ["gemma3:1b", "gemma3:1b-it-q8_0"], "num_thread": [4]}))
+    assert [m["model"] for m in fake.loaded_models()] == ["gemma3:1b-it-qat"]
 
 
 def test_context_reaches_the_baseline(fake: FakeOllama) -> None:
@@ -338,7 +398,7 @@ def test_context_reaches_the_baseline(fake: FakeOllama) -> None:
     assert first["options"]["num_ctx"] == 8192
 
 
-def test_busy_server_is_a_failed_trial_not_an_infeasible_config(fake: FakeOllama) -> None:
+def test_busy_server_is_a_failed_trial_not_an_infeasible_config(fake: FakeOllama, gpu: None) -> None:
     fake.fail_next(1, status=503, error="server busy, please try again. maximum pending requests exceeded")
     run_study(opts(fake, trials=2, server_wait_s=1))
     t0 = _load().trials[0]
@@ -349,5 +409,49 @@ def test_a_config_that_times_out_is_infeasible() -> None:
     with FakeOllama(time_scale=1.0) as slow:  # a real 1.2 s+ load
         run_study(opts(slow, trials=1, timeout_s=0.5, num_predict=4))
     t = _load().trials[0]
-    assert t.state.name == "COMPLETE" and t.constraints["load"] == 1.0
+    assert t.state.name == "COMPLETE" and results.constraints(t)["load"] == 1.0
     assert "no answer within --timeout 0.5 s" in t.user_attrs["error"]
+
+
+def test_a_hung_server_fails_trials_and_never_makes_a_config_infeasible(fake: FakeOllama, gpu: None) -> None:
+    # The baseline (warm-up + 2 requests) is answered, then the server freezes entirely.
+    fake.hang(120, after_generates=3)
+    with pytest.raises(TunerError) as e:
+        run_study(opts(fake, trials=5, repeats=1, timeout_s=1, server_wait_s=1, validate=0, roofline=False))
+    assert str(e.value).startswith("stopped after 3 consecutive failed trials (last: Ollama at ")
+    assert "stopped answering" in str(e.value)
+    trials = _load().trials
+    assert trials[0].state.name == "COMPLETE" and results.is_feasible(trials[0])
+    assert [t.state.name for t in trials[1:]] == ["FAIL"] * 3
+    for t in trials[1:]:
+        assert "stopped answering: no reply to a generate request within --timeout 1 s" in t.user_attrs["error"]
+        assert "the server is hung or overloaded" in t.user_attrs["error"]
+
+
+def test_a_config_too_slow_for_a_live_server_is_infeasible(fake: FakeOllama, gpu: None) -> None:
+    fake.hang(120, paths=["/api/generate"], after_generates=3)  # /api/version still answers
+    run_study(opts(fake, trials=2, repeats=1, timeout_s=1, validate=0, roofline=False))
+    t = _load().trials[1]
+    assert t.state.name == "COMPLETE" and not results.is_feasible(t)
+    assert "no answer within --timeout 1 s" in t.user_attrs["error"]
+
+
+def test_a_trial_failed_by_the_heartbeat_check_says_why(fake: FakeOllama, gpu: None) -> None:
+    from tuner.storage import open_storage
+
+    beat = dict(heartbeat_s=1, grace_s=2, validate=0, roofline=False, trials=1, repeats=1)
+    run_study(opts(fake, **beat))
+    storage = open_storage(STORAGE, heartbeat_s=1, grace_s=2)
+    study = optuna.load_study(study_name=_load().study_name, storage=storage)
+    lost = study.ask()  # a worker started a trial, beat once, and was killed
+    lost.set_user_attr("worker", {"hostname": "box", "pid": 4242})
+    storage.record_heartbeat(lost._trial_id)
+    time.sleep(3.5)  # SQLite timestamps have whole seconds
+    run_study(opts(fake, **beat))  # the next worker fails it
+    assert _load().trials[lost.number].state.name == "FAIL"
+    r = invoke("show", "--storage", STORAGE)
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith(f"  #{lost.number} "))
+    assert re.search(r": its worker \(box pid 4242\) sent no heartbeat for 2 s: it was killed, crashed or hung "
+                     rf"\(marked failed by {re.escape(platform.node())} pid {os.getpid()} at [0-9-]+ [0-9:]+ UTC\); "
+                     "--retry-failed measures such trials again$", line), line

@@ -60,7 +60,7 @@ def test_every_trial_carries_gpu_and_host_telemetry(fake: FakeOllama, nvml: Fake
 def test_vram_and_power_limits_are_constraints(fake: FakeOllama, nvml: FakeNvml) -> None:
     summary = run_study(opts(fake, max_vram_mib=2500, max_power_w=100))
     for t in _trials():
-        assert t.constraints["vram_mib"] > 0 and t.constraints["power_w"] > 0
+        assert results.constraints(t)["vram_mib"] > 0 and results.constraints(t)["power_w"] > 0
         assert not results.is_feasible(t)
         assert any("VRAM peak 3000 MiB > 2500 MiB" in v for v in t.user_attrs["violations"])
     assert not summary.best_is_feasible

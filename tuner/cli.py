@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
@@ -9,6 +10,7 @@ import click
 
 from tuner import __version__
 from tuner.errors import TunerError
+from tuner.terminal import printable
 
 DEFAULT_COMMAND = "run"
 
@@ -17,10 +19,13 @@ class DefaultGroup(click.Group):
     """A group that runs ``run`` when no subcommand is named: ``tune --model gemma3:1b``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = [DEFAULT_COMMAND, *args]
-        elif not args:
+        if not args:
             args = ["--help"]
+        elif args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            # Only options go to `run`: a mistyped command must not read as `run` lacking --model.
+            if not args[0].startswith("-"):
+                raise TunerClickError(_no_such_command(args[0], list(self.commands)), 2)
+            args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -29,7 +34,7 @@ class DefaultGroup(click.Group):
         except TunerError as e:
             if os.environ.get("TUNER_DEBUG"):
                 raise
-            raise TunerClickError(str(e)) from None
+            raise _click_error(e) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
@@ -40,6 +45,11 @@ class DefaultGroup(click.Group):
             )
             ctx.exit(130)
         except Exception as e:
+            from tuner.storage import write_failure
+
+            full = write_failure(e)
+            if full is not None and not os.environ.get("TUNER_DEBUG"):
+                raise _click_error(full) from None
             # A bug, not bad input: tests and TUNER_DEBUG=1 want the traceback.
             if os.environ.get("TUNER_DEBUG") or os.environ.get("PYTEST_CURRENT_TEST"):
                 raise
@@ -52,9 +62,24 @@ class DefaultGroup(click.Group):
 
 
 class TunerClickError(click.ClickException):
-    """A TunerError shown as one line, ``Error: ...``, with exit code 2."""
+    """A TunerError shown as one line, ``Error: ...``, with the error's exit code."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(printable(message))
+        # click types exit_code as a ClassVar; here it is the TunerError's own.
+        self.exit_code = exit_code  # type: ignore[misc]
+
+
+def _click_error(e: TunerError) -> TunerClickError:
+    # The one place a TunerError's exit code is read: 2 rejected input, 1 runtime failure.
+    return TunerClickError(str(e), e.exit_code)
+
+
+def _no_such_command(name: str, commands: list[str]) -> str:
+    close = difflib.get_close_matches(name, commands, n=1)
+    if close:
+        return f"No such command '{name}'. Did you mean '{close[0]}'?"
+    return f"No such command '{name}': the commands are {', '.join(commands)} (see `tune --help`)"
 
 
 def _echo(msg: str) -> None:
@@ -80,6 +105,11 @@ def cli() -> None:
     Then look at it and take the winner into production:
 
         tune report; tune show; tune export --format modelfile
+
+    Errors are one line, `Error: ...`, naming the fix. Exit codes: 0 done; 2 rejected input
+    (a bad option or file, an unknown study, trial or model name; nothing was measured);
+    1 runtime failure (server down or failing, storage cannot be opened or written, disk
+    full, a stop after consecutive failed trials); 130 interrupted (Ctrl-C; re-run to resume).
     """
 
 
@@ -171,7 +201,7 @@ def run_cmd(**kw: Any) -> None:
     try:
         gpus = [int(x) for x in _split((kw["gpus"],))] if kw["gpus"] else None
     except ValueError:
-        raise TunerClickError(f"invalid --gpu '{kw['gpus']}': give GPU indices like 0 or 0,1") from None
+        raise TunerClickError(f"invalid --gpu '{kw['gpus']}': give GPU indices like 0 or 0,1", 2) from None
     opts = TuneOptions(
         model=list(kw["models"]), engine=kw["engine"], host=kw["host"], trials=kw["trials"],
         repeats=kw["repeats"], num_predict=kw["num_predict"], prompts_file=kw["prompts_file"],
@@ -209,7 +239,7 @@ def studies_cmd(storage: str | None) -> None:
 @_storage_option
 @click.option("--top", "-k", type=int, default=10, show_default=True, help="Rows in the top-k table.")
 def show_cmd(study: str | None, storage: str | None, top: int) -> None:
-    """Print a study's best configuration and its top-k table [default: the latest study].
+    """Print STUDY's best configuration and its top-k table [default: the latest study].
 
     Example: tune show 'gemma3:1b@127.0.0.1:11434' --top 5
     """
@@ -243,7 +273,7 @@ def demo_cmd(trials: int, storage: str | None, out_dir: str) -> None:
 @click.option("--output", "-o", type=click.Path(), help="HTML file or folder [default: reports/<study>.html].")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the browser.")
 def report_cmd(study: str | None, storage: str | None, output: str | None, open_browser: bool) -> None:
-    """Write a self-contained HTML report of a study [default: the latest study].
+    """Write a self-contained HTML report of STUDY [default: the latest study].
 
     Example: tune report 'gemma3:1b@127.0.0.1:11434' --open
     """
@@ -268,10 +298,13 @@ def report_cmd(study: str | None, storage: str | None, output: str | None, open_
               help="Export even when no trial meets the limits (the least-violating one).")
 @click.option("--create", "create_name", metavar="NAME",
               help="Create Ollama model NAME with the tuned settings (`ollama run NAME`).")
-@click.option("--host", envvar="OLLAMA_HOST", help="Ollama server for --create [default: the study's host].")
+@click.option("--host", help="Ollama server for --create [default: the study's host; for a managed-server "
+                            "study $OLLAMA_HOST or http://127.0.0.1:11434].")
 def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: int | None, output: str | None,
                allow_infeasible: bool, create_name: str | None, host: str | None) -> None:
-    """Export the winner (or --trial N) for production, or every trial as a table.
+    """Export STUDY's winner (or --trial N) for production, or every trial as a table.
+
+    STUDY defaults to the latest study in the storage.
 
     Example: tune export --format modelfile -o Modelfile && ollama create gemma3-tuned -f Modelfile
     """

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 
 class TunerError(Exception):
-    """Base class: the CLI prints ``Error: <message>`` and exits with code 2."""
+    """Base class: the CLI prints ``Error: <message>`` and exits with ``exit_code``."""
+
+    #: click's convention: 2 when the input is rejected (before the server or storage is
+    #: touched, or an unknown study, trial or model name); 1 for a runtime failure.
+    exit_code = 2
 
 
 class ServerError(TunerError):
     """The inference server is unreachable or answered something unusable."""
+
+    exit_code = 1
+
+
+class ServerSetupError(ServerError):
+    """The server cannot be addressed or started as asked (bad --host, --ollama-bin, setting)."""
+
+    exit_code = 2
 
 
 class ModelNotFoundError(TunerError):
@@ -27,8 +39,20 @@ class StudyError(TunerError):
     """The storage or study cannot be used as asked (mismatch, bad URL, missing study)."""
 
 
+class StorageError(StudyError):
+    """The storage cannot be opened or written (database down, disk full, file-size limit)."""
+
+    exit_code = 1
+
+
 class ExportError(TunerError):
     """The winner cannot be exported as asked."""
+
+
+class WriteError(TunerError):
+    """A report or export file cannot be written for lack of space (disk full, ``ulimit -f``)."""
+
+    exit_code = 1
 
 
 class MissingDependencyError(TunerError):
@@ -41,6 +65,16 @@ class LoadError(TunerError):
     Raised inside a trial; the study records it as an infeasible trial and goes on.
     """
 
+    exit_code = 1
+
 
 class TrialFailedError(TunerError):
     """A trial could not be measured for a reason unrelated to its configuration."""
+
+    exit_code = 1
+
+
+class StoppedError(TunerError):
+    """The run stopped after consecutive failed trials; the study is intact."""
+
+    exit_code = 1

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from tuner import results
 from tuner.errors import ExportError
+from tuner.terminal import command
 
 FORMATS = ("modelfile", "json", "env", "csv", "parquet")
 #: Ollama's Options (api/types.go Options + Runner) with the JSON type each one takes.
@@ -148,7 +149,7 @@ def modelfile_text(trial: TrialLike, study: Any) -> str:
     if v.server:
         lines.append("# server-level settings cannot go in a Modelfile; set them on `ollama serve`: "
                      + ", ".join(f"{k}={_one_line(val)}" for k, val in v.server.items()))
-        lines.append(f"# (see: tune export '{_one_line(study.study_name)}' --format env --trial {v.number})")
+        lines.append(f"# (see: {command('tune', 'export', _one_line(study.study_name), '--format', 'env', '--trial', v.number)})")
     lines.append(f"FROM {_model_tag(v)}")
     for key, value in options.items():
         if isinstance(value, list):
@@ -352,5 +353,5 @@ def create_model(
     msg = f"created '{name}' on {engine.host}: `ollama run {name}` now uses the tuned settings"
     if v.server:
         msg += (f"; the server-level settings ({', '.join(f'{k}={val}' for k, val in v.server.items())}) "
-                f"need `tune export '{study.study_name}' --format env`")
+                f"need `{command('tune', 'export', study.study_name, '--format', 'env')}`")
     return ExportResult("create", modelfile_text(trial, study), None, v.number, msg)

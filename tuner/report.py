@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner import results
-from tuner.errors import TunerError
+from tuner.errors import TunerError, WriteError
 from tuner.metrics import METRIC_ROWS, OBJECTIVE_LABELS, TELEMETRY_ROWS
 
 TOP_N = 10
@@ -1055,9 +1055,12 @@ def write_atomic(path: Path, data: bytes, what: str, error: type[TunerError] = T
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
-        hint = "free some disk space or pass --output on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT) \
-            else "pass a writable --output"
-        raise error(f"cannot write the {what} to {path}: {e.strerror or e}; {hint}") from None
+        text = f"cannot write the {what} to {path}: {e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"{text}; free some disk space or pass --output on another disk") from None
+        if e.errno == errno.EFBIG:
+            raise WriteError(f"{text}; raise the file-size limit (`ulimit -f`) or pass --output on another disk") from None
+        raise error(f"{text}; pass a writable --output") from None
     finally:
         if tmp is not None:
             try:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.errors import StudyError
+from tuner.storage import lost_trial_key
+from tuner.terminal import command
 
 
 def defaults_name(engine: str) -> str:
@@ -28,9 +30,47 @@ def is_complete(t: Any) -> bool:
     return t.state == _optuna().trial.TrialState.COMPLETE
 
 
+#: Optuna's list-form constraints attr: the one form that optuna-dashboard reads (as
+#: ``constraints``) and that Optuna's samplers read too (as keys "0", "1", ...).
+CONSTRAINTS_KEY = "constraints"
+#: The names of that list's values, in order (the dashboard and the samplers ignore it).
+CONSTRAINT_NAMES_KEY = "tuner:constraint_names"
+_NAMED_PREFIX = CONSTRAINTS_KEY + ":"
+
+
+def store_constraints(trial: Any, values: dict[str, float]) -> None:
+    """Write a running trial's constraints once, as a list plus its names.
+
+    Not ``Trial.set_constraint``: optuna-dashboard 0.21 shows only the list form, and a trial
+    holding both forms has each constraint counted twice by TPE and NSGA-II (Optuna 5 merges
+    them in ``_get_constraints_from_system_attrs``).
+    """
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINT_NAMES_KEY, list(values))
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [float(v) for v in values.values()])
+
+
+def constraints(t: Any) -> dict[str, float]:
+    """A trial's constraints by name, each once, whichever form stored them.
+
+    Studies from before ``store_constraints`` hold ``Trial.set_constraint``'s
+    ``constraints:NAME`` keys; a list beside such keys without names is a copy of them.
+    """
+    attrs = getattr(t, "system_attrs", None)
+    if attrs is None:
+        return dict(t.constraints or {})
+    named = {k[len(_NAMED_PREFIX):]: float(v) for k, v in attrs.items() if k.startswith(_NAMED_PREFIX)}
+    listed = attrs.get(CONSTRAINTS_KEY) or []
+    names = attrs.get(CONSTRAINT_NAMES_KEY)
+    if names and len(names) == len(listed):
+        return {**dict(zip(names, map(float, listed))), **named}
+    if named:
+        return named
+    return {str(i): float(v) for i, v in enumerate(listed)}
+
+
 def violation(t: Any) -> float:
     """Sum of positive constraint values (0 = feasible)."""
-    return float(sum(v for v in (t.constraints or {}).values() if v > 0))
+    return float(sum(v for v in constraints(t).values() if v > 0))
 
 
 def is_feasible(t: Any) -> bool:
@@ -76,7 +116,15 @@ class TrialView:
         return f"{self.model_label} " + " ".join(parts)
 
 
-def view(t: Any) -> TrialView:
+def lost_errors(study: Any) -> dict[int, str]:
+    """Why each trial failed by the heartbeat check failed (trial number -> text)."""
+    prefix = lost_trial_key(0)[:-1]
+    return {int(k[len(prefix):]): str(v) for k, v in study.user_attrs.items()
+            if k.startswith(prefix) and k[len(prefix):].isdigit()}
+
+
+def view(t: Any, lost: dict[int, str] | None = None) -> TrialView:
+    """The trial as users read it; ``lost`` (from :func:`lost_errors`) explains heartbeat failures."""
     ua = t.user_attrs
     cfg = ua.get("config", {})
     metric_keys = {k: v for k, v in ua.items()
@@ -92,7 +140,7 @@ def view(t: Any) -> TrialView:
         violations=list(ua.get("violations", [])),
         metrics=metric_keys,
         baseline=bool(ua.get("baseline", False)),
-        error=ua.get("error"),
+        error=ua.get("error") or ((lost or {}).get(t.number) if t.state.name == "FAIL" else None),
         params=dict(t.params),
     )
 
@@ -151,7 +199,7 @@ def pick_trial(study: Any, number: int | None, allow_infeasible: bool = False) -
                         "pass --allow-infeasible to use it anyway"
                     )
                 return t
-        raise StudyError(f"study '{study.study_name}' has no trial {number}: see `tune show {study.study_name}`")
+        raise StudyError(f"study '{study.study_name}' has no trial {number}: see `{command('tune', 'show', study.study_name)}`")
     best = best_feasible(study)
     if best is not None:
         return best
@@ -215,7 +263,7 @@ def trials_frame(study: Any) -> Any:
                 row[k] = val
             elif isinstance(val, list):
                 row[k] = ",".join(map(str, val))
-        for k, val in (t.constraints or {}).items():
+        for k, val in constraints(t).items():
             row[f"constraint_{k}"] = val
         row["violations"] = "; ".join(v.violations)
         row["error"] = v.error or ""

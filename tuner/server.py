@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from tuner.errors import LoadError, ServerError
+from tuner.errors import LoadError, ServerSetupError
 
 #: Keep a model loaded between a trial's requests (Ollama's default unloads after 5 minutes).
 KEEP_ALIVE = "30m"
@@ -94,7 +94,7 @@ def _flash_attention(value: Any) -> str:
         return "on" if value else "off"
     text = str(value).strip().lower()
     if text not in FLASH_ATTENTION_VALUES:
-        raise ServerError(f"invalid flash_attention {value!r}: use auto, on or off")
+        raise ServerSetupError(f"invalid flash_attention {value!r}: use auto, on or off")
     return text
 
 
@@ -108,7 +108,7 @@ def effective_settings(settings: Mapping[str, Any], version: str | None) -> dict
     out: dict[str, Any] = {}
     for key, value in settings.items():
         if key not in SETTING_ENV:
-            raise ServerError(
+            raise ServerSetupError(
                 f"unknown server setting '{key}': use {', '.join(SETTING_ENV)}"
             )
         if key == "flash_attention":
@@ -117,11 +117,11 @@ def effective_settings(settings: Mapping[str, Any], version: str | None) -> dict
         elif key == "kv_cache_type":
             kv = str(value).strip().lower()
             if kv not in KV_CACHE_TYPES:
-                raise ServerError(f"invalid kv_cache_type {value!r}: use f16, q8_0 or q4_0")
+                raise ServerSetupError(f"invalid kv_cache_type {value!r}: use f16, q8_0 or q4_0")
             out[key] = kv
         else:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ServerError(f"invalid num_parallel {value!r}: use an integer >= 1")
+                raise ServerSetupError(f"invalid num_parallel {value!r}: use an integer >= 1")
             out[key] = value
     fa_on = out.get("flash_attention") == "on"
     if out.get("kv_cache_type", "f16") != "f16" and not fa_on and kv_needs_flash_attention(version):
@@ -172,13 +172,13 @@ def find_ollama(binary: str | None) -> str:
     if binary:
         found = shutil.which(str(Path(binary).expanduser()))
         if found is None:
-            raise ServerError(
+            raise ServerSetupError(
                 f"--ollama-bin {binary} is not an executable file: pass the path of the `ollama` binary"
             )
         return os.path.abspath(found)
     found = shutil.which("ollama")
     if found is None:
-        raise ServerError("no `ollama` executable found: install Ollama or pass --ollama-bin PATH")
+        raise ServerSetupError("no `ollama` executable found: install Ollama or pass --ollama-bin PATH")
     return found
 
 

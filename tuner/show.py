@@ -7,6 +7,7 @@ from typing import Any
 from tuner import results
 from tuner.metrics import METRIC_ROWS, TELEMETRY_ROWS
 from tuner.storage import default_storage_url, open_storage, shown_url
+from tuner.terminal import command, printable
 
 def _num(v: Any, digits: int = 1) -> str:
     if v is None:
@@ -19,14 +20,14 @@ def _num(v: Any, digits: int = 1) -> str:
 def format_trial(v: results.TrialView, title: str) -> str:
     """The block that describes one trial: config, metric statistics, telemetry."""
     lines = [f"{title} (trial #{v.number}):"]
-    lines.append(f"  {'model':<24} {v.model}")
+    lines.append(f"  {'model':<24} {printable(v.model)}")
     if v.baseline:
         lines.append(f"  {'options':<24} none (the engine's defaults)")
     for k, val in {**v.options, **v.server}.items():
-        lines.append(f"  {k:<24} {val}")
+        lines.append(f"  {printable(k):<24} {printable(val)}")
     m = v.metrics
     if v.error:
-        lines.append(f"  {'error':<24} {v.error}")
+        lines.append(f"  {'error':<24} {printable(v.error)}")
         return "\n".join(lines)
     lines.append(f"  {'metric':<24} {'mean':>10} {'sd':>8} {'p50':>10} {'p95':>10}")
     for label, key in METRIC_ROWS:
@@ -43,7 +44,7 @@ def format_trial(v: results.TrialView, title: str) -> str:
     if m.get("n_requests"):
         lines.append(f"  {'requests measured':<24} {m['n_requests']:>10}")
     if v.violations:
-        lines.append(f"  {'violates':<24} {'; '.join(v.violations)}")
+        lines.append(f"  {'violates':<24} {printable('; '.join(v.violations))}")
     return "\n".join(lines)
 
 
@@ -54,7 +55,7 @@ def format_summary(s: Any) -> str:
         out.append(f"Pareto set ({', '.join(s.objectives)}): {len(s.pareto)} feasible trade-offs")
         for v in s.pareto:
             vals = ", ".join(f"{o}={x:.2f}" for o, x in zip(s.objectives, v.values or []))
-            out.append(f"  #{v.number}: {vals}  {v.config_text()}")
+            out.append(f"  #{v.number}: {vals}  {printable(v.config_text())}")
     if s.best is None:
         out.append("No trial completed: nothing to report yet.")
     elif s.best_is_feasible:
@@ -80,9 +81,10 @@ def format_summary(s: Any) -> str:
         out.append(f"Pruning: {s.pruned} trials stopped early, saving about {s.pruned_saved_s:.1f} s of measurement")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
-    out.append(f"Stored in {s.storage} as study '{s.study_name}'")
-    at = "" if s.storage == default_storage_url() else f" --storage '{s.storage}'"
-    out.append(f"Next: tune report '{s.study_name}'{at}   tune export '{s.study_name}'{at} --format modelfile")
+    out.append(printable(f"Stored in {s.storage} as study '{s.study_name}'"))
+    at = () if s.storage == default_storage_url() else ("--storage", s.storage)
+    out.append(f"Next: {command('tune', 'report', s.study_name, *at)}   "
+               f"{command('tune', 'export', s.study_name, *at, '--format', 'modelfile')}")
     return "\n".join(out)
 
 
@@ -98,14 +100,14 @@ def format_studies(storage_url: str | None) -> str:
         best = results.best_feasible(study)
         last = max((t.datetime_complete or t.datetime_start for t in trials if t.datetime_start), default=None)
         rows.append((
-            summ.study_name,
-            str(study.user_attrs.get("model", "")),
+            printable(summ.study_name),
+            printable(study.user_attrs.get("model", "")),
             str(len(trials)),
             f"{best.values[0]:.2f}" if best is not None and best.values else "-",
             last.strftime("%Y-%m-%d %H:%M") if last else "-",
         ))
     if not rows:
-        return f"no studies in {shown_url(storage_url)}"
+        return printable(f"no studies in {shown_url(storage_url)}")
     head = ("study", "model", "trials", "best feasible", "last update")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -127,9 +129,14 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
         lines.append(f"  {'#':>4} {objectives[0]:>12} {'p95 TTFT ms':>12}  config")
         for t in ranked:
             v = results.view(t)
-            lines.append(f"  {t.number:>4} {t.values[0]:>12.2f} {v.metrics.get('ttft_ms_p95', 0):>12.0f}  {v.config_text()}")
+            lines.append(f"  {t.number:>4} {t.values[0]:>12.2f} {v.metrics.get('ttft_ms_p95', 0):>12.0f}  "
+                         f"{printable(v.config_text())}")
         text += "\n".join(lines)
-    failed = [results.view(t) for t in study.get_trials(deepcopy=False) if results.view(t).error]
+    lost = results.lost_errors(study)
+    views = [results.view(t, lost) for t in study.get_trials(deepcopy=False)]
+    failed = [v for v in views if v.error or v.state == "FAIL"]
     if failed:
-        text += "\n\nFailed or infeasible by error:\n" + "\n".join(f"  #{v.number} {v.config_text()}: {v.error}" for v in failed)
+        text += "\n\nFailed or infeasible by error:\n" + "\n".join(
+            printable(f"  #{v.number} {v.config_text()}: {v.error or 'failed without an error message'}")
+            for v in failed)
     return text

@@ -35,6 +35,9 @@ _WORDS = {"num_gpu": {"auto": -1}, "num_thread": {"auto": 0}}
 _CHOICES = {"flash_attention": ("auto", "on", "off"), "kv_cache_type": ("f16", "q8_0", "q4_0")}
 # Contiguous integer ranges longer than this are sampled as ordered integers, not categories.
 _INT_RANGE_MIN = 8
+#: Values one parameter may take; checked before a range is expanded (1..100000000 would
+#: take gigabytes of memory).
+MAX_VALUES = 4096
 
 
 @dataclass(frozen=True)
@@ -174,10 +177,20 @@ def _expand(name: str, raw: str) -> list[Any]:
             lo, hi = parse_value(name, lo_s), parse_value(name, hi_s)
             if lo > hi:
                 raise SpaceError(f"invalid range '{part}' for {name}: low is above high")
+            _check_count(name, len(values) + hi - lo + 1)
             values.extend(range(lo, hi + 1))
         else:
             values.append(parse_value(name, part))
+    _check_count(name, len(values))
     return values
+
+
+def _check_count(name: str, n: int) -> None:
+    if n > MAX_VALUES:
+        raise SpaceError(
+            f"{name} has {n:,} values, more than the {MAX_VALUES:,} one parameter may take: "
+            "narrow the range or list the values to try"
+        )
 
 
 def parse_param_option(text: str) -> tuple[str, list[Any]]:
@@ -198,7 +211,18 @@ def parse_param_option(text: str) -> tuple[str, list[Any]]:
 def load_space_file(path: str | Path) -> dict[str, list[Any]]:
     """Read the ``[params]`` table of a TOML space file into name -> values."""
     data = read_toml(path)
-    table = data.get("params", {})
+    unknown = [k for k in data if k != "params"]
+    if unknown:
+        raise SpaceError(
+            f"space file {path}: unknown table or key '{unknown[0]}': a space file holds only a [params] "
+            "table (see studies/quick.toml)"
+        )
+    if "params" not in data:
+        raise SpaceError(
+            f"space file {path} has no [params] table: put the parameters under [params], "
+            "e.g. [params] then num_ctx = [2048, 4096]"
+        )
+    table = data["params"]
     if not isinstance(table, dict):
         raise SpaceError(f"space file {path}: [params] must be a table of name = values")
     out: dict[str, list[Any]] = {}
@@ -217,6 +241,7 @@ def load_space_file(path: str | Path) -> dict[str, list[Any]]:
         if isinstance(raw, str):
             values = _expand(name, raw)
         elif isinstance(raw, list):
+            _check_count(name, len(raw))
             values = [parse_value(name, v) for v in raw]
         else:
             values = [parse_value(name, raw)]

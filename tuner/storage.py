@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -9,21 +10,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuner.errors import StudyError
+from tuner.errors import StorageError, StudyError
 
 DEFAULT_DB = Path("studies") / "tuner.db"
 #: Heartbeats let a RUNNING trial of a killed worker be marked FAIL after the grace period.
 HEARTBEAT_S = 30
 GRACE_S = 90
+# What SQLite and PostgreSQL say when another worker created the schema or study first.
+_CREATION_RACE = ("already exists", "duplicate key", "UniqueViolation", "UNIQUE constraint failed",
+                  "database is locked")
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_WORDS = ("database or disk is full", "disk I/O error")
 
 
 def default_storage_url() -> str:
     return f"sqlite:///{DEFAULT_DB.as_posix()}"
 
 
-def mask(url: str) -> str:
-    """The URL with any password replaced, safe to print."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+# user:password@ up to the last '@' of the URL, since passwords may hold an unencoded '@'.
+_USERINFO = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s]*:)\S*@")
+_PASSWORD_PARAM = re.compile(r"([?&;](?:password|passwd|pwd|pass)=)[^&;#\s]*", re.IGNORECASE)
+
+
+def mask(text: str) -> str:
+    """``text`` (a URL, or a message holding URLs) with every password replaced, safe to print."""
+    return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def _encode_password(url: str) -> str:
+    """``url`` with its password percent-encoded, so that an unencoded '@' in it is read as the
+    user meant (else the driver takes its tail for the host name and prints it in errors)."""
+    from urllib.parse import quote, unquote
+
+    head, sep, query = url.partition("?")
+    m = re.match(r"([A-Za-z][\w+.-]*://[^:/@]*:)(.*)@([^@]*)$", head, re.S)
+    if m is None:
+        return url
+    return f"{m.group(1)}{quote(unquote(m.group(2)), safe='')}@{m.group(3)}{sep}{query}"
 
 
 def shown_url(url: str | None) -> str:
@@ -53,7 +76,13 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
         _check_dir(path, url, create)
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as e:
+            raise StorageError(
+                f"cannot open storage '{mask(url)}': {e.strerror or e}; pass a writable --storage "
+                f"(e.g. journal://{Path.home()}/tuner.log)"
+            ) from None
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if not create and not path.exists():
@@ -65,10 +94,11 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
             "or journal:///path.log"
         )
     shown = mask(url)
+    url = _encode_password(url)
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         # SQLAlchemy's default PostgreSQL driver is psycopg2; we ship psycopg (3).
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    callback = optuna.storages.RetryFailedTrialCallback(max_retry=1) if retry_failed else None
+    callback = LostTrialCallback(grace_s, retry_failed)
     last: Exception | None = None
     # Several workers starting at once race to create the schema; the losers retry.
     for attempt in range(5):
@@ -77,7 +107,7 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
                 url,
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
-                failed_trial_callback=callback,
+                heartbeat_stale_trial_callback=callback,
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
             )
         except ImportError as e:
@@ -87,12 +117,79 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
             ) from None
         except Exception as e:  # sqlalchemy errors carry the URL, possibly with a password
             last = e
-            if "already exists" in str(e) or "duplicate key" in str(e) or "UniqueViolation" in str(e):
+            if any(w in str(e) for w in _CREATION_RACE):
                 time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
                 continue
             break
+    full = write_failure(last) if last is not None else None
+    if full is not None:
+        raise full
     reason = mask(str(last).splitlines()[0]) if last and str(last) else last.__class__.__name__
-    raise StudyError(f"cannot open storage '{shown}': {reason}") from None
+    raise StorageError(f"cannot open storage '{shown}': {reason}") from None
+
+
+def write_failure(e: BaseException) -> StorageError | None:
+    """A storage write that failed for lack of space, as a StorageError naming the fix; else None.
+
+    SQLite reports a full disk as "database or disk is full" and a write beyond ``ulimit -f``
+    as "disk I/O error" (through SQLAlchemy); the journal storage raises OSError itself.
+    """
+    reason = _full_reason(e)
+    if reason is None:
+        return None
+    return StorageError(
+        f"cannot write the study storage ({reason}): free disk space or raise the file-size limit "
+        "(`ulimit -f`), then run the same command again to resume"
+    )
+
+
+def _full_reason(e: BaseException) -> str | None:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _FULL_ERRNOS:
+            return cur.strerror or str(cur)
+        if cur.__class__.__name__ == "OperationalError":
+            first = str(cur).splitlines()[0] if str(cur) else ""
+            for words in _FULL_WORDS:
+                if words in first:
+                    return words
+        cur = getattr(cur, "orig", None) or cur.__cause__ or cur.__context__
+    return None
+
+
+def lost_trial_key(number: int) -> str:
+    """The study attribute that says why trial ``number`` was failed by the heartbeat check.
+
+    A FAIL trial is finished, so nothing can be written on it any more; the study can.
+    """
+    return f"lost_trial_{number}"
+
+
+class LostTrialCallback:
+    """Run by Optuna for each RUNNING trial whose worker stopped sending heartbeats."""
+
+    def __init__(self, grace_s: int, retry: bool) -> None:
+        import optuna
+
+        self.grace_s = grace_s
+        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=1) if retry else None
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        import datetime as dt
+        import platform
+
+        w = trial.user_attrs.get("worker") or {}
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        study.set_user_attr(lost_trial_key(trial.number), (
+            f"its worker ({w.get('hostname', '?')} pid {w.get('pid', '?')}) sent no heartbeat for "
+            f"{self.grace_s} s: it was killed, crashed or hung (marked failed by {platform.node()} "
+            f"pid {os.getpid()} at {now})"
+            + ("; queued again" if self.retry else "; --retry-failed measures such trials again")
+        ))
+        if self.retry is not None:
+            self.retry(study, trial)
 
 
 def _check_dir(path: Path, url: str, create: bool) -> None:

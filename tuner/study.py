@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import math
 import os
 import platform
 import time
@@ -11,14 +13,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner import __version__
-from tuner.engines import Engine, get_engine
-from tuner.errors import LoadError, ServerError, SpaceError, StudyError, TrialFailedError, TunerError
+from tuner.engines import Engine, GpuOffload, get_engine
+from tuner.errors import (LoadError, ServerError, SpaceError, StoppedError, StorageError, StudyError,
+                          TrialFailedError, TunerError)
 from tuner.measure import config_key, measure_config
 from tuner.pruning import PER_REQUEST, make_pruner
 from tuner.metrics import OBJECTIVES, objective_value
 from tuner.space import RUNNER_PARAMS, SERVER_PARAMS, SearchSpace, SpaceLimits, build_space, load_space_file
 from tuner.roofline import roofline
-from tuner.storage import mask, open_storage, shown_url
+from tuner.storage import mask, open_storage, shown_url, write_failure
+from tuner.terminal import printable
 from tuner.validate import validate_top
 from tuner.workload import Workload, builtin_prompts, load_prompts
 from tuner import results
@@ -108,6 +112,7 @@ class _Prepared:
     has_gpu: bool
     warnings: list[str]
     gpu_telemetry: bool = False
+    offload: GpuOffload | None = None
 
 
 def _physical_cores() -> int:
@@ -121,12 +126,20 @@ def _physical_cores() -> int:
 
 def validate_options(o: TuneOptions) -> None:
     """Reject impossible numbers before anything is contacted."""
+    if not o.model:
+        raise TunerError("no model given: pass --model, e.g. --model gemma3:1b")
+    if any(not m.strip() for m in o.model):
+        raise TunerError("--model is empty: pass a model tag or GGUF path, e.g. --model gemma3:1b")
     if o.trials <= 0:
         raise TunerError(f"--trials must be at least 1 (got {o.trials})")
+    if not (math.isfinite(o.timeout_s) and o.timeout_s > 0):
+        raise TunerError(f"--timeout must be a positive number of seconds (got {o.timeout_s:g}): e.g. --timeout 600")
     for name, v in (("--max-ttft-ms", o.max_ttft_ms), ("--max-latency-ms", o.max_latency_ms),
                     ("--max-vram-mib", o.max_vram_mib), ("--max-power-w", o.max_power_w)):
-        if v is not None and v <= 0:
-            raise TunerError(f"{name} must be positive (got {v:g})")
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise TunerError(f"{name} must be a positive number (got {v:g}): give a limit, or leave it out for none")
+    if o.seed is not None and not 0 <= o.seed < 2**32:
+        raise TunerError(f"--seed must be between 0 and {2**32 - 1} (got {o.seed})")
     if o.max_ttft_ms is not None and o.max_latency_ms is not None and o.max_latency_ms < o.max_ttft_ms:
         raise TunerError(
             f"--max-latency-ms {o.max_latency_ms:g} is below --max-ttft-ms {o.max_ttft_ms:g}: "
@@ -152,8 +165,6 @@ def validate_options(o: TuneOptions) -> None:
         raise TunerError("--validate must be >= 0 and --validate-rounds >= 1")
     if o.sampler not in SAMPLERS:
         raise TunerError(f"unknown sampler '{o.sampler}': choose from {', '.join(SAMPLERS)}")
-    if not o.model:
-        raise TunerError("no model given: pass --model, e.g. --model gemma3:1b")
 
 
 def build_workload(o: TuneOptions) -> Workload:
@@ -179,10 +190,18 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
     if o.engine == "ollama" and not manage and any(k in SERVER_PARAMS for k in overrides):
         manage = True
         echo("server-level parameters in the space: starting a managed `ollama serve` (--manage-server)")
+    from tuner.telemetry import probe_gpus
+
+    probe = probe_gpus(o.gpus)
     engine = get_engine(o.engine, host=o.host, models=o.model, timeout_s=o.timeout_s,
                         manage_server=manage, ollama_bin=o.ollama_bin, models_dir=o.models_dir)
     try:
+        # NVML sees this machine's NVIDIA GPUs only: they are the server's only if it runs here.
+        gpu_telemetry = probe.available and engine.local
+        no_telemetry = probe.reason if not probe.available else f"the server at {getattr(engine, 'host', o.host)} is not on this machine"
+        _refuse_unmeasurable_limits(o, engine, gpu_telemetry, no_telemetry)
         server = engine.server_info()
+        engine.snapshot_loaded()
         model = o.model[0]
         info = engine.model_info(model)
         variants = engine.variants(model)
@@ -216,33 +235,53 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
                 f"the longest prompt plus --num-predict needs about {need} tokens but the model's "
                 f"context is {info.context_length}: use shorter prompts or a smaller --num-predict"
             )
-        has_gpu = engine.has_gpu() if "num_gpu" not in overrides else True
-        warnings: list[str] = []
         limits = SpaceLimits(
             context_length=info.context_length,
             block_count=info.block_count,
             physical_cores=_physical_cores(),
-            has_gpu=has_gpu,
+            has_gpu=True,
             min_ctx=need,
             variants=tuple(variants),
             supported=engine.supported_params,
         )
-        space = build_space(limits, overrides)
+        build_space(limits, overrides)  # a bad space is rejected before anything is loaded
+        if "num_gpu" in overrides:
+            offload = GpuOffload(True, "--param num_gpu", "num_gpu is given by --param or --space")
+        else:
+            # Load the model as the baseline runs it and ask the server where it put it.
+            offload = engine.gpu_offload(model, {"num_ctx": o.context} if o.context else None)
+        has_gpu = offload.offloads
+        warnings: list[str] = []
+        space = build_space(dataclasses.replace(limits, has_gpu=has_gpu), overrides)
         env = environment(engine, server, info)
-        from tuner.telemetry import probe_gpus
-
-        probe = probe_gpus(o.gpus)
-        if not probe.available:
-            if "tokens_per_joule" in o.objectives:
-                raise TunerError(
-                    f"objective 'tokens_per_joule' needs GPU energy telemetry, and there is none "
-                    f"({probe.reason}): choose another --objective"
-                )
-            warnings.append(f"no NVIDIA GPU telemetry: {probe.reason}")
-        return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, probe.available)
+        env["gpu_offload"] = {"offloads": offload.offloads, "source": offload.source, "detail": offload.detail}
+        if not gpu_telemetry:
+            warnings.append(f"no NVIDIA GPU telemetry: {no_telemetry}")
+        return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, gpu_telemetry, offload)
     except BaseException:
         engine.close()
         raise
+
+
+def _refuse_unmeasurable_limits(o: TuneOptions, engine: Engine, gpu_telemetry: bool, reason: str) -> None:
+    """A limit or objective that cannot be measured here is refused, never silently ignored."""
+    if gpu_telemetry:
+        return
+    if "tokens_per_joule" in o.objectives:
+        raise TunerError(
+            f"objective 'tokens_per_joule' needs GPU energy telemetry, and there is none "
+            f"({reason}): choose another --objective"
+        )
+    if o.max_power_w is not None:
+        raise TunerError(
+            f"--max-power-w needs GPU power telemetry (NVML), and there is none ({reason}): "
+            "drop --max-power-w, or run the tuner on the machine with the NVIDIA GPU"
+        )
+    if o.max_vram_mib is not None and not engine.reports_server_memory:
+        raise TunerError(
+            f"--max-vram-mib needs GPU memory telemetry, and there is none ({reason}) and the "
+            f"{engine.name} engine does not report VRAM: drop --max-vram-mib"
+        )
 
 
 def environment(engine: Engine, server: dict[str, Any], info: Any) -> dict[str, Any]:
@@ -352,7 +391,8 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         raise
     except Exception as e:
         reason = mask(str(e).splitlines()[0]) if str(e) else e.__class__.__name__
-        raise StudyError(f"cannot create study '{name}' in {shown_url(o.storage)}: {reason}") from None
+        raise write_failure(e) or StorageError(
+            f"cannot create study '{name}' in {shown_url(o.storage)}: {reason}") from None
     setattr(study, "_tuner_created", created)
     ident = _study_identity(o, p)
     attrs = study.user_attrs
@@ -390,12 +430,21 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         study.set_user_attr("workload", p.workload.to_dict())
         study.set_user_attr("environment", p.environment)
         study.set_user_attr("hardware", hardware_fingerprint(p.environment))
+        if p.offload is not None:
+            study.set_user_attr("gpu_offload_source", p.offload.source)
         study.set_user_attr("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
     study.set_user_attr(
         "limits",
         {k: v for k, v in (("max_ttft_ms", o.max_ttft_ms), ("max_latency_ms", o.max_latency_ms),
                            ("max_vram_mib", o.max_vram_mib), ("max_power_w", o.max_power_w)) if v is not None},
     )
+    if study.metric_names != o.objectives:
+        import warnings
+
+        # optuna-dashboard and trials_dataframe name the objectives from these, not "Objective 0".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(o.objectives))
     return study
 
 
@@ -483,6 +532,7 @@ class _Runner:
         self.loaded_key = key
         attrs: dict[str, Any] = dict(m.metrics)
         attrs.update(m.telemetry)
+        attrs.update(p.engine.server_memory(model) or {})
         energy = m.telemetry.get("gpu_energy_j")
         tokens = sum(s.eval_tokens for s in m.samples)
         if energy:
@@ -533,25 +583,29 @@ class _Runner:
         """Set every constraint (same keys on every trial) and return the violations."""
         o = self.o
         out: list[str] = []
-        trial.set_constraint("load", 1.0 if load_failed else 0.0)
+        values: dict[str, float] = {"load": 1.0 if load_failed else 0.0}
         checks = (
             ("ttft_p95_ms", o.max_ttft_ms, "ttft_ms_p95", "p95 TTFT", "ms"),
             ("latency_p95_ms", o.max_latency_ms, "latency_ms_p95", "p95 latency", "ms"),
-            ("vram_mib", o.max_vram_mib, "gpu_mem_used_peak_mib", "VRAM peak", "MiB"),
+            # NVML's peak when this machine sees the GPU, else what the server says the model holds.
+            ("vram_mib", o.max_vram_mib,
+             "gpu_mem_used_peak_mib" if "gpu_mem_used_peak_mib" in attrs else "server_vram_mib", "VRAM peak", "MiB"),
             ("power_w", o.max_power_w, "gpu_power_mean_w", "mean power", "W"),
         )
         for key, limit, metric, label, unit in checks:
             if limit is None:
                 continue
             value = attrs.get(metric)
-            if load_failed or value is None:
-                trial.set_constraint(key, 0.0 if not load_failed else 1.0)
+            # NaN counts as unmeasured: stored, it would read as feasible and break the dashboard's JSON.
+            if load_failed or value is None or value != value:
+                values[key] = 0.0 if not load_failed else 1.0
                 continue
             excess = float(value) - limit
             # Normalised so that limits in ms and in W weigh alike in the sampler.
-            trial.set_constraint(key, excess / limit)
+            values[key] = excess / limit
             if excess > 0:
                 out.append(f"{label} {value:.0f} {unit} > {limit:g} {unit}")
+        results.store_constraints(trial, values)
         return out
 
     def _failed_load(self, trial: Any, error: str) -> Any:
@@ -618,10 +672,10 @@ class _Progress:
         best_txt = f"best {best.values[0]:.2f} ({obj})" if best is not None and best.values else "no feasible yet"
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * (self.total - self.done)
-        self.echo(
+        self.echo(printable(
             f"[{self.done}/{self.total}] #{trial.number} {v.config_text()} | {metric}{status} | "
             f"{best_txt} | ETA {_fmt_eta(eta)}"
-        )
+        ))
         if self.consecutive_failures >= self.o.max_consecutive_failures:
             self.stopped_for_failures = True
             study.stop()
@@ -642,10 +696,10 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
     try:
         study = open_study(o, p)
         searched = ", ".join(f"{x.name}[{len(x.values)}]" for x in p.space.searched) or "nothing (all fixed)"
-        echo(f"study '{study.study_name}' in {shown_url(o.storage)}")
-        echo(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}")
+        echo(printable(f"study '{study.study_name}' in {shown_url(o.storage)}"))
+        echo(printable(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}"))
         if p.space.fixed:
-            echo("fixed: " + ", ".join(f"{k}={v}" for k, v in p.space.fixed.items()))
+            echo(printable("fixed: " + ", ".join(f"{k}={v}" for k, v in p.space.fixed.items())))
         steps = p.workload.repeats * len(p.workload.prompts)
         if o.prune and len(o.objectives) == 1 and o.objectives[0] in PER_REQUEST and steps < 5:
             p.warnings.append(
@@ -653,9 +707,11 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
                 "raise --repeats to let it stop bad trials early"
             )
         for w in p.warnings:
-            echo(w)
+            echo(printable(w))
+        if p.offload is not None:
+            echo(f"GPU offload ({p.offload.source}): {p.offload.detail}")
         if not p.has_gpu and "num_gpu" in p.space and p.space["num_gpu"].values == (0,):
-            echo("no GPU found: num_gpu fixed to 0 and left out of the search")
+            echo("no GPU offload: num_gpu fixed to 0 and left out of the search")
         existing = study.get_trials(deepcopy=False)
         created = getattr(study, "_tuner_created", False)
         # Only the worker that created the study (or a resumed study lacking one) queues the
@@ -665,12 +721,11 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
         if created:
             for point in starting_points(p.space, p.has_gpu, _physical_cores()):
                 study.enqueue_trial(point, skip_if_exists=True)
-        before = len(existing)
         runner = _Runner(o, p, echo)
         progress = _Progress(o, echo, o.trials)
         study.optimize(runner, n_trials=o.trials, callbacks=[progress], catch=(TrialFailedError,))
         if progress.stopped_for_failures:
-            raise TunerError(
+            raise StoppedError(
                 f"stopped after {progress.consecutive_failures} consecutive failed trials "
                 f"(last: {progress.last_error}); the study is intact: fix the cause and re-run to resume"
             )
@@ -682,11 +737,15 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
         if o.roofline:
             _store_roofline(study, p)
         summary = summarise_study(study, o.objectives, shown_url(o.storage),
-                                  trials_run=len(study.get_trials(deepcopy=False)) - before, space=p.space)
+                                  trials_run=progress.done, space=p.space)
         summary.warnings = p.warnings
         return summary
     finally:
-        p.engine.close()
+        try:
+            for name in p.engine.restore_loaded():
+                echo(printable(f"unloaded {name}: it was not loaded before the study"))
+        finally:
+            p.engine.close()
 
 
 def _store_roofline(study: Any, p: _Prepared) -> None:

@@ -26,10 +26,26 @@ class ModelInfo:
     size_bytes: int = 0
 
 
+@dataclass(frozen=True)
+class GpuOffload:
+    """Whether the engine offloads layers to a GPU, and the evidence that decided it."""
+
+    offloads: bool
+    #: What decided: "ollama-ps" (the server's /api/ps size_vram), "nvml", "llama.cpp",
+    #: "recorded grid", "--param num_gpu" or "unknown".
+    source: str
+    #: One line for the terminal: what was seen.
+    detail: str
+
+
 class Engine(ABC):
     """Loads a model with a configuration and runs one streamed, timed request."""
 
     name: str = "engine"
+    #: Whether the server runs on this machine (so this machine's GPUs and processes are its).
+    local: bool = True
+    #: Whether ``server_memory`` reports the VRAM a loaded model uses (for --max-vram-mib).
+    reports_server_memory: bool = False
     #: Parameters of the search space this engine can apply.
     supported_params: tuple[str, ...] = ()
 
@@ -48,11 +64,29 @@ class Engine(ABC):
     def ensure_models(self, models: list[str], echo: Echo) -> None:
         """Make the given variants available (pull them), showing progress."""
 
-    def has_gpu(self) -> bool:
-        """Whether layers can be offloaded to a GPU on this machine."""
+    def gpu_offload(self, model: str, runner_options: dict[str, Any] | None) -> GpuOffload:
+        """Decide whether ``model`` (with ``runner_options``) runs on a GPU, and say why.
+
+        Engines that can ask the server what it did override this; the default asks NVML.
+        """
         from tuner.telemetry import probe_gpus
 
-        return probe_gpus().available
+        probe = probe_gpus()
+        if probe.available:
+            return GpuOffload(True, "nvml", f"NVML sees {len(probe.gpus)} NVIDIA GPU(s)")
+        return GpuOffload(False, "nvml", f"no GPU: {probe.reason}")
+
+    def server_memory(self, model: str) -> dict[str, float] | None:
+        """Memory the server reports for the loaded ``model``: ``server_vram_mib`` and
+        ``server_size_mib``; None when the engine cannot tell."""
+        return None
+
+    def snapshot_loaded(self) -> None:
+        """Remember what the server has loaded now, so ``restore_loaded`` can leave it so."""
+
+    def restore_loaded(self) -> list[str]:
+        """Unload what the tuner loaded since ``snapshot_loaded``; return those names."""
+        return []
 
     def prepare(self, server_settings: dict[str, Any]) -> bool:
         """Apply server-level settings; return True if the server was restarted."""

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tuner._imports import require
-from tuner.engines.base import Echo, Engine, ModelInfo
+from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo
 from tuner.errors import LoadError, ModelNotFoundError, SpaceError, TunerError
 from tuner.metrics import RequestSample
 
@@ -383,8 +383,10 @@ class LlamaCppEngine(Engine):
         for m in models:
             read_gguf(self.resolve(m))
 
-    def has_gpu(self) -> bool:
-        return bool(self._lib.llama_supports_gpu_offload())
+    def gpu_offload(self, model: str, runner_options: dict[str, Any] | None) -> GpuOffload:
+        if self._lib.llama_supports_gpu_offload():
+            return GpuOffload(True, "llama.cpp", "llama.cpp reports GPU offload support")
+        return GpuOffload(False, "llama.cpp", "this llama.cpp build has no GPU offload (CPU only)")
 
     def server_pids(self) -> list[int]:
         return [os.getpid()]

@@ -9,15 +9,19 @@ import time
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
-from tuner.engines.base import Echo, Engine, ModelInfo
-from tuner.errors import LoadError, ModelNotFoundError, ServerError
+from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo
+from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerSetupError
 from tuner.metrics import RequestSample
 from tuner.space import SERVER_PARAMS
+from tuner.terminal import command
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 #: Keep the model loaded between a trial's requests (Ollama's default is 5 minutes).
 KEEP_ALIVE = "30m"
 NS_PER_MS = 1_000_000
+MIB = 1024 * 1024
+#: How long a liveness check (/api/version) may take: a live server answers it at once.
+VERSION_TIMEOUT_S = 10.0
 T = TypeVar("T")
 
 
@@ -39,7 +43,7 @@ def normalise_host(host: str | None) -> str:
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ServerError(
+        raise ServerSetupError(
             f"invalid Ollama host '{raw}': write it as http://HOST:PORT, e.g. {DEFAULT_HOST}"
         )
     if port is None:
@@ -104,6 +108,7 @@ class OllamaEngine(Engine):
 
     name = "ollama"
     supported_params: tuple[str, ...] = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
+    reports_server_memory = True
 
     def __init__(self, host: str | None = None, timeout_s: float = 600.0, server: Any = None) -> None:
         import ollama
@@ -114,10 +119,14 @@ class OllamaEngine(Engine):
             self.supported_params = self.supported_params + SERVER_PARAMS
             host = server.url
         self.host = normalise_host(host)
+        self.local = server is not None or is_local(self.host)
         self._ollama = ollama
         self._timeout_s = timeout_s
         self._client = ollama.Client(host=self.host, timeout=timeout_s)
         self._tags: list[dict[str, Any]] | None = None
+        #: What /api/ps listed before the study (None: not recorded), and what the tuner ran.
+        self._loaded_before: set[str] | None = None
+        self._used: set[str] = set()
 
     # -- the one choke point -------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T], model: str | None = None) -> T:
@@ -143,8 +152,15 @@ class OllamaEngine(Engine):
                 "or point --host / OLLAMA_HOST at it"
             ) from None
         except httpx.TimeoutException:
-            if what.startswith(("a generate", "concurrent generate")):
-                # The config did not load or answer in time: a property of the config.
+            if what.startswith(("a generate", "concurrent generate", "a load")):
+                if not self._answers():
+                    # A hung or overloaded server says nothing about the config: a transient FAIL.
+                    raise ServerError(
+                        f"Ollama at {self.host} stopped answering: no reply to {what} within --timeout "
+                        f"{self._timeout_s:g} s, nor to /api/version within {VERSION_TIMEOUT_S:g} s; "
+                        "the server is hung or overloaded: check it (restart `ollama serve`) and re-run to resume"
+                    ) from None
+                # The server is alive, so this config did not load or answer in time.
                 raise LoadError(
                     f"no answer within --timeout {self._timeout_s:g} s (load or generation too slow)"
                 ) from None
@@ -174,7 +190,7 @@ class OllamaEngine(Engine):
         close = difflib.get_close_matches(model, names, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'? Or pull it" if close else "pull it"
         return ModelNotFoundError(
-            f"model '{model}' is not installed on {self.host}: {hint} with `ollama pull {model}`"
+            f"model '{model}' is not installed on {self.host}: {hint} with `{command('ollama', 'pull', model)}`"
         )
 
     # -- server and models ---------------------------------------------------------------
@@ -185,16 +201,25 @@ class OllamaEngine(Engine):
             info["server_log"] = str(self.server.log_path or "")
         return info
 
-    def _server_info(self) -> dict[str, Any]:
-        def get() -> dict[str, Any]:
-            r = self._client._client.get("/api/version")
-            r.raise_for_status()
-            return dict(r.json())
+    def _version(self, timeout_s: float) -> dict[str, Any]:
+        """GET /api/version: the one call outside the client, which has no method for it."""
+        r = self._client._client.get("/api/version", timeout=timeout_s)
+        r.raise_for_status()
+        return dict(r.json())
 
+    def _answers(self) -> bool:
+        """Whether the server still answers at all (after a request timed out)."""
+        try:
+            self._version(min(VERSION_TIMEOUT_S, self._timeout_s))
+            return True
+        except Exception:
+            return False
+
+    def _server_info(self) -> dict[str, Any]:
         import httpx
 
         try:
-            data = self._call("/api/version", get)
+            data = self._call("/api/version", lambda: self._version(min(VERSION_TIMEOUT_S, self._timeout_s)))
         except httpx.HTTPStatusError as e:
             raise ServerError(
                 f"{self.host} answered /api/version with {e.response.status_code}: is this an Ollama server?"
@@ -289,18 +314,101 @@ class OllamaEngine(Engine):
         """What /api/ps reports as loaded (size, size_vram, context_length)."""
         resp = self._call("/api/ps", self._client.ps)
         return [
-            {"name": m.model, "size": m.size, "size_vram": m.size_vram,
+            {"name": m.model or m.name or "", "size": int(m.size or 0), "size_vram": int(m.size_vram or 0),
              "context_length": getattr(m, "context_length", None)}
             for m in resp.models
         ]
+
+    def _loaded_entry(self, model: str) -> dict[str, Any] | None:
+        names = {model, f"{model}:latest"}
+        return next((m for m in self.loaded() if m["name"] in names), None)
+
+    def load(self, model: str, runner_options: dict[str, Any] | None) -> None:
+        """Load ``model`` with ``runner_options`` without generating (an empty prompt)."""
+        self._used.add(model)
+
+        def run() -> None:
+            self._client.generate(model=model, prompt="", options=runner_options or None, keep_alive=KEEP_ALIVE)
+
+        self._call("a load request", run, model=model)
+
+    def gpu_offload(self, model: str, runner_options: dict[str, Any] | None) -> GpuOffload:
+        """Load the model as Ollama runs it by default and read /api/ps: size_vram > 0 is the
+        server's own word that layers are on a GPU (any vendor, in a container or WSL too)."""
+        try:
+            self.load(model, runner_options)
+            entry = self._loaded_entry(model)
+            if self._loaded_before is not None and not ({model, f"{model}:latest"} & self._loaded_before):
+                # Unloaded again, so the baseline trial measures its own load like every other trial.
+                self.unload(model)
+        except LoadError as e:
+            return GpuOffload(True, "unknown", f"the defaults failed to load ({e}): num_gpu stays in the search")
+        if entry is None:
+            return GpuOffload(True, "unknown", "/api/ps does not list the model after loading it: "
+                                               "num_gpu stays in the search")
+        vram, size = entry["size_vram"] / MIB, entry["size"] / MIB
+        if entry["size_vram"] > 0:
+            return GpuOffload(True, "ollama-ps", f"the server offloads to a GPU: /api/ps reports "
+                                                 f"{vram:,.0f} of {size:,.0f} MiB in VRAM with its defaults")
+        return GpuOffload(False, "ollama-ps", f"the server runs the model on the CPU: /api/ps reports "
+                                              f"0 of {size:,.0f} MiB in VRAM with its defaults")
+
+    def server_memory(self, model: str) -> dict[str, float] | None:
+        try:
+            entry = self._loaded_entry(model)
+        except (ServerError, LoadError):
+            return None
+        if entry is None:
+            return None
+        return {"server_vram_mib": round(entry["size_vram"] / MIB, 1),
+                "server_size_mib": round(entry["size"] / MIB, 1)}
+
+    def snapshot_loaded(self) -> None:
+        self._loaded_before = {m["name"] for m in self.loaded()}
+
+    def restore_loaded(self) -> list[str]:
+        """Unload (keep_alive 0) what the tuner loaded that was not loaded before the study."""
+        if self._loaded_before is None or self.server is not None:
+            return []
+        out: list[str] = []
+        try:
+            now = {m["name"] for m in self.loaded()}
+        except (ServerError, LoadError):
+            return out
+        used = self._used | {f"{m}:latest" for m in self._used}
+        for name in sorted(now - self._loaded_before):
+            if name not in used:
+                continue
+            try:
+                self.unload(name)
+                out.append(name)
+            except (ServerError, LoadError):
+                pass
+        return out
+
+    def unload(self, model: str) -> None:
+        """Unload ``model`` now (an empty prompt with keep_alive 0)."""
+        self._call(f"unload of {model}",
+                   lambda: self._client.generate(model=model, prompt="", keep_alive=0), model=model)
 
     def create(self, name: str, source: str, parameters: dict[str, Any], echo: Echo) -> None:
         """Create model ``name`` from ``source`` with PARAMETER values (``ollama create``)."""
 
         def run() -> None:
-            for p in self._client.create(model=name, from_=source, parameters=parameters, stream=True):
-                if p.status:
-                    echo(f"  {p.status}")
+            try:
+                for p in self._client.create(model=name, from_=source, parameters=parameters, stream=True):
+                    if p.status:
+                        echo(f"  {p.status}")
+            except self._ollama.ResponseError as e:
+                if e.status_code != 404 or source in (e.error or ""):
+                    raise
+                # Not the source model missing: the endpoint itself is not there (old server, proxy).
+                raise ServerError(
+                    f"Ollama at {self.host} answered 404 Not Found to /api/create "
+                    f"({(e.error or '').strip()[:80]}): this server, or a proxy in front of it, does not offer "
+                    "model creation; write a Modelfile with `tune export --format modelfile -o Modelfile` "
+                    f"and run `ollama create {name} -f Modelfile` on the server"
+                ) from None
 
         try:
             self._call(f"create of {name}", run, model=source)
@@ -316,6 +424,7 @@ class OllamaEngine(Engine):
         predict_options: dict[str, Any],
     ) -> RequestSample:
         options = {**(runner_options or {}), **predict_options}
+        self._used.add(model)
 
         def run() -> RequestSample:
             clock = _StreamClock(self.host)
@@ -339,6 +448,7 @@ class OllamaEngine(Engine):
         import asyncio
 
         options = {**(runner_options or {}), **predict_options}
+        self._used.add(model)
 
         async def one(client: Any, prompt: str) -> RequestSample:
             clock = _StreamClock(self.host)
@@ -358,18 +468,6 @@ class OllamaEngine(Engine):
             return list(out), (time.perf_counter() - t0) * 1e3
 
         return self._call("concurrent generate requests", lambda: asyncio.run(run_all()), model=model)
-
-    def has_gpu(self) -> bool:
-        """GPU offload is possible unless this is a local Linux/Windows box without a GPU.
-
-        A remote server's hardware cannot be inspected from here, and macOS (Metal) or AMD
-        (ROCm) GPUs are invisible to NVML: there the layer count stays in the search.
-        """
-        import platform
-
-        if not is_local(self.host) or platform.system() == "Darwin" or os.path.exists("/dev/kfd"):
-            return True
-        return super().has_gpu()
 
     def prepare(self, server_settings: dict[str, Any]) -> bool:
         """Restart the managed server when a server-level setting changes."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.engines.base import Engine, ModelInfo
+from tuner.engines.base import Engine, GpuOffload, ModelInfo
 from tuner.errors import LoadError, ModelNotFoundError, TunerError, WorkloadError
 from tuner.metrics import RequestSample, summarise
 
@@ -205,8 +205,10 @@ class ReplayEngine(Engine):
         first = recorded[0] if model == self.path else model
         return [first] + [v for v in recorded if v != first]
 
-    def has_gpu(self) -> bool:
-        return any(int(v) != 0 for v in self.grid.axes.get("num_gpu", []))
+    def gpu_offload(self, model: str, runner_options: dict[str, Any] | None) -> GpuOffload:
+        if any(int(v) != 0 for v in self.grid.axes.get("num_gpu", [])):
+            return GpuOffload(True, "recorded grid", "the recorded grid has GPU layers")
+        return GpuOffload(False, "recorded grid", "the recorded grid was measured on the CPU only")
 
     def prepare(self, server_settings: dict[str, Any]) -> bool:
         self._server = dict(server_settings)
