@@ -85,6 +85,6 @@ def truths(grid: Any) -> dict[Any, Truth]:
         if e.error or not e.samples:
             out[key] = Truth(e.config, 0.0, float("inf"), False)
             continue
-        m = true_metrics(e)
-        out[key] = Truth(e.config, float(m["decode_tps_mean"]), float(m["ttft_ms_p95"]), True)
+        r = true_metrics(e)
+        out[key] = Truth(e.config, r.stat("decode_tps") or 0.0, r.stat("ttft_ms", "p95") or 0.0, True)
     return out

@@ -31,7 +31,9 @@ from typing import Any
 
 from _common import DEFAULT_GRID, SHORT_PROMPT, load_average, now_iso, table
 
-from tuner.study import TuneOptions, run_study
+from tuner.options import TuneOptions
+from tuner.record import read_record
+from tuner.study import run_study
 
 TARGET_RATIO = 1.15
 SPACE: dict[str, list[Any]] = {
@@ -64,14 +66,14 @@ def _options(storage: str, name: str, prompts: Path | None, trials: int, repeats
 def per_trial(study: Any) -> list[list[Any]]:
     rows = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if t.datetime_complete is None or not t.user_attrs.get("samples"):
+        r = read_record(t)
+        if r.duration_s is None or not r.samples:
             continue
-        wall = (t.datetime_complete - t.datetime_start).total_seconds()
-        gen = sum(s["latency_ms"] for s in t.user_attrs["samples"]) / 1e3
-        warm = (t.user_attrs.get("warmup") or {}).get("latency_ms", 0.0) / 1e3
-        label = "baseline" if t.user_attrs.get("baseline") else " ".join(f"{k}={v}" for k, v in t.params.items())
-        rows.append([t.number, label, t.state.name.lower(), round(wall, 2), round(gen, 2), round(warm, 2),
-                     round(wall / gen, 3), round(wall / (gen + warm), 3)])
+        gen = sum(s.latency_ms for s in r.request_samples()) / 1e3
+        warm = (r.warmup or {}).get("latency_ms", 0.0) / 1e3
+        label = "baseline" if r.baseline else " ".join(f"{k}={v}" for k, v in r.params.items())
+        rows.append([r.number, label, r.state.lower(), round(r.duration_s, 2), round(gen, 2), round(warm, 2),
+                     round(r.duration_s / gen, 3), round(r.duration_s / (gen + warm), 3)])
     return rows
 
 
@@ -164,12 +166,11 @@ def main() -> None:
             summary = run_study(_options(storage, name, prompts, a.prune_trials, a.prune_repeats, prune=prune),
                                 echo=_progress)
             wall = time.perf_counter() - t0
-            st = _study(storage, name)
-            pruned = [t for t in st.get_trials(deepcopy=False) if t.state.name == "PRUNED"]
-            requests = sum(len(t.user_attrs.get("samples", [])) for t in st.get_trials(deepcopy=False))
+            pruned = [r for r in summary.trials if r.state == "PRUNED"]
+            requests = sum(r.n_requests for r in summary.trials)
             best = summary.best
             out.append(["on" if prune else "off", a.prune_trials, len(pruned), requests,
-                        round(sum(float(t.user_attrs.get("pruned_saved_s", 0)) for t in pruned), 1), round(wall, 1),
+                        round(summary.pruned_saved_s, 1), round(wall, 1),
                         f"{best.value:.2f}" if best and best.value else "-",
                         best.config_text().split(" ", 1)[-1] if best else "-"])
         saved = out[0][5] - out[1][5]

@@ -29,9 +29,10 @@ from typing import Any, Callable
 from _common import DEFAULT_GRID, Truth, load_average, now_iso, table, truths
 
 import tuner.study as study_mod
-from tuner import results
 from tuner.engines.replay import BASELINE_KEY, Grid, config_key, load_grid, write_prompts
-from tuner.study import TuneOptions, run_study
+from tuner.options import TuneOptions
+from tuner.record import TrialRecord
+from tuner.study import run_study
 
 TARGET_SHARE = 0.97
 
@@ -51,18 +52,14 @@ def parse_tpe(text: str) -> dict[str, Any]:
 
 
 def sampler_factory(tpe_overrides: dict[str, Any]) -> Callable[..., Any]:
-    """``make_sampler`` with the TPE keywords overridden (the product's otherwise)."""
-    original = study_mod.make_sampler
+    """The product's sampler factory with the TPE keywords overridden."""
 
     def make(name: str, space: Any, seed: int | None, n_objectives: int) -> Any:
-        sampler = original(name, space, seed, n_objectives)
-        if name != "tpe" or not tpe_overrides:
-            return sampler
+        if name != "tpe" or not tpe_overrides or n_objectives > 1:
+            return study_mod.make_sampler(name, space, seed, n_objectives)
         import optuna
 
-        kw = {"seed": seed, "n_startup_trials": sampler._n_startup_trials, "multivariate": sampler._multivariate,
-              "group": sampler._group, "constant_liar": sampler._constant_liar, **tpe_overrides}
-        return optuna.samplers.TPESampler(**kw)
+        return optuna.samplers.TPESampler(**{**study_mod.tpe_options(space, seed), **tpe_overrides})
 
     return make
 
@@ -80,35 +77,15 @@ class Run:
     seconds: float = 0.0
 
 
-def _captured_study(o: TuneOptions, starting_points: bool) -> Any:
-    """Run the study and return the Optuna study object (in-memory storage is not reachable otherwise)."""
-    holder: dict[str, Any] = {}
-    original, original_points = study_mod.open_study, study_mod.starting_points
-
-    def capture(o2: TuneOptions, p: Any) -> Any:
-        holder["study"] = original(o2, p)
-        return holder["study"]
-
-    study_mod.open_study = capture
-    if not starting_points:
-        study_mod.starting_points = lambda *args, **kw: []
-    try:
-        run_study(o)
-    finally:
-        study_mod.open_study, study_mod.starting_points = original, original_points
-    return holder["study"]
-
-
-def _key_of(t: Any) -> Any:
-    if t.user_attrs.get("baseline"):
+def _key_of(r: TrialRecord) -> Any:
+    if r.baseline:
         return BASELINE_KEY
-    cfg = t.user_attrs["config"]
-    return config_key({**cfg.get("options", {}), **cfg.get("server", {})})
+    return config_key({**r.options, **r.server})
 
 
-def reported_share(trials: list[Any], truth: dict[Any, Truth], optimum: float) -> float:
+def reported_share(trials: list[TrialRecord], truth: dict[Any, Truth], optimum: float) -> float:
     """True value of the best feasible trial among ``trials`` (as results.best_feasible ranks them)."""
-    feasible = [t for t in trials if results.is_feasible(t) and t.values]
+    feasible = [t for t in trials if t.feasible and t.values]
     if not feasible:
         return 0.0
     best = max(feasible, key=lambda t: t.values[0])
@@ -116,7 +93,8 @@ def reported_share(trials: list[Any], truth: dict[Any, Truth], optimum: float) -
 
 
 def run_one(grid: Grid, prompts: Path, sampler: str, seed: int, budgets: list[int], max_ttft: float | None,
-            truth: dict[Any, Truth], optimum: float, separate: bool, mode: str) -> Run:
+            truth: dict[Any, Truth], optimum: float, separate: bool, mode: str,
+            factory: Callable[..., Any] = study_mod.make_sampler) -> Run:
     run = Run(sampler, seed, mode, max_ttft)
     product = mode == "product"
     t0 = time.perf_counter()
@@ -125,9 +103,9 @@ def run_one(grid: Grid, prompts: Path, sampler: str, seed: int, budgets: list[in
             model=[grid.path], engine="replay", storage="memory", study_name=f"{sampler}-{seed}-{trials}",
             trials=trials, seed=seed, sampler=sampler.split("[")[0], prune=False, validate=0, roofline=False,
             params=grid.axes, repeats=grid.repeats, num_predict=grid.num_predict, prompts_file=str(prompts),
-            max_ttft_ms=max_ttft, baseline=product,
+            max_ttft_ms=max_ttft, baseline=product, starting_points=product,
         )
-        done = sorted(_captured_study(o, starting_points=product).get_trials(deepcopy=False), key=lambda t: t.number)
+        done = run_study(o, sampler_factory=factory).trials
         for b in budgets:
             if b <= trials and (not separate or b == trials):
                 run.shares[b] = reported_share(done[:b], truth, optimum)
@@ -170,7 +148,6 @@ def main() -> None:
     print(f"{now_iso()}  grid {Path(a.grid).name}: {len(grid.configs())} configs ({len(runnable)} runnable), "
           f"recorded {grid.raw.get('recorded_at')}; load average now {load_average()}")
     print(gp_note)
-    original = study_mod.make_sampler
     runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts = write_prompts(grid, Path(tmp) / "prompts.jsonl")
@@ -181,13 +158,9 @@ def main() -> None:
             near = sum(1 for t in ok if t.decode_tps >= TARGET_SHARE * optimum)
             for mode in modes:
                 for name, overrides in setups:
-                    study_mod.make_sampler = sampler_factory(overrides)
-                    try:
-                        for seed in range(a.seeds):
-                            runs.append(run_one(grid, prompts, name, seed, budgets, max_ttft, truth, optimum,
-                                                a.separate, mode))
-                    finally:
-                        study_mod.make_sampler = original
+                    for seed in range(a.seeds):
+                        runs.append(run_one(grid, prompts, name, seed, budgets, max_ttft, truth, optimum,
+                                            a.separate, mode, sampler_factory(overrides)))
             _print([r for r in runs if r.limit == max_ttft], budgets, optimum, len(ok), near, len(grid.configs()),
                    max_ttft)
 

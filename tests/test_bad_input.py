@@ -128,6 +128,15 @@ CASES: list[tuple[str, list[str], str, bool, int]] = [
      "Error: --timeout must be a positive number of seconds (got -1): e.g. --timeout 600", False, 2),
     ("timeout-nan", [*M, "--timeout", "nan"],
      "Error: --timeout must be a positive number of seconds (got nan): e.g. --timeout 600", False, 2),
+    ("validate-one", [*M, "--validate", "1"],
+     "Error: --validate must be 0 (off) or at least 2 (got 1): it re-measures the top K configs to compare them; "
+     "use --validate 2 or more, or --validate 0", False, 2),
+    ("validate-negative", [*M, "--validate", "-1"], "Error: --validate must be 0 (off) or at least 2 (got -1)", False, 2),
+    ("validate-rounds-one", [*M, "--validate-rounds", "1"],
+     "Error: --validate-rounds must be at least 2 (got 1): one round gives no confidence interval; "
+     "use --validate-rounds 2 or more (--validate 0 turns it off)", False, 2),
+    ("validate-rounds-zero", [*M, "--validate", "0", "--validate-rounds", "0"],
+     "Error: --validate-rounds must be at least 2 (got 0)", False, 2),
     ("model-empty", ["--model", "", "--host", "{fake}"],
      "Error: --model is empty: pass a model tag or GGUF path, e.g. --model gemma3:1b", False, 2),
     ("param-range-too-large", [*M, "--param", "num_thread=1..100000000"],
@@ -209,14 +218,14 @@ def _snapshot() -> list[tuple[str, int, str]] | None:
 
 
 def test_disk_full_while_writing_the_report(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tuner.report as report
+    import tuner.files as files
 
     _seed_study(fake.url)
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     r = invoke("report", "taken")
     assert r.exit_code == 1
     assert r.output.startswith("Error: ") and "No space left on device" in r.output
@@ -350,14 +359,14 @@ def test_disk_full_is_named_for_every_storage() -> None:
 
 
 def test_file_size_limit_while_writing_the_report(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tuner.report as report
+    import tuner.files as files
 
     _seed_study(fake.url)
 
     def too_big(fd: int) -> None:
         raise OSError(errno.EFBIG, "File too large")
 
-    monkeypatch.setattr(report.os, "fsync", too_big)
+    monkeypatch.setattr(files.os, "fsync", too_big)
     r = invoke("report", "taken")
     assert r.exit_code == 1
     assert r.output == ("Error: cannot write the report to reports/taken.html: File too large; raise the "

@@ -1,6 +1,6 @@
 """What optuna-dashboard, Optuna's samplers and the exports read from a stored study.
 
-Constraints go in the one form all three read (``results.store_constraints``); the real
+Constraints go in the one form all three read (``record.store_constraints``); the real
 ``optuna-dashboard`` server is started on loopback and asked over its JSON API.
 """
 
@@ -20,7 +20,7 @@ import optuna
 import pytest
 from fake_ollama import FakeOllama
 
-from tuner import export, results
+from tuner import export, record, results
 from tuner.study import TuneOptions, run_study
 
 pytest.importorskip("optuna_dashboard")
@@ -51,8 +51,8 @@ def _trials(study_url: tuple[str, str]) -> list[Any]:
 def test_the_study_has_every_kind_of_trial(study_url: tuple[str, str]) -> None:
     trials = [t for t in _trials(study_url) if t.state.name == "COMPLETE"]
     assert any(results.is_feasible(t) for t in trials)
-    assert any(results.constraints(t)["ttft_p95_ms"] > 0 and not t.user_attrs.get("error") for t in trials)
-    assert any(results.constraints(t)["load"] == 1.0 for t in trials)
+    assert any(record.constraints(t)["ttft_p95_ms"] > 0 and not t.user_attrs.get("error") for t in trials)
+    assert any(record.constraints(t)["load"] == 1.0 for t in trials)
 
 
 def _free_port() -> int:
@@ -109,7 +109,7 @@ def test_dashboard_shows_feasibility_and_objective_names(study_url: tuple[str, s
     assert len(complete) >= 4
     for t in complete:
         d = shown[t.number]
-        assert d["constraints"] == list(results.constraints(t).values()), t.number
+        assert d["constraints"] == list(record.constraints(t).values()), t.number
         # The dashboard's own rule (feasible when every value <= 0) must agree with the tool's.
         assert all(c <= 0 for c in d["constraints"]) == results.is_feasible(t), t.number
 
@@ -120,7 +120,7 @@ def test_samplers_see_each_constraint_once(study_url: tuple[str, str]) -> None:
 
     complete = [t for t in _trials(study_url) if t.state.name == "COMPLETE"]
     for t in complete:
-        mine = results.constraints(t)
+        mine = record.constraints(t)
         assert set(mine) == {"load", "ttft_p95_ms"}
         # What Optuna itself reads (TPE and NSGA-II both go through FrozenTrial.constraints).
         assert sorted(t.constraints.values()) == sorted(mine.values())
@@ -153,7 +153,7 @@ def _study_with(**trial_kw: Any) -> Any:
 def test_studies_stored_before_the_change_read_the_same() -> None:
     # Trial.set_constraint's named keys, as the tuner stored them before.
     old = _study_with(constraints={"load": 0.0, "ttft_p95_ms": 0.5}).trials[0]
-    assert results.constraints(old) == {"load": 0.0, "ttft_p95_ms": 0.5}
+    assert record.constraints(old) == {"load": 0.0, "ttft_p95_ms": 0.5}
     assert results.violation(old) == 0.5 and not results.is_feasible(old)
     ok = _study_with(constraints={"load": 0.0, "ttft_p95_ms": -0.5}).trials[0]
     assert results.is_feasible(ok)
@@ -162,12 +162,12 @@ def test_studies_stored_before_the_change_read_the_same() -> None:
 def test_both_forms_side_by_side_count_once() -> None:
     both = _study_with(
         constraints={"load": 0.0, "ttft_p95_ms": 0.5},
-        system_attrs={"constraints": [0.0, 0.5], results.CONSTRAINT_NAMES_KEY: ["load", "ttft_p95_ms"]},
+        system_attrs={"constraints": [0.0, 0.5], record.CONSTRAINT_NAMES_KEY: ["load", "ttft_p95_ms"]},
     )
     t = both.trials[0]
     assert len(t.constraints) == 4  # Optuna itself counts such a trial's constraints twice
-    assert results.constraints(t) == {"load": 0.0, "ttft_p95_ms": 0.5}
+    assert record.constraints(t) == {"load": 0.0, "ttft_p95_ms": 0.5}
     assert results.violation(t) == 0.5
     assert _constraint_columns(results.trials_frame(both).columns) == ["constraint_load", "constraint_ttft_p95_ms"]
     unnamed = _study_with(constraints={"load": 0.0, "ttft_p95_ms": 0.5}, system_attrs={"constraints": [0.0, 0.5]})
-    assert results.constraints(unnamed.trials[0]) == {"load": 0.0, "ttft_p95_ms": 0.5}
+    assert record.constraints(unnamed.trials[0]) == {"load": 0.0, "ttft_p95_ms": 0.5}

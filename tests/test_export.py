@@ -111,7 +111,7 @@ def test_modelfile_baseline_and_newlines_in_names(study_url: tuple[str, Any]) ->
     study = study_url[1]
     v = results.view(study.get_trials()[0])
     v.violations.append("bad\nFROM evil")
-    v.feasible = False
+    v.constraints["ttft_p95_ms"] = 0.5  # over the limit: not feasible
     text = export.modelfile_text(v, study)
     source, params = parse_modelfile(text)
     assert source == "gemma3:1b" and params == {}
@@ -262,19 +262,26 @@ def test_output_write_failure(study_url: tuple[str, Any], tmp_path: Path) -> Non
         export.export(study_url[0], None, "modelfile", output=str(blocker / "Modelfile"))
 
 
+def _create(storage: str, name: str, echo: Any = lambda s: None, **kw: Any) -> str:
+    from tuner.engines.ollama import create_model
+
+    return create_model(export.create_plan(storage, None, name, **kw), echo)
+
+
 def test_create_model_with_fake_ollama(study_url: tuple[str, Any]) -> None:
     fake_ollama = pytest.importorskip("fake_ollama")
     lines: list[str] = []
     with fake_ollama.FakeOllama() as fake:
-        r = export.create_model(study_url[0], None, "gemma3-tuned", host=fake.url, echo=lines.append)
+        plan = export.create_plan(study_url[0], None, "gemma3-tuned", host=fake.url)
+        msg = _create(study_url[0], "gemma3-tuned", lines.append, host=fake.url)
         model = fake.get_model("gemma3-tuned")
     assert model is not None
     assert {k: model.parameters[k] for k in ("num_ctx", "num_batch", "num_gpu")} == {
         "num_ctx": 4096, "num_batch": 512, "num_gpu": 27}
-    assert r.trial_number == 1 and "`ollama run gemma3-tuned`" in r.message
-    assert "--format env" in r.message  # flash_attention and kv_cache_type need the server env
+    assert plan.trial_number == 1 and "`ollama run gemma3-tuned`" in msg
+    assert "--format env" in msg  # flash_attention and kv_cache_type need the server env
     assert any("success" in line for line in lines)
-    assert parse_modelfile(r.text or "")[0] == "gemma3:1b"
+    assert parse_modelfile(plan.modelfile)[0] == "gemma3:1b"
 
 
 def test_create_model_stubbed(study_url: tuple[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,14 +293,14 @@ def test_create_model_stubbed(study_url: tuple[str, Any], monkeypatch: pytest.Mo
         calls.append((self.host, name, dict(parameters, source=source)))
 
     monkeypatch.setattr(OllamaEngine, "create", fake_create)
-    export.create_model(study_url[0], None, "base", trial_number=0, echo=lambda s: None)
-    export.create_model(study_url[0], None, "fast", host="127.0.0.1:9", trial_number=2, echo=lambda s: None)
+    _create(study_url[0], "base", trial_number=0)
+    _create(study_url[0], "fast", host="127.0.0.1:9", trial_number=2)
     assert calls == [
         ("http://127.0.0.1:11434", "base", {"source": "gemma3:1b"}),
         ("http://127.0.0.1:9", "fast", {"num_ctx": 8192, "num_batch": 256, "num_gpu": 27, "source": "gemma3:1b"}),
     ]
     with pytest.raises(ExportError, match="invalid model name 'my model'"):
-        export.create_model(study_url[0], None, "my model")
+        export.create_plan(study_url[0], None, "my model")
 
 
 def test_create_targets_the_studys_host_not_ollama_host(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -332,7 +339,7 @@ def test_create_reports_a_404_from_the_endpoint_as_such(study_url: tuple[str, An
     url = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
         with pytest.raises(TunerError) as e:
-            export.create_model(study_url[0], None, "gemma3-tuned", host=url, echo=lambda s: None)
+            _create(study_url[0], "gemma3-tuned", host=url)
     finally:
         srv.shutdown()
     assert str(e.value) == (

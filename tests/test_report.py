@@ -1,4 +1,4 @@
-"""tuner/report.py: the data behind the HTML report, escaping, and safe writing."""
+"""tuner/report/: the data behind the HTML report, its figures, escaping, and safe writing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tuner import report, results
+from tuner import files, report, results
 from tuner.errors import StudyError, TunerError
 
 XSS = "<script>alert(1)</script>"
@@ -234,8 +234,9 @@ def test_header_facts(study_url: tuple[str, Any]) -> None:
     assert h.host == "http://127.0.0.1:11434"
     assert "NVIDIA H200" in h.gpu and "143771 MiB" in h.gpu
     assert "AMD EPYC 9654" in h.cpu and "16 cores" in h.cpu
-    assert h.counts == {"total": 7, "complete": 6, "feasible": 4, "infeasible": 2, "load_failed": 1,
-                        "failed": 1, "pruned": 0, "running": 0}
+    # The terminal's words: a failed load is an infeasible trial, counted apart as well.
+    assert h.counts == {"feasible": 4, "infeasible": 2, "failed": 1} == results.counts(study_url[1])
+    assert h.total == 7 and h.load_failed == 1
     assert h.limits == {"max_ttft_ms": 500.0, "max_vram_mib": 6000.0}
 
 
@@ -380,7 +381,7 @@ def test_write_report_disk_full_leaves_nothing(study_url: tuple[str, Any], tmp_p
         real_fsync(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(report.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     with pytest.raises(TunerError, match=r"cannot write the report to .*r\.html: No space left on device; free some disk space or pass --output on another disk$"):
         report.write_report(study_url[0], STUDY, str(out / "r.html"))
     assert list(out.iterdir()) == []
@@ -392,7 +393,7 @@ def test_write_report_read_only_folder(study_url: tuple[str, Any], tmp_path: Pat
     def denied(**kw: Any) -> Any:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(report.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(files.tempfile, "mkstemp", denied)
     with pytest.raises(TunerError, match="Permission denied; pass a writable --output$"):
         report.write_report(study_url[0], STUDY, str(tmp_path / "r.html"))
     assert not (tmp_path / "r.html").exists()
@@ -498,8 +499,7 @@ def test_roofline_text_rebuilt_and_other_trial_named() -> None:
 
 def test_pruned_trials_counted_listed_and_plotted(full_study: Any) -> None:
     data = report.build_report(full_study)
-    assert data.header.counts == {"total": 8, "complete": 6, "feasible": 4, "infeasible": 2, "load_failed": 1,
-                                  "failed": 1, "pruned": 1, "running": 0}
+    assert data.header.counts == {"feasible": 4, "infeasible": 2, "failed": 1, "pruned": 1}
     assert len(data.pruned) == 1
     p = data.pruned[0]
     assert (p.number, p.requests, p.planned, p.decode_tps_mean, p.last_value, p.saved_s) == (7, 3, 6, 31.0, 30.0, 12.5)
@@ -513,7 +513,7 @@ def test_pruned_trials_counted_listed_and_plotted(full_study: Any) -> None:
     assert "Pruned trials" in hist.caption
     text = report.render_html(data)
     assert "1 trial pruned, about 12.5 s of measurement saved" in text
-    assert "1 failed, 1 pruned, 0 running" in text
+    assert "8 in all: 4 feasible, 2 infeasible (1 failed to load), 1 pruned, 1 failed" in text
     assert "<h2>Pruned trials</h2>" in text and "3 of 6" in text
 
 

@@ -13,7 +13,7 @@ from fake_ollama import FakeOllama
 
 from tuner.show import format_summary
 from tuner.storage import mask, shown_url
-from tuner.study import StudySummary
+from tuner.results import StudySummary
 from tuner.terminal import command, printable
 
 RUN = ["--trials", "1", "--repeats", "1", "--num-predict", "4", "--validate", "0", "--no-roofline"]

@@ -15,8 +15,9 @@ import pytest
 from conftest import invoke
 from fake_ollama import FakeOllama
 
-from tuner import results
+from tuner import record, results
 from tuner.errors import TunerError
+from tuner.record import read_record
 from tuner.study import TuneOptions, run_study
 
 STORAGE = "sqlite:///t.db"
@@ -26,6 +27,11 @@ def _load(name: str | None = None) -> Any:
     from tuner.storage import open_storage
 
     return results.load_study(open_storage(STORAGE), name)
+
+
+def _flat(t: Any) -> dict[str, Any]:
+    """Every stored value of a trial under its documented name, however it is grouped."""
+    return read_record(t).flat()
 
 
 def opts(fake: FakeOllama, **kw: Any) -> TuneOptions:
@@ -64,7 +70,7 @@ def test_measured_metrics_equal_what_the_server_reported(fake: FakeOllama, gpu: 
             # eval_duration is whole nanoseconds, so the rate matches to ~1e-6
             assert math.isclose(s["decode_tps"], decode, rel_tol=1e-5)
         assert math.isclose(t.user_attrs["decode_tps_mean"], decode, rel_tol=1e-4)
-        assert t.user_attrs["n_requests"] == 2 * 2  # two built-in prompts, two repeats
+        assert _flat(t)["n_requests"] == 2 * 2  # two built-in prompts, two repeats
         assert t.values[0] == pytest.approx(t.user_attrs["decode_tps_mean"])
 
 
@@ -84,14 +90,14 @@ def test_warmups_only_after_reloads_and_every_prompt_has_a_fresh_nonce(fake: Fak
     assert len(set(prompts)) == len(prompts)
     assert all(p.startswith("[request ") for p in prompts)
     # measured requests keep the model loaded: no load beyond the warm-up's
-    assert all(t.user_attrs["unexpected_reloads"] == 0 for t in study.trials)
+    assert all(_flat(t)["unexpected_reloads"] == 0 for t in study.trials)
 
 
 def test_reload_cost_is_recorded_separately(fake: FakeOllama) -> None:
     run_study(opts(fake, trials=2))
     for t in _load().trials:
         assert t.user_attrs["reload_ms"] > 1000  # the fake's synthetic load: >= 1.2 s
-        assert t.user_attrs["load_ms_max"] < 1  # measured requests exclude the load
+        assert _flat(t)["load_ms_max"] < 1  # measured requests exclude the load
 
 
 def test_oom_trials_are_recorded_as_infeasible(fake: FakeOllama, gpu: None) -> None:
@@ -103,7 +109,7 @@ def test_oom_trials_are_recorded_as_infeasible(fake: FakeOllama, gpu: None) -> N
     assert failed, "the fp16 / 32k / full-offload config must not fit the fake's 6 GB"
     for t in failed:
         assert t.state == optuna.trial.TrialState.COMPLETE
-        assert results.constraints(t)["load"] == 1.0
+        assert record.constraints(t)["load"] == 1.0
         assert "memory" in t.user_attrs["error"]
         assert not results.is_feasible(t)
     assert summary.best is not None and summary.best.baseline  # only the baseline ran
@@ -120,7 +126,7 @@ def test_constraints_exclude_violating_trials_from_best(gpu: None) -> None:
     assert slow, "fp16 on CPU must exceed a 40 ms p95 TTFT at this time scale"
     for t in slow:
         assert not results.is_feasible(t)
-        assert results.constraints(t)["ttft_p95_ms"] > 0
+        assert record.constraints(t)["ttft_p95_ms"] > 0
         assert any("TTFT" in v for v in t.user_attrs["violations"])
     best = results.best_feasible(study)
     assert best is not None and best.user_attrs["ttft_ms_p95"] <= 40.0
@@ -261,7 +267,7 @@ def test_pruning_stops_clearly_worse_trials_and_keeps_what_they_measured(fake: F
         n = len(t.user_attrs["samples"])
         assert 3 <= n < 6  # stopped before the workload's 3 repeats x 2 prompts
         assert t.user_attrs["decode_tps_mean"] > 0
-        assert t.user_attrs["pruned_saved_s"] >= 0
+        assert _flat(t)["pruned_saved_s"] >= 0
         assert len(t.intermediate_values) == n
     # the winner is never pruned
     assert results.best_feasible(study).state.name == "COMPLETE"
@@ -298,13 +304,15 @@ def test_roofline_is_stored_with_the_study(fake: FakeOllama, monkeypatch: pytest
     assert roof["share"] == pytest.approx(roof["decode_tps"] / roof["ceiling_tps"], rel=1e-3)
 
 
-def test_concurrency_sends_simultaneous_streams(fake: FakeOllama) -> None:
-    run_study(opts(fake, trials=2, repeats=1, concurrency=3, objectives=["aggregate_tps"], validate=0,
-                   params={"num_thread": [1, 2, 4, 8], "num_gpu": [0]}))
+def test_concurrency_sends_simultaneous_streams() -> None:
+    # Requests slow enough (tens of ms) that the streams overlap even on a busy machine.
+    with FakeOllama(time_scale=0.02) as fake:
+        run_study(opts(fake, trials=2, repeats=1, concurrency=3, objectives=["aggregate_tps"], validate=0,
+                       params={"num_thread": [1, 2, 4, 8], "num_gpu": [0]}))
     study = _load()
     for t in study.trials:
-        assert t.user_attrs["n_requests"] == 2 * 3
-        assert t.user_attrs["concurrency"] == 3
+        assert _flat(t)["n_requests"] == 2 * 3
+        assert _flat(t)["concurrency"] == 3
         assert t.user_attrs["aggregate_tps_mean"] > 0
         assert t.values[0] == pytest.approx(t.user_attrs["aggregate_tps_mean"])
     # the streams overlapped: the fake serves one at a time and reports the queueing in
@@ -409,7 +417,7 @@ def test_a_config_that_times_out_is_infeasible() -> None:
     with FakeOllama(time_scale=1.0) as slow:  # a real 1.2 s+ load
         run_study(opts(slow, trials=1, timeout_s=0.5, num_predict=4))
     t = _load().trials[0]
-    assert t.state.name == "COMPLETE" and results.constraints(t)["load"] == 1.0
+    assert t.state.name == "COMPLETE" and record.constraints(t)["load"] == 1.0
     assert "no answer within --timeout 0.5 s" in t.user_attrs["error"]
 
 

@@ -11,6 +11,7 @@ from conftest import invoke
 from fake_ollama import FakeOllama
 from test_telemetry import FakeNvml, constant_gpu, mem
 
+from tuner.record import read_record
 from tuner import results, telemetry
 from tuner.study import TuneOptions, run_study
 
@@ -43,7 +44,7 @@ def test_every_trial_carries_gpu_and_host_telemetry(fake: FakeOllama, nvml: Fake
     run_study(opts(fake), echo=lines.append)
     assert not any("no NVIDIA GPU telemetry" in line for line in lines)
     for t in _trials():
-        a = t.user_attrs
+        a = {**t.user_attrs, **read_record(t).flat()}
         assert a["gpu0_power_mean_w"] == 150.0 and a["gpu_power_mean_w"] == 150.0
         assert a["gpu0_mem_used_peak_mib"] == 3000.0 and a["gpu0_mem_increase_mib"] >= 0.0
         assert a["gpu0_samples"] >= 2 and a["host_samples"] >= 2
@@ -89,7 +90,7 @@ def test_no_gpu_is_one_warning_line_and_host_telemetry_still_collected(fake: Fak
     lines: list[str] = []
     run_study(opts(fake, trials=1), echo=lines.append)
     assert sum("no NVIDIA GPU telemetry:" in line for line in lines) == 1
-    a = _trials()[0].user_attrs
+    a = read_record(_trials()[0]).flat()
     assert not any(k.startswith("gpu") for k in a)
     assert a["host_samples"] >= 2
 

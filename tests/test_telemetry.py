@@ -17,6 +17,7 @@ import pytest
 pynvml = pytest.importorskip("pynvml")
 pytest.importorskip("psutil")
 
+from tuner.record import telemetry_attrs  # noqa: E402
 from tuner import telemetry  # noqa: E402
 from tuner.telemetry import (  # noqa: E402
     GpuSample,
@@ -252,7 +253,7 @@ def test_to_attrs_keys_totals_and_none_omitted() -> None:
         host=HostSummary(samples=11, cpu_util_mean_pct=12.5, mem_used_peak_mib=4000.0,
                          server_rss_peak_mib=None),
     )
-    attrs = summary.to_attrs()
+    attrs = telemetry_attrs(summary)
     json.dumps(attrs)
     assert attrs["gpu0_power_mean_w"] == 100.0
     assert attrs["gpu1_energy_j"] == 40.0
@@ -285,7 +286,7 @@ def test_to_attrs_total_omitted_when_one_gpu_lacks_energy() -> None:
     summary = TelemetrySummary(gpus=[_gpu_summary(0), _gpu_summary(1, energy_j=None,
                                                                    energy_source=None)],
                                host=HostSummary(2, None, None, None))
-    attrs = summary.to_attrs()
+    attrs = telemetry_attrs(summary)
     assert "gpu_energy_j" not in attrs and "gpu1_energy_source" not in attrs
     assert summary.gpu_energy_j is None
 
@@ -339,7 +340,7 @@ def test_nvml_init_failure_gives_reason_and_host_only(
     assert summary is not None and summary.gpus == []
     assert summary.host.samples >= 2 and summary.host.mem_used_peak_mib is not None
     assert sampler.gpu_reason.startswith(expected)
-    assert "gpu_energy_j" not in summary.to_attrs()
+    assert "gpu_energy_j" not in telemetry_attrs(summary)
 
 
 def test_missing_pynvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -393,7 +394,7 @@ def test_sampler_end_to_end_with_fake(monkeypatch: pytest.MonkeyPatch) -> None:
     assert g0.fan_mean_pct is None
     assert g0.throttle_reasons == ["sw_power_cap"]
     assert fake.gpus[0]["fan"].calls == 1  # NOT_SUPPORTED is remembered, not retried
-    assert summary.to_attrs()["gpu_power_mean_w"] == 200.0
+    assert telemetry_attrs(summary)["gpu_power_mean_w"] == 200.0
     raw_gpu, raw_host = sampler.samples()
     assert len(raw_gpu[0]) == g0.samples and len(raw_host) == summary.host.samples
 
@@ -496,7 +497,7 @@ def test_server_rss_includes_children() -> None:
     with TelemetrySampler(interval_s=0.01, server_pids=[dead.pid], gpus=False) as s2:
         pass
     assert s2.summary is not None and s2.summary.host.server_rss_peak_mib is None
-    assert "server_rss_peak_mib" not in s2.summary.to_attrs()
+    assert "server_rss_peak_mib" not in telemetry_attrs(s2.summary)
 
 
 def test_host_environment() -> None:
@@ -562,4 +563,4 @@ def test_real_gpu_matches_nvidia_smi() -> None:
     if temps:
         assert g.temp_max_c is not None
         assert min(temps) - 3 <= g.temp_max_c <= max(temps) + 5
-    json.dumps(sampler.summary.to_attrs())
+    json.dumps(telemetry_attrs(sampler.summary))

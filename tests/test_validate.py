@@ -11,9 +11,16 @@ from tuner.validate import mean_ci95, t975
 def test_mean_ci95_hand_computed() -> None:
     m, sd, lo, hi = mean_ci95([10.0, 12.0, 14.0])
     assert m == 12.0 and sd == 2.0
-    half = 4.303 * 2.0 / math.sqrt(3)
+    half = t975(2) * 2.0 / math.sqrt(3)
     assert lo == pytest.approx(12.0 - half) and hi == pytest.approx(12.0 + half)
-    assert t975(100) == 1.96
+    assert lo == pytest.approx(12.0 - 4.303 * 2.0 / math.sqrt(3), abs=1e-3)
+
+
+def test_t975_matches_the_printed_table() -> None:
+    # Two-sided 95% quantiles as printed in t tables (3 decimals); large df approach 1.96.
+    for df, printed in ((1, 12.706), (2, 4.303), (5, 2.571), (10, 2.228), (30, 2.042), (100, 1.984)):
+        assert t975(df) == pytest.approx(printed, abs=5e-4)
+    assert t975(10_000) == pytest.approx(1.96, abs=1e-3)
 
 
 def test_roofline_share() -> None:

@@ -15,10 +15,18 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # Lazy so that `import tuner` (and `tune --help`) stays fast.
-    if name in ("TuneOptions", "StudySummary", "run_study"):
-        from tuner import study
+    if name == "TuneOptions":
+        from tuner.options import TuneOptions
 
-        return getattr(study, name)
+        return TuneOptions
+    if name == "run_study":
+        from tuner.study import run_study
+
+        return run_study
+    if name == "StudySummary":
+        from tuner.results import StudySummary
+
+        return StudySummary
     if name == "TunerError":
         from tuner.errors import TunerError
 

@@ -10,6 +10,9 @@ import click
 
 from tuner import __version__
 from tuner.errors import TunerError
+from tuner.objectives import SINGLE
+from tuner.options import SAMPLERS, TuneOptions, default
+from tuner.settings import SERVER_PARAMS, SETTINGS, or_list
 from tuner.terminal import printable
 
 DEFAULT_COMMAND = "run"
@@ -123,16 +126,17 @@ def _storage_option(f: Any) -> Any:
 
 
 @cli.command("run")
-@click.option("--model", "-m", "models", multiple=True, required=True,
+@click.option("--model", "-m", "model", multiple=True, required=True,
               help="Ollama model tag (e.g. gemma3:1b); with --engine llama-cpp, GGUF path(s) or a "
                    "directory of them (several make the quantization-variant axis).")
-@click.option("--trials", "-n", type=int, default=50, show_default=True, help="Trials to run now (a re-run adds this many).")
-@click.option("--engine", type=click.Choice(["ollama", "llama-cpp"]), default="ollama", show_default=True,
+@click.option("--trials", "-n", type=int, default=default("trials"), show_default=True,
+              help="Trials to run now (a re-run adds this many).")
+@click.option("--engine", type=click.Choice(["ollama", "llama-cpp"]), default=default("engine"), show_default=True,
               help="Inference engine.")
 @click.option("--host", envvar="OLLAMA_HOST", help="Ollama server URL [default: $OLLAMA_HOST or http://127.0.0.1:11434].")
 @click.option("--param", "-p", "params", multiple=True, metavar="NAME=V1,V2",
               help="Narrow or fix a parameter: num_ctx=2048,4096  num_gpu=27  num_thread=2..8  variant=TAG,TAG. "
-                   "Repeatable. One value fixes it.")
+                   f"Repeatable. One value fixes it. Parameters: {', '.join(SETTINGS)}.")
 @click.option("--space", "space_file", type=click.Path(dir_okay=False),
               help="TOML space file with a [params] table (see studies/*.toml).")
 @click.option("--variants", multiple=True, metavar="TAG,TAG",
@@ -141,13 +145,13 @@ def _storage_option(f: Any) -> Any:
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="Your prompts: a text file with prompts separated by '---' lines, or .jsonl with "
                    '{"name", "prompt"} [default: a short chat prompt and a ~1k-token document].')
-@click.option("--repeats", "-r", type=int, default=3, show_default=True, help="Measured repeats of each prompt per trial.")
-@click.option("--num-predict", type=int, default=128, show_default=True, help="Tokens generated per request.")
-@click.option("--concurrency", type=int, default=1, show_default=True,
+@click.option("--repeats", "-r", type=int, default=default("repeats"), show_default=True, help="Measured repeats of each prompt per trial.")
+@click.option("--num-predict", type=int, default=default("num_predict"), show_default=True, help="Tokens generated per request.")
+@click.option("--concurrency", type=int, default=default("concurrency"), show_default=True,
               help="Simultaneous streams per measured request (measures num_parallel under load; "
                    "adds aggregate_tps, the objective for serving many users).")
-@click.option("--objective", "objective", default="decode_tps", show_default=True,
-              type=click.Choice(["decode_tps", "prefill_tps", "e2e_tps", "aggregate_tps", "tokens_per_joule"]),
+@click.option("--objective", "objective", default=default("objectives")[0], show_default=True,
+              type=click.Choice(SINGLE),
               help="What to maximise (mean over the trial's requests).")
 @click.option("--objectives", "objectives", metavar="A,B",
               help="Multi-objective study, e.g. decode_tps,ttft_p95: prints the Pareto set.")
@@ -155,67 +159,52 @@ def _storage_option(f: Any) -> Any:
 @click.option("--max-latency-ms", type=float, help="Limit on p95 request latency (ms).")
 @click.option("--max-vram-mib", type=float, help="Limit on peak GPU memory used (MiB).")
 @click.option("--max-power-w", type=float, help="Limit on mean GPU power (W).")
-@click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default="tpe", show_default=True,
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=default("sampler"), show_default=True,
               help="Optuna sampler; random and grid are baselines.")
 @click.option("--seed", type=int, help="Sampler seed, for reproducible searches.")
 @_storage_option
 @click.option("--study", "study_name", help="Study name [default: MODEL@HOST].")
-@click.option("--no-baseline", is_flag=True, help="Skip trial 0 (the model as Ollama runs it by default).")
+@click.option("--no-baseline", "baseline", flag_value=False, default=True, help="Skip trial 0 (the model as Ollama runs it by default).")
 @click.option("--gpu", "gpus", metavar="0,1", help="GPU indices to sample telemetry from [default: all].")
-@click.option("--timeout", "timeout_s", type=float, default=600.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=float, default=default("timeout_s"), show_default=True,
               help="Seconds to wait for one request (model loads included).")
 @click.option("--retry-failed", is_flag=True, help="Re-queue once a trial whose worker died (RDB heartbeats).")
-@click.option("--heartbeat-interval", "heartbeat_s", type=int, default=30, show_default=True,
+@click.option("--heartbeat-interval", "heartbeat_s", type=int, default=default("heartbeat_s"), show_default=True,
               help="Seconds between a running trial's heartbeats in the storage.")
-@click.option("--grace-period", "grace_s", type=int, default=90, show_default=True,
+@click.option("--grace-period", "grace_s", type=int, default=default("grace_s"), show_default=True,
               help="Seconds without a heartbeat after which another worker marks a trial FAIL.")
 @click.option("--manage-server", is_flag=True,
-              help="Start and manage our own `ollama serve` (implied when the space has flash_attention, "
-                   "kv_cache_type or num_parallel).")
+              help=f"Start and manage our own `ollama serve` (implied when the space has {or_list(SERVER_PARAMS)}).")
 @click.option("--ollama-bin", type=click.Path(dir_okay=False), help="The `ollama` executable [default: on PATH].")
 @click.option("--models-dir", type=click.Path(file_okay=False),
               help="Model store for the managed server [default: $OLLAMA_MODELS or ~/.ollama/models].")
 @click.option("--allow-mixed-hardware", is_flag=True,
               help="Let a worker on different hardware add trials to an existing study.")
-@click.option("--prune/--no-prune", default=True, show_default=True,
+@click.option("--prune/--no-prune", default=default("prune"), show_default=True,
               help="Stop trials whose first requests are clearly worse than the best (Wilcoxon test "
                    "plus a 2% margin); they are stored as PRUNED with what they measured.")
-@click.option("--validate", type=int, default=3, show_default=True,
+@click.option("--validate", type=int, default=default("validate"), show_default=True,
               help="Re-measure the top K feasible configs interleaved at the end (0 turns it off).")
-@click.option("--validate-rounds", type=int, default=3, show_default=True,
+@click.option("--validate-rounds", type=int, default=default("validate_rounds"), show_default=True,
               help="Interleaved rounds of the re-validation (more rounds, narrower intervals).")
-@click.option("--no-roofline", is_flag=True, help="Skip the memory-bandwidth measurement for the roofline.")
+@click.option("--no-roofline", "roofline", flag_value=False, default=True, help="Skip the memory-bandwidth measurement for the roofline.")
 def run_cmd(**kw: Any) -> None:
     """Run (or resume) a measured study and print the best feasible configuration.
 
     Example: tune run --model gemma3:1b --trials 50 --max-ttft-ms 500
     """
     from tuner.space import parse_param_option
-    from tuner.study import TuneOptions, run_study
+    from tuner.study import run_study
 
-    params: dict[str, list[Any]] = {}
-    for text in kw["params"]:
-        name, values = parse_param_option(text)
-        params[name] = values
-    objectives = _split((kw["objectives"],)) if kw["objectives"] else [kw["objective"]]
+    kw["params"] = dict(parse_param_option(text) for text in kw["params"])
+    objective = kw.pop("objective")
+    kw["objectives"] = _split((kw["objectives"],)) if kw["objectives"] else [objective]
     try:
-        gpus = [int(x) for x in _split((kw["gpus"],))] if kw["gpus"] else None
+        kw["gpus"] = [int(x) for x in _split((kw["gpus"],))] if kw["gpus"] else None
     except ValueError:
         raise TunerClickError(f"invalid --gpu '{kw['gpus']}': give GPU indices like 0 or 0,1", 2) from None
-    opts = TuneOptions(
-        model=list(kw["models"]), engine=kw["engine"], host=kw["host"], trials=kw["trials"],
-        repeats=kw["repeats"], num_predict=kw["num_predict"], prompts_file=kw["prompts_file"],
-        context=kw["context"], params=params, space_file=kw["space_file"],
-        variants=_split(kw["variants"]), objectives=objectives,
-        max_ttft_ms=kw["max_ttft_ms"], max_latency_ms=kw["max_latency_ms"],
-        max_vram_mib=kw["max_vram_mib"], max_power_w=kw["max_power_w"], sampler=kw["sampler"],
-        seed=kw["seed"], storage=kw["storage"], study_name=kw["study_name"],
-        baseline=not kw["no_baseline"], gpus=gpus, timeout_s=kw["timeout_s"], retry_failed=kw["retry_failed"],
-        concurrency=kw["concurrency"], manage_server=kw["manage_server"], ollama_bin=kw["ollama_bin"],
-        models_dir=kw["models_dir"], prune=kw["prune"], allow_mixed_hardware=kw["allow_mixed_hardware"],
-        heartbeat_s=kw["heartbeat_s"], grace_s=kw["grace_s"], validate=kw["validate"], validate_rounds=kw["validate_rounds"],
-        roofline=not kw["no_roofline"],
-    )
+    kw["model"], kw["variants"] = list(kw["model"]), _split(kw["variants"])
+    opts = TuneOptions(**kw)
     summary = run_study(opts, echo=_echo)
     from tuner.show import format_summary
 
@@ -308,12 +297,14 @@ def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: i
 
     Example: tune export --format modelfile -o Modelfile && ollama create gemma3-tuned -f Modelfile
     """
-    from tuner.export import create_model, export
+    from tuner.export import create_plan, export
 
     if create_name:
-        r = create_model(storage, study, create_name, host=host, trial_number=trial_number,
-                         allow_infeasible=allow_infeasible, echo=click.echo)
-        click.echo(r.message)
+        from tuner.engines.ollama import create_model
+
+        plan = create_plan(storage, study, create_name, host=host, trial_number=trial_number,
+                           allow_infeasible=allow_infeasible)
+        click.echo(create_model(plan, click.echo))
         return
     r = export(storage, study, fmt, trial_number=trial_number, output=output, allow_infeasible=allow_infeasible)
     if r.path is None and r.text is not None:

@@ -36,7 +36,8 @@ def run_demo(trials: int = 8, storage: str | None = None, out_dir: str = "report
     from tuner.export import export
     from tuner.report import write_report
     from tuner.show import format_summary
-    from tuner.study import TuneOptions, run_study
+    from tuner.options import TuneOptions
+    from tuner.study import run_study
 
     model = demo_model_path()
     echo(f"model: {model} ({model.stat().st_size / 1e6:.0f} MB, Gemma 3 270M Q4_K_M)")

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner import results
-from tuner.errors import ExportError
+from tuner.record import TrialRecord
+from tuner import settings
+from tuner.errors import ExportError, SpaceError
 from tuner.terminal import command
 
 FORMATS = ("modelfile", "json", "env", "csv", "parquet")
@@ -26,13 +28,7 @@ OLLAMA_OPTIONS: dict[str, type] = {
     "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
 }
 #: Values that mean "let Ollama decide": exported as absent, which is the same setting.
-DEFAULT_EQUIVALENT = {"num_gpu": -1, "num_thread": 0}
-#: Server-level settings and their `ollama serve` environment variables.
-SERVER_ENV = {
-    "flash_attention": "OLLAMA_FLASH_ATTENTION",
-    "kv_cache_type": "OLLAMA_KV_CACHE_TYPE",
-    "num_parallel": "OLLAMA_NUM_PARALLEL",
-}
+DEFAULT_EQUIVALENT = {n: s.auto for n, s in settings.SETTINGS.items() if s.auto is not None}
 _TOKEN = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
 
 
@@ -47,11 +43,11 @@ class ExportResult:
     message: str
 
 
-TrialLike = Any  # a FrozenTrial or a results.TrialView
+TrialLike = Any  # a FrozenTrial or its TrialRecord
 
 
-def _view(trial: TrialLike) -> results.TrialView:
-    return trial if isinstance(trial, results.TrialView) else results.view(trial)
+def _view(trial: TrialLike) -> TrialRecord:
+    return trial if isinstance(trial, TrialRecord) else results.view(trial)
 
 
 def _check_value(key: str, value: Any, number: int) -> None:
@@ -88,7 +84,7 @@ def runtime_options(trial: TrialLike) -> dict[str, Any]:
     return out
 
 
-def _model_tag(v: results.TrialView) -> str:
+def _model_tag(v: TrialRecord) -> str:
     if not v.model or not _TOKEN.match(v.model):
         raise ExportError(
             f"trial #{v.number} has no usable model name ({v.model!r}): export another trial with --trial N"
@@ -111,7 +107,6 @@ def _defaults(study: Any) -> str:
 
 def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
     v = _view(trial)
-    m = v.metrics
     objectives = list(study.user_attrs.get("objectives") or ["decode_tps"])
     lines = [
         f"# {what} exported by ollama-tuner on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -122,16 +117,15 @@ def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
     ]
     if v.values:
         lines.append("# objective " + ", ".join(f"{o} = {_fmt(x, 2)}" for o, x in zip(objectives, v.values)))
-    if "decode_tps_mean" in m:
+    if "decode_tps" in v.stats:
         lines.append(
-            f"# decode {_fmt(m.get('decode_tps_mean'))} ± {_fmt(m.get('decode_tps_sd'))} tok/s "
-            f"(p50 {_fmt(m.get('decode_tps_p50'))}), prefill {_fmt(m.get('prefill_tps_mean'), 0)} tok/s, "
-            f"TTFT p50 {_fmt(m.get('ttft_ms_p50'), 0)} / p95 {_fmt(m.get('ttft_ms_p95'), 0)} ms"
+            f"# decode {_fmt(v.stat('decode_tps'))} ± {_fmt(v.stat('decode_tps', 'sd'))} tok/s "
+            f"(p50 {_fmt(v.stat('decode_tps', 'p50'))}), prefill {_fmt(v.stat('prefill_tps'), 0)} tok/s, "
+            f"TTFT p50 {_fmt(v.stat('ttft_ms', 'p50'), 0)} / p95 {_fmt(v.stat('ttft_ms', 'p95'), 0)} ms"
         )
-    if not isinstance(trial, results.TrialView):
-        sp = results.speedup(study, trial)
-        if sp is not None:
-            lines.append(f"# {sp:.2f}x the baseline ({_defaults(study)}) on {objectives[0]}")
+    sp = results.speedup(study, v)
+    if sp is not None:
+        lines.append(f"# {sp:.2f}x the baseline ({_defaults(study)}) on {objectives[0]}")
     if not v.feasible:
         why = v.error or "; ".join(v.violations) or v.state.lower()
         lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")
@@ -146,9 +140,9 @@ def modelfile_text(trial: TrialLike, study: Any) -> str:
     skipped = [k for k, val in v.options.items() if k not in options]
     if skipped:
         lines.append("# left to Ollama (automatic): " + ", ".join(f"{k}={v.options[k]}" for k in skipped))
-    if v.server:
+    if v.effective_server:
         lines.append("# server-level settings cannot go in a Modelfile; set them on `ollama serve`: "
-                     + ", ".join(f"{k}={_one_line(val)}" for k, val in v.server.items()))
+                     + ", ".join(f"{k}={_one_line(val)}" for k, val in v.effective_server.items()))
         lines.append(f"# (see: {command('tune', 'export', _one_line(study.study_name), '--format', 'env', '--trial', v.number)})")
     lines.append(f"FROM {_model_tag(v)}")
     for key, value in options.items():
@@ -167,31 +161,22 @@ def json_text(trial: TrialLike, study: Any) -> str:
     return json.dumps({"model": _model_tag(v), "options": runtime_options(v)}, indent=2) + "\n"
 
 
-def _server_env(v: results.TrialView) -> tuple[dict[str, str], list[str]]:
+def _server_env(v: TrialRecord) -> tuple[dict[str, str], list[str]]:
     env: dict[str, str] = {}
     notes: list[str] = []
-    for key, value in v.server.items():
-        var = SERVER_ENV.get(key)
+    for key, value in v.effective_server.items():
+        var = settings.ENV_VARS.get(key)
         if var is None:
             raise ExportError(f"trial #{v.number} sets server setting '{key}', which this tuner cannot export: "
                               "export another trial with --trial N")
-        text = str(value).strip().lower()
-        if key == "flash_attention":
-            if text in ("auto", "", "none"):
-                notes.append(f"{var} left unset: flash attention on auto (the server decides)")
-                continue
-            flag = {"on": "1", "true": "1", "1": "1", "off": "0", "false": "0", "0": "0"}.get(text)
-            if flag is None:
-                raise ExportError(f"trial #{v.number} has flash_attention={value!r}: expected auto, on or off")
-            env[var] = flag
-        elif key == "num_parallel":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ExportError(f"trial #{v.number} has num_parallel={value!r}: expected a whole number >= 1")
-            env[var] = str(value)
-        else:
-            if not re.fullmatch(r"[a-z0-9_]+", text):
-                raise ExportError(f"trial #{v.number} has kv_cache_type={value!r}: expected f16, q8_0 or q4_0")
-            env[var] = text
+        try:
+            text = settings.env_value(key, settings.normalise(key, value))
+        except SpaceError:
+            raise ExportError(f"trial #{v.number} has {key}={value!r}: expected {settings.expected(key)}") from None
+        if text is None:
+            notes.append(f"{var} left unset: {key.replace('_', ' ')} on auto (the server decides)")
+            continue
+        env[var] = text
     return env, notes
 
 
@@ -202,9 +187,9 @@ def env_text(trial: TrialLike, study: Any) -> str:
     env, notes = _server_env(v)
     lines.append("# use with systemd (EnvironmentFile=), docker (--env-file) or `set -a; . FILE; set +a`,")
     lines.append("# then restart `ollama serve`: these settings only apply at server start")
-    if not v.server:
+    if not v.effective_server:
         lines.append(f"# study '{_one_line(study.study_name)}' tuned no server-level setting "
-                     "(flash_attention, kv_cache_type, num_parallel): nothing to set, keep the server's defaults")
+                     f"({', '.join(settings.SERVER_PARAMS)}): nothing to set, keep the server's defaults")
     lines += [f"# {n}" for n in notes]
     lines += [f"{k}={val}" for k, val in env.items()]
     return "\n".join(lines) + "\n"
@@ -280,7 +265,7 @@ def export(
     current folder. Raises StudyError when no trial is feasible and ``allow_infeasible`` is
     off, ExportError for a bad format or an unwritable file.
     """
-    from tuner.report import safe_name, write_atomic
+    from tuner.files import safe_name, write_atomic
 
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
@@ -311,21 +296,37 @@ def export(
                         f"exported trial #{trial.number}{feasible} of '{study.study_name}' as {fmt}{where}")
 
 
-def create_model(
+@dataclass(frozen=True)
+class CreatePlan:
+    """What ``tune export --create NAME`` creates, and where (read from the study alone)."""
+
+    name: str
+    #: The server to create it on: the study's, or --host; None means $OLLAMA_HOST / the default.
+    host: str | None
+    source: str
+    parameters: dict[str, Any]
+    trial_number: int
+    #: The equivalent Modelfile, for the record.
+    modelfile: str
+    #: Said after creating: server-level settings a model cannot carry.
+    note: str = ""
+
+    def announce(self) -> str:
+        opts = ", ".join(f"{k}={val}" for k, val in self.parameters.items())
+        return f"creating '{self.name}' from {self.source} (trial #{self.trial_number})" + (
+            f": {opts}" if opts else " with no options")
+
+
+def create_plan(
     storage_url: str | None,
     study_name: str | None,
     name: str,
     host: str | None = None,
     trial_number: int | None = None,
     allow_infeasible: bool = False,
-    echo: Callable[[str], None] = print,
-) -> ExportResult:
-    """Create Ollama model ``name`` from the winner's variant with its runtime options as PARAMETERs.
-
-    ``host`` defaults to the server the study was tuned on (its ``host`` attr), then
-    OLLAMA_HOST. Afterwards ``ollama run NAME`` uses the tuned settings. The result's text is
-    the equivalent Modelfile.
-    """
+) -> CreatePlan:
+    """Plan creating Ollama model ``name`` from the winner's variant with its runtime options
+    as PARAMETERs, on ``host`` or else the server the study was tuned on."""
     if not name or not _TOKEN.match(name):
         raise ExportError(f"invalid model name '{name}': use letters, digits and - _ . : / (e.g. gemma3-tuned)")
     study = _load(storage_url, study_name)
@@ -337,21 +338,11 @@ def create_model(
         )
     trial = results.pick_trial(study, trial_number, allow_infeasible)
     v = results.view(trial)
-    source = _model_tag(v)
-    params = runtime_options(v)
-    from tuner.engines.ollama import OllamaEngine
-
     # A managed server's address died with the run that started it: use OLLAMA_HOST then.
     tuned_on = None if study.user_attrs.get("managed_server") else study.user_attrs.get("host")
-    engine = OllamaEngine(host or tuned_on or None)
-    try:
-        echo(f"creating '{name}' from {source} (trial #{v.number})"
-             + (": " + ", ".join(f"{k}={val}" for k, val in params.items()) if params else " with no options"))
-        engine.create(name, source=source, parameters=params, echo=echo)
-    finally:
-        engine.close()
-    msg = f"created '{name}' on {engine.host}: `ollama run {name}` now uses the tuned settings"
-    if v.server:
-        msg += (f"; the server-level settings ({', '.join(f'{k}={val}' for k, val in v.server.items())}) "
+    note = ""
+    if v.effective_server:
+        note = (f"the server-level settings ({', '.join(f'{k}={val}' for k, val in v.effective_server.items())}) "
                 f"need `{command('tune', 'export', study.study_name, '--format', 'env')}`")
-    return ExportResult("create", modelfile_text(trial, study), None, v.number, msg)
+    return CreatePlan(name, host or tuned_on or None, _model_tag(v), runtime_options(v), v.number,
+                      modelfile_text(v, study), note)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from tuner.engines.base import Engine
-from tuner.metrics import RequestSample, describe, summarise
+from tuner.metrics import RequestSample
+from tuner.record import TrialRecord, build_record
 from tuner.workload import Workload, with_nonce
 
 #: A measured request whose load time exceeds this reloaded the model unexpectedly
@@ -33,10 +34,21 @@ class TrialMeasurement:
     samples: list[RequestSample]
     warmup: RequestSample | None
     reload_ms: float | None
-    metrics: dict[str, float]
-    telemetry: dict[str, Any] = field(default_factory=dict)
+    #: Tok/s over all simultaneous streams, one value per concurrent batch.
+    aggregate_tps: list[float] = field(default_factory=list)
+    concurrency: int = 1
+    #: The telemetry sampler's summary (tuner.telemetry.TelemetrySummary), if one ran.
+    telemetry: Any = None
     unexpected_reloads: int = 0
     stopped_early: bool = False
+
+    def record(self, model: str, runner_options: dict[str, Any] | None, server: dict[str, Any],
+               **extra: Any) -> TrialRecord:
+        """The trial record of this measurement (statistics computed once, in the record)."""
+        return build_record(model, runner_options, server, self.samples, warmup=self.warmup,
+                            reload_ms=self.reload_ms, aggregate_tps=self.aggregate_tps,
+                            concurrency=self.concurrency, unexpected_reloads=self.unexpected_reloads,
+                            telemetry=self.telemetry, **extra)
 
 
 def measure_config(
@@ -93,12 +105,6 @@ def measure_config(
     finally:
         if sampler is not None:
             summary = sampler.stop()
-    telemetry = summary.to_attrs() if summary is not None and hasattr(summary, "to_attrs") else {}
-    metrics = summarise(samples)
-    if aggregate:
-        for stat, v in describe(aggregate).items():
-            metrics[f"aggregate_tps_{stat}"] = round(v, 4)
-        metrics["concurrency"] = workload.concurrency
     # With concurrent streams, load_duration also holds the time a request queued: not a reload.
     unexpected = 0 if workload.concurrency > 1 else sum(1 for s in samples if s.load_ms > UNEXPECTED_LOAD_MS)
-    return TrialMeasurement(samples, warmup, reload_ms, metrics, telemetry, unexpected, stopped)
+    return TrialMeasurement(samples, warmup, reload_ms, aggregate, workload.concurrency, summary, unexpected, stopped)

@@ -38,7 +38,3 @@ def make_pruner(margin: float = 0.02, p_threshold: float = 0.1, n_startup_steps:
             return bool(worse and self._wilcoxon.prune(study, trial))
 
     return MarginWilcoxonPruner()
-
-
-#: Per-request value of each objective that pruning can follow.
-PER_REQUEST = {"decode_tps": "decode_tps", "prefill_tps": "prefill_tps", "e2e_tps": "e2e_tps"}

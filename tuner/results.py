@@ -7,10 +7,12 @@ work on any storage, from any machine.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from tuner.errors import StudyError
+from tuner.record import TrialRecord, constraints, has_error, is_baseline, read_record
 from tuner.storage import lost_trial_key
 from tuner.terminal import command
 
@@ -30,90 +32,17 @@ def is_complete(t: Any) -> bool:
     return t.state == _optuna().trial.TrialState.COMPLETE
 
 
-#: Optuna's list-form constraints attr: the one form that optuna-dashboard reads (as
-#: ``constraints``) and that Optuna's samplers read too (as keys "0", "1", ...).
-CONSTRAINTS_KEY = "constraints"
-#: The names of that list's values, in order (the dashboard and the samplers ignore it).
-CONSTRAINT_NAMES_KEY = "tuner:constraint_names"
-_NAMED_PREFIX = CONSTRAINTS_KEY + ":"
-
-
-def store_constraints(trial: Any, values: dict[str, float]) -> None:
-    """Write a running trial's constraints once, as a list plus its names.
-
-    Not ``Trial.set_constraint``: optuna-dashboard 0.21 shows only the list form, and a trial
-    holding both forms has each constraint counted twice by TPE and NSGA-II (Optuna 5 merges
-    them in ``_get_constraints_from_system_attrs``).
-    """
-    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINT_NAMES_KEY, list(values))
-    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [float(v) for v in values.values()])
-
-
-def constraints(t: Any) -> dict[str, float]:
-    """A trial's constraints by name, each once, whichever form stored them.
-
-    Studies from before ``store_constraints`` hold ``Trial.set_constraint``'s
-    ``constraints:NAME`` keys; a list beside such keys without names is a copy of them.
-    """
-    attrs = getattr(t, "system_attrs", None)
-    if attrs is None:
-        return dict(t.constraints or {})
-    named = {k[len(_NAMED_PREFIX):]: float(v) for k, v in attrs.items() if k.startswith(_NAMED_PREFIX)}
-    listed = attrs.get(CONSTRAINTS_KEY) or []
-    names = attrs.get(CONSTRAINT_NAMES_KEY)
-    if names and len(names) == len(listed):
-        return {**dict(zip(names, map(float, listed))), **named}
-    if named:
-        return named
-    return {str(i): float(v) for i, v in enumerate(listed)}
-
-
 def violation(t: Any) -> float:
     """Sum of positive constraint values (0 = feasible)."""
     return float(sum(v for v in constraints(t).values() if v > 0))
 
 
 def is_feasible(t: Any) -> bool:
-    return is_complete(t) and violation(t) <= 0 and not t.user_attrs.get("error")
+    return is_complete(t) and violation(t) <= 0 and not has_error(t)
 
 
 def directions(study: Any) -> list[str]:
     return [d.name.lower() for d in study.directions]
-
-
-@dataclass
-class TrialView:
-    """A stored trial, reduced to what users read."""
-
-    number: int
-    state: str
-    model: str
-    options: dict[str, Any]
-    #: Server settings that really ran (an old server may fall back from what was asked).
-    server: dict[str, Any]
-    values: list[float] | None
-    feasible: bool
-    violations: list[str]
-    metrics: dict[str, Any]
-    baseline: bool
-    error: str | None
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def value(self) -> float | None:
-        return self.values[0] if self.values else None
-
-    @property
-    def model_label(self) -> str:
-        """The model as shown: a GGUF path by its file name."""
-        return self.model.rsplit("/", 1)[-1] if self.model.endswith(".gguf") else self.model
-
-    def config_text(self) -> str:
-        if self.baseline:
-            extra = "".join(f" {k}={v}" for k, v in self.options.items())
-            return f"{self.model_label} (defaults: no options sent{extra and ' but' + extra})"
-        parts = [f"{k}={v}" for k, v in {**self.options, **self.server}.items()]
-        return f"{self.model_label} " + " ".join(parts)
 
 
 def lost_errors(study: Any) -> dict[int, str]:
@@ -123,26 +52,9 @@ def lost_errors(study: Any) -> dict[int, str]:
             if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
-def view(t: Any, lost: dict[int, str] | None = None) -> TrialView:
+def view(t: Any, lost: dict[int, str] | None = None) -> TrialRecord:
     """The trial as users read it; ``lost`` (from :func:`lost_errors`) explains heartbeat failures."""
-    ua = t.user_attrs
-    cfg = ua.get("config", {})
-    metric_keys = {k: v for k, v in ua.items()
-                   if k not in ("config", "samples", "warmup", "error", "violations", "baseline", "server_effective")}
-    return TrialView(
-        number=t.number,
-        state=t.state.name,
-        model=cfg.get("model", ""),
-        options=dict(cfg.get("options") or {}),
-        server={**dict(cfg.get("server") or {}), **dict(ua.get("server_effective") or {})},
-        values=list(t.values) if t.values is not None else None,
-        feasible=is_feasible(t),
-        violations=list(ua.get("violations", [])),
-        metrics=metric_keys,
-        baseline=bool(ua.get("baseline", False)),
-        error=ua.get("error") or ((lost or {}).get(t.number) if t.state.name == "FAIL" else None),
-        params=dict(t.params),
-    )
+    return read_record(t, lost)
 
 
 def _sort_key(study: Any) -> Any:
@@ -173,7 +85,7 @@ def best_feasible(study: Any) -> Any | None:
 
 def least_violating(study: Any) -> Any | None:
     """When nothing is feasible: the complete, measured trial closest to the limits."""
-    cands = [t for t in study.get_trials(deepcopy=False) if is_complete(t) and not t.user_attrs.get("error")]
+    cands = [t for t in study.get_trials(deepcopy=False) if is_complete(t) and not has_error(t)]
     if not cands:
         return None
     key = _sort_key(study)
@@ -182,7 +94,7 @@ def least_violating(study: Any) -> Any | None:
 
 def baseline_trial(study: Any) -> Any | None:
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("baseline") and is_complete(t) and not t.user_attrs.get("error"):
+        if is_baseline(t) and is_complete(t) and not has_error(t):
             return t
     return None
 
@@ -195,7 +107,7 @@ def pick_trial(study: Any, number: int | None, allow_infeasible: bool = False) -
                 if not is_feasible(t) and not allow_infeasible:
                     raise StudyError(
                         f"trial {number} is not feasible ({t.state.name.lower()}"
-                        f"{': ' + t.user_attrs['error'] if t.user_attrs.get('error') else ''}): "
+                        f"{': ' + str(read_record(t).error) if has_error(t) else ''}): "
                         "pass --allow-infeasible to use it anyway"
                     )
                 return t
@@ -221,17 +133,86 @@ def speedup(study: Any, trial: Any) -> float | None:
     return trial.values[0] / base.values[0] if base.values[0] > 0 else None
 
 
+# The same decisions over records read once (the report reads each trial a single time).
+
+
+def rank_records(records: Iterable[TrialRecord], direction: str) -> list[TrialRecord]:
+    """:func:`ranked_feasible` over records: feasible ones with a value, best first."""
+    sign = 1.0 if direction == "maximize" else -1.0
+    return sorted((r for r in records if r.feasible and r.values), key=lambda r: sign * (r.value or 0.0),
+                  reverse=True)
+
+
+def best_record(ranked: Sequence[TrialRecord], validation: Validation | None) -> TrialRecord | None:
+    """:func:`best_feasible` over :func:`rank_records`: the re-validated winner while the
+    validation covers the current leader, else the top-ranked record."""
+    if not ranked:
+        return None
+    if validation is not None and validation.winner is not None \
+            and ranked[0].number in {e.number for e in validation.entries}:
+        for r in ranked:
+            if r.number == validation.winner:
+                return r
+    return ranked[0]
+
+
+def least_violating_record(records: Iterable[TrialRecord], direction: str) -> TrialRecord | None:
+    """:func:`least_violating` over records."""
+    sign = 1.0 if direction == "maximize" else -1.0
+    cands = [r for r in records if r.measured]
+    return min(cands, key=lambda r: (r.violation, -sign * (r.values[0] if r.values else -math.inf)),
+               default=None)
+
+
+def baseline_record(records: Iterable[TrialRecord]) -> TrialRecord | None:
+    """:func:`baseline_trial` over records."""
+    return next((r for r in records if r.baseline and r.measured), None)
+
+
+def record_speedup(r: TrialRecord, base: TrialRecord | None, direction: str) -> float | None:
+    """:func:`speedup` over records: ``r``'s first objective over the baseline's."""
+    if base is None or not base.values or not r.values or direction != "maximize":
+        return None
+    return r.values[0] / base.values[0] if base.values[0] > 0 else None
+
+
+def outcome(r: TrialRecord) -> str:
+    """A trial's outcome in the vocabulary of :func:`counts`."""
+    key = _OUTCOMES.get(r.state, r.state.lower())
+    return "infeasible" if key == "feasible" and not r.feasible else key
+
+
+def count_records(records: Iterable[TrialRecord]) -> dict[str, int]:
+    """:func:`counts` over records."""
+    out: dict[str, int] = {}
+    for r in records:
+        key = outcome(r)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _recency(s: Any) -> tuple[Any, ...]:
+    """Sort key of a StudySummary: first trial's start, then the tuner's creation time, then name.
+
+    A study without trials ranks below every study with one.
+    """
+    return (s.datetime_start is not None, s.datetime_start or 0, str(s.user_attrs.get("created_at", "")),
+            s.study_name)
+
+
 def load_study(storage: Any, name: str | None) -> Any:
     """Load study ``name``; with no name, the only (or most recent) study in the storage."""
     optuna = _optuna()
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    if not summaries:
+    # Names cost one query; summaries read every trial of every study (seconds for a large
+    # one), so they are read only to pick the most recent of several studies.
+    names = optuna.get_all_study_names(storage)
+    if not names:
         raise StudyError("the storage holds no study: run `tune --model MODEL` first")
     if name is None:
-        latest = max(summaries, key=lambda s: (s.datetime_start is not None, s.datetime_start or 0, s._study_id))
-        name = latest.study_name
-    elif name not in {s.study_name for s in summaries}:
-        known = ", ".join(sorted(s.study_name for s in summaries))
+        name = names[0] if len(names) == 1 else \
+            max(optuna.get_all_study_summaries(storage, include_best_trial=False), key=_recency).study_name
+    elif name not in names:
+        known = ", ".join(sorted(names))
         raise StudyError(f"no study named '{name}' in this storage: known studies are {known}")
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -256,9 +237,9 @@ def trials_frame(study: Any) -> Any:
         if t.values:
             for i, val in enumerate(t.values):
                 row["value" if i == 0 else f"value_{i}"] = val
-        for k, val in {**v.options, **v.server}.items():
+        for k, val in {**v.options, **v.effective_server}.items():
             row[f"params_{k}"] = val
-        for k, val in v.metrics.items():
+        for k, val in v.flat().items():
             if isinstance(val, (int, float, str, bool)) or val is None:
                 row[k] = val
             elif isinstance(val, list):
@@ -269,3 +250,125 @@ def trials_frame(study: Any) -> Any:
         row["error"] = v.error or ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+@dataclass
+class StudySummary:
+    """What a run ends with: where the study is, its counts, the winner and the baseline."""
+
+    study_name: str
+    storage: str
+    objectives: list[str]
+    trials_run: int
+    counts: dict[str, int]
+    best: TrialRecord | None
+    best_is_feasible: bool
+    baseline: TrialRecord | None
+    speedup: float | None
+    pareto: list[TrialRecord] = field(default_factory=list)
+    space: dict[str, list[Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    validation: Any = None
+    roofline: dict[str, Any] | None = None
+    engine: str = "ollama"
+    pruned: int = 0
+    pruned_saved_s: float = 0.0
+    #: Every trial of the study, by number.
+    trials: list[TrialRecord] = field(default_factory=list)
+
+
+#: Trial states by the words of :func:`counts` (a COMPLETE one is feasible or infeasible).
+_OUTCOMES = {"COMPLETE": "feasible", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+
+
+def counts(study: Any) -> dict[str, int]:
+    """Trials by outcome, the one vocabulary of the terminal and the report: feasible,
+    infeasible (complete but over a limit, or failed to load), pruned, failed, running."""
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = _OUTCOMES.get(t.state.name, t.state.name.lower())
+        if key == "feasible" and not is_feasible(t):
+            key = "infeasible"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def summarise_study(study: Any, objectives: list[str], storage: str, trials_run: int = 0,
+                    space: dict[str, list[Any]] | None = None) -> StudySummary:
+    """The run summary of a stored study."""
+    best = best_feasible(study)
+    feasible = best is not None
+    if best is None:
+        best = least_violating(study)
+    base = baseline_trial(study)
+    lost = lost_errors(study)
+    trials = sorted((view(t, lost) for t in study.get_trials(deepcopy=False)), key=lambda r: r.number)
+    pruned = [r for r in trials if r.state == "PRUNED"]
+    pareto: list[TrialRecord] = []
+    if len(objectives) > 1:
+        pareto = [view(t) for t in study.best_trials if is_feasible(t)]
+    return StudySummary(
+        study_name=study.study_name,
+        storage=storage,
+        objectives=objectives,
+        trials_run=trials_run,
+        counts=counts(study),
+        best=view(best) if best is not None else None,
+        best_is_feasible=feasible,
+        baseline=view(base) if base is not None else None,
+        speedup=speedup(study, best) if best is not None and feasible else None,
+        pareto=pareto,
+        space=space if space is not None else dict(study.user_attrs.get("space", {})),
+        validation=study.user_attrs.get("validation"),
+        engine=str(study.user_attrs.get("engine", "ollama")),
+        roofline=study.user_attrs.get("roofline"),
+        pruned=len(pruned),
+        pruned_saved_s=sum(v.pruned_saved_s or 0.0 for v in pruned),
+        trials=trials,
+    )
+
+
+@dataclass
+class Validated:
+    number: int
+    values: list[float] = field(default_factory=list)
+    mean: float = 0.0
+    sd: float = 0.0
+    ci95: tuple[float, float] = (0.0, 0.0)
+    error: str | None = None
+
+
+@dataclass
+class Validation:
+    """Result of re-measuring the top configs; ``winner`` is the declared winner."""
+
+    objective: str
+    rounds: int
+    entries: list[Validated]
+    winner: int | None
+    overlap: bool
+    trials_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Validation:
+        """Read back what ``to_dict`` stored (the study attribute ``validation``)."""
+        entries = [Validated(**{**e, "ci95": tuple(e["ci95"])}) for e in d.get("entries", [])]
+        return cls(**{**d, "entries": entries})
+
+    def describe(self) -> list[str]:
+        lines = [f"Re-validated the top {len(self.entries)} ({self.rounds} interleaved rounds, "
+                 f"{self.objective}, mean and 95% CI):"]
+        for e in sorted(self.entries, key=lambda e: -e.mean):
+            mark = "  <- winner" if e.number == self.winner else ""
+            if e.error:
+                lines.append(f"  #{e.number}: failed: {e.error}")
+            else:
+                lines.append(f"  #{e.number}: {e.mean:.2f} (95% CI {e.ci95[0]:.2f} .. {e.ci95[1]:.2f}, "
+                             f"sd {e.sd:.2f}){mark}")
+        if self.overlap:
+            lines.append("  The top two intervals overlap: they are not distinguishable at this precision "
+                         "(more --validate-rounds narrows the intervals).")
+        return lines

@@ -39,18 +39,12 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-from tuner.errors import LoadError, ServerSetupError
+from tuner.errors import LoadError, ServerSetupError, SpaceError
+from tuner.settings import ENV_VARS, env_value, expected, normalise
 
-#: Keep a model loaded between a trial's requests (Ollama's default unloads after 5 minutes).
+#: Keep a model loaded between a trial's requests (Ollama's default unloads after 5 minutes):
+#: the managed server's default, and what the Ollama engine sends with every request.
 KEEP_ALIVE = "30m"
-#: What `ollama serve` is told about server-level settings; inherited values are dropped.
-SETTING_ENV = {
-    "flash_attention": "OLLAMA_FLASH_ATTENTION",
-    "kv_cache_type": "OLLAMA_KV_CACHE_TYPE",
-    "num_parallel": "OLLAMA_NUM_PARALLEL",
-}
-FLASH_ATTENTION_VALUES = ("auto", "on", "off")
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 SYSTEM_MODELS_DIR = Path("/usr/share/ollama/.ollama/models")
 STOP_TIMEOUT_S = 5.0
 #: Parsed form of dev builds ("0.0.0") and unreadable versions: newer than any release.
@@ -89,15 +83,6 @@ def kv_needs_flash_attention(version: str | None) -> bool:
 # ----------------------------------------------------------------------------- environment
 
 
-def _flash_attention(value: Any) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    text = str(value).strip().lower()
-    if text not in FLASH_ATTENTION_VALUES:
-        raise ServerSetupError(f"invalid flash_attention {value!r}: use auto, on or off")
-    return text
-
-
 def effective_settings(settings: Mapping[str, Any], version: str | None) -> dict[str, Any]:
     """The server-level settings a server of ``version`` really runs for ``settings``.
 
@@ -107,22 +92,17 @@ def effective_settings(settings: Mapping[str, Any], version: str | None) -> dict
     """
     out: dict[str, Any] = {}
     for key, value in settings.items():
-        if key not in SETTING_ENV:
+        if key not in ENV_VARS:
             raise ServerSetupError(
-                f"unknown server setting '{key}': use {', '.join(SETTING_ENV)}"
+                f"unknown server setting '{key}': use {', '.join(ENV_VARS)}"
             )
-        if key == "flash_attention":
-            fa = _flash_attention(value)
-            out[key] = "off" if fa == "auto" and not has_auto_flash_attention(version) else fa
-        elif key == "kv_cache_type":
-            kv = str(value).strip().lower()
-            if kv not in KV_CACHE_TYPES:
-                raise ServerSetupError(f"invalid kv_cache_type {value!r}: use f16, q8_0 or q4_0")
-            out[key] = kv
-        else:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ServerSetupError(f"invalid num_parallel {value!r}: use an integer >= 1")
-            out[key] = value
+        try:
+            v = normalise(key, value)
+        except SpaceError:
+            raise ServerSetupError(f"invalid {key} {value!r}: use {expected(key)}") from None
+        if key == "flash_attention" and v == "auto" and not has_auto_flash_attention(version):
+            v = "off"
+        out[key] = v
     fa_on = out.get("flash_attention") == "on"
     if out.get("kv_cache_type", "f16") != "f16" and not fa_on and kv_needs_flash_attention(version):
         out["kv_cache_type"] = "f16"
@@ -136,15 +116,11 @@ def server_env(settings: Mapping[str, Any], version: str | None, base: Mapping[s
     ``base`` is dropped, so what the study records is what ran. OLLAMA_HOST and OLLAMA_MODELS
     are the caller's to add.
     """
-    env = {k: v for k, v in base.items() if k not in SETTING_ENV.values()}
-    eff = effective_settings(settings, version)
-    fa = eff.get("flash_attention")
-    if fa in ("on", "off"):
-        env["OLLAMA_FLASH_ATTENTION"] = "1" if fa == "on" else "0"
-    if "kv_cache_type" in eff:
-        env["OLLAMA_KV_CACHE_TYPE"] = eff["kv_cache_type"]
-    if "num_parallel" in eff:
-        env["OLLAMA_NUM_PARALLEL"] = str(eff["num_parallel"])
+    env = {k: v for k, v in base.items() if k not in ENV_VARS.values()}
+    for key, value in effective_settings(settings, version).items():
+        text = env_value(key, value)
+        if text is not None:
+            env[ENV_VARS[key]] = text
     # A model unloaded or a second one resident between requests would disturb the timings.
     env["OLLAMA_KEEP_ALIVE"] = KEEP_ALIVE
     env["OLLAMA_MAX_LOADED_MODELS"] = "1"

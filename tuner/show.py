@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuner import results
-from tuner.metrics import METRIC_ROWS, TELEMETRY_ROWS
+from tuner import objectives, results
+from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
 from tuner.storage import default_storage_url, open_storage, shown_url
 from tuner.terminal import command, printable
 
@@ -17,32 +17,30 @@ def _num(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
-def format_trial(v: results.TrialView, title: str) -> str:
+def format_trial(v: TrialRecord, title: str) -> str:
     """The block that describes one trial: config, metric statistics, telemetry."""
     lines = [f"{title} (trial #{v.number}):"]
     lines.append(f"  {'model':<24} {printable(v.model)}")
     if v.baseline:
         lines.append(f"  {'options':<24} none (the engine's defaults)")
-    for k, val in {**v.options, **v.server}.items():
+    for k, val in {**v.options, **v.effective_server}.items():
         lines.append(f"  {printable(k):<24} {printable(val)}")
-    m = v.metrics
     if v.error:
         lines.append(f"  {'error':<24} {printable(v.error)}")
         return "\n".join(lines)
     lines.append(f"  {'metric':<24} {'mean':>10} {'sd':>8} {'p50':>10} {'p95':>10}")
-    for label, key in METRIC_ROWS:
-        if f"{key}_mean" in m:
-            lines.append(
-                f"  {label:<24} {_num(m.get(key + '_mean')):>10} {_num(m.get(key + '_sd')):>8} "
-                f"{_num(m.get(key + '_p50')):>10} {_num(m.get(key + '_p95')):>10}"
-            )
-    if m.get("reload_ms") is not None:
-        lines.append(f"  {'reload (load) ms':<24} {_num(m['reload_ms']):>10}")
-    for label, key in TELEMETRY_ROWS:
-        if m.get(key) is not None:
-            lines.append(f"  {label:<24} {_num(m[key], 2):>10}")
-    if m.get("n_requests"):
-        lines.append(f"  {'requests measured':<24} {m['n_requests']:>10}")
+    for label, metric in METRIC_ROWS:
+        st = v.stats.get(metric)
+        if st is not None:
+            lines.append(f"  {label:<24} {_num(st.mean):>10} {_num(st.sd):>8} {_num(st.p50):>10} {_num(st.p95):>10}")
+    if v.reload_ms is not None:
+        lines.append(f"  {'reload (load) ms':<24} {_num(v.reload_ms):>10}")
+    for label, name in TELEMETRY_ROWS:
+        value = v.telemetry_value(name)
+        if value is not None:
+            lines.append(f"  {label:<24} {_num(value, 2):>10}")
+    if v.n_requests:
+        lines.append(f"  {'requests measured':<24} {v.n_requests:>10}")
     if v.violations:
         lines.append(f"  {'violates':<24} {printable('; '.join(v.violations))}")
     return "\n".join(lines)
@@ -66,15 +64,11 @@ def format_summary(s: Any) -> str:
     if s.speedup is not None and s.baseline is not None and s.best is not None:
         obj = s.objectives[0]
         out.append(
-            f"{s.speedup:.2f}x {obj.replace('_tps', ' tok/s')} vs {results.defaults_name(s.engine)} "
+            f"{s.speedup:.2f}x {objectives.label(obj)} vs {results.defaults_name(s.engine)} "
             f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f})"
         )
     if s.validation:
-        from tuner.validate import Validated, Validation
-
-        val = dict(s.validation)
-        val["entries"] = [Validated(**{**e, "ci95": tuple(e["ci95"])}) for e in val["entries"]]
-        out.extend(Validation(**val).describe())
+        out.extend(results.Validation.from_dict(s.validation).describe())
     if s.roofline:
         out.append(f"Roofline: {s.roofline['text']}")
     if s.pruned:
@@ -118,18 +112,16 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
     """The best configuration and the top-k table of one study."""
     storage = open_storage(storage_url, create=False)
     study = results.load_study(storage, name)
-    from tuner.study import summarise_study
-
-    objectives = list(study.user_attrs.get("objectives", ["decode_tps"]))
-    s = summarise_study(study, objectives, shown_url(storage_url))
+    names = list(study.user_attrs.get("objectives", ["decode_tps"]))
+    s = results.summarise_study(study, names, shown_url(storage_url))
     text = format_summary(s)
     ranked = results.ranked_feasible(study)[: max(top, 0)]
     if ranked:
         lines = ["", f"Top {len(ranked)} feasible:"]
-        lines.append(f"  {'#':>4} {objectives[0]:>12} {'p95 TTFT ms':>12}  config")
+        lines.append(f"  {'#':>4} {names[0]:>12} {'p95 TTFT ms':>12}  config")
         for t in ranked:
             v = results.view(t)
-            lines.append(f"  {t.number:>4} {t.values[0]:>12.2f} {v.metrics.get('ttft_ms_p95', 0):>12.0f}  "
+            lines.append(f"  {t.number:>4} {t.values[0]:>12.2f} {v.stat('ttft_ms', 'p95') or 0:>12.0f}  "
                          f"{printable(v.config_text())}")
         text += "\n".join(lines)
     lost = results.lost_errors(study)

@@ -13,26 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tuner import settings
 from tuner.errors import SpaceError
+from tuner.settings import REQUEST_PARAMS, SETTINGS
+# Re-exported: callers split a config into runner and server parts with these.
+from tuner.settings import RUNNER_PARAMS as RUNNER_PARAMS, SERVER_PARAMS as SERVER_PARAMS
 
-#: Every tunable parameter: (level, value type, what it is).
-#: level "runner": fixed when the model loads (a change reloads it);
-#: level "server": environment of the server process (a change restarts it);
-#: level "model": which model file/tag is loaded.
-PARAMETERS: dict[str, tuple[str, type, str]] = {
-    "variant": ("model", str, "quantization variant (Ollama tag or GGUF path)"),
-    "num_ctx": ("runner", int, "context window in tokens"),
-    "num_batch": ("runner", int, "prompt-processing batch size"),
-    "num_gpu": ("runner", int, "layers offloaded to the GPU (-1 = auto, 0 = CPU only)"),
-    "num_thread": ("runner", int, "CPU threads (0 = runtime decides)"),
-    "flash_attention": ("server", str, "flash attention: auto, on or off"),
-    "kv_cache_type": ("server", str, "KV-cache type: f16, q8_0 or q4_0"),
-    "num_parallel": ("server", int, "parallel request slots"),
-}
-RUNNER_PARAMS = tuple(k for k, v in PARAMETERS.items() if v[0] == "runner")
-SERVER_PARAMS = tuple(k for k, v in PARAMETERS.items() if v[0] == "server")
-_WORDS = {"num_gpu": {"auto": -1}, "num_thread": {"auto": 0}}
-_CHOICES = {"flash_attention": ("auto", "on", "off"), "kv_cache_type": ("f16", "q8_0", "q4_0")}
 # Contiguous integer ranges longer than this are sampled as ordered integers, not categories.
 _INT_RANGE_MIN = 8
 #: Values one parameter may take; checked before a range is expanded (1..100000000 would
@@ -49,7 +35,7 @@ class Param:
 
     @property
     def level(self) -> str:
-        return PARAMETERS[self.name][0]
+        return SETTINGS[self.name].level
 
     @property
     def fixed(self) -> bool:
@@ -133,37 +119,7 @@ def powers_of_two(low: int, high: int) -> list[int]:
 
 def parse_value(name: str, raw: Any) -> Any:
     """Convert one user-given value to the parameter's type, or raise SpaceError."""
-    if name not in PARAMETERS:
-        known = ", ".join(PARAMETERS)
-        raise SpaceError(f"unknown parameter '{name}': known parameters are {known}")
-    kind = PARAMETERS[name][1]
-    if isinstance(raw, str):
-        text = raw.strip()
-        words = _WORDS.get(name, {})
-        if text.lower() in words:
-            return words[text.lower()]
-        if kind is int:
-            try:
-                return int(text)
-            except ValueError:
-                raise SpaceError(
-                    f"invalid value '{text}' for {name}: expected an integer"
-                    + (" or 'auto'" if words else "")
-                ) from None
-        if name in _CHOICES and text.lower() not in _CHOICES[name]:
-            raise SpaceError(
-                f"invalid value '{text}' for {name}: choose from {', '.join(_CHOICES[name])}"
-            )
-        return text.lower() if name in _CHOICES else text
-    if kind is int and isinstance(raw, bool):
-        raise SpaceError(f"invalid value {raw!r} for {name}: expected an integer")
-    if kind is int and isinstance(raw, int):
-        return raw
-    if kind is str and isinstance(raw, bool) and name == "flash_attention":
-        return "on" if raw else "off"
-    if kind is str and isinstance(raw, str):
-        return raw
-    raise SpaceError(f"invalid value {raw!r} for {name}: expected {kind.__name__}")
+    return settings.parse(name, raw)
 
 
 def _expand(name: str, raw: str) -> list[Any]:
@@ -172,7 +128,7 @@ def _expand(name: str, raw: str) -> list[Any]:
         part = part.strip()
         if not part:
             continue
-        if ".." in part and PARAMETERS[name][1] is int:
+        if ".." in part and SETTINGS[name].kind is int:
             lo_s, hi_s = part.split("..", 1)
             lo, hi = parse_value(name, lo_s), parse_value(name, hi_s)
             if lo > hi:
@@ -200,8 +156,7 @@ def parse_param_option(text: str) -> tuple[str, list[Any]]:
             f"invalid --param '{text}': write it as name=value or name=v1,v2 (e.g. num_ctx=2048,4096)"
         )
     name, raw = (s.strip() for s in text.split("=", 1))
-    if name not in PARAMETERS:
-        parse_value(name, raw)  # raises the unknown-parameter error
+    settings.get(name)  # an unknown name fails before its values
     values = _expand(name, raw)
     if not values:
         raise SpaceError(f"--param {name} has no values: give at least one, e.g. {name}=512")
@@ -236,8 +191,7 @@ def load_space_file(path: str | Path) -> dict[str, list[Any]]:
                 raise SpaceError(
                     f"space file {path}: '{name}' must be a value, a list, or {{min=.., max=..}}"
                 )
-        if name not in PARAMETERS:
-            parse_value(name, "")
+        settings.get(name)
         if isinstance(raw, str):
             values = _expand(name, raw)
         elif isinstance(raw, list):
@@ -278,7 +232,7 @@ class SpaceLimits:
     has_gpu: bool
     min_ctx: int = 512
     variants: tuple[str, ...] = ()
-    supported: tuple[str, ...] = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
+    supported: tuple[str, ...] = REQUEST_PARAMS
 
 
 def default_values(limits: SpaceLimits) -> dict[str, list[Any]]:
@@ -319,7 +273,7 @@ def build_space(
         )
     values.update(overrides)
     _validate(values, limits)
-    order = [n for n in PARAMETERS if n in values]
+    order = [n for n in SETTINGS if n in values]
     return SearchSpace(tuple(Param(n, tuple(_dedupe(values[n]))) for n in order))
 
 
@@ -337,34 +291,22 @@ def _validate(values: dict[str, list[Any]], limits: SpaceLimits) -> None:
     for name, vals in values.items():
         if not vals:
             raise SpaceError(f"parameter '{name}' has no values: give at least one")
-    for v in values.get("num_ctx", []):
-        if v <= 0:
-            raise SpaceError(f"num_ctx={v} is invalid: it must be a positive number of tokens")
-        if v > limits.context_length:
-            raise SpaceError(
-                f"num_ctx={v} is above the model's trained context of {limits.context_length}: "
-                f"use at most {limits.context_length}"
-            )
-        if v < limits.min_ctx:
-            raise SpaceError(
-                f"num_ctx={v} is below the {limits.min_ctx} tokens the workload needs "
-                f"(--context and the longest prompt plus --num-predict): use num_ctx >= {limits.min_ctx}"
-            )
-    for v in values.get("num_batch", []):
-        if v <= 0:
-            raise SpaceError(f"num_batch={v} is invalid: it must be at least 1")
     top = limits.block_count + 1
-    for v in values.get("num_gpu", []):
-        if v < -1:
-            raise SpaceError(f"num_gpu={v} is invalid: use -1 (auto), 0 (CPU) or a layer count")
-        if v > top:
-            raise SpaceError(
-                f"num_gpu={v} is above the model's {top} offloadable layers "
-                f"({limits.block_count} blocks + output): use at most {top}"
-            )
-    for v in values.get("num_thread", []):
-        if v < 0:
-            raise SpaceError(f"num_thread={v} is invalid: use 0 (auto) or a thread count")
-    for v in values.get("num_parallel", []):
-        if v < 1:
-            raise SpaceError(f"num_parallel={v} is invalid: it must be at least 1")
+    for name in SETTINGS:
+        for v in values.get(name, []):
+            settings.check(name, v)
+            if name == "num_ctx" and v > limits.context_length:
+                raise SpaceError(
+                    f"num_ctx={v} is above the model's trained context of {limits.context_length}: "
+                    f"use at most {limits.context_length}"
+                )
+            if name == "num_ctx" and v < limits.min_ctx:
+                raise SpaceError(
+                    f"num_ctx={v} is below the {limits.min_ctx} tokens the workload needs "
+                    f"(--context and the longest prompt plus --num-predict): use num_ctx >= {limits.min_ctx}"
+                )
+            if name == "num_gpu" and v > top:
+                raise SpaceError(
+                    f"num_gpu={v} is above the model's {top} offloadable layers "
+                    f"({limits.block_count} blocks + output): use at most {top}"
+                )

@@ -103,13 +103,16 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
     # Several workers starting at once race to create the schema; the losers retry.
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url,
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
                 heartbeat_stale_trial_callback=callback,
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
             )
+            if url.startswith("sqlite"):
+                _fast_sqlite(storage)
+            return storage
         except ImportError as e:
             raise StudyError(
                 f"storage '{shown}' needs a database driver ({e.name or 'not installed'}): "
@@ -157,6 +160,22 @@ def _full_reason(e: BaseException) -> str | None:
                     return words
         cur = getattr(cur, "orig", None) or cur.__cause__ or cur.__context__
     return None
+
+
+def _fast_sqlite(storage: Any) -> None:
+    """WAL with synchronous=NORMAL: a commit is an append, not an fsync (about 3x faster per
+    attribute written), and a killed process still loses nothing that was committed; only a
+    power cut can take the last commits, never corrupt the file."""
+    from sqlalchemy import event
+
+    def pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()  # connections made before the listener reconnect with it
 
 
 def lost_trial_key(number: int) -> str:

@@ -17,8 +17,10 @@ from tuner.engines import Engine, GpuOffload, get_engine
 from tuner.errors import (LoadError, ServerError, SpaceError, StoppedError, StorageError, StudyError,
                           TrialFailedError, TunerError)
 from tuner.measure import config_key, measure_config
-from tuner.pruning import PER_REQUEST, make_pruner
-from tuner.metrics import OBJECTIVES, objective_value
+from tuner.options import SAMPLERS, TuneOptions
+from tuner import objectives, record
+from tuner.pruning import make_pruner
+from tuner.record import TrialRecord
 from tuner.space import RUNNER_PARAMS, SERVER_PARAMS, SearchSpace, SpaceLimits, build_space, load_space_file
 from tuner.roofline import roofline
 from tuner.storage import mask, open_storage, shown_url, write_failure
@@ -28,77 +30,8 @@ from tuner.workload import Workload, builtin_prompts, load_prompts
 from tuner import results
 
 Echo = Callable[[str], None]
-SAMPLERS = ("tpe", "random", "grid")
 #: A failed load scores this (for maximised objectives) so the sampler learns to avoid it.
 FAILED_SCORE = {"maximize": 0.0, "minimize": 1e12}
-
-
-@dataclass
-class TuneOptions:
-    """Everything ``tune`` takes; defaults are the CLI's defaults."""
-
-    model: list[str]
-    engine: str = "ollama"
-    host: str | None = None
-    trials: int = 50
-    repeats: int = 3
-    num_predict: int = 128
-    prompts_file: str | None = None
-    context: int | None = None
-    params: dict[str, list[Any]] = field(default_factory=dict)
-    space_file: str | None = None
-    variants: list[str] = field(default_factory=list)
-    objectives: list[str] = field(default_factory=lambda: ["decode_tps"])
-    max_ttft_ms: float | None = None
-    max_latency_ms: float | None = None
-    max_vram_mib: float | None = None
-    max_power_w: float | None = None
-    sampler: str = "tpe"
-    seed: int | None = None
-    storage: str | None = None
-    study_name: str | None = None
-    baseline: bool = True
-    gpus: list[int] | None = None
-    telemetry_interval_s: float = 0.1
-    timeout_s: float = 600.0
-    concurrency: int = 1
-    manage_server: bool = False
-    ollama_bin: str | None = None
-    models_dir: str | None = None
-    max_consecutive_failures: int = 3
-    server_wait_s: float = 30.0
-    retry_failed: bool = False
-    allow_mixed_hardware: bool = False
-    heartbeat_s: int = 30
-    grace_s: int = 90
-    prune: bool = True
-    prune_margin: float = 0.02
-    validate: int = 3
-    validate_rounds: int = 3
-    roofline: bool = True
-
-
-@dataclass
-class StudySummary:
-    """What a run ends with: where the study is, its counts, the winner and the baseline."""
-
-    study_name: str
-    storage: str
-    objectives: list[str]
-    trials_run: int
-    counts: dict[str, int]
-    best: results.TrialView | None
-    best_is_feasible: bool
-    baseline: results.TrialView | None
-    speedup: float | None
-    pareto: list[results.TrialView] = field(default_factory=list)
-    space: dict[str, list[Any]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    validation: Any = None
-    roofline: dict[str, Any] | None = None
-    engine: str = "ollama"
-    pruned: int = 0
-    pruned_saved_s: float = 0.0
 
 
 @dataclass
@@ -148,9 +81,9 @@ def validate_options(o: TuneOptions) -> None:
     if o.context is not None and o.context <= 0:
         raise TunerError(f"--context must be a positive number of tokens (got {o.context})")
     for obj in o.objectives:
-        if obj not in OBJECTIVES:
-            raise TunerError(f"unknown objective '{obj}': choose from {', '.join(OBJECTIVES)}")
-    if len(o.objectives) == 1 and OBJECTIVES[o.objectives[0]] == "minimize":
+        if obj not in objectives.OBJECTIVES:
+            raise TunerError(f"unknown objective '{obj}': choose from {', '.join(objectives.OBJECTIVES)}")
+    if len(o.objectives) == 1 and objectives.get(o.objectives[0]).direction == "minimize":
         raise TunerError(
             f"'{o.objectives[0]}' alone is not a useful objective (the tiniest output wins): "
             "use it with a throughput objective, e.g. --objectives decode_tps,ttft_p95"
@@ -159,10 +92,16 @@ def validate_options(o: TuneOptions) -> None:
         raise TunerError("--objectives lists the same objective twice")
     if o.concurrency < 1:
         raise TunerError(f"--concurrency must be at least 1 (got {o.concurrency})")
-    if "aggregate_tps" in o.objectives and o.concurrency < 2:
-        raise TunerError("objective 'aggregate_tps' needs --concurrency 2 or more")
-    if o.validate < 0 or o.validate_rounds < 1:
-        raise TunerError("--validate must be >= 0 and --validate-rounds >= 1")
+    for obj in o.objectives:
+        if objectives.get(obj).needs_concurrency and o.concurrency < 2:
+            raise TunerError(f"objective '{obj}' needs --concurrency 2 or more")
+    # Re-validation compares configs across rounds: one config or one round has no interval.
+    if o.validate < 0 or o.validate == 1:
+        raise TunerError(f"--validate must be 0 (off) or at least 2 (got {o.validate}): it re-measures the "
+                         "top K configs to compare them; use --validate 2 or more, or --validate 0")
+    if o.validate_rounds < 2:
+        raise TunerError(f"--validate-rounds must be at least 2 (got {o.validate_rounds}): one round gives no "
+                         "confidence interval; use --validate-rounds 2 or more (--validate 0 turns it off)")
     if o.sampler not in SAMPLERS:
         raise TunerError(f"unknown sampler '{o.sampler}': choose from {', '.join(SAMPLERS)}")
 
@@ -267,11 +206,12 @@ def _refuse_unmeasurable_limits(o: TuneOptions, engine: Engine, gpu_telemetry: b
     """A limit or objective that cannot be measured here is refused, never silently ignored."""
     if gpu_telemetry:
         return
-    if "tokens_per_joule" in o.objectives:
-        raise TunerError(
-            f"objective 'tokens_per_joule' needs GPU energy telemetry, and there is none "
-            f"({reason}): choose another --objective"
-        )
+    for name in o.objectives:
+        if objectives.get(name).needs_energy:
+            raise TunerError(
+                f"objective '{name}' needs GPU energy telemetry, and there is none "
+                f"({reason}): choose another --objective"
+            )
     if o.max_power_w is not None:
         raise TunerError(
             f"--max-power-w needs GPU power telemetry (NVML), and there is none ({reason}): "
@@ -336,7 +276,18 @@ def default_study_name(o: TuneOptions, server: dict[str, Any]) -> str:
     return f"{Path(o.model[0]).name}@{o.engine}"
 
 
+#: Builds the sampler of a study: (sampler name, space, seed, number of objectives) -> sampler.
+SamplerFactory = Callable[[str, SearchSpace, "int | None", int], Any]
+
+
+def tpe_options(space: SearchSpace, seed: int | None) -> dict[str, Any]:
+    """The TPESampler keywords the tuner uses for ``space`` (benchmarks vary them)."""
+    return {"seed": seed, "n_startup_trials": min(10, max(3, space.size() // 4)), "multivariate": True,
+            "group": True, "constant_liar": True}
+
+
 def make_sampler(name: str, space: SearchSpace, seed: int | None, n_objectives: int) -> Any:
+    """The product's sampler: TPE (NSGA-II for several objectives), or a random/grid baseline."""
     import optuna
 
     if name == "random":
@@ -345,13 +296,7 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None, n_objectives: 
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if n_objectives > 1:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, space.size())))
-    return optuna.samplers.TPESampler(
-        seed=seed,
-        n_startup_trials=min(10, max(3, space.size() // 4)),
-        multivariate=True,
-        group=True,
-        constant_liar=True,
-    )
+    return optuna.samplers.TPESampler(**tpe_options(space, seed))
 
 
 def _study_identity(o: TuneOptions, p: _Prepared) -> dict[str, Any]:
@@ -364,18 +309,24 @@ def _study_identity(o: TuneOptions, p: _Prepared) -> dict[str, Any]:
     }
 
 
-def open_study(o: TuneOptions, p: _Prepared) -> Any:
-    """Create the study, or resume it if its model, space and workload match."""
+def _prunable(o: TuneOptions) -> bool:
+    """Pruning follows one objective that has a value per request."""
+    return len(o.objectives) == 1 and objectives.get(o.objectives[0]).per_request is not None
+
+
+def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = make_sampler) -> tuple[Any, bool]:
+    """Create the study, or resume it if its model, space and workload match; return it and
+    whether this call created it."""
     import optuna
 
     if o.grace_s <= o.heartbeat_s or o.heartbeat_s < 1:
         raise TunerError("--grace-period must be longer than --heartbeat-interval (both in seconds, >= 1)")
     storage = open_storage(o.storage, retry_failed=o.retry_failed, heartbeat_s=o.heartbeat_s, grace_s=o.grace_s)
     name = o.study_name or default_study_name(o, p.server)
-    directions: Any = [OBJECTIVES[x] for x in o.objectives]
-    sampler = make_sampler(o.sampler, p.space, o.seed, len(o.objectives))
+    directions: Any = [objectives.get(x).direction for x in o.objectives]
+    sampler = sampler_factory(o.sampler, p.space, o.seed, len(o.objectives))
     pruner = None
-    if o.prune and len(o.objectives) == 1 and o.objectives[0] in PER_REQUEST:
+    if o.prune and _prunable(o):
         pruner = make_pruner(margin=o.prune_margin)
     created = True
     try:
@@ -393,7 +344,6 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         reason = mask(str(e).splitlines()[0]) if str(e) else e.__class__.__name__
         raise write_failure(e) or StorageError(
             f"cannot create study '{name}' in {shown_url(o.storage)}: {reason}") from None
-    setattr(study, "_tuner_created", created)
     ident = _study_identity(o, p)
     attrs = study.user_attrs
     if "space_hash" not in attrs and not created:
@@ -445,7 +395,7 @@ def open_study(o: TuneOptions, p: _Prepared) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(o.objectives))
-    return study
+    return study, created
 
 
 def _hw_text(hw: dict[str, Any]) -> str:
@@ -479,7 +429,7 @@ class _Runner:
         hw = hardware_fingerprint(p.environment)
         self.worker = {"hostname": platform.node(), "pid": os.getpid(), "gpus": hw["gpus"],
                        "server": p.server.get("host", "")}
-        self.directions = [OBJECTIVES[x] for x in o.objectives]
+        self.directions = [objectives.get(x).direction for x in o.objectives]
 
     def _sampler(self) -> Any:
         from tuner.telemetry import TelemetrySampler
@@ -493,9 +443,8 @@ class _Runner:
 
     def __call__(self, trial: Any) -> Any:
         o, p = self.o, self.p
-        baseline = bool(trial.user_attrs.get("baseline"))
+        baseline = bool(trial.user_attrs.get(record.BASELINE))
         if baseline:
-            config: dict[str, Any] = {}
             model = p.model
             # The defaults, except a context the application needs (else the "winner" could be
             # a config that silently truncates its prompts).
@@ -506,96 +455,83 @@ class _Runner:
             model = config.pop("variant", p.model)
             runner = {k: config[k] for k in RUNNER_PARAMS if k in config}
             server = {k: config[k] for k in SERVER_PARAMS if k in config}
-        trial.set_user_attr("config", {"model": model, "options": runner or {}, "server": server})
-        trial.set_user_attr("worker", self.worker)
+        # What is tried, stored before measuring: a trial that dies still says what it was.
+        rec = TrialRecord(model=model, options=runner or {}, server=server, baseline=baseline, worker=self.worker)
+        record.write_record(trial, rec)
         try:
             restarted = p.engine.prepare(server)
-            effective = getattr(p.engine, "effective_server_settings", lambda s: None)(server)
-            if effective is not None and server:
-                trial.set_user_attr("server_effective", effective)
+            rec.server_effective = getattr(p.engine, "effective_server_settings", lambda s: None)(server)
             key = config_key(model, runner, server)
             reload = restarted or key != self.loaded_key
             m = measure_config(p.engine, model, runner, p.workload, reload=reload,
                                sampler=self._sampler(), on_request=self._reporter(trial, baseline))
         except LoadError as e:
             self.loaded_key = None
-            return self._failed_load(trial, str(e))
+            return self._failed_load(trial, rec, str(e))
         except ServerError as e:
             self.loaded_key = None
-            trial.set_user_attr("error", str(e))
+            rec.error = str(e)
+            record.write_record(trial, rec)
             self._wait_for_server()
             raise TrialFailedError(str(e)) from None
         except KeyboardInterrupt:
             self.loaded_key = None
-            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            rec.error = "interrupted (Ctrl-C)"
+            record.write_record(trial, rec)
             raise
         self.loaded_key = key
-        attrs: dict[str, Any] = dict(m.metrics)
-        attrs.update(m.telemetry)
-        attrs.update(p.engine.server_memory(model) or {})
-        energy = m.telemetry.get("gpu_energy_j")
-        tokens = sum(s.eval_tokens for s in m.samples)
-        if energy:
-            attrs["tokens_per_joule"] = round(tokens / energy, 6)
-        attrs["reload_ms"] = m.reload_ms
-        attrs["unexpected_reloads"] = m.unexpected_reloads
-        attrs["done_reasons"] = sorted({s.done_reason for s in m.samples})
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
-        trial.set_user_attr("samples", [s.to_dict() for s in m.samples])
-        if m.warmup is not None:
-            trial.set_user_attr("warmup", m.warmup.to_dict())
-        violations = self._constrain(trial, attrs, load_failed=False)
-        trial.set_user_attr("violations", violations)
+        rec = m.record(model, runner, server, server_effective=rec.server_effective, baseline=baseline,
+                       worker=self.worker, server_memory=p.engine.server_memory(model))
+        rec.constraints, rec.violations = self._limits(rec, load_failed=False)
         if m.stopped_early:
             import optuna
 
             total = p.workload.repeats * len(p.workload.prompts)
             done = len(m.samples) // max(1, p.workload.concurrency)
             mean_s = sum(s.latency_ms for s in m.samples) / len(m.samples) / 1e3
-            trial.set_user_attr("pruned_saved_s", round(max(0, total - done) * mean_s, 3))
+            rec.pruned_saved_s = round(max(0, total - done) * mean_s, 3)
+            record.write_record(trial, rec)
             raise optuna.TrialPruned(f"worse than the best after {done} of {total} requests")
         values = []
-        for obj, direction in zip(o.objectives, self.directions):
-            v = objective_value(attrs, obj)
+        for name in o.objectives:
+            v = objectives.get(name).value(rec)
             if v is None:
-                trial.set_user_attr("error", f"objective '{obj}' could not be measured")
+                rec.error = f"objective '{name}' could not be measured"
+                record.write_record(trial, rec)
                 raise TrialFailedError(
-                    f"objective '{obj}' could not be measured (no GPU energy counter?): "
+                    f"objective '{name}' could not be measured (no GPU energy counter?): "
                     "choose another --objective"
                 )
             values.append(v)
+        record.write_record(trial, rec)
         return values[0] if len(values) == 1 else values
 
     def _reporter(self, trial: Any, baseline: bool) -> Callable[[int, Any], bool] | None:
         """Report each request's objective value; ask the pruner whether to stop."""
-        if len(self.o.objectives) != 1 or self.o.objectives[0] not in PER_REQUEST:
+        field = objectives.get(self.o.objectives[0]).per_request if len(self.o.objectives) == 1 else None
+        if field is None:
             return None
-        metric = PER_REQUEST[self.o.objectives[0]]
 
         def on_request(step: int, sample: Any) -> bool:
-            trial.report(float(getattr(sample, metric)), step)
+            trial.report(float(getattr(sample, field)), step)
             return bool(self.o.prune and not baseline and trial.should_prune())
 
         return on_request
 
-    def _constrain(self, trial: Any, attrs: dict[str, Any], load_failed: bool) -> list[str]:
-        """Set every constraint (same keys on every trial) and return the violations."""
+    def _limits(self, rec: TrialRecord, load_failed: bool) -> tuple[dict[str, float], list[str]]:
+        """Every constraint (the same keys on every trial) and the violations in words."""
         o = self.o
         out: list[str] = []
         values: dict[str, float] = {"load": 1.0 if load_failed else 0.0}
         checks = (
-            ("ttft_p95_ms", o.max_ttft_ms, "ttft_ms_p95", "p95 TTFT", "ms"),
-            ("latency_p95_ms", o.max_latency_ms, "latency_ms_p95", "p95 latency", "ms"),
-            # NVML's peak when this machine sees the GPU, else what the server says the model holds.
-            ("vram_mib", o.max_vram_mib,
-             "gpu_mem_used_peak_mib" if "gpu_mem_used_peak_mib" in attrs else "server_vram_mib", "VRAM peak", "MiB"),
-            ("power_w", o.max_power_w, "gpu_power_mean_w", "mean power", "W"),
+            ("ttft_p95_ms", o.max_ttft_ms, rec.stat("ttft_ms", "p95"), "p95 TTFT", "ms"),
+            ("latency_p95_ms", o.max_latency_ms, rec.stat("latency_ms", "p95"), "p95 latency", "ms"),
+            ("vram_mib", o.max_vram_mib, rec.vram_peak_mib, "VRAM peak", "MiB"),
+            ("power_w", o.max_power_w, rec.power_mean_w, "mean power", "W"),
         )
-        for key, limit, metric, label, unit in checks:
+        for key, limit, value, label, unit in checks:
             if limit is None:
                 continue
-            value = attrs.get(metric)
             # NaN counts as unmeasured: stored, it would read as feasible and break the dashboard's JSON.
             if load_failed or value is None or value != value:
                 values[key] = 0.0 if not load_failed else 1.0
@@ -605,13 +541,13 @@ class _Runner:
             values[key] = excess / limit
             if excess > 0:
                 out.append(f"{label} {value:.0f} {unit} > {limit:g} {unit}")
-        results.store_constraints(trial, values)
-        return out
+        return values, out
 
-    def _failed_load(self, trial: Any, error: str) -> Any:
-        trial.set_user_attr("error", error)
-        trial.set_user_attr("violations", [f"failed to load: {error}"])
-        self._constrain(trial, {}, load_failed=True)
+    def _failed_load(self, trial: Any, rec: TrialRecord, error: str) -> Any:
+        rec.error = error
+        rec.constraints, _ = self._limits(rec, load_failed=True)
+        rec.violations = [f"failed to load: {error}"]
+        record.write_record(trial, rec)
         vals = [FAILED_SCORE[d] for d in self.directions]
         return vals[0] if len(vals) == 1 else vals
 
@@ -651,9 +587,8 @@ class _Progress:
         obj = self.o.objectives[0]
         if trial.state.name == "PRUNED":
             self.consecutive_failures = 0
-            saved = trial.user_attrs.get("pruned_saved_s", 0.0)
-            status = f"pruned (clearly worse; saved {saved:.1f} s)"
-            metric = f"decode {v.metrics.get('decode_tps_mean', 0):.1f} tok/s so far  "
+            status = f"pruned (clearly worse; saved {v.pruned_saved_s or 0.0:.1f} s)"
+            metric = f"decode {v.stat('decode_tps') or 0:.1f} tok/s so far  "
         elif trial.state.name == "FAIL":
             self.consecutive_failures += 1
             self.last_error = v.error or "unknown error"
@@ -662,9 +597,9 @@ class _Progress:
         else:
             self.consecutive_failures = 0
             metric = (
-                f"decode {v.metrics.get('decode_tps_mean', 0):.1f} tok/s  "
-                f"prefill {v.metrics.get('prefill_tps_mean', 0):.0f} tok/s  "
-                f"p95 TTFT {v.metrics.get('ttft_ms_p95', 0):.0f} ms  "
+                f"decode {v.stat('decode_tps') or 0:.1f} tok/s  "
+                f"prefill {v.stat('prefill_tps') or 0:.0f} tok/s  "
+                f"p95 TTFT {v.stat('ttft_ms', 'p95') or 0:.0f} ms  "
                 if not v.error else ""
             )
             status = "feasible" if v.feasible else "infeasible: " + "; ".join(v.violations)
@@ -681,8 +616,13 @@ class _Progress:
             study.stop()
 
 
-def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
-    """Run ``o.trials`` measured trials (creating or resuming the study) and summarise."""
+def run_study(o: TuneOptions, echo: Echo = lambda s: None,
+              sampler_factory: SamplerFactory = make_sampler) -> results.StudySummary:
+    """Run ``o.trials`` measured trials (creating or resuming the study) and summarise.
+
+    ``sampler_factory`` builds the sampler (benchmarks compare others); the summary's
+    ``trials`` hold every trial of the study, read back as records.
+    """
     import warnings
 
     import optuna
@@ -694,14 +634,14 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     p = prepare(o, echo)
     try:
-        study = open_study(o, p)
+        study, created = open_study(o, p, sampler_factory)
         searched = ", ".join(f"{x.name}[{len(x.values)}]" for x in p.space.searched) or "nothing (all fixed)"
         echo(printable(f"study '{study.study_name}' in {shown_url(o.storage)}"))
         echo(printable(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}"))
         if p.space.fixed:
             echo(printable("fixed: " + ", ".join(f"{k}={v}" for k, v in p.space.fixed.items())))
         steps = p.workload.repeats * len(p.workload.prompts)
-        if o.prune and len(o.objectives) == 1 and o.objectives[0] in PER_REQUEST and steps < 5:
+        if o.prune and _prunable(o) and steps < 5:
             p.warnings.append(
                 f"pruning needs at least 5 requests per trial to be significant (this workload has {steps}): "
                 "raise --repeats to let it stop bad trials early"
@@ -713,12 +653,11 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
         if not p.has_gpu and "num_gpu" in p.space and p.space["num_gpu"].values == (0,):
             echo("no GPU offload: num_gpu fixed to 0 and left out of the search")
         existing = study.get_trials(deepcopy=False)
-        created = getattr(study, "_tuner_created", False)
         # Only the worker that created the study (or a resumed study lacking one) queues the
         # baseline, so concurrent workers never measure it twice.
-        if o.baseline and not any(t.user_attrs.get("baseline") for t in existing) and (created or existing):
-            study.enqueue_trial({}, user_attrs={"baseline": True})
-        if created:
+        if o.baseline and not any(record.is_baseline(t) for t in existing) and (created or existing):
+            study.enqueue_trial({}, user_attrs={record.BASELINE: True})
+        if created and o.starting_points:
             for point in starting_points(p.space, p.has_gpu, _physical_cores()):
                 study.enqueue_trial(point, skip_if_exists=True)
         runner = _Runner(o, p, echo)
@@ -736,8 +675,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None) -> StudySummary:
                 study.set_user_attr("validation", val.to_dict())
         if o.roofline:
             _store_roofline(study, p)
-        summary = summarise_study(study, o.objectives, shown_url(o.storage),
-                                  trials_run=progress.done, space=p.space)
+        summary = results.summarise_study(study, o.objectives, shown_url(o.storage),
+                                          trials_run=progress.done, space=p.space.to_dict())
         summary.warnings = p.warnings
         return summary
     finally:
@@ -754,7 +693,7 @@ def _store_roofline(study: Any, p: _Prepared) -> None:
     if best is None:
         return
     v = results.view(best)
-    decode = v.metrics.get("decode_tps_mean")
+    decode = v.stat("decode_tps")
     if not decode:
         return
     try:
@@ -765,41 +704,3 @@ def _store_roofline(study: Any, p: _Prepared) -> None:
     r = roofline(float(decode), size, on_gpu)
     if r is not None:
         study.set_user_attr("roofline", {**r.to_dict(), "trial": best.number, "text": r.describe()})
-
-
-def summarise_study(study: Any, objectives: list[str], storage: str, trials_run: int = 0,
-                    space: SearchSpace | None = None) -> StudySummary:
-    """The run summary of a stored study."""
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        key = t.state.name.lower()
-        if t.state.name == "COMPLETE" and not results.is_feasible(t):
-            key = "infeasible"
-        counts[key] = counts.get(key, 0) + 1
-    best = results.best_feasible(study)
-    feasible = best is not None
-    if best is None:
-        best = results.least_violating(study)
-    base = results.baseline_trial(study)
-    pruned = [t for t in study.get_trials(deepcopy=False) if t.state.name == "PRUNED"]
-    pareto: list[results.TrialView] = []
-    if len(objectives) > 1:
-        pareto = [results.view(t) for t in study.best_trials if results.is_feasible(t)]
-    return StudySummary(
-        study_name=study.study_name,
-        storage=storage,
-        objectives=objectives,
-        trials_run=trials_run,
-        counts=counts,
-        best=results.view(best) if best is not None else None,
-        best_is_feasible=feasible,
-        baseline=results.view(base) if base is not None else None,
-        speedup=results.speedup(study, best) if best is not None and feasible else None,
-        pareto=pareto,
-        space=space.to_dict() if space else dict(study.user_attrs.get("space", {})),
-        validation=study.user_attrs.get("validation"),
-        engine=str(study.user_attrs.get("engine", "ollama")),
-        roofline=study.user_attrs.get("roofline"),
-        pruned=len(pruned),
-        pruned_saved_s=sum(float(t.user_attrs.get("pruned_saved_s", 0.0)) for t in pruned),
-    )

@@ -149,38 +149,10 @@ class TelemetrySummary:
     gpus: list[GpuSummary]
     host: HostSummary
 
-    def to_attrs(self) -> dict[str, float | int | str | list[str]]:
-        """Flat JSON-serialisable dict for Optuna user attrs; keys with None values are omitted."""
-        attrs: dict[str, Any] = {}
-        for g in self.gpus:
-            p = f"gpu{g.index}_"
-            attrs[p + "power_mean_w"] = g.power_mean_w
-            attrs[p + "power_max_w"] = g.power_max_w
-            attrs[p + "energy_j"] = g.energy_j
-            attrs[p + "energy_source"] = g.energy_source
-            attrs[p + "mem_used_peak_mib"] = g.mem_used_peak_mib
-            attrs[p + "mem_increase_mib"] = g.mem_increase_mib
-            attrs[p + "util_mean_pct"] = g.util_gpu_mean_pct
-            attrs[p + "mem_util_mean_pct"] = g.util_mem_mean_pct
-            attrs[p + "temp_max_c"] = g.temp_max_c
-            attrs[p + "sm_clock_mean_mhz"] = g.sm_clock_mean_mhz
-            attrs[p + "fan_mean_pct"] = g.fan_mean_pct
-            attrs[p + "throttle_reasons"] = (
-                list(g.throttle_reasons) if g.throttle_reasons is not None else None
-            )
-            attrs[p + "samples"] = g.samples
-        if self.gpus:
-            attrs["gpu_energy_j"] = _sum_all([g.energy_j for g in self.gpus])
-            attrs["gpu_power_mean_w"] = _sum_all([g.power_mean_w for g in self.gpus])
-            # Sum of per-GPU maxima: an upper bound on the combined peak (exact for one GPU).
-            attrs["gpu_power_max_w"] = _sum_all([g.power_max_w for g in self.gpus])
-            attrs["gpu_mem_used_peak_mib"] = _sum_all([g.mem_used_peak_mib for g in self.gpus])
-            attrs["gpu_mem_increase_mib"] = _sum_all([g.mem_increase_mib for g in self.gpus])
-        attrs["host_cpu_util_mean_pct"] = self.host.cpu_util_mean_pct
-        attrs["host_mem_used_peak_mib"] = self.host.mem_used_peak_mib
-        attrs["server_rss_peak_mib"] = self.host.server_rss_peak_mib
-        attrs["host_samples"] = self.host.samples
-        return {k: v for k, v in attrs.items() if v is not None}
+    def total(self, field: str) -> float | None:
+        """A GPU field summed over every sampled GPU (power, energy, memory); None unless
+        every GPU reported it. For maxima the sum is an upper bound (exact for one GPU)."""
+        return _sum_all([getattr(g, field) for g in self.gpus]) if self.gpus else None
 
     @property
     def gpu_energy_j(self) -> float | None:

@@ -38,6 +38,14 @@ class GpuOffload:
     detail: str
 
 
+@dataclass(frozen=True)
+class ServerMemory:
+    """What the server reports a loaded model holds: in VRAM and in all (MiB)."""
+
+    vram_mib: float
+    size_mib: float
+
+
 class Engine(ABC):
     """Loads a model with a configuration and runs one streamed, timed request."""
 
@@ -76,9 +84,8 @@ class Engine(ABC):
             return GpuOffload(True, "nvml", f"NVML sees {len(probe.gpus)} NVIDIA GPU(s)")
         return GpuOffload(False, "nvml", f"no GPU: {probe.reason}")
 
-    def server_memory(self, model: str) -> dict[str, float] | None:
-        """Memory the server reports for the loaded ``model``: ``server_vram_mib`` and
-        ``server_size_mib``; None when the engine cannot tell."""
+    def server_memory(self, model: str) -> ServerMemory | None:
+        """Memory the server reports for the loaded ``model``; None when the engine cannot tell."""
         return None
 
     def snapshot_loaded(self) -> None:

@@ -5,18 +5,11 @@ differ from the loaded ones closes the model and loads it again, and reports tha
 ``load_ms`` (like Ollama's ``load_duration``). Timings come from llama.cpp's own perf
 counters (``llama_perf_context``), so decode and prefill rates mean what Ollama's mean.
 
-Parameter mapping (tuner name -> ``Llama`` keyword):
-
-* ``num_ctx`` -> ``n_ctx``
-* ``num_batch`` -> ``n_batch`` and ``n_ubatch`` (both equal, as Ollama's runner sets them,
-  so the axis changes the physical batch the compute runs on; with ``n_ubatch`` capped at
-  512 every ``num_batch >= 512`` would be the same configuration)
-* ``num_gpu`` -> ``n_gpu_layers`` (-1 = every layer)
-* ``num_thread`` -> ``n_threads`` and ``n_threads_batch`` (0 = not passed: the binding's default)
-* ``flash_attention`` on/off/auto -> ``flash_attn_type`` where the binding has it, else the
-  boolean ``flash_attn``; the boolean API cannot say "auto", so auto then passes nothing
-  (the binding's default, off in llama-cpp-python 0.3.x)
-* ``kv_cache_type`` f16/q8_0/q4_0 -> ``type_k`` and ``type_v`` (GGML types 1, 8, 2)
+Parameter mapping (tuner name -> ``Llama`` keyword): the ``llama_cpp`` columns of
+:data:`tuner.settings.SETTINGS` (``num_ctx`` -> ``n_ctx``, ``num_batch`` -> ``n_batch`` and
+``n_ubatch``, ``kv_cache_type`` -> ``type_k`` and ``type_v``, ...). Where the binding has no
+``flash_attn_type`` (0.3.x) flash attention goes to the boolean ``flash_attn``, which cannot
+say "auto": auto then passes nothing (the binding's default, off in llama-cpp-python 0.3.x).
 
 Engine defaults (the baseline, ``runner_options=None``): :data:`BASELINE`.
 
@@ -42,6 +35,7 @@ from typing import Any, Iterator
 
 from tuner._imports import require
 from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo
+from tuner import settings
 from tuner.errors import LoadError, ModelNotFoundError, SpaceError, TunerError
 from tuner.metrics import RequestSample
 
@@ -57,11 +51,8 @@ BASELINE: dict[str, Any] = {
     "n_threads": None,
     "n_threads_batch": None,
 }
-#: GGML tensor types of the KV cache (ggml.h: GGML_TYPE_F16 = 1, Q4_0 = 2, Q8_0 = 8).
-KV_CACHE_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
-FLASH_ATTENTION = ("auto", "on", "off")
-#: llama_flash_attn_type (llama.h): AUTO = -1, DISABLED = 0, ENABLED = 1.
-_FLASH_TYPES = {"auto": -1, "off": 0, "on": 1}
+#: GGML tensor types of the KV cache, from the settings registry.
+KV_CACHE_TYPES = dict(settings.SETTINGS["kv_cache_type"].llama_cpp_values)
 #: Per-request options and the ``create_completion`` keyword each maps to.
 _PREDICT = {
     "num_predict": "max_tokens",
@@ -303,9 +294,7 @@ class LlamaCppEngine(Engine):
     """Runs GGUF models in this process with llama-cpp-python."""
 
     name = "llama-cpp"
-    supported_params = (
-        "variant", "num_ctx", "num_batch", "num_gpu", "num_thread", "flash_attention", "kv_cache_type",
-    )
+    supported_params = settings.LLAMA_CPP_PARAMS
 
     def __init__(self, models: list[str]) -> None:
         if not models:
@@ -394,21 +383,19 @@ class LlamaCppEngine(Engine):
     # -- configuration ----------------------------------------------------------------
     def prepare(self, server_settings: dict[str, Any]) -> bool:
         """Store flash_attention / kv_cache_type; they take effect at the next load."""
-        settings = dict(server_settings)
-        for key, value in settings.items():
-            allowed = {"flash_attention": FLASH_ATTENTION, "kv_cache_type": tuple(KV_CACHE_TYPES)}.get(key)
-            if allowed is None:
+        stored: dict[str, Any] = {}
+        for key, value in server_settings.items():
+            if key not in settings.SERVER_PARAMS or key not in self.supported_params:
                 raise SpaceError(f"parameter '{key}' is not supported by the llama-cpp engine")
-            if value not in allowed:
-                raise SpaceError(f"invalid value '{value}' for {key}: choose from {', '.join(allowed)}")
-        self._server = settings
+            stored[key] = settings.normalise(key, value)
+        self._server = stored
         return False
 
     def _flash_kwargs(self, value: str | None) -> dict[str, Any]:
         if value is None:
             return {}
         if self._flash_type_api:
-            return {"flash_attn_type": _FLASH_TYPES[value]}
+            return settings.llama_cpp_kwargs("flash_attention", value)
         if value == "auto":
             return {}
         return {"flash_attn": value == "on"}
@@ -418,19 +405,13 @@ class LlamaCppEngine(Engine):
         kw = dict(BASELINE)
         kw["n_ctx"] = min(BASELINE["n_ctx"], self._trained_ctx(model))
         opts = runner_options or {}
-        if "num_ctx" in opts:
-            kw["n_ctx"] = int(opts["num_ctx"])
-        if "num_batch" in opts:
-            kw["n_batch"] = kw["n_ubatch"] = int(opts["num_batch"])
-        if "num_gpu" in opts:
-            kw["n_gpu_layers"] = int(opts["num_gpu"])
-        if "num_thread" in opts:
-            n = int(opts["num_thread"]) or None
-            kw["n_threads"] = kw["n_threads_batch"] = n
+        for key in settings.RUNNER_PARAMS:
+            if key in opts:
+                kw.update(settings.llama_cpp_kwargs(key, settings.parse(key, opts[key])))
         kw.update(self._flash_kwargs(self._server.get("flash_attention")))
         kv = self._server.get("kv_cache_type")
         if kv is not None:
-            kw["type_k"] = kw["type_v"] = KV_CACHE_TYPES[kv]
+            kw.update(settings.llama_cpp_kwargs("kv_cache_type", kv))
         return kw
 
     def _trained_ctx(self, model: str) -> int:

@@ -6,23 +6,25 @@ import difflib
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
-from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo
+from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo, ServerMemory
 from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerSetupError
 from tuner.metrics import RequestSample
-from tuner.space import SERVER_PARAMS
+from tuner.server import KEEP_ALIVE
+from tuner.settings import REQUEST_PARAMS, SERVER_PARAMS
 from tuner.terminal import command
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
-#: Keep the model loaded between a trial's requests (Ollama's default is 5 minutes).
-KEEP_ALIVE = "30m"
 NS_PER_MS = 1_000_000
 MIB = 1024 * 1024
 #: How long a liveness check (/api/version) may take: a live server answers it at once.
 VERSION_TIMEOUT_S = 10.0
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from tuner.export import CreatePlan
 
 
 def normalise_host(host: str | None) -> str:
@@ -107,7 +109,7 @@ class OllamaEngine(Engine):
     """Talks to a running Ollama server over HTTP."""
 
     name = "ollama"
-    supported_params: tuple[str, ...] = ("variant", "num_ctx", "num_batch", "num_gpu", "num_thread")
+    supported_params: tuple[str, ...] = REQUEST_PARAMS
     reports_server_memory = True
 
     def __init__(self, host: str | None = None, timeout_s: float = 600.0, server: Any = None) -> None:
@@ -202,7 +204,8 @@ class OllamaEngine(Engine):
         return info
 
     def _version(self, timeout_s: float) -> dict[str, Any]:
-        """GET /api/version: the one call outside the client, which has no method for it."""
+        """GET /api/version through the client's HTTP connection."""
+        # The one private access: ollama-python (0.6.3) has no method for /api/version.
         r = self._client._client.get("/api/version", timeout=timeout_s)
         r.raise_for_status()
         return dict(r.json())
@@ -353,15 +356,14 @@ class OllamaEngine(Engine):
         return GpuOffload(False, "ollama-ps", f"the server runs the model on the CPU: /api/ps reports "
                                               f"0 of {size:,.0f} MiB in VRAM with its defaults")
 
-    def server_memory(self, model: str) -> dict[str, float] | None:
+    def server_memory(self, model: str) -> ServerMemory | None:
         try:
             entry = self._loaded_entry(model)
         except (ServerError, LoadError):
             return None
         if entry is None:
             return None
-        return {"server_vram_mib": round(entry["size_vram"] / MIB, 1),
-                "server_size_mib": round(entry["size"] / MIB, 1)}
+        return ServerMemory(round(entry["size_vram"] / MIB, 1), round(entry["size"] / MIB, 1))
 
     def snapshot_loaded(self) -> None:
         self._loaded_before = {m["name"] for m in self.loaded()}
@@ -464,7 +466,7 @@ class OllamaEngine(Engine):
             try:
                 out = await asyncio.gather(*(one(client, p) for p in prompts))
             finally:
-                await client._client.aclose()
+                await client.close()
             return list(out), (time.perf_counter() - t0) * 1e3
 
         return self._call("concurrent generate requests", lambda: asyncio.run(run_all()), model=model)
@@ -497,6 +499,18 @@ class OllamaEngine(Engine):
             return []
 
     def close(self) -> None:
-        self._client._client.close()
+        self._client.close()
         if self.server is not None:
             self.server.stop()
+
+
+def create_model(plan: CreatePlan, echo: Echo) -> str:
+    """Create the planned model on its server; return what to tell the user."""
+    engine = OllamaEngine(plan.host)
+    try:
+        echo(plan.announce())
+        engine.create(plan.name, source=plan.source, parameters=plan.parameters, echo=echo)
+    finally:
+        engine.close()
+    msg = f"created '{plan.name}' on {engine.host}: `ollama run {plan.name}` now uses the tuned settings"
+    return f"{msg}; {plan.note}" if plan.note else msg

@@ -30,11 +30,11 @@ from typing import Any
 
 from tuner.engines.base import Engine, GpuOffload, ModelInfo
 from tuner.errors import LoadError, ModelNotFoundError, TunerError, WorkloadError
-from tuner.metrics import RequestSample, summarise
+from tuner.metrics import RequestSample
+from tuner.record import RELOAD_MS, TrialRecord, build_record
 
 FORMAT = "ollama-tuner-grid/1"
 _NONCE = re.compile(r"^\[request [0-9a-f]+\]\n")
-_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(RequestSample))
 #: Key of the recorded baseline (engine defaults, no options sent).
 BASELINE_KEY: tuple[tuple[str, Any], ...] = (("__baseline__", True),)
 
@@ -44,11 +44,6 @@ ConfigKey = tuple[tuple[str, Any], ...]
 def config_key(config: dict[str, Any]) -> ConfigKey:
     """A hashable, order-free key of one configuration."""
     return tuple(sorted(config.items()))
-
-
-def sample_from_dict(d: dict[str, Any]) -> RequestSample:
-    """A RequestSample from ``RequestSample.to_dict()`` output (derived rates dropped)."""
-    return RequestSample(**{k: d[k] for k in _SAMPLE_FIELDS})
 
 
 @dataclass
@@ -116,9 +111,9 @@ def load_grid(path: str | Path) -> Grid:
         cfg = c.get("config")
         entry = GridEntry(
             config=dict(cfg) if cfg is not None else None,
-            samples=[sample_from_dict(s) for s in c.get("samples", [])],
-            warmup=sample_from_dict(c["warmup"]) if c.get("warmup") else None,
-            reload_ms=float(c.get("reload_ms") or 0.0),
+            samples=[RequestSample.from_dict(s) for s in c.get("samples", [])],
+            warmup=RequestSample.from_dict(c["warmup"]) if c.get("warmup") else None,
+            reload_ms=float(c.get(RELOAD_MS) or 0.0),
             error=c.get("error"),
         )
         entries[BASELINE_KEY if cfg is None else config_key(cfg)] = entry
@@ -287,10 +282,11 @@ class ReplayEngine(Engine):
         self._loaded = None
 
 
-def true_metrics(entry: GridEntry) -> dict[str, float]:
-    """The recorded metrics of one configuration (all its samples), as a trial would report."""
-    return summarise(entry.samples)
+def true_metrics(entry: GridEntry) -> TrialRecord:
+    """The record of one configuration over all its recorded samples, as a trial would store it."""
+    config = entry.config or {}
+    return build_record(str(config.get("model", "")), config.get("options"), {}, entry.samples)
 
 
 __all__ = ["BASELINE_KEY", "FORMAT", "Grid", "GridEntry", "ReplayEngine", "config_key", "load_grid", "read_grid_json",
-           "sample_from_dict", "true_metrics", "write_prompts"]
+           "true_metrics", "write_prompts"]

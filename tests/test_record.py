@@ -1,0 +1,118 @@
+"""tuner/record.py: the one trial record, its stored layout, and its place in the package."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+from tuner import record
+from tuner.engines.base import ServerMemory
+from tuner.metrics import RequestSample
+from tuner.record import TrialRecord, build_record, read_record, stored_attrs
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tuner"
+
+
+def sample(eval_ms: float, ttft: float, prompt: str = "chat") -> RequestSample:
+    return RequestSample(prompt, 0, ttft, 1000.0, 100, 50.0, 64, eval_ms, 0.1, 1100.0, "length")
+
+
+def _record(**kw: Any) -> TrialRecord:
+    base: dict[str, Any] = dict(model="gemma3:1b", options={"num_ctx": 2048}, server={})
+    base.update(kw)
+    samples = base.pop("samples", [sample(640.0, 60.0), sample(320.0, 80.0, "doc")])
+    return build_record(base.pop("model"), base.pop("options"), base.pop("server"), samples, **base)
+
+
+def _frozen(attrs: dict[str, Any], **kw: Any) -> Any:
+    return optuna.trial.create_trial(value=kw.pop("value", 1.0), user_attrs=json.loads(json.dumps(attrs)), **kw)
+
+
+def test_statistics_are_computed_once_in_the_record() -> None:
+    r = _record()
+    assert r.stat("decode_tps") == pytest.approx(150.0)
+    assert r.stat("ttft_ms", "p95") == pytest.approx(79.0)
+    assert r.n_requests == 2 and r.done_reasons == ["length"]
+    assert set(r.stats) == set(record.SUMMARISED)
+
+
+def test_the_stored_layout_keeps_the_documented_names_flat() -> None:
+    attrs = stored_attrs(_record(reload_ms=1234.5, server_memory=ServerMemory(800.0, 900.0)))
+    for metric in ("decode_tps", "prefill_tps", "e2e_tps"):
+        for stat in ("mean", "sd", "p50", "p95"):
+            assert f"{metric}_{stat}" in attrs
+    for key in ("ttft_ms_p95", "latency_ms_p95", "reload_ms", "server_vram_mib", "config", "samples",
+                "violations"):
+        assert key in attrs
+    # The rest is grouped, so a trial costs a couple of dozen writes, not sixty.
+    assert "decode_tps_min" in attrs["detail"] and attrs["detail"]["n_requests"] == 2
+    assert len(attrs) <= 24, sorted(attrs)
+
+
+def test_read_back_equals_what_was_built() -> None:
+    r = _record(reload_ms=10.0, baseline=False, worker={"hostname": "h", "pid": 1})
+    back = read_record(_frozen(stored_attrs(r)))
+    for name in ("model", "options", "server", "reload_ms", "stats", "n_requests", "done_reasons", "samples",
+                 "worker", "violations", "tokens_per_joule"):
+        assert getattr(back, name) == getattr(r, name), name
+    assert back.flat() == r.flat()
+
+
+def test_studies_written_before_the_grouping_read_the_same() -> None:
+    r = _record(reload_ms=10.0)
+    new = stored_attrs(r)
+    old = {k: v for k, v in new.items() if k != "detail"}
+    old.update(new["detail"])  # the old layout: every value a flat attribute
+    a, b = read_record(_frozen(new)), read_record(_frozen(old))
+    assert a.stats == b.stats and a.flat() == b.flat()
+
+
+def test_objectives_read_the_record() -> None:
+    from tuner import objectives
+
+    r = _record()
+    assert objectives.get("decode_tps").value(r) == r.stat("decode_tps")
+    assert objectives.get("ttft_p95").value(r) == r.stat("ttft_ms", "p95")
+    assert objectives.get("tokens_per_joule").value(r) is None  # no energy measured
+    assert all(o.per_request is None or hasattr(sample(1.0, 1.0), o.per_request)
+               for o in objectives.OBJECTIVES.values())
+
+
+def _stored_names() -> set[str]:
+    r = _record(reload_ms=1.0, server_memory=ServerMemory(1.0, 1.0))
+    r.tokens_per_joule, r.pruned_saved_s = 1.0, 1.0
+    r.telemetry = {"gpu_power_mean_w": 1.0, "gpu_mem_used_peak_mib": 1.0, "gpu_energy_j": 1.0,
+                   "gpu0_temp_max_c": 1.0, "host_cpu_util_mean_pct": 1.0, "server_rss_peak_mib": 1.0}
+    return set(r.flat())
+
+
+def test_no_stored_metric_name_is_spelled_outside_the_record_module() -> None:
+    from tuner.objectives import OBJECTIVES
+
+    # An objective's name is a registry key; where it equals a stored name it is that name.
+    names = _stored_names() - set(OBJECTIVES)
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "record.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.value!r}")
+    assert offenders == []
+
+
+def test_the_read_side_loads_no_engine_or_study_module() -> None:
+    code = ("import sys; import tuner.results, tuner.show, tuner.export, tuner.report; "
+            "print(sorted(m for m in sys.modules if m.startswith('tuner')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(ast.literal_eval(out.strip()))
+    forbidden = {m for m in loaded if m.startswith(("tuner.engines", "tuner.study", "tuner.measure",
+                                                     "tuner.validate", "tuner.telemetry", "tuner.server"))}
+    assert forbidden == set(), loaded

@@ -1,0 +1,68 @@
+"""Everything ``tune`` takes, with its defaults: the CLI's defaults are read from here."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from tuner.storage import GRACE_S, HEARTBEAT_S
+
+#: Optuna samplers offered: TPE (the search), random and grid (baselines).
+SAMPLERS = ("tpe", "random", "grid")
+
+
+@dataclass
+class TuneOptions:
+    """Everything ``tune`` takes; defaults are the CLI's defaults."""
+
+    model: list[str]
+    engine: str = "ollama"
+    host: str | None = None
+    trials: int = 50
+    repeats: int = 3
+    num_predict: int = 128
+    prompts_file: str | None = None
+    context: int | None = None
+    params: dict[str, list[Any]] = field(default_factory=dict)
+    space_file: str | None = None
+    variants: list[str] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=lambda: ["decode_tps"])
+    max_ttft_ms: float | None = None
+    max_latency_ms: float | None = None
+    max_vram_mib: float | None = None
+    max_power_w: float | None = None
+    sampler: str = "tpe"
+    seed: int | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    baseline: bool = True
+    gpus: list[int] | None = None
+    telemetry_interval_s: float = 0.1
+    timeout_s: float = 600.0
+    concurrency: int = 1
+    manage_server: bool = False
+    ollama_bin: str | None = None
+    models_dir: str | None = None
+    max_consecutive_failures: int = 3
+    server_wait_s: float = 30.0
+    retry_failed: bool = False
+    allow_mixed_hardware: bool = False
+    heartbeat_s: int = HEARTBEAT_S
+    grace_s: int = GRACE_S
+    prune: bool = True
+    prune_margin: float = 0.02
+    validate: int = 3
+    validate_rounds: int = 3
+    roofline: bool = True
+    #: Enqueue a few informed configs right after the baseline (benchmarks turn it off).
+    starting_points: bool = True
+
+
+def default(name: str) -> Any:
+    """The default of option ``name`` (for the CLI's --help)."""
+    f = next(f for f in fields(TuneOptions) if f.name == name)
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise KeyError(f"option {name} has no default")

@@ -1,0 +1,454 @@
+"""The trial record: what one trial measured, built once, written as attributes by one function
+(:func:`write_record`) and read back by one function (:func:`read_record`).
+
+Every stored attribute name of a trial is spelled in this module and nowhere else. Users and
+optuna-dashboard see the flat attributes the README lists (the rates and their spread, the
+constraint inputs); the rest is grouped into two JSON attributes, ``detail`` and ``telemetry``,
+so a trial costs a few storage writes instead of sixty. Studies written before the grouping
+(every value flat) read back the same.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+
+from tuner.metrics import RequestSample, describe
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+    from tuner.engines.base import ServerMemory
+    from tuner.telemetry import TelemetrySummary
+
+#: Metrics summarised per trial from the requests (RequestSample fields).
+SUMMARISED = ("decode_tps", "prefill_tps", "e2e_tps", "ttft_ms", "latency_ms", "load_ms",
+              "prompt_tokens", "eval_tokens")
+#: Summarised from the concurrent batches (tok/s over all simultaneous streams).
+AGGREGATE = "aggregate_tps"
+STATS = ("mean", "sd", "p50", "p95", "min", "max")
+#: Kept as flat attributes for users and the dashboard: (metric, stats).
+_FLAT_STATS: dict[str, tuple[str, ...]] = {
+    "decode_tps": ("mean", "sd", "p50", "p95"),
+    "prefill_tps": ("mean", "sd", "p50", "p95"),
+    "e2e_tps": ("mean", "sd", "p50", "p95"),
+    AGGREGATE: ("mean", "sd", "p50", "p95"),
+    "ttft_ms": ("p95",),
+    "latency_ms": ("p95",),
+}
+#: Telemetry kept flat: the inputs of the VRAM and power limits and of tokens/J.
+_FLAT_TELEMETRY = ("gpu_power_mean_w", "gpu_mem_used_peak_mib", "gpu_energy_j")
+
+# The stored names of single values.
+CONFIG, WORKER, SAMPLES, WARMUP = "config", "worker", "samples", "warmup"
+BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE = "baseline", "error", "violations", "server_effective"
+RELOAD_MS, TOKENS_PER_JOULE = "reload_ms", "tokens_per_joule"
+SERVER_VRAM_MIB, SERVER_SIZE_MIB = "server_vram_mib", "server_size_mib"
+DETAIL, TELEMETRY = "detail", "telemetry"
+_N_REQUESTS, _CONCURRENCY, _UNEXPECTED, _DONE = "n_requests", "concurrency", "unexpected_reloads", "done_reasons"
+_PRUNED_SAVED = "pruned_saved_s"
+
+#: (label, metric) of the request metrics shown with their spread.
+METRIC_ROWS = (
+    ("decode tok/s", "decode_tps"),
+    ("prefill tok/s", "prefill_tps"),
+    ("end-to-end tok/s", "e2e_tps"),
+    ("aggregate tok/s", AGGREGATE),
+    ("TTFT ms", "ttft_ms"),
+    ("latency ms", "latency_ms"),
+    ("load ms", "load_ms"),
+)
+#: (label, stored name) of the per-trial telemetry shown for a trial.
+TELEMETRY_ROWS = (
+    ("GPU power mean W", "gpu_power_mean_w"),
+    ("GPU power max W", "gpu_power_max_w"),
+    ("GPU energy J", "gpu_energy_j"),
+    ("tokens per joule", TOKENS_PER_JOULE),
+    ("GPU memory peak MiB", "gpu_mem_used_peak_mib"),
+    ("GPU memory increase MiB", "gpu_mem_increase_mib"),
+    ("server VRAM MiB", SERVER_VRAM_MIB),
+    ("host CPU util %", "host_cpu_util_mean_pct"),
+    ("host memory peak MiB", "host_mem_used_peak_mib"),
+    ("server RSS peak MiB", "server_rss_peak_mib"),
+)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """mean, sd (sample), p50, p95, min, max of one metric over a trial's requests."""
+
+    mean: float
+    sd: float
+    p50: float
+    p95: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Stats | None:
+        d = describe(values)
+        return cls(**{k: round(v, 4) for k, v in d.items()}) if d else None
+
+
+@dataclass
+class TrialRecord:
+    """One trial as measured and as read back; the fields every reader uses.
+
+    Written fields come from the measurement; ``number`` .. ``duration_s`` come from Optuna
+    when the record is read back from storage.
+    """
+
+    model: str = ""
+    #: Runner options sent ({} for the baseline: the engine's defaults).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Server settings asked for, and what the server really ran (old versions fall back).
+    server: dict[str, Any] = field(default_factory=dict)
+    server_effective: dict[str, Any] | None = None
+    baseline: bool = False
+    worker: dict[str, Any] | None = None
+    #: Raw per-request samples (RequestSample.to_dict()), and the discarded warm-up.
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    warmup: dict[str, Any] | None = None
+    reload_ms: float | None = None
+    stats: dict[str, Stats] = field(default_factory=dict)
+    n_requests: int = 0
+    concurrency: int | None = None
+    unexpected_reloads: int = 0
+    done_reasons: list[str] = field(default_factory=list)
+    #: Telemetry by stored name (gpu_power_mean_w, gpu0_temp_max_c, host_cpu_util_mean_pct, ...).
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    tokens_per_joule: float | None = None
+    server_vram_mib: float | None = None
+    server_size_mib: float | None = None
+    violations: list[str] = field(default_factory=list)
+    error: str | None = None
+    pruned_saved_s: float | None = None
+    # -- from Optuna, on read --
+    number: int = -1
+    state: str = ""
+    values: list[float] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    constraints: dict[str, float] = field(default_factory=dict)
+    datetime_start: dt.datetime | None = None
+    datetime_complete: dt.datetime | None = None
+    #: The last value reported to the pruner (Optuna's intermediate values); None if none was.
+    last_reported: float | None = None
+
+    # -- derived --------------------------------------------------------------------------
+    @property
+    def value(self) -> float | None:
+        return self.values[0] if self.values else None
+
+    @property
+    def violation(self) -> float:
+        """Sum of positive constraint values (0 = within every limit)."""
+        return float(sum(v for v in self.constraints.values() if v > 0))
+
+    @property
+    def feasible(self) -> bool:
+        return self.state == "COMPLETE" and self.violation <= 0 and not self.error
+
+    @property
+    def measured(self) -> bool:
+        """Complete and measured (not a failed load)."""
+        return self.state == "COMPLETE" and not self.error
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.datetime_start is None or self.datetime_complete is None:
+            return None
+        return (self.datetime_complete - self.datetime_start).total_seconds()
+
+    @property
+    def effective_server(self) -> dict[str, Any]:
+        """Server settings that really ran."""
+        return {**self.server, **(self.server_effective or {})}
+
+    @property
+    def model_label(self) -> str:
+        """The model as shown: a GGUF path by its file name."""
+        return self.model.rsplit("/", 1)[-1] if self.model.endswith(".gguf") else self.model
+
+    @property
+    def vram_peak_mib(self) -> float | None:
+        """GPU memory in use: NVML's peak when this machine sees the GPU, else what the server
+        reports the loaded model holds in VRAM (``size_vram``)."""
+        nvml = _float(self.telemetry.get("gpu_mem_used_peak_mib"))
+        return nvml if nvml is not None else self.server_vram_mib
+
+    @property
+    def power_mean_w(self) -> float | None:
+        """Mean GPU power over the measured requests (NVML), summed over GPUs."""
+        return _float(self.telemetry.get("gpu_power_mean_w"))
+
+    def stat(self, metric: str, which: str = "mean") -> float | None:
+        """One statistic of one metric, e.g. ``stat("ttft_ms", "p95")``; None if not measured."""
+        s = self.stats.get(metric)
+        return None if s is None else float(getattr(s, which))
+
+    def telemetry_value(self, name: str) -> float | None:
+        """A numeric telemetry or server-memory value by its stored name (see TELEMETRY_ROWS)."""
+        v = self.flat().get(name)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def request_samples(self) -> list[RequestSample]:
+        return [RequestSample.from_dict(s) for s in self.samples]
+
+    def config_text(self) -> str:
+        if self.baseline:
+            extra = "".join(f" {k}={v}" for k, v in self.options.items())
+            return f"{self.model_label} (defaults: no options sent{extra and ' but' + extra})"
+        parts = [f"{k}={v}" for k, v in {**self.options, **self.effective_server}.items()]
+        return f"{self.model_label} " + " ".join(parts)
+
+    def flat(self) -> dict[str, Any]:
+        """Every measured value under its stored name, flat (for tables, CSV and Parquet)."""
+        out: dict[str, Any] = {}
+        for metric, s in self.stats.items():
+            for stat in STATS:
+                out[f"{metric}_{stat}"] = getattr(s, stat)
+        for k, v in ((_N_REQUESTS, self.n_requests or None), (_CONCURRENCY, self.concurrency),
+                     (RELOAD_MS, self.reload_ms), (_UNEXPECTED, self.unexpected_reloads if self.samples else None),
+                     (_DONE, self.done_reasons or None), (TOKENS_PER_JOULE, self.tokens_per_joule),
+                     (SERVER_VRAM_MIB, self.server_vram_mib), (SERVER_SIZE_MIB, self.server_size_mib),
+                     (_PRUNED_SAVED, self.pruned_saved_s)):
+            if v is not None:
+                out[k] = v
+        out.update(self.telemetry)
+        return out
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def build_record(
+    model: str,
+    options: dict[str, Any] | None,
+    server: dict[str, Any],
+    samples: Sequence[RequestSample] = (),
+    *,
+    warmup: RequestSample | None = None,
+    reload_ms: float | None = None,
+    aggregate_tps: Sequence[float] = (),
+    concurrency: int | None = None,
+    unexpected_reloads: int = 0,
+    telemetry: TelemetrySummary | None = None,
+    server_memory: ServerMemory | None = None,
+    server_effective: dict[str, Any] | None = None,
+    baseline: bool = False,
+    worker: dict[str, Any] | None = None,
+) -> TrialRecord:
+    """The record of one measurement: statistics, tokens/J and telemetry computed here, once."""
+    stats: dict[str, Stats] = {}
+    for name in SUMMARISED:
+        s = Stats.of(getattr(x, name) for x in samples)
+        if s is not None:
+            stats[name] = s
+    agg = Stats.of(aggregate_tps)
+    if agg is not None:
+        stats[AGGREGATE] = agg
+    tel = telemetry_attrs(telemetry) if telemetry is not None else {}
+    energy = tel.get("gpu_energy_j")
+    tokens = sum(x.eval_tokens for x in samples)
+    tpj = round(tokens / energy, 6) if isinstance(energy, (int, float)) and math.isfinite(energy) and energy > 0 else None
+    return TrialRecord(
+        model=model, options=dict(options or {}), server=dict(server), server_effective=server_effective,
+        baseline=baseline, worker=worker,
+        samples=[x.to_dict() for x in samples], warmup=warmup.to_dict() if warmup is not None else None,
+        reload_ms=reload_ms, stats=stats, n_requests=len(samples),
+        concurrency=concurrency if aggregate_tps else None, unexpected_reloads=unexpected_reloads,
+        done_reasons=sorted({x.done_reason for x in samples}), telemetry=tel, tokens_per_joule=tpj,
+        server_vram_mib=server_memory.vram_mib if server_memory else None,
+        server_size_mib=server_memory.size_mib if server_memory else None,
+    )
+
+
+def telemetry_attrs(summary: TelemetrySummary) -> dict[str, Any]:
+    """Stored telemetry of one trial window; keys with None values are omitted."""
+    attrs: dict[str, Any] = {}
+    for g in summary.gpus:
+        p = f"gpu{g.index}_"
+        attrs[p + "power_mean_w"] = g.power_mean_w
+        attrs[p + "power_max_w"] = g.power_max_w
+        attrs[p + "energy_j"] = g.energy_j
+        attrs[p + "energy_source"] = g.energy_source
+        attrs[p + "mem_used_peak_mib"] = g.mem_used_peak_mib
+        attrs[p + "mem_increase_mib"] = g.mem_increase_mib
+        attrs[p + "util_mean_pct"] = g.util_gpu_mean_pct
+        attrs[p + "mem_util_mean_pct"] = g.util_mem_mean_pct
+        attrs[p + "temp_max_c"] = g.temp_max_c
+        attrs[p + "sm_clock_mean_mhz"] = g.sm_clock_mean_mhz
+        attrs[p + "fan_mean_pct"] = g.fan_mean_pct
+        attrs[p + "throttle_reasons"] = list(g.throttle_reasons) if g.throttle_reasons is not None else None
+        attrs[p + "samples"] = g.samples
+    for name in ("energy_j", "power_mean_w", "power_max_w", "mem_used_peak_mib", "mem_increase_mib"):
+        attrs["gpu_" + name] = summary.total(name)
+    attrs["host_cpu_util_mean_pct"] = summary.host.cpu_util_mean_pct
+    attrs["host_mem_used_peak_mib"] = summary.host.mem_used_peak_mib
+    attrs["server_rss_peak_mib"] = summary.host.server_rss_peak_mib
+    attrs["host_samples"] = summary.host.samples
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------- storing
+
+
+def stored_attrs(r: TrialRecord) -> dict[str, Any]:
+    """The user attributes that store ``r``: the layout of a trial in the storage."""
+    attrs: dict[str, Any] = {CONFIG: {"model": r.model, "options": r.options, "server": r.server}}
+    if r.worker is not None:
+        attrs[WORKER] = r.worker
+    if r.server_effective is not None and r.server:
+        attrs[SERVER_EFFECTIVE] = r.server_effective
+    if r.error is not None:
+        attrs[ERROR] = r.error
+    if not r.samples:
+        if r.violations:
+            attrs[VIOLATIONS] = r.violations
+        return attrs
+    attrs[SAMPLES] = r.samples
+    if r.warmup is not None:
+        attrs[WARMUP] = r.warmup
+    attrs[VIOLATIONS] = r.violations
+    detail: dict[str, Any] = {}
+    for metric, s in r.stats.items():
+        flat = _FLAT_STATS.get(metric, ())
+        for stat in STATS:
+            (attrs if stat in flat else detail)[f"{metric}_{stat}"] = getattr(s, stat)
+    attrs[RELOAD_MS] = r.reload_ms
+    for k, v in ((TOKENS_PER_JOULE, r.tokens_per_joule), (SERVER_VRAM_MIB, r.server_vram_mib)):
+        if v is not None:
+            attrs[k] = v
+    detail.update({_N_REQUESTS: r.n_requests, _UNEXPECTED: r.unexpected_reloads, _DONE: r.done_reasons})
+    for k, v in ((_CONCURRENCY, r.concurrency), (SERVER_SIZE_MIB, r.server_size_mib),
+                 (_PRUNED_SAVED, r.pruned_saved_s)):
+        if v is not None:
+            detail[k] = v
+    attrs[DETAIL] = detail
+    tel = {k: v for k, v in r.telemetry.items() if k not in _FLAT_TELEMETRY}
+    attrs.update({k: v for k, v in r.telemetry.items() if k in _FLAT_TELEMETRY})
+    if tel:
+        attrs[TELEMETRY] = tel
+    return attrs
+
+
+def write_record(trial: Any, r: TrialRecord) -> None:
+    """Store ``r`` on a running Optuna trial; attributes already stored with the same value
+    are not written again (the config and worker are written when the trial starts)."""
+    have = trial.user_attrs
+    for k, v in stored_attrs(r).items():
+        if k not in have or have[k] != v:
+            trial.set_user_attr(k, v)
+    if r.constraints:
+        store_constraints(trial, r.constraints)
+
+
+def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialRecord:
+    """The record of a stored trial, whatever layout it was written in.
+
+    ``lost`` (trial number -> reason) explains trials failed by the heartbeat check, which
+    could not be written on the trial itself.
+    """
+    ua = t.user_attrs
+    flat: dict[str, Any] = {**ua, **(ua.get(DETAIL) or {}), **(ua.get(TELEMETRY) or {})}
+    cfg = ua.get(CONFIG) or {}
+    stats: dict[str, Stats] = {}
+    for metric in (*SUMMARISED, AGGREGATE):
+        if f"{metric}_mean" in flat:
+            stats[metric] = Stats(**{s: float(flat.get(f"{metric}_{s}", math.nan)) for s in STATS})
+    prefixes = tuple(f"{m}_" for m in (*SUMMARISED, AGGREGATE))
+    known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
+             TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
+             _UNEXPECTED, _DONE, _PRUNED_SAVED}
+    telemetry = {k: v for k, v in flat.items()
+                 if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
+                 and (k.startswith(("gpu", "host_", "server_rss")))}
+    error = ua.get(ERROR)
+    if error is None and t.state.name == "FAIL" and lost:
+        error = lost.get(t.number)
+    return TrialRecord(
+        model=str(cfg.get("model", "")),
+        options=dict(cfg.get("options") or {}),
+        server=dict(cfg.get("server") or {}),
+        server_effective=dict(ua[SERVER_EFFECTIVE]) if ua.get(SERVER_EFFECTIVE) else None,
+        baseline=bool(ua.get(BASELINE, False)),
+        worker=ua.get(WORKER),
+        samples=list(ua.get(SAMPLES) or []),
+        warmup=ua.get(WARMUP),
+        reload_ms=_float(flat.get(RELOAD_MS)),
+        stats=stats,
+        n_requests=int(flat.get(_N_REQUESTS) or 0),
+        concurrency=int(flat[_CONCURRENCY]) if flat.get(_CONCURRENCY) else None,
+        unexpected_reloads=int(flat.get(_UNEXPECTED) or 0),
+        done_reasons=list(flat.get(_DONE) or []),
+        telemetry=telemetry,
+        tokens_per_joule=_float(flat.get(TOKENS_PER_JOULE)),
+        server_vram_mib=_float(flat.get(SERVER_VRAM_MIB)),
+        server_size_mib=_float(flat.get(SERVER_SIZE_MIB)),
+        violations=list(ua.get(VIOLATIONS) or []),
+        error=str(error) if error else None,
+        pruned_saved_s=_float(flat.get(_PRUNED_SAVED)),
+        number=t.number,
+        state=t.state.name,
+        values=list(t.values) if t.values is not None else None,
+        params=dict(t.params),
+        constraints=constraints(t),
+        datetime_start=t.datetime_start,
+        datetime_complete=t.datetime_complete,
+        last_reported=_float(t.intermediate_values[max(t.intermediate_values)]) if t.intermediate_values else None,
+    )
+
+
+#: Optuna's list-form constraints attr: the one form that optuna-dashboard reads (as
+#: ``constraints``) and that Optuna's samplers read too (as keys "0", "1", ...).
+CONSTRAINTS_KEY = "constraints"
+#: The names of that list's values, in order (the dashboard and the samplers ignore it).
+CONSTRAINT_NAMES_KEY = "tuner:constraint_names"
+_NAMED_PREFIX = CONSTRAINTS_KEY + ":"
+
+
+def store_constraints(trial: Any, values: dict[str, float]) -> None:
+    """Write a running trial's constraints once, as a list plus its names.
+
+    Not ``Trial.set_constraint``: optuna-dashboard 0.21 shows only the list form, and a trial
+    holding both forms has each constraint counted twice by TPE and NSGA-II (Optuna 5 merges
+    them in ``_get_constraints_from_system_attrs``).
+    """
+    # Trial has no public setter for system attributes; this is the call Optuna itself makes.
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINT_NAMES_KEY, list(values))
+    trial.storage.set_trial_system_attr(trial._trial_id, CONSTRAINTS_KEY, [float(v) for v in values.values()])
+
+
+def constraints(t: Any) -> dict[str, float]:
+    """A trial's constraints by name, each once, whichever form stored them.
+
+    Studies from before ``store_constraints`` hold ``Trial.set_constraint``'s
+    ``constraints:NAME`` keys; a list beside such keys without names is a copy of them.
+    """
+    attrs = getattr(t, "system_attrs", None)
+    if attrs is None:
+        return dict(t.constraints or {})
+    named = {k[len(_NAMED_PREFIX):]: float(v) for k, v in attrs.items() if k.startswith(_NAMED_PREFIX)}
+    listed = attrs.get(CONSTRAINTS_KEY) or []
+    names = attrs.get(CONSTRAINT_NAMES_KEY)
+    if names and len(names) == len(listed):
+        return {**dict(zip(names, map(float, listed))), **named}
+    if named:
+        return named
+    return {str(i): float(v) for i, v in enumerate(listed)}
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def is_baseline(t: FrozenTrial) -> bool:
+    """Whether a stored trial is the baseline (the engine's defaults), without reading it all."""
+    return bool(t.user_attrs.get(BASELINE))
+
+
+def has_error(t: FrozenTrial) -> bool:
+    """Whether a stored trial carries an error (a failed load, a failed measurement)."""
+    return bool(t.user_attrs.get(ERROR))

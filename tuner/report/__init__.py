@@ -1,0 +1,64 @@
+"""The HTML report of a study, in optuna's visualization split.
+
+:mod:`.data` reads the study once and computes a :class:`ReportData` (tested as plain values),
+:mod:`.figures` draws plotly figures from that data only, :mod:`.html` renders the page.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuner.report.data import (
+    TOP_N, BestConfig, FailureRow, Header, MetricRow, NamedFigure, ParamAxis, PrunedRow, ReportData, StoredStudy,
+    TelemetryPoint, TelemetryView, TopRow, TradeoffPoint, TrialPoint, ValidationRow, build_data, pareto_front,
+    paused_gc, read_study,
+)
+from tuner.report.html import render_html
+
+if TYPE_CHECKING:
+    from optuna.study import Study
+
+__all__ = [
+    "REPORTS_DIR", "TOP_N", "BestConfig", "FailureRow", "Header", "MetricRow", "NamedFigure", "ParamAxis",
+    "PrunedRow", "ReportData", "StoredStudy", "TelemetryPoint", "TelemetryView", "TopRow", "TradeoffPoint",
+    "TrialPoint", "ValidationRow", "build_data", "build_report", "pareto_front", "read_study", "render_html",
+    "write_report",
+]
+
+REPORTS_DIR = Path("reports")
+
+
+def build_report(source: Study | StoredStudy) -> ReportData:
+    """Compute everything the report shows, figures included (no HTML here)."""
+    from tuner.report.figures import draw
+
+    data = build_data(source)
+    data.figures = draw(data)
+    return data
+
+
+def write_report(storage_url: str | None, study_name: str | None, output: str | None) -> Path:
+    """Build and write the HTML report of a stored study; return the path written.
+
+    ``output`` defaults to ``reports/<safe study name>.html``; an existing folder gets that
+    file name inside it. Raises StudyError for a missing study, TunerError when the file
+    cannot be written.
+    """
+    from tuner.files import safe_name, write_atomic
+    from tuner.results import load_study
+    from tuner.storage import open_storage
+
+    storage = open_storage(storage_url, create=False)
+    study = load_study(storage, study_name)
+    with paused_gc():  # the objects read stay alive until the page is written: nothing to collect
+        text = render_html(build_report(study))
+    default = f"{safe_name(study.study_name)}.html"
+    if output is None:
+        path = REPORTS_DIR / default
+    else:
+        path = Path(output)
+        if path.is_dir():
+            path = path / default
+    write_atomic(path, text.encode("utf-8"), "report")
+    return path

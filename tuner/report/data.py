@@ -1,0 +1,723 @@
+"""What the report shows, computed from a stored study: plain values, no plotly, no HTML.
+
+The study is read once (one ``get_trials``, one :func:`tuner.record.read_record` per trial);
+everything after that works on the records. Figures are drawn from these values only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import gc
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+
+from tuner import objectives, results
+from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
+
+if TYPE_CHECKING:
+    from optuna.study import Study
+
+TOP_N = 10
+#: The rate shown beside an objective that is not a rate (tokens/J, p95 TTFT).
+DEFAULT_RATE = "decode_tps"
+#: p95 TTFT and p95 latency of a record, as the objectives of those names read them.
+_TTFT_P95 = objectives.get("ttft_p95").value
+_LATENCY_P95 = objectives.get("latency_p95").value
+#: Telemetry plotted against the rate: (figure key, axis label, limit name, value of a record).
+TELEMETRY_VIEWS: tuple[tuple[str, str, str | None, Any], ...] = (
+    ("power", "mean GPU power (W)", "max_power_w", lambda r: r.power_mean_w),
+    ("vram", "peak GPU memory (MiB)", "max_vram_mib", lambda r: r.vram_peak_mib),
+    (TOKENS_PER_JOULE, "tokens per joule", None, lambda r: r.tokens_per_joule),
+)
+
+
+@dataclass(frozen=True)
+class Header:
+    """Facts about the study and the machine it ran on."""
+
+    study_name: str
+    model: str
+    engine: str
+    host: str
+    server_version: str
+    gpu: str
+    cpu: str
+    os: str
+    objectives: list[str]
+    limits: dict[str, float]
+    space: dict[str, list[Any]]
+    workload: str
+    created_at: str
+    #: Trials by outcome, in the terminal's words (``results.counts``).
+    counts: dict[str, int]
+    #: Of the infeasible trials, those that failed to load.
+    load_failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One request metric of a trial with its spread over the measured requests."""
+
+    label: str
+    key: str
+    mean: float | None
+    sd: float | None
+    p50: float | None
+    p95: float | None
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """The winner (or, when nothing is feasible, the least-violating trial)."""
+
+    number: int
+    feasible: bool
+    model: str
+    options: dict[str, Any]
+    server: dict[str, Any]
+    baseline: bool
+    objective: str
+    value: float | None
+    metrics: list[MetricRow]
+    telemetry: list[tuple[str, float]]
+    violations: list[str]
+    speedup: float | None
+    baseline_number: int | None
+    baseline_value: float | None
+
+
+@dataclass(frozen=True)
+class TopRow:
+    """One row of the top-configs table."""
+
+    rank: int
+    number: int
+    value: float | None
+    config: str
+    tps_mean: float | None
+    tps_sd: float | None
+    ttft_ms_p95: float | None
+    latency_ms_p95: float | None
+    vram_mib: float | None
+    power_w: float | None
+    tokens_per_joule: float | None
+    speedup: float | None
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """A measured trial on the tok/s vs p95 TTFT plane."""
+
+    number: int
+    tps: float
+    ttft_ms_p95: float
+    feasible: bool
+    baseline: bool
+    pareto: bool
+    config: str
+
+
+@dataclass(frozen=True)
+class FailureRow:
+    """A trial that failed, failed to load, or broke a limit, with why."""
+
+    number: int
+    kind: str
+    config: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    """One config re-measured in the interleaved re-validation, with its 95% interval."""
+
+    rank: int
+    number: int
+    config: str
+    n: int
+    mean: float | None
+    sd: float | None
+    ci_low: float | None
+    ci_high: float | None
+    search_value: float | None
+    winner: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class PrunedRow:
+    """A trial stopped early because it was clearly worse than the best so far."""
+
+    number: int
+    config: str
+    requests: int
+    planned: int | None
+    decode_tps_mean: float | None
+    last_value: float | None
+    saved_s: float
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """A complete trial on the search plots: its first objective value and its settings."""
+
+    number: int
+    value: float
+    feasible: bool
+    config: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ParamAxis:
+    """A searched setting: numeric (a number line) or categorical (its values, in order)."""
+
+    name: str
+    numeric: bool
+    categories: list[Any]
+
+
+@dataclass(frozen=True)
+class TelemetryPoint:
+    """A measured trial's rate against one telemetry value."""
+
+    number: int
+    tps: float
+    value: float
+    feasible: bool
+    config: str
+
+
+@dataclass(frozen=True)
+class TelemetryView:
+    """One telemetry value against the rate, with the limit on it when the study set one."""
+
+    key: str
+    label: str
+    limit_name: str | None
+    limit: float | None
+    points: list[TelemetryPoint]
+
+
+@dataclass(frozen=True)
+class NamedFigure:
+    """A plotly figure and where it goes in the report."""
+
+    key: str
+    title: str
+    figure: Any
+    caption: str = ""
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows; the numbers are plain fields so tests can check them."""
+
+    header: Header
+    best: BestConfig | None
+    top: list[TopRow]
+    tps_metric: str
+    tps_label: str
+    tradeoff: list[TradeoffPoint]
+    max_ttft_ms: float | None
+    failures: list[FailureRow]
+    figures: list[NamedFigure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    generated_at: str = ""
+    #: The re-validation of the top configs (the study's stored Validation), best mean first.
+    validation: list[ValidationRow] = field(default_factory=list)
+    validation_objective: str = ""
+    validation_rounds: int = 0
+    validation_trials_at: int = 0
+    #: The top two 95% intervals overlap: the winner is not distinguishable from the runner-up.
+    validation_overlap: bool = False
+    #: The declared winner of the re-validation (None without one).
+    winner: int | None = None
+    #: The re-validation covers the current leader, so the best config is its winner
+    #: (as ``results.best_feasible`` decides); False when later trials took the lead.
+    validation_current: bool = False
+    #: The stored roofline: the best config's share of the bandwidth ceiling.
+    roofline: dict[str, Any] | None = None
+    pruned: list[PrunedRow] = field(default_factory=list)
+    pruned_saved_s: float = 0.0
+    # -- what the search figures draw ----------------------------------------------------
+    #: The first objective, its label and whether it is maximised.
+    objective: str = ""
+    objective_label: str = ""
+    maximize: bool = True
+    #: Complete trials with a value, by number (failed loads left out when minimising).
+    history: list[TrialPoint] = field(default_factory=list)
+    #: Measured trials with searched settings, and those settings.
+    param_points: list[TrialPoint] = field(default_factory=list)
+    params: list[ParamAxis] = field(default_factory=list)
+    #: How much each setting explains the objective (PED-ANOVA), largest first.
+    importances: list[tuple[str, float]] = field(default_factory=list)
+    telemetry: list[TelemetryView] = field(default_factory=list)
+
+    @property
+    def pareto(self) -> list[TradeoffPoint]:
+        return sorted((p for p in self.tradeoff if p.pareto), key=lambda p: p.tps)
+
+    @property
+    def winner_row(self) -> ValidationRow | None:
+        """The re-validated winner when it is the best config shown (its result goes there)."""
+        win = next((r for r in self.validation if r.winner), None)
+        if self.best is None or win is None or not self.validation_current or self.best.number != win.number:
+            return None
+        return win
+
+    @property
+    def overlap_with_best(self) -> bool:
+        """The overlap of the top two intervals is told in the best section (with the winner);
+        otherwise the re-validation section tells it."""
+        measured = [r for r in self.validation if r.mean is not None]
+        return self.validation_overlap and self.winner_row is not None and len(measured) > 1
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class StoredStudy:
+    """A study read once: its attributes, directions and one record per trial."""
+
+    name: str
+    attrs: dict[str, Any]
+    directions: list[str]
+    records: list[TrialRecord]
+
+    @property
+    def direction(self) -> str:
+        return self.directions[0]
+
+
+def read_study(study: Study) -> StoredStudy:
+    """Read ``study`` once: one ``get_trials`` and one record per trial."""
+    with paused_gc():
+        lost = results.lost_errors(study)
+        records = [results.view(t, lost) for t in study.get_trials(deepcopy=False)]
+        return StoredStudy(study.study_name, dict(study.user_attrs), results.directions(study), records)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Run the block without the cyclic garbage collector (it is restored after).
+
+    Reading a study creates tens of thousands of objects that all stay alive; the collector
+    would scan them again and again as they pile up: half the load time of 1,000 trials.
+    """
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+# ------------------------------------------------------------------------------ compute
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _gpu_text(env: dict[str, Any]) -> str:
+    gpus = env.get("gpus") or []
+    if gpus:
+        parts = []
+        for g in gpus:
+            mem = g.get("memory_total_mib")
+            parts.append(f"{g.get('name', 'GPU')}" + (f" ({mem} MiB)" if mem else ""))
+        driver = gpus[0].get("driver_version")
+        return ", ".join(parts) + (f"; driver {driver}" if driver else "")
+    reason = env.get("gpu_unavailable_reason")
+    return f"none ({reason})" if reason else "none recorded"
+
+
+def _cpu_text(env: dict[str, Any]) -> str:
+    host = env.get("host") or {}
+    model = host.get("cpu_model") or "unknown CPU"
+    cores = host.get("cpu_physical_cores")
+    threads = host.get("cpu_logical_cores")
+    ram = host.get("ram_total_mib")
+    extra = [f"{cores} cores" if cores else "", f"{threads} threads" if threads else "",
+             f"{ram / 1024:.0f} GiB RAM" if ram else ""]
+    extra = [e for e in extra if e]
+    return model + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _workload_text(w: dict[str, Any]) -> str:
+    if not w:
+        return "not recorded"
+    prompts = w.get("prompts") or []
+    names = ", ".join(str(p.get("name", "?")) for p in prompts)
+    return (f"{len(prompts)} prompt(s) ({names}) x {w.get('repeats', '?')} repeat(s), "
+            f"{w.get('num_predict', '?')} tokens generated each; source {w.get('source', '?')}")
+
+
+def _header(s: StoredStudy) -> Header:
+    ua = s.attrs
+    env = dict(ua.get("environment") or {})
+    return Header(
+        study_name=s.name,
+        model=str(ua.get("model") or env.get("model") or ""),
+        engine=str(ua.get("engine") or env.get("engine") or ""),
+        host=str(ua.get("host") or ""),
+        server_version=str(ua.get("server_version") or env.get("server_version") or "unknown"),
+        gpu=_gpu_text(env),
+        cpu=_cpu_text(env),
+        os=str(env.get("os") or (env.get("host") or {}).get("os") or ""),
+        objectives=list(ua.get("objectives") or [DEFAULT_RATE]),
+        limits={k: float(v) for k, v in dict(ua.get("limits") or {}).items() if _num(v) is not None},
+        space=dict(ua.get("space") or {}),
+        workload=_workload_text(dict(ua.get("workload") or {})),
+        created_at=str(ua.get("created_at") or ""),
+        counts=results.count_records(s.records),
+        load_failed=sum(1 for r in s.records if r.state == "COMPLETE" and r.error),
+    )
+
+
+def _metric_rows(r: TrialRecord) -> list[MetricRow]:
+    return [
+        MetricRow(label, key, _num(r.stat(key, "mean")), _num(r.stat(key, "sd")),
+                  _num(r.stat(key, "p50")), _num(r.stat(key, "p95")))
+        for label, key in METRIC_ROWS
+        if key in r.stats
+    ]
+
+
+def _telemetry_rows(r: TrialRecord) -> list[tuple[str, float]]:
+    rows = [(label, _num(r.telemetry_value(name))) for label, name in TELEMETRY_ROWS]
+    rows.append(("reload ms", _num(r.reload_ms)))
+    return [(label, v) for label, v in rows if v is not None]
+
+
+def _best(best: TrialRecord | None, feasible: bool, base: TrialRecord | None, objective: str,
+          direction: str) -> BestConfig | None:
+    if best is None:
+        return None
+    return BestConfig(
+        number=best.number,
+        feasible=feasible,
+        model=best.model,
+        options=best.options,
+        server=best.server,
+        baseline=best.baseline,
+        objective=objective,
+        value=best.value,
+        metrics=_metric_rows(best),
+        telemetry=_telemetry_rows(best),
+        violations=best.violations,
+        speedup=results.record_speedup(best, base, direction) if feasible else None,
+        baseline_number=base.number if base is not None else None,
+        baseline_value=base.value if base is not None else None,
+    )
+
+
+def _top(ranked: Sequence[TrialRecord], base: TrialRecord | None, tps: str, direction: str) -> list[TopRow]:
+    return [
+        TopRow(
+            rank=rank,
+            number=r.number,
+            value=r.value,
+            config=r.config_text(),
+            tps_mean=_num(r.stat(tps, "mean")),
+            tps_sd=_num(r.stat(tps, "sd")),
+            ttft_ms_p95=_num(_TTFT_P95(r)),
+            latency_ms_p95=_num(_LATENCY_P95(r)),
+            vram_mib=_num(r.vram_peak_mib),
+            power_w=_num(r.power_mean_w),
+            tokens_per_joule=_num(r.tokens_per_joule),
+            speedup=results.record_speedup(r, base, direction),
+        )
+        for rank, r in enumerate(ranked[:TOP_N], start=1)
+    ]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when maximising x and minimising y.
+
+    One pass over the points sorted by x (descending): linear after the sort, so a study of
+    thousands of trials costs milliseconds.
+    """
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    front: list[int] = []
+    best_y = math.inf  # lowest y among points with a larger x
+    i = 0
+    while i < len(order):
+        # Points with equal x: only those with the group's lowest y can be on the front.
+        j = i
+        while j < len(order) and points[order[j]][0] == points[order[i]][0]:
+            j += 1
+        group_y = points[order[i]][1]
+        if group_y < best_y:
+            front.extend(k for k in order[i:j] if points[k][1] == group_y)
+            best_y = group_y
+        i = j
+    return sorted(front)
+
+
+def _tradeoff(measured: Sequence[TrialRecord], tps: str) -> list[TradeoffPoint]:
+    rows = [(r, _num(r.stat(tps)), _num(_TTFT_P95(r))) for r in measured]
+    pts = [(r, x, y) for r, x, y in rows if x is not None and y is not None]
+    # The front is drawn over feasible trials only: those are the trade-offs one can pick.
+    feasible_idx = [i for i, (r, _, _) in enumerate(pts) if r.feasible]
+    front = pareto_front([(pts[i][1], pts[i][2]) for i in feasible_idx])
+    on_front = {feasible_idx[i] for i in front}
+    return [TradeoffPoint(number=r.number, tps=x, ttft_ms_p95=y, feasible=r.feasible, baseline=r.baseline,
+                          pareto=i in on_front, config=r.config_text())
+            for i, (r, x, y) in enumerate(pts)]
+
+
+def _failures(records: Iterable[TrialRecord]) -> list[FailureRow]:
+    out = []
+    for r in records:
+        if r.state == "PRUNED":  # listed with the pruned trials, not as failures
+            continue
+        if r.state == "FAIL":
+            out.append(FailureRow(r.number, "failed", r.config_text(), r.error or "no error recorded"))
+        elif r.error:
+            out.append(FailureRow(r.number, "load failed", r.config_text(), r.error))
+        elif r.state == "COMPLETE" and not r.feasible:
+            out.append(FailureRow(r.number, "infeasible", r.config_text(), "; ".join(r.violations) or "violates a limit"))
+    return out
+
+
+def _validation(s: StoredStudy, data: ReportData, ranked: Sequence[TrialRecord]) -> results.Validation | None:
+    """Fill the re-validation fields from the study's stored Validation; return it, or None
+    without one (or when it cannot be read)."""
+    stored = s.attrs.get("validation")
+    if not isinstance(stored, dict):
+        return None
+    try:
+        val = results.Validation.from_dict(stored)
+    except (KeyError, TypeError, ValueError, IndexError):
+        data.notes.append("The stored re-validation could not be read (written by another version?): left out.")
+        return None
+    by_number = {r.number: r for r in s.records}
+    rows: list[ValidationRow] = []
+    for e in val.entries:
+        values = [x for x in (_num(v) for v in e.values) if x is not None]
+        error = str(e.error) if e.error else None
+        r = by_number.get(e.number)
+        measured = bool(values) and error is None
+        rows.append(ValidationRow(
+            rank=0, number=e.number,
+            config=r.config_text() if r is not None else "(trial not in the study)",
+            n=len(values), mean=_num(e.mean) if measured else None, sd=_num(e.sd) if measured else None,
+            ci_low=_num(e.ci95[0]) if measured else None, ci_high=_num(e.ci95[1]) if measured else None,
+            search_value=_num(r.value) if r is not None else None,
+            winner=e.number == val.winner, error=error,
+        ))
+    # As the terminal summary orders them: best mean first, the failed ones last.
+    rows.sort(key=lambda r: (r.mean is None, -(r.mean or 0.0)))
+    data.validation = [dataclasses.replace(r, rank=i) for i, r in enumerate(rows, start=1)]
+    data.validation_objective = val.objective
+    data.validation_rounds = int(val.rounds)
+    data.validation_trials_at = int(val.trials_at)
+    data.validation_overlap = bool(val.overlap)
+    data.winner = val.winner
+    best = results.best_record(ranked, val)
+    data.validation_current = val.winner is not None and best is not None and best.number == val.winner
+    if val.winner is not None and not data.validation_current:
+        leader = f"#{ranked[0].number}" if ranked else "none"
+        data.notes.append(
+            f"The re-validation (run after {data.validation_trials_at} trials) does not cover the current "
+            f"leader ({leader}): the best configuration shown is the top-ranked trial, not its winner; "
+            "re-run with --validate to re-check."
+        )
+    return val
+
+
+def _roofline(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    r = attrs.get("roofline")
+    if not isinstance(r, dict):
+        return None
+    r = dict(r)
+    if not isinstance(r.get("text"), str) or not r["text"]:
+        from tuner.roofline import Roofline
+
+        try:
+            r["text"] = Roofline(str(r["device"]), float(r["bandwidth_gbs"]), str(r["method"]), int(r["model_bytes"]),
+                                 float(r["ceiling_tps"]), float(r["decode_tps"])).describe()
+        except (KeyError, TypeError, ValueError):
+            return None
+    return r
+
+
+def _planned_requests(attrs: dict[str, Any]) -> int | None:
+    w = attrs.get("workload") or {}
+    repeats, prompts = _num(w.get("repeats")), w.get("prompts")
+    return int(repeats) * len(prompts) if repeats and isinstance(prompts, list) and prompts else None
+
+
+def _last_value(r: TrialRecord) -> float | None:
+    """The value a pruned trial stopped at: optuna keeps the last reported one."""
+    return _num(r.value) if r.values else _num(r.last_reported)
+
+
+def _pruned(records: Iterable[TrialRecord], planned: int | None) -> list[PrunedRow]:
+    return [
+        PrunedRow(number=r.number, config=r.config_text(), requests=len(r.samples), planned=planned,
+                  decode_tps_mean=_num(r.stat(DEFAULT_RATE)), last_value=_last_value(r),
+                  saved_s=_num(r.pruned_saved_s) or 0.0)
+        for r in records if r.state == "PRUNED"
+    ]
+
+
+def _searched(space: dict[str, list[Any]], points: Sequence[TrialPoint]) -> list[ParamAxis]:
+    """The settings that vary: more than one value in the stored space (or, without one, seen)."""
+    seen: dict[str, list[Any]] = {}
+    for p in points:
+        for k, v in p.params.items():
+            vals = seen.setdefault(k, [])
+            if v not in vals:
+                vals.append(v)
+    names = sorted(k for k in seen if (len(space.get(k, [])) > 1 if space else len(seen[k]) > 1))
+    axes = []
+    for k in names:
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seen[k])
+        stored = [v for v in space.get(k, []) if v in seen[k]]
+        cats = stored + sorted((v for v in seen[k] if v not in stored), key=repr)
+        axes.append(ParamAxis(k, numeric, sorted(cats) if numeric else cats))
+    return axes
+
+
+def best_so_far(points: Sequence[TrialPoint], maximize: bool) -> list[float | None]:
+    """The best feasible value up to each point (None before the first feasible one)."""
+    out: list[float | None] = []
+    best: float | None = None
+    for p in points:
+        if p.feasible and (best is None or (p.value > best if maximize else p.value < best)):
+            best = p.value
+        out.append(best)
+    return out
+
+
+def _importances(data: ReportData) -> None:
+    """PED-ANOVA importances of the searched settings, computed by optuna over a study
+    rebuilt in memory from the parameter points (nothing is read from storage again)."""
+    pts, axes = data.param_points, data.params
+    if len(pts) < 2 or len(axes) < 2:
+        data.notes.append(
+            "Parameter importances skipped: they need at least 2 measured trials and more than "
+            f"one searched parameter (have {len(pts)} trial(s), {len(axes)} parameter(s))."
+        )
+        return
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
+    dists: dict[str, Any] = {}
+    for a in axes:
+        if a.numeric and all(isinstance(v, int) for v in a.categories):
+            dists[a.name] = IntDistribution(min(a.categories), max(a.categories))
+        elif a.numeric:
+            dists[a.name] = FloatDistribution(float(min(a.categories)), float(max(a.categories)))
+        else:
+            dists[a.name] = CategoricalDistribution(a.categories)
+    trials = [optuna.trial.create_trial(value=p.value, params={a.name: p.params[a.name] for a in axes},
+                                        distributions=dists)
+              for p in pts if all(a.name in p.params for a in axes)]
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.create_study(direction="maximize" if data.maximize else "minimize")
+        study.add_trials(trials)
+        with warnings.catch_warnings():
+            # PED-ANOVA warns about small samples; the figure caption says so instead.
+            warnings.simplefilter("ignore")
+            imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
+    except Exception as e:  # importance evaluators reject degenerate data
+        data.notes.append(f"Parameter importances skipped: {e}")
+        return
+    finally:
+        optuna.logging.set_verbosity(level)
+    data.importances = sorted(((k, float(v)) for k, v in imp.items()), key=lambda kv: -kv[1])
+
+
+def _search(data: ReportData, s: StoredStudy) -> None:
+    """The history, parameter and importance data of the search figures."""
+    complete = [r for r in s.records if r.state == "COMPLETE" and r.values]
+    # Failed loads score 0 when maximising (a fair "no tokens"), but 1e12 when minimising,
+    # which would flatten the plot: leave them out then (they are in the failures table).
+    data.history = [TrialPoint(r.number, r.values[0], r.feasible, r.config_text())
+                    for r in complete if r.values and (data.maximize or not r.error)]
+    if not data.history:
+        data.notes.append("Optimisation history skipped: no complete trial yet.")
+    data.param_points = [TrialPoint(r.number, r.values[0], r.feasible, r.config_text(), r.params)
+                         for r in complete if r.values and r.params and not r.error]
+    data.params = _searched(data.header.space, data.param_points)
+    if not data.param_points or not data.params:
+        data.param_points, data.params = [], []
+        data.notes.append("Parameter plots skipped: no measured trial with searched parameters "
+                          "(only the baseline or fixed settings so far).")
+        return
+    _importances(data)
+
+
+def _telemetry(measured: Sequence[TrialRecord], data: ReportData) -> None:
+    limits = data.header.limits
+    for key, label, limit_name, get in TELEMETRY_VIEWS:
+        pts = [(r, _num(r.stat(data.tps_metric)), _num(get(r))) for r in measured]
+        points = [TelemetryPoint(r.number, x, y, r.feasible, r.config_text()) for r, x, y in pts
+                  if x is not None and y is not None]
+        if points:
+            limit = limits.get(limit_name) if limit_name else None
+            data.telemetry.append(TelemetryView(key, label, limit_name if limit is not None else None, limit, points))
+    if not data.telemetry:
+        data.notes.append("Telemetry views skipped: no trial recorded GPU power, memory or energy.")
+
+
+def build_data(source: Study | StoredStudy) -> ReportData:
+    """Compute everything the report shows from a study (read once) or from its records."""
+    s = source if isinstance(source, StoredStudy) else read_study(source)
+    header = _header(s)
+    objective = header.objectives[0]
+    tps = objective if objective.endswith("_tps") else DEFAULT_RATE
+    direction = s.direction
+    ranked = results.rank_records(s.records, direction)
+    measured = [r for r in s.records if r.measured]
+    base = results.baseline_record(s.records)
+    data = ReportData(
+        header=header,
+        best=None,
+        top=_top(ranked, base, tps, direction),
+        tps_metric=tps,
+        tps_label=objectives.label(tps),
+        tradeoff=_tradeoff(measured, tps),
+        max_ttft_ms=header.limits.get("max_ttft_ms"),
+        failures=_failures(s.records),
+        generated_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        roofline=_roofline(s.attrs),
+        pruned=_pruned(s.records, _planned_requests(s.attrs)),
+        objective=objective,
+        objective_label=objectives.label(objective),
+        maximize=direction == "maximize",
+    )
+    data.pruned_saved_s = sum(p.saved_s for p in data.pruned)
+    val = _validation(s, data, ranked)
+    best = results.best_record(ranked, val)
+    feasible = best is not None
+    if best is None:
+        best = results.least_violating_record(s.records, direction)
+    data.best = _best(best, feasible, base, objective, direction)
+    if measured and data.best is not None and not data.best.feasible:
+        data.notes.append("No trial is feasible: the best config shown is the least-violating one.")
+    _search(data, s)
+    if not data.tradeoff:
+        data.notes.append("Trade-off plot skipped: no measured trial has both tok/s and p95 TTFT.")
+    _telemetry(measured, data)
+    return data

@@ -1,0 +1,278 @@
+"""The report as one self-contained HTML page, rendered from a ReportData.
+
+plotly.js is inlined once, so the file opens offline and can be mailed. Every text that came
+from the study is escaped; every decision about what to say was made in :mod:`.data`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+from tuner import objectives
+from tuner.results import defaults_name
+from tuner.report.data import TOP_N, ReportData, ValidationRow
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1300px;padding:1em 2em;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.facts dt{font-weight:600}dl.facts dd{margin:0}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;margin:.4em 0}
+.warn{background:#fdecea;border-left:4px solid #d62728;padding:.4em .8em;margin:.4em 0}
+.speedup{font-size:1.3em;font-weight:600;color:#2a7d2a}.caption{color:#555;font-size:.9em}
+code{background:#f4f4f4;padding:0 .2em}.figure{min-height:420px}.figure.small{min-height:380px;max-width:800px}
+.validated,.roofline{font-weight:600}
+"""
+#: The trial outcomes in the order the header lists them (the words of ``results.counts``).
+_OUTCOME_ORDER = ("feasible", "infeasible", "pruned", "failed", "running", "waiting")
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _f(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _table(head: list[str], rows: list[list[tuple[str, bool]]]) -> str:
+    """An HTML table; each cell is (escaped html, is_number)."""
+    out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td class=\"n\">{c}</td>" if num else f"<td>{c}</td>" for c, num in r) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _values_text(values: list[Any]) -> str:
+    if len(values) > 4 and all(isinstance(v, int) for v in values) and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _pruned_text(data: ReportData) -> str:
+    return f"{_plural(len(data.pruned), 'trial')} pruned, about {data.pruned_saved_s:,.1f} s of measurement saved"
+
+
+def _counts_text(data: ReportData) -> str:
+    h = data.header
+    c = h.counts
+    order = [k for k in _OUTCOME_ORDER if k in c] + sorted(k for k in c if k not in _OUTCOME_ORDER)
+    parts = []
+    for k in order:
+        extra = f" ({h.load_failed} failed to load)" if k == "infeasible" and h.load_failed else ""
+        parts.append(f"{c[k]} {k}{extra}")
+    return f"{h.total} in all" + (": " + ", ".join(parts) if parts else "")
+
+
+def _header_html(data: ReportData) -> str:
+    h = data.header
+    facts = [
+        ("Model", h.model), ("Engine", h.engine), ("Host", h.host), ("Server version", h.server_version),
+        ("GPU", h.gpu), ("CPU", h.cpu), ("OS", h.os),
+        ("Objective(s)", ", ".join(h.objectives)),
+        ("Limits", ", ".join(f"{k} = {v:g}" for k, v in h.limits.items()) or "none"),
+        ("Search space", "; ".join(f"{k}: {_values_text(v)}" for k, v in h.space.items()) or "not recorded"),
+        ("Workload", h.workload),
+        ("Created", h.created_at or "unknown"),
+        ("Trials", _counts_text(data)),
+    ]
+    if data.pruned:
+        facts.append(("Pruning", _pruned_text(data) + " (clearly worse trials stopped early)"))
+    return "<dl class=\"facts\">" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
+
+
+def _best_html(data: ReportData) -> str:
+    b = data.best
+    if b is None:
+        return "<h2>Best configuration</h2><p class=\"note\">No trial has completed yet: nothing to report.</p>"
+    engine_defaults = defaults_name(data.header.engine)
+    title = "Best feasible configuration" if b.feasible else "Least-violating configuration (nothing is feasible)"
+    parts = [f"<h2>{_e(title)} &mdash; trial #{b.number}</h2>"]
+    if b.speedup is not None:
+        parts.append(
+            f"<p class=\"speedup\">{b.speedup:.2f}&times; {_e(objectives.label(b.objective))} "
+            f"vs {_e(engine_defaults)} (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
+            f"best: {_f(b.value, 2)})</p>"
+        )
+    elif b.baseline_number is None:
+        parts.append("<p class=\"caption\">No baseline trial (study run with --no-baseline): no speedup to show.</p>")
+    parts.extend(_winner_html(data))
+    r = data.roofline
+    if r is not None:
+        of = "" if r.get("trial") in (None, b.number) else f" (measured on trial #{r.get('trial')})"
+        parts.append(f"<p class=\"roofline\">Roofline: {_e(r['text'])}{_e(of)}</p>")
+    if not b.feasible and b.violations:
+        parts.append(f"<p class=\"warn\">Violates: {_e('; '.join(b.violations))}</p>")
+    cfg: list[tuple[str, Any]] = [("model", b.model)]
+    if b.baseline:
+        cfg.append(("options", f"none ({engine_defaults})"))
+    cfg += [(k, v) for k, v in b.options.items()]
+    cfg += [(f"{k} (server)", v) for k, v in b.server.items()]
+    parts.append(_table(["setting", "value"], [[(_e(k), False), (_e(v), False)] for k, v in cfg]))
+    if b.metrics:
+        parts.append(_table(
+            ["metric", "mean", "± sd", "p50", "p95"],
+            [[(_e(m.label), False), (_f(m.mean), True), (_f(m.sd), True), (_f(m.p50), True), (_f(m.p95), True)]
+             for m in b.metrics],
+        ))
+    if b.telemetry:
+        parts.append(_table(["telemetry", "value"], [[(_e(k), False), (_f(v, 2), True)] for k, v in b.telemetry]))
+    return "".join(parts)
+
+
+def _validated(r: ValidationRow, digits: int = 2) -> str:
+    return (f"{_f(r.mean, digits)} (95% CI {_f(r.ci_low, digits)} .. {_f(r.ci_high, digits)}, "
+            f"sd {_f(r.sd, digits)}, {_plural(r.n, 'round')})")
+
+
+def _winner_html(data: ReportData) -> list[str]:
+    """Lines for the best section: the re-validated winner, and whether it stands out."""
+    win = data.winner_row
+    if win is None:
+        return []
+    label = objectives.label(data.validation_objective)
+    out = [f"<p class=\"validated\">Re-validated winner over {data.validation_rounds} interleaved rounds: "
+           f"{_e(label)} {_e(_validated(win))}.</p>"]
+    if data.top and data.top[0].number != win.number:
+        out.append(f"<p class=\"caption\">Chosen over trial #{data.top[0].number}, which scored higher in its single "
+                   "measurement during the search.</p>")
+    if data.overlap_with_best:
+        ok = [r for r in data.validation if r.mean is not None]
+        out.append(f"<p class=\"warn\">The top two 95% intervals overlap (#{ok[0].number} and #{ok[1].number}): "
+                   "they are not distinguishable at this precision; more --validate-rounds narrows the "
+                   "intervals.</p>")
+    return out
+
+
+def _validation_html(data: ReportData, figure: str) -> str:
+    if not data.validation:
+        return ""
+    label = objectives.label(data.validation_objective)
+    parts = [f"<h2>Re-validation of the top {len(data.validation)} configurations</h2>",
+             f"<p class=\"caption\">{_e(label)} re-measured in {data.validation_rounds} interleaved rounds "
+             f"after {data.validation_trials_at} trials, mean and 95% confidence interval.</p>"]
+    rows = []
+    for r in data.validation:
+        if r.error:
+            note = f"failed: {r.error}"
+        elif r.winner:
+            note = "winner" + ("" if data.validation_current else " (not current: later trials took the lead)")
+        else:
+            note = ""
+        rows.append([
+            (str(r.rank), True), (f"#{r.number}", True), (_e(r.config), False), (str(r.n), True),
+            (_f(r.mean, 2), True), (_f(r.sd, 2), True), (f"{_f(r.ci_low, 2)} .. {_f(r.ci_high, 2)}", True),
+            (_f(r.search_value, 2), True), (_e(note), False),
+        ])
+    parts.append(_table(["rank", "trial", "config", "rounds", "mean", "± sd", "95% CI", "during search", ""], rows))
+    if data.validation_overlap and not data.overlap_with_best:
+        parts.append("<p class=\"warn\">The top two intervals overlap: they are not distinguishable at this "
+                     "precision (more --validate-rounds narrows the intervals).</p>")
+    return "".join(parts) + figure
+
+
+def _pruned_html(data: ReportData) -> str:
+    if not data.pruned:
+        return ""
+    rows = [[
+        (f"#{r.number}", True), (_e(r.config), False),
+        (f"{r.requests} of {r.planned}" if r.planned else str(r.requests), True),
+        (_f(r.decode_tps_mean), True), (_f(r.last_value, 2), True), (_f(r.saved_s), True),
+    ] for r in data.pruned]
+    return (f"<h2>Pruned trials</h2><p>{_e(_pruned_text(data))}: each was stopped once it was clearly worse "
+            "than the best trial on the same requests.</p>"
+            + _table(["trial", "config", "requests measured", "decode tok/s so far", "last request value",
+                      "saved s"], rows))
+
+
+def _top_html(data: ReportData) -> str:
+    parts = [f"<h2>Top {TOP_N} feasible configurations</h2>"]
+    if not data.top:
+        return parts[0] + "<p class=\"note\">No feasible configuration yet.</p>"
+    head = ["rank", "trial", "objective", "config", f"{data.tps_label} mean ± sd", "p95 TTFT ms",
+            "p95 latency ms", "VRAM peak MiB", "power W", "tokens/J", "speedup"]
+    rows = [[
+        (str(r.rank), True), (f"#{r.number}", True), (_f(r.value, 2), True), (_e(r.config), False),
+        (f"{_f(r.tps_mean)} ± {_f(r.tps_sd)}", True), (_f(r.ttft_ms_p95, 0), True), (_f(r.latency_ms_p95, 0), True),
+        (_f(r.vram_mib, 0), True), (_f(r.power_w), True), (_f(r.tokens_per_joule, 2), True),
+        ("-" if r.speedup is None else f"{r.speedup:.2f}×", True),
+    ] for r in data.top]
+    return "".join(parts) + _table(head, rows)
+
+
+def _failures_html(data: ReportData) -> str:
+    if not data.failures:
+        return "<h2>Failures</h2><p>No trial failed or broke a limit.</p>"
+    rows = [[(f"#{f.number}", True), (_e(f.kind), False), (_e(f.config), False), (_e(f.message), False)]
+            for f in data.failures]
+    return "<h2>Failures and infeasible trials</h2>" + _table(["trial", "kind", "config", "error or violation"], rows)
+
+
+def _figure_json(fig: go.Figure) -> str:
+    import plotly.io as pio
+
+    text = pio.to_json(fig, validate=False)
+    # Plotly already escapes these; doing it here too keeps "</script>" from ever ending the tag.
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def render_html(data: ReportData) -> str:
+    """One self-contained HTML page (plotly.js inlined once in <head>)."""
+    from plotly.offline import get_plotlyjs
+
+    h = data.header
+    scripts = []
+    figures: list[tuple[str, str]] = []  # (key, html)
+    for i, nf in enumerate(data.figures):
+        div = f"fig-{i}-{re.sub(r'[^a-z0-9_-]', '', nf.key.lower())}"
+        # The re-validation figure sits in its own section, under its table.
+        part = "" if nf.key == "validation" else f"<h2>{_e(nf.title)}</h2>"
+        if nf.caption:
+            part += f"<p class=\"caption\">{_e(nf.caption)}</p>"
+        cls = "figure small" if nf.key == "validation" else "figure"
+        part += f"<div id=\"{div}\" class=\"{cls}\"></div>"
+        figures.append((nf.key, part))
+        scripts.append(f"drawFigure({json.dumps(div)}, {_figure_json(nf.figure)});")
+    body = [
+        f"<h1>ollama-tuner report: {_e(h.study_name)}</h1>",
+        f"<p class=\"caption\">Generated {_e(data.generated_at)}</p>",
+        _header_html(data),
+        _best_html(data),
+        _validation_html(data, "".join(p for k, p in figures if k == "validation")),
+    ]
+    body += [f"<p class=\"note\">{_e(n)}</p>" for n in data.notes]
+    body += [p for k, p in figures if k != "validation"]
+    body.append(_top_html(data))
+    body.append(_pruned_html(data))
+    body.append(_failures_html(data))
+    return "\n".join([
+        "<!DOCTYPE html>",
+        "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>{_e('ollama-tuner report: ' + h.study_name)}</title>",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<style>{_CSS}</style>",
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>",
+        # One figure failing to draw must not stop the others; the error stays visible.
+        "<script type=\"text/javascript\">function drawFigure(id, fig){"
+        "function fail(e){console.error('figure ' + id + ': ' + e);"
+        "document.getElementById(id).textContent = 'This figure could not be drawn: ' + e;}"
+        "try {Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false}).catch(fail);}"
+        " catch (e) {fail(e);}}</script>",
+        "</head><body>",
+        *body,
+        "<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>",
+        "</body></html>",
+        "",
+    ])
