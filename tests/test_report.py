@@ -165,7 +165,7 @@ def make_study(
     if roofline:
         best = results.best_feasible(study)
         assert best is not None
-        study.set_user_attr("roofline", roofline_attr(best.number, best.user_attrs["decode_tps_mean"]))
+        study.set_user_attr("roofline", roofline_attr(best.number, best.stat("decode_tps") or 0.0))
     return url, study
 
 
@@ -235,7 +235,7 @@ def test_header_facts(study_url: tuple[str, Any]) -> None:
     assert "NVIDIA H200" in h.gpu and "143771 MiB" in h.gpu
     assert "AMD EPYC 9654" in h.cpu and "16 cores" in h.cpu
     # The terminal's words: a failed load is an infeasible trial, counted apart as well.
-    assert h.counts == {"feasible": 4, "infeasible": 2, "failed": 1} == results.counts(study_url[1])
+    assert h.counts == {"feasible": 4, "infeasible": 2, "failed": 1} == results.read_study(study_url[1]).counts()
     assert h.total == 7 and h.load_failed == 1
     assert h.limits == {"max_ttft_ms": 500.0, "max_vram_mib": 6000.0}
 
@@ -402,7 +402,8 @@ def test_write_report_read_only_folder(study_url: tuple[str, Any], tmp_path: Pat
 def test_results_helpers_agree(study_url: tuple[str, Any]) -> None:
     # The fixture is what results.py expects: one baseline, best feasible #1.
     study = study_url[1]
-    base, best = results.baseline_trial(study), results.best_feasible(study)
+    st = results.read_study(study)
+    base, best = st.baseline(), st.best()
     assert base is not None and base.number == 0
     assert best is not None and best.number == 1
 
@@ -413,6 +414,8 @@ def test_results_helpers_agree(study_url: tuple[str, Any]) -> None:
 def test_validation_rows_and_winner(full_study: Any) -> None:
     data = report.build_report(full_study)
     assert data.winner == 2 and data.validation_current and data.validation_overlap
+    # The winner is the best shown, so the best section tells the overlap.
+    assert data.winner_row is not None and data.winner_row.number == 2 and data.overlap_with_best
     assert data.validation_objective == "decode_tps" and data.validation_rounds == 4 and data.validation_trials_at == 7
     rows = data.validation
     assert [(r.rank, r.number, r.winner) for r in rows] == [(1, 2, True), (2, 1, False), (3, 3, False)]
@@ -472,7 +475,10 @@ def test_stale_validation_does_not_pick_the_winner() -> None:
     assert any("does not cover the current leader (#7)" in n for n in data.notes)
     text = report.render_html(data)
     assert "Re-validated winner" not in text and "winner (not current" in text
+    # Decided from the data: the winner is not the best shown, so its section tells the overlap, once.
+    assert data.validation_overlap and data.winner_row is None and not data.overlap_with_best
     assert "The top two intervals overlap: they are not distinguishable" in text  # in its own section then
+    assert text.count("intervals overlap") == 1
 
 
 def test_roofline_in_best_section(full_study: Any) -> None:
@@ -544,3 +550,79 @@ def test_plain_study_has_no_new_sections(study_url: tuple[str, Any]) -> None:
     assert data.roofline is None and data.pruned == [] and data.pruned_saved_s == 0.0
     text = report.render_html(data)
     assert "Re-validation" not in text and "Roofline" not in text and "Pruned trials" not in text
+
+
+# ------------------------------------------------ the package: read once, data, figures from data
+
+
+def test_the_study_is_read_once() -> None:
+    _, study = make_study(None, validation=True, pruned=True)
+    calls = []
+    get_trials = study.get_trials
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return get_trials(*args, **kwargs)
+
+    study.get_trials = counted
+    data = report.build_report(study)
+    assert calls == [{"deepcopy": False}]
+    assert data.best is not None and len(data.figures) == 9
+
+
+def test_figures_are_drawn_from_the_data_alone(study_url: tuple[str, Any]) -> None:
+    import dataclasses
+
+    from tuner.report import figures
+
+    stored = report.read_study(study_url[1])
+    data = report.build_data(stored)
+    assert data.figures == []  # the data holds no figure; build_report draws them
+    keys = [f.key for f in figures.draw(data)]
+    assert keys == ["history", "importances", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule"]
+    less = dataclasses.replace(data, history=[], importances=[], telemetry=[])
+    assert [f.key for f in figures.draw(less)] == ["parallel", "slices", "tradeoff"]
+
+
+def test_search_data(study_url: tuple[str, Any]) -> None:
+    data = report.build_report(study_url[1])
+    assert data.objective == "decode_tps" and data.objective_label == "decode tok/s" and data.maximize
+    # Complete trials with a value; the failed load (#5) scores 0 when maximising.
+    assert [(p.number, p.value, p.feasible) for p in data.history] == [
+        (0, 40.0, True), (1, 60.0, True), (2, 55.0, True), (3, 50.0, True), (4, 70.0, False), (5, 0.0, False)]
+    assert report.best_so_far(data.history, maximize=True) == [40.0, 60.0, 60.0, 60.0, 60.0, 60.0]
+    # Parameter plots: measured trials with settings (no baseline, no failed load).
+    assert [p.number for p in data.param_points] == [1, 2, 3, 4]
+    axes = {a.name: a for a in data.params}
+    assert sorted(axes) == sorted(SPACE)
+    assert not axes["variant"].numeric and axes["variant"].categories == SPACE["variant"]
+    assert axes["num_ctx"].numeric and axes["num_ctx"].categories == [2048, 4096, 8192]  # the values measured
+    assert {k for k, _ in data.importances} <= set(SPACE) and data.importances
+    assert sum(v for _, v in data.importances) == pytest.approx(1.0)
+    assert [v for _, v in data.importances] == sorted((v for _, v in data.importances), reverse=True)
+    # Telemetry views, with the study's VRAM limit on the VRAM one.
+    views = {v.key: v for v in data.telemetry}
+    assert views["vram"].limit == 6000.0 and views["power"].limit is None
+    assert {p.number for p in views["power"].points} == {0, 1, 2, 3, 4}
+
+
+def test_pareto_front_matches_the_definition() -> None:
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        pts = [(float(rng.randint(0, 6)), float(rng.randint(0, 6))) for _ in range(rng.randint(0, 12))]
+        brute = [i for i, (x, y) in enumerate(pts)
+                 if not any(x2 >= x and y2 <= y and (x2 > x or y2 < y) for x2, y2 in pts)]
+        assert report.pareto_front(pts) == brute, pts
+
+
+def test_importing_the_report_loads_nothing_heavy() -> None:
+    # plotly, optuna and pandas load when a report is built, not when the CLI imports the package.
+    # (That the read side loads no engine or study module is tests/test_record.py's.)
+    import subprocess
+    import sys
+
+    code = "import sys, tuner.report; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert {m for m in loaded if m.split(".")[0] in ("optuna", "plotly", "pandas", "numpy", "sqlalchemy")} == set()

@@ -52,8 +52,7 @@ def test_finds_the_optimum_region(fake: FakeOllama, gpu: None) -> None:
     top = results.best_feasible(best)
     assert top is not None
     assert top.values[0] >= 0.9 * optimum["decode_tps"]
-    v = results.view(top)
-    assert v.options["num_gpu"] >= 24
+    assert top.options["num_gpu"] >= 24
     assert summary.speedup is not None and summary.speedup > 1.3
 
 
@@ -129,7 +128,7 @@ def test_constraints_exclude_violating_trials_from_best(gpu: None) -> None:
         assert record.constraints(t)["ttft_p95_ms"] > 0
         assert any("TTFT" in v for v in t.user_attrs["violations"])
     best = results.best_feasible(study)
-    assert best is not None and best.user_attrs["ttft_ms_p95"] <= 40.0
+    assert best is not None and (best.stat("ttft_ms", "p95") or 0) <= 40.0
     assert summary.best is not None and summary.best.number == best.number
 
 
@@ -270,7 +269,7 @@ def test_pruning_stops_clearly_worse_trials_and_keeps_what_they_measured(fake: F
         assert _flat(t)["pruned_saved_s"] >= 0
         assert len(t.intermediate_values) == n
     # the winner is never pruned
-    assert results.best_feasible(study).state.name == "COMPLETE"
+    assert results.best_feasible(study).state == "COMPLETE"
 
 
 def test_winner_revalidation_is_interleaved_and_stored(fake: FakeOllama, gpu: None) -> None:
@@ -356,7 +355,7 @@ def test_the_gpu_is_whatever_the_server_says_it_is(fake: FakeOllama, monkeypatch
     study = _load()
     assert study.user_attrs["gpu_offload_source"] == "ollama-ps"
     assert summary.speedup is not None and summary.speedup > 1.2
-    best = results.view(results.best_feasible(study))
+    best = results.best_feasible(study)
     assert best.options["num_gpu"] >= 27
     measured = [t for t in study.trials if t.state.name == "COMPLETE" and not t.user_attrs.get("error")]
     for t in measured:

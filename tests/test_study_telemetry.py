@@ -40,6 +40,8 @@ def _trials() -> list[Any]:
 
 
 def test_every_trial_carries_gpu_and_host_telemetry(fake: FakeOllama, nvml: FakeNvml) -> None:
+    # Requests of tens of ms: CPU times tick in 10 ms steps, so a shorter window can read 0 s.
+    fake.time_scale = 0.02
     lines: list[str] = []
     run_study(opts(fake), echo=lines.append)
     assert not any("no NVIDIA GPU telemetry" in line for line in lines)

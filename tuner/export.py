@@ -123,7 +123,7 @@ def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
             f"(p50 {_fmt(v.stat('decode_tps', 'p50'))}), prefill {_fmt(v.stat('prefill_tps'), 0)} tok/s, "
             f"TTFT p50 {_fmt(v.stat('ttft_ms', 'p50'), 0)} / p95 {_fmt(v.stat('ttft_ms', 'p95'), 0)} ms"
         )
-    sp = results.speedup(study, v)
+    sp = results.read_study(study).speedup(v)
     if sp is not None:
         lines.append(f"# {sp:.2f}x the baseline ({_defaults(study)}) on {objectives[0]}")
     if not v.feasible:
@@ -290,7 +290,7 @@ def export(
     text = _RENDERERS[fmt](trial, study)
     if path is not None:
         write_atomic(path, text.encode("utf-8"), f"{fmt} export", ExportError)
-    feasible = "" if results.is_feasible(trial) else " (not feasible)"
+    feasible = "" if trial.feasible else " (not feasible)"
     where = f" to {path}" if path is not None else ""
     return ExportResult(fmt, text, path, trial.number,
                         f"exported trial #{trial.number}{feasible} of '{study.study_name}' as {fmt}{where}")
@@ -336,8 +336,7 @@ def create_plan(
             f"study '{study.study_name}' was tuned with the {engine_name} engine: creating an Ollama model "
             "needs an Ollama study; use --format modelfile and `ollama create` instead"
         )
-    trial = results.pick_trial(study, trial_number, allow_infeasible)
-    v = results.view(trial)
+    v = results.pick_trial(study, trial_number, allow_infeasible)
     # A managed server's address died with the run that started it: use OLLAMA_HOST then.
     tuned_on = None if study.user_attrs.get("managed_server") else study.user_attrs.get("host")
     note = ""

@@ -88,16 +88,15 @@ def format_studies(storage_url: str | None) -> str:
 
     storage = open_storage(storage_url, create=False)
     rows = []
-    for summ in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summ.study_name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
-        best = results.best_feasible(study)
-        last = max((t.datetime_complete or t.datetime_start for t in trials if t.datetime_start), default=None)
+    for name in optuna.get_all_study_names(storage):
+        st = results.read_study(optuna.load_study(study_name=name, storage=storage))
+        best = st.best()
+        last = max((r.datetime_complete or r.datetime_start for r in st.records if r.datetime_start), default=None)
         rows.append((
-            printable(summ.study_name),
-            printable(study.user_attrs.get("model", "")),
-            str(len(trials)),
-            f"{best.values[0]:.2f}" if best is not None and best.values else "-",
+            printable(name),
+            printable(st.attrs.get("model", "")),
+            str(len(st.records)),
+            f"{best.value:.2f}" if best is not None and best.value is not None else "-",
             last.strftime("%Y-%m-%d %H:%M") if last else "-",
         ))
     if not rows:
@@ -115,18 +114,15 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
     names = list(study.user_attrs.get("objectives", ["decode_tps"]))
     s = results.summarise_study(study, names, shown_url(storage_url))
     text = format_summary(s)
-    ranked = results.ranked_feasible(study)[: max(top, 0)]
-    if ranked:
-        lines = ["", f"Top {len(ranked)} feasible:"]
+    ranked = results.StoredStudy(s.study_name, {}, [objectives.get(names[0]).direction], s.trials).ranked()
+    if ranked[:max(top, 0)]:
+        lines = ["", f"Top {len(ranked[:top])} feasible:"]
         lines.append(f"  {'#':>4} {names[0]:>12} {'p95 TTFT ms':>12}  config")
-        for t in ranked:
-            v = results.view(t)
-            lines.append(f"  {t.number:>4} {t.values[0]:>12.2f} {v.stat('ttft_ms', 'p95') or 0:>12.0f}  "
+        for v in ranked[:top]:
+            lines.append(f"  {v.number:>4} {v.value or 0:>12.2f} {v.stat('ttft_ms', 'p95') or 0:>12.0f}  "
                          f"{printable(v.config_text())}")
         text += "\n".join(lines)
-    lost = results.lost_errors(study)
-    views = [results.view(t, lost) for t in study.get_trials(deepcopy=False)]
-    failed = [v for v in views if v.error or v.state == "FAIL"]
+    failed = [v for v in s.trials if v.error or v.state == "FAIL"]
     if failed:
         text += "\n\nFailed or infeasible by error:\n" + "\n".join(
             printable(f"  #{v.number} {v.config_text()}: {v.error or 'failed without an error message'}")

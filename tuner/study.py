@@ -689,10 +689,9 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
 
 def _store_roofline(study: Any, p: _Prepared) -> None:
     """Compute the winner's share of the memory-bandwidth ceiling and keep it with the study."""
-    best = results.best_feasible(study)
-    if best is None:
+    v = results.best_feasible(study)
+    if v is None:
         return
-    v = results.view(best)
     decode = v.stat("decode_tps")
     if not decode:
         return
@@ -703,4 +702,4 @@ def _store_roofline(study: Any, p: _Prepared) -> None:
     on_gpu = p.has_gpu and v.options.get("num_gpu", -1) != 0
     r = roofline(float(decode), size, on_gpu)
     if r is not None:
-        study.set_user_attr("roofline", {**r.to_dict(), "trial": best.number, "text": r.describe()})
+        study.set_user_attr("roofline", {**r.to_dict(), "trial": v.number, "text": r.describe()})

@@ -46,7 +46,7 @@ def validate_top(
     seen: set[str] = set()
     top: list[Any] = []
     for t in results.ranked_feasible(study):
-        key = results.view(t).config_text()
+        key = t.config_text()
         if key not in seen:
             seen.add(key)
             top.append(t)
@@ -63,7 +63,7 @@ def validate_top(
             e = entries[t.number]
             if e.error:
                 continue
-            v = results.view(t)
+            v = t
             runner = None if v.baseline else v.options
             cfg_key = config_key(v.model, runner, v.effective_server)
             try:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from tuner.report.data import (
     TOP_N, BestConfig, FailureRow, Header, MetricRow, NamedFigure, ParamAxis, PrunedRow, ReportData, StoredStudy,
-    TelemetryPoint, TelemetryView, TopRow, TradeoffPoint, TrialPoint, ValidationRow, build_data, pareto_front,
-    paused_gc, read_study,
+    TelemetryPoint, TelemetryView, TopRow, TradeoffPoint, TrialPoint, ValidationRow, best_so_far, build_data,
+    pareto_front, paused_gc, read_study,
 )
 from tuner.report.html import render_html
 
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 __all__ = [
     "REPORTS_DIR", "TOP_N", "BestConfig", "FailureRow", "Header", "MetricRow", "NamedFigure", "ParamAxis",
     "PrunedRow", "ReportData", "StoredStudy", "TelemetryPoint", "TelemetryView", "TopRow", "TradeoffPoint",
-    "TrialPoint", "ValidationRow", "build_data", "build_report", "pareto_front", "read_study", "render_html",
-    "write_report",
+    "TrialPoint", "ValidationRow", "best_so_far", "build_data", "build_report", "pareto_front", "paused_gc",
+    "read_study", "render_html", "write_report",
 ]
 
 REPORTS_DIR = Path("reports")

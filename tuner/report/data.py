@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from tuner import objectives, results
 from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
+from tuner.results import StoredStudy, paused_gc, read_study
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -27,11 +28,13 @@ DEFAULT_RATE = "decode_tps"
 #: p95 TTFT and p95 latency of a record, as the objectives of those names read them.
 _TTFT_P95 = objectives.get("ttft_p95").value
 _LATENCY_P95 = objectives.get("latency_p95").value
-#: Telemetry plotted against the rate: (figure key, axis label, limit name, value of a record).
-TELEMETRY_VIEWS: tuple[tuple[str, str, str | None, Any], ...] = (
-    ("power", "mean GPU power (W)", "max_power_w", lambda r: r.power_mean_w),
-    ("vram", "peak GPU memory (MiB)", "max_vram_mib", lambda r: r.vram_peak_mib),
-    (TOKENS_PER_JOULE, "tokens per joule", None, lambda r: r.tokens_per_joule),
+#: Telemetry plotted against the rate: (figure key, axis label, limit name, caption, value of a record).
+TELEMETRY_VIEWS: tuple[tuple[str, str, str | None, str, Any], ...] = (
+    ("power", "mean GPU power (W)", "max_power_w", "", lambda r: r.power_mean_w),
+    ("vram", "GPU memory (MiB)", "max_vram_mib",
+     "NVML's peak during the measured requests where the tuner sees the GPU, else the VRAM the server "
+     "reports the model holds: the value --max-vram-mib is checked against.", lambda r: r.vram_peak_mib),
+    (TOKENS_PER_JOULE, "tokens per joule", None, "", lambda r: r.tokens_per_joule),
 )
 
 
@@ -205,6 +208,7 @@ class TelemetryView:
     limit_name: str | None
     limit: float | None
     points: list[TelemetryPoint]
+    caption: str = ""
 
 
 @dataclass(frozen=True)
@@ -282,47 +286,6 @@ class ReportData:
         return self.validation_overlap and self.winner_row is not None and len(measured) > 1
 
 
-# ------------------------------------------------------------------------------ reading
-
-
-@dataclass(frozen=True)
-class StoredStudy:
-    """A study read once: its attributes, directions and one record per trial."""
-
-    name: str
-    attrs: dict[str, Any]
-    directions: list[str]
-    records: list[TrialRecord]
-
-    @property
-    def direction(self) -> str:
-        return self.directions[0]
-
-
-def read_study(study: Study) -> StoredStudy:
-    """Read ``study`` once: one ``get_trials`` and one record per trial."""
-    with paused_gc():
-        lost = results.lost_errors(study)
-        records = [results.view(t, lost) for t in study.get_trials(deepcopy=False)]
-        return StoredStudy(study.study_name, dict(study.user_attrs), results.directions(study), records)
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Run the block without the cyclic garbage collector (it is restored after).
-
-    Reading a study creates tens of thousands of objects that all stay alive; the collector
-    would scan them again and again as they pile up: half the load time of 1,000 trials.
-    """
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
-
-
 # ------------------------------------------------------------------------------ compute
 
 
@@ -384,7 +347,7 @@ def _header(s: StoredStudy) -> Header:
         space=dict(ua.get("space") or {}),
         workload=_workload_text(dict(ua.get("workload") or {})),
         created_at=str(ua.get("created_at") or ""),
-        counts=results.count_records(s.records),
+        counts=s.counts(),
         load_failed=sum(1 for r in s.records if r.state == "COMPLETE" and r.error),
     )
 
@@ -404,8 +367,8 @@ def _telemetry_rows(r: TrialRecord) -> list[tuple[str, float]]:
     return [(label, v) for label, v in rows if v is not None]
 
 
-def _best(best: TrialRecord | None, feasible: bool, base: TrialRecord | None, objective: str,
-          direction: str) -> BestConfig | None:
+def _best(s: StoredStudy, best: TrialRecord | None, feasible: bool, base: TrialRecord | None,
+          objective: str) -> BestConfig | None:
     if best is None:
         return None
     return BestConfig(
@@ -420,13 +383,13 @@ def _best(best: TrialRecord | None, feasible: bool, base: TrialRecord | None, ob
         metrics=_metric_rows(best),
         telemetry=_telemetry_rows(best),
         violations=best.violations,
-        speedup=results.record_speedup(best, base, direction) if feasible else None,
+        speedup=s.speedup(best) if feasible else None,
         baseline_number=base.number if base is not None else None,
         baseline_value=base.value if base is not None else None,
     )
 
 
-def _top(ranked: Sequence[TrialRecord], base: TrialRecord | None, tps: str, direction: str) -> list[TopRow]:
+def _top(s: StoredStudy, ranked: Sequence[TrialRecord], tps: str) -> list[TopRow]:
     return [
         TopRow(
             rank=rank,
@@ -440,7 +403,7 @@ def _top(ranked: Sequence[TrialRecord], base: TrialRecord | None, tps: str, dire
             vram_mib=_num(r.vram_peak_mib),
             power_w=_num(r.power_mean_w),
             tokens_per_joule=_num(r.tokens_per_joule),
-            speedup=results.record_speedup(r, base, direction),
+            speedup=s.speedup(r),
         )
         for rank, r in enumerate(ranked[:TOP_N], start=1)
     ]
@@ -529,7 +492,7 @@ def _validation(s: StoredStudy, data: ReportData, ranked: Sequence[TrialRecord])
     data.validation_trials_at = int(val.trials_at)
     data.validation_overlap = bool(val.overlap)
     data.winner = val.winner
-    best = results.best_record(ranked, val)
+    best = s.best(ranked)
     data.validation_current = val.winner is not None and best is not None and best.number == val.winner
     if val.winner is not None and not data.validation_current:
         leader = f"#{ranked[0].number}" if ranked else "none"
@@ -650,7 +613,7 @@ def _importances(data: ReportData) -> None:
 
 def _search(data: ReportData, s: StoredStudy) -> None:
     """The history, parameter and importance data of the search figures."""
-    complete = [r for r in s.records if r.state == "COMPLETE" and r.values]
+    complete = [r for r in s.records if r.state == "COMPLETE" and r.values and _num(r.values[0]) is not None]
     # Failed loads score 0 when maximising (a fair "no tokens"), but 1e12 when minimising,
     # which would flatten the plot: leave them out then (they are in the failures table).
     data.history = [TrialPoint(r.number, r.values[0], r.feasible, r.config_text())
@@ -670,13 +633,14 @@ def _search(data: ReportData, s: StoredStudy) -> None:
 
 def _telemetry(measured: Sequence[TrialRecord], data: ReportData) -> None:
     limits = data.header.limits
-    for key, label, limit_name, get in TELEMETRY_VIEWS:
+    for key, label, limit_name, caption, get in TELEMETRY_VIEWS:
         pts = [(r, _num(r.stat(data.tps_metric)), _num(get(r))) for r in measured]
         points = [TelemetryPoint(r.number, x, y, r.feasible, r.config_text()) for r, x, y in pts
                   if x is not None and y is not None]
         if points:
             limit = limits.get(limit_name) if limit_name else None
-            data.telemetry.append(TelemetryView(key, label, limit_name if limit is not None else None, limit, points))
+            data.telemetry.append(TelemetryView(key, label, limit_name if limit is not None else None, limit, points,
+                                                caption))
     if not data.telemetry:
         data.notes.append("Telemetry views skipped: no trial recorded GPU power, memory or energy.")
 
@@ -688,13 +652,13 @@ def build_data(source: Study | StoredStudy) -> ReportData:
     objective = header.objectives[0]
     tps = objective if objective.endswith("_tps") else DEFAULT_RATE
     direction = s.direction
-    ranked = results.rank_records(s.records, direction)
+    ranked = s.ranked()
     measured = [r for r in s.records if r.measured]
-    base = results.baseline_record(s.records)
+    base = s.baseline()
     data = ReportData(
         header=header,
         best=None,
-        top=_top(ranked, base, tps, direction),
+        top=_top(s, ranked, tps),
         tps_metric=tps,
         tps_label=objectives.label(tps),
         tradeoff=_tradeoff(measured, tps),
@@ -709,11 +673,11 @@ def build_data(source: Study | StoredStudy) -> ReportData:
     )
     data.pruned_saved_s = sum(p.saved_s for p in data.pruned)
     val = _validation(s, data, ranked)
-    best = results.best_record(ranked, val)
+    best = s.best(ranked)
     feasible = best is not None
     if best is None:
-        best = results.least_violating_record(s.records, direction)
-    data.best = _best(best, feasible, base, objective, direction)
+        best = s.least_violating()
+    data.best = _best(s, best, feasible, base, objective)
     if measured and data.best is not None and not data.best.feasible:
         data.notes.append("No trial is feasible: the best config shown is the least-violating one.")
     _search(data, s)

@@ -336,7 +336,8 @@ def draw(data: ReportData) -> list[NamedFigure]:
             "Upper left is worse, lower right is better; the red steps join the feasible Pareto front.",
         ))
     for view in data.telemetry:
-        figs.append(NamedFigure(view.key, f"{view.label} against {data.tps_label}", telemetry_figure(data, view)))
+        figs.append(NamedFigure(view.key, f"{view.label} against {data.tps_label}", telemetry_figure(data, view),
+                                view.caption))
     if any(r.mean is not None for r in data.validation):
         figs.append(NamedFigure(
             "validation", "Re-validation of the top configurations", validation_figure(data),

@@ -128,7 +128,7 @@ def _best_html(data: ReportData) -> str:
              for m in b.metrics],
         ))
     if b.telemetry:
-        parts.append(_table(["telemetry", "value"], [[(_e(k), False), (_f(v, 2), True)] for k, v in b.telemetry]))
+        parts.append(_table(["telemetry (measured requests)", "value"], [[(_e(k), False), (_f(v, 2), True)] for k, v in b.telemetry]))
     return "".join(parts)
 
 
@@ -176,7 +176,7 @@ def _validation_html(data: ReportData, figure: str) -> str:
             (_f(r.mean, 2), True), (_f(r.sd, 2), True), (f"{_f(r.ci_low, 2)} .. {_f(r.ci_high, 2)}", True),
             (_f(r.search_value, 2), True), (_e(note), False),
         ])
-    parts.append(_table(["rank", "trial", "config", "rounds", "mean", "± sd", "95% CI", "during search", ""], rows))
+    parts.append(_table(["rank", "trial", "configuration", "rounds", "mean", "± sd", "95% CI", "during search", ""], rows))
     if data.validation_overlap and not data.overlap_with_best:
         parts.append("<p class=\"warn\">The top two intervals overlap: they are not distinguishable at this "
                      "precision (more --validate-rounds narrows the intervals).</p>")
@@ -193,7 +193,7 @@ def _pruned_html(data: ReportData) -> str:
     ] for r in data.pruned]
     return (f"<h2>Pruned trials</h2><p>{_e(_pruned_text(data))}: each was stopped once it was clearly worse "
             "than the best trial on the same requests.</p>"
-            + _table(["trial", "config", "requests measured", "decode tok/s so far", "last request value",
+            + _table(["trial", "configuration", "requests measured", "decode tok/s so far", "last request value",
                       "saved s"], rows))
 
 
@@ -201,7 +201,7 @@ def _top_html(data: ReportData) -> str:
     parts = [f"<h2>Top {TOP_N} feasible configurations</h2>"]
     if not data.top:
         return parts[0] + "<p class=\"note\">No feasible configuration yet.</p>"
-    head = ["rank", "trial", "objective", "config", f"{data.tps_label} mean ± sd", "p95 TTFT ms",
+    head = ["rank", "trial", "objective", "configuration", f"{data.tps_label} mean ± sd", "p95 TTFT ms",
             "p95 latency ms", "VRAM peak MiB", "power W", "tokens/J", "speedup"]
     rows = [[
         (str(r.rank), True), (f"#{r.number}", True), (_f(r.value, 2), True), (_e(r.config), False),
@@ -217,7 +217,7 @@ def _failures_html(data: ReportData) -> str:
         return "<h2>Failures</h2><p>No trial failed or broke a limit.</p>"
     rows = [[(f"#{f.number}", True), (_e(f.kind), False), (_e(f.config), False), (_e(f.message), False)]
             for f in data.failures]
-    return "<h2>Failures and infeasible trials</h2>" + _table(["trial", "kind", "config", "error or violation"], rows)
+    return "<h2>Failures and infeasible trials</h2>" + _table(["trial", "kind", "configuration", "error or violation"], rows)
 
 
 def _figure_json(fig: go.Figure) -> str:
