@@ -1,7 +1,7 @@
 """End-to-end with real inference: llama-cpp-python running the real Gemma 3 270M Q4_K_M GGUF.
 
-Run with ``pytest -m real``. Sized for a 2-core CPU (~27 decode tok/s on one thread, ~50 on
-two): short prompts, 32-48 generated tokens, few repeats; about a minute on an idle machine.
+Run with ``pytest -m real``. Sized for a 2-core CPU (25-90 decode tok/s on one thread, 45-100 on
+two, by machine): short prompts, 32-48 generated tokens, few repeats; about a minute on an idle machine.
 Timing checks use only measurements taken while other processes left the CPU alone.
 """
 
@@ -178,11 +178,44 @@ def test_a_real_study_through_the_cli(gguf: str, prompts_file: str, tmp_path: Pa
     }
     for k, ms in quiet.items():
         assert len(ms) < 2 or max(ms) / min(ms) < 1.10, (k, ms)
-    # ... and the thread count matters: two threads decode faster than one on two idle cores.
+    # ... and what the thread count does is what it does on this machine: the ratio of two
+    # threads to one equals plain llama-cpp-python's, measured right after. (Machines differ:
+    # some decode 1.8x faster on two cores, some barely faster when memory bandwidth binds.)
     one = [m for k, ms in quiet.items() if k[0] == 1 for m in ms]
     two = [m for k, ms in quiet.items() if k[0] == 2 for m in ms]
     if one and two and (psutil.cpu_count(logical=False) or 1) >= 2:
-        assert min(two) > 1.2 * max(one), quiet
+        direct = _direct_thread_ratio(gguf)
+        if direct is None:
+            pytest.skip("other processes kept the CPU busy during the direct thread measurement")
+        tuner = statistics.fmean(two) / statistics.fmean(one)
+        print(f"two threads / one: tuner {tuner:.2f}x, plain llama-cpp-python {direct:.2f}x")
+        assert abs(tuner / direct - 1) < 0.10, (tuner, direct, quiet)
+
+
+def _direct_thread_ratio(gguf: str, rounds: int = 3) -> float | None:
+    """Decode tok/s with two threads over one, through plain llama-cpp-python (quiet rounds only)."""
+    import llama_cpp
+
+    llms = {n: llama_cpp.Llama(model_path=gguf, n_ctx=1024, n_batch=512, n_gpu_layers=0, n_threads=n,
+                               n_threads_batch=n, verbose=False) for n in (1, 2)}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    try:
+        for llm in llms.values():
+            _direct_rate(llm, 8)  # warm-up
+        with ForeignLoad() as load:
+            for _ in range(rounds):
+                t0 = time.time()
+                pair = {n: _direct_rate(llm, 32)[0] for n, llm in llms.items()}
+                time.sleep(load.interval_s)
+                if load.cores(t0, time.time()) < QUIET_CORES:
+                    for n, r in pair.items():
+                        rates[n].append(r)
+    finally:
+        for llm in llms.values():
+            llm.close()
+    if not rates[1]:
+        return None
+    return statistics.median(rates[2]) / statistics.median(rates[1])
 
 
 def _direct_rate(llm: Any, num_predict: int) -> tuple[float, float]:
