@@ -287,7 +287,7 @@ def test_failures_listed_with_error_text(study_url: tuple[str, Any]) -> None:
 def test_figures_present(study_url: tuple[str, Any]) -> None:
     data = report.build_report(study_url[1])
     keys = [f.key for f in data.figures]
-    assert keys == ["history", "importances", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule"]
+    assert keys == ["history", "effects", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule"]
     # The history marks infeasible trials apart (optuna draws them as their own trace).
     hist = next(f.figure for f in data.figures if f.key == "history")
     assert any(tr.name == "Infeasible Trial" for tr in hist.data)
@@ -304,6 +304,55 @@ def test_importances_skipped_with_one_param() -> None:
     data = report.build_report(study)
     assert "importances" not in [f.key for f in data.figures]
     assert any("Parameter importances skipped" in n for n in data.notes)
+
+
+def test_parameter_effects_replace_the_importances_ranking_below_the_threshold(
+        study_url: tuple[str, Any]) -> None:
+    from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES
+
+    data = report.build_report(study_url[1])
+    eff = data.effects
+    assert eff is not None and eff.n_trials == 4 and eff.objective == "decode_tps" and eff.log_scale
+    ctx = next(p for p in eff.params if p.name == "num_ctx")
+    assert [(v.value, v.n, v.trials) for v in ctx.values] == [(2048, 2, (3, 4)), (4096, 1, (1,)), (8192, 1, (2,))]
+    two = ctx.values[0]
+    assert two.ci_low is not None and two.ci_high is not None and 0 < two.ci_low < two.mean < two.ci_high
+    assert ctx.values[1].ci_low is None and ctx.effect is None  # one value measured twice: no effect to size
+    assert eff.top is None and eff.verdict.startswith("Not distinguishable")
+    # No ranking below the threshold, and the page says why and shows the effects with the verdict.
+    assert data.importances == [] and "importances" not in [f.key for f in data.figures]
+    assert any(n.startswith(f"Parameter importances skipped: 4 measured trial(s), fewer than the "
+                            f"{MIN_TRIALS_FOR_IMPORTANCES}") for n in data.notes)
+    fig = next(f.figure for f in data.figures if f.key == "effects")
+    bars = [tr for tr in fig.data if tr.error_y is not None and tr.error_y.array is not None]
+    assert bars and all(lo <= m for tr in bars for lo, m in zip(tr.error_y.arrayminus, tr.y))
+    text = report.render_html(data)
+    assert "<h2>Parameter effects</h2>" in text and "Not distinguishable: " in text
+    assert "Parameter importances</h2>" not in text
+
+
+def test_importances_shown_above_the_threshold_with_the_caveat(study_url: tuple[str, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.report import data as data_module
+
+    monkeypatch.setattr(data_module, "MIN_TRIALS_FOR_IMPORTANCES", 4)
+    data = report.build_report(study_url[1])
+    assert [f.key for f in data.figures][:4] == ["history", "effects", "importances", "parallel"]
+    assert {k for k, _ in data.importances} <= set(SPACE) and data.importances
+    assert sum(v for _, v in data.importances) == pytest.approx(1.0)
+    assert [v for _, v in data.importances] == sorted((v for _, v in data.importances), reverse=True)
+    caption = next(f.caption for f in data.figures if f.key == "importances")
+    assert "over 4 measured trials" in caption and "Parameter effects" in caption
+
+
+def test_empty_effects_figure_says_why(study_url: tuple[str, Any]) -> None:
+    import dataclasses
+
+    from tuner.report import figures
+
+    data = dataclasses.replace(report.build_data(study_url[1]), effects=None)
+    fig = figures.effects_figure(data)
+    assert fig.data == () and "no measured trial with searched parameters" in fig.layout.annotations[0].text
 
 
 def test_baseline_only_study() -> None:
@@ -420,7 +469,8 @@ def test_validation_rows_and_winner(full_study: Any) -> None:
     rows = data.validation
     assert [(r.rank, r.number, r.winner) for r in rows] == [(1, 2, True), (2, 1, False), (3, 3, False)]
     win = rows[0]
-    assert win.n == 4 and win.mean == pytest.approx(61.0) and win.search_value == 55.0
+    # The centre is the geometric mean (the intervals are t on the log scale).
+    assert win.n == 4 and win.mean == pytest.approx(60.99, abs=0.005) and win.search_value == 55.0
     assert win.ci_low is not None and win.ci_high is not None and rows[1].ci_high is not None
     assert win.ci_low < 61.0 < win.ci_high and win.ci_low < rows[1].ci_high  # the overlap
     assert rows[2].mean is None and rows[2].n == 0 and "out of memory" in (rows[2].error or "")
@@ -430,14 +480,14 @@ def test_validation_rows_and_winner(full_study: Any) -> None:
     assert data.top[0].number == 1  # the table still ranks by the search-time value
     fig = next(f.figure for f in data.figures if f.key == "validation")
     by_name = {tr.name: tr for tr in fig.data}
-    assert list(by_name["winner"].x) == ["#2"] and list(by_name["winner"].y) == [pytest.approx(61.0)]
-    assert by_name["winner"].error_y.array[0] == pytest.approx(win.ci_high - 61.0)
+    assert list(by_name["winner"].x) == ["#2"] and list(by_name["winner"].y) == [pytest.approx(win.mean)]
+    assert by_name["winner"].error_y.array[0] == pytest.approx(win.ci_high - win.mean)
     assert list(by_name["re-validated"].x) == ["#1"]  # the failed #3 has no point
 
 
 def test_validation_html_says_overlap_and_escapes(full_study: Any) -> None:
     text = report.render_html(report.build_report(full_study))
-    assert "Re-validated winner over 4 interleaved rounds: decode tok/s 61.00 (95% CI" in text
+    assert "Re-validated winner over 4 interleaved rounds: decode tok/s 60.99 (95% CI" in text
     assert "Chosen over trial #1" in text
     assert "The top two 95% intervals overlap (#2 and #1)" in text
     assert text.count("intervals overlap") == 1  # said once, in the best section
@@ -535,7 +585,7 @@ def test_pruned_trial_without_value_and_several_saved() -> None:
 
 def test_full_report_escapes_and_draws_each_figure_once(full_study: Any) -> None:
     data = report.build_report(full_study)
-    assert [f.key for f in data.figures] == ["history", "importances", "parallel", "slices", "tradeoff", "power",
+    assert [f.key for f in data.figures] == ["history", "effects", "parallel", "slices", "tradeoff", "power",
                                             "vram", "tokens_per_joule", "validation"]
     text = report.render_html(data)
     assert XSS not in text and XSS_ESCAPED in text
@@ -579,8 +629,8 @@ def test_figures_are_drawn_from_the_data_alone(study_url: tuple[str, Any]) -> No
     data = report.build_data(stored)
     assert data.figures == []  # the data holds no figure; build_report draws them
     keys = [f.key for f in figures.draw(data)]
-    assert keys == ["history", "importances", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule"]
-    less = dataclasses.replace(data, history=[], importances=[], telemetry=[])
+    assert keys == ["history", "effects", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule"]
+    less = dataclasses.replace(data, history=[], effects=None, telemetry=[])
     assert [f.key for f in figures.draw(less)] == ["parallel", "slices", "tradeoff"]
 
 
@@ -597,9 +647,9 @@ def test_search_data(study_url: tuple[str, Any]) -> None:
     assert sorted(axes) == sorted(SPACE)
     assert not axes["variant"].numeric and axes["variant"].categories == SPACE["variant"]
     assert axes["num_ctx"].numeric and axes["num_ctx"].categories == [2048, 4096, 8192]  # the values measured
-    assert {k for k, _ in data.importances} <= set(SPACE) and data.importances
-    assert sum(v for _, v in data.importances) == pytest.approx(1.0)
-    assert [v for _, v in data.importances] == sorted((v for _, v in data.importances), reverse=True)
+    # 4 measured trials: far below the importances threshold, so no ranking; the effects instead.
+    assert data.importances == []
+    assert data.effects is not None and {p.name for p in data.effects.params} == set(SPACE)
     # Telemetry views, with the study's VRAM limit on the VRAM one.
     views = {v.key: v for v in data.telemetry}
     assert views["vram"].limit == 6000.0 and views["power"].limit is None

@@ -443,6 +443,7 @@ def test_a_config_too_slow_for_a_live_server_is_infeasible(fake: FakeOllama, gpu
     assert "no answer within --timeout 1 s" in t.user_attrs["error"]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_failed_by_the_heartbeat_check_says_why(fake: FakeOllama, gpu: None) -> None:
     from tuner.storage import open_storage
 
@@ -462,3 +463,89 @@ def test_a_trial_failed_by_the_heartbeat_check_says_why(fake: FakeOllama, gpu: N
     assert re.search(r": its worker \(box pid 4242\) sent no heartbeat for 2 s: it was killed, crashed or hung "
                      rf"\(marked failed by {re.escape(platform.node())} pid {os.getpid()} at [0-9-]+ [0-9:]+ UTC\); "
                      "--retry-failed measures such trials again$", line), line
+
+
+class _ScriptedSampler:
+    """Stands in for the telemetry sampler: each measurement reports the next CPU interference."""
+
+    def __init__(self, interference: list[float]) -> None:
+        self.interference = interference
+
+    def __call__(self) -> Any:
+        from tuner.telemetry import HostSummary, TelemetrySummary
+
+        pct = self.interference.pop(0) if len(self.interference) > 1 else self.interference[0]
+
+        class One:
+            def start(self) -> None:
+                pass
+
+            def stop(self) -> Any:
+                host = HostSummary(samples=2, cpu_util_mean_pct=50.0, mem_used_peak_mib=1.0, server_rss_peak_mib=None,
+                                   wall_s=2.0, foreign_cpu_s=pct / 100 * 2.0, busiest="yes", busiest_pct=pct)
+                return TelemetrySummary(gpus=[], host=host)
+
+        return One()
+
+
+def _script(monkeypatch: pytest.MonkeyPatch, interference: list[float], busy: list[float]) -> None:
+    from types import SimpleNamespace
+
+    import tuner.study as study_mod
+    import tuner.telemetry as telemetry
+
+    sampler = _ScriptedSampler(interference)
+    monkeypatch.setattr(study_mod._Runner, "_sampler", lambda self: sampler())
+
+    def machine_busy(seconds: float = 1.0, exclude_pids: Any = None) -> Any:
+        pct = busy.pop(0) if len(busy) > 1 else busy[0]
+        return SimpleNamespace(interference_pct=pct, busiest="yes", busiest_pct=pct)
+
+    monkeypatch.setattr(telemetry, "machine_busy", machine_busy)
+
+
+def test_a_contended_trial_is_measured_again_on_a_quiet_machine(fake: FakeOllama, gpu: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The machine check is quiet; the baseline is measured while a neighbour busy-loops a core
+    # (95%), the machine stays busy for one more second, then everything is quiet.
+    _script(monkeypatch, interference=[95.0, 2.0], busy=[3.0, 90.0, 4.0])
+    lines: list[str] = []
+    summary = run_study(opts(fake, trials=2, validate=0, roofline=False, params={"num_thread": [4]}),
+                        echo=lines.append)
+    text = "\n".join(lines)
+    assert "machine check: quiet (other processes use 3% of a core (busiest: yes at 3%))" in text
+    assert ("#0 was measured while other processes competed (other processes use 90% of a core (busiest: yes at "
+            "90%)): waiting up to 60 s for a quiet machine, then measuring it again") in text
+    base = summary.trials[0]
+    assert base.remeasured == 1 and base.contended is False and base.interference_pct == 2.0
+    assert base.contention_lost_s is not None and base.contention_lost_s > 0
+    assert "re-measured on a quiet machine" in lines[[i for i, x in enumerate(lines) if x.startswith("[1/2]")][0]]
+    assert summary.remeasured == 1 and summary.contended == 0
+    assert all(r.interference_pct is not None for r in summary.trials)
+
+
+def test_contended_trials_never_decide_the_study(fake: FakeOllama, gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.show import format_summary
+
+    import tuner.study as study_mod
+
+    # No re-measuring: the two slow configs run quiet, the fast one only while the machine is busy.
+    _script(monkeypatch, interference=[0.0], busy=[0.0])
+    real = study_mod.measure_config
+
+    def measure(engine: Any, model: str, runner: Any, workload: Any, **kw: Any) -> Any:
+        kw["sampler"] = _ScriptedSampler([80.0 if (runner or {}).get("num_thread") == 4 else 0.0])()
+        return real(engine, model, runner, workload, **kw)
+
+    monkeypatch.setattr(study_mod, "measure_config", measure)
+    summary = run_study(opts(fake, trials=3, validate=0, roofline=False, baseline=False, sampler="grid",
+                             starting_points=False, remeasure_contended=0,
+                             params={"num_thread": [1, 2, 4], "num_gpu": [0], "num_ctx": [2048], "num_batch": [512],
+                                     "variant": ["gemma3:1b"]}))
+    by_threads = {r.options["num_thread"]: r for r in summary.trials}
+    fastest = max(summary.trials, key=lambda r: r.value or 0)
+    assert fastest.contended and not any(r.contended for r in summary.trials if r is not fastest)
+    assert summary.best is not None and summary.best.number != fastest.number
+    assert summary.contended == 1 and not summary.only_contended
+    assert "1 trials still contended (left out of the winner)" in format_summary(summary)
+    assert by_threads  # three configs measured

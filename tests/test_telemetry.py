@@ -10,7 +10,9 @@ import sys
 import threading
 import time
 from collections import namedtuple
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -20,16 +22,19 @@ pytest.importorskip("psutil")
 from tuner.record import telemetry_attrs  # noqa: E402
 from tuner import telemetry  # noqa: E402
 from tuner.telemetry import (  # noqa: E402
+    BusyReport,
     GpuSample,
     GpuSummary,
     HostSample,
     HostSummary,
     TelemetrySampler,
     TelemetrySummary,
+    busiest_process,
     counter_energy_j,
     decode_throttle_reasons,
     host_environment,
     integrate_power_j,
+    machine_busy,
     probe_gpus,
     summarize_gpu,
     summarize_host,
@@ -39,6 +44,8 @@ from tuner.telemetry import (  # noqa: E402
 MIB = 1024 * 1024
 Mem = namedtuple("Mem", "total free used")
 Util = namedtuple("Util", "gpu memory")
+Proc = namedtuple("Proc", "pid usedGpuMemory")
+ProcUtil = namedtuple("ProcUtil", "pid timeStamp smUtil memUtil encUtil decUtil")
 
 
 def nvml_error(code: int) -> Exception:
@@ -50,7 +57,8 @@ NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
 
 
 class Script:
-    """Returns the next scripted value per call, repeating the last one; exceptions are raised."""
+    """Returns the next scripted value per call, repeating the last one; exceptions are raised
+    and callables are called (for values that depend on the time of the call)."""
 
     def __init__(self, values: list[Any]) -> None:
         self.values = list(values)
@@ -61,7 +69,7 @@ class Script:
         self.calls += 1
         if isinstance(value, BaseException):
             raise value
-        return value
+        return value() if callable(value) else value
 
 
 class FakeNvml:
@@ -71,6 +79,7 @@ class FakeNvml:
         self.init_error = init_error
         self.init_calls = 0
         self.gpus = [{k: Script(v) for k, v in g.items()} for g in gpus]
+        self.util_since: list[int] = []  # lastSeenTimeStamp of each per-process utilisation call
 
     def field(self, handle: int, key: str) -> Any:
         script = self.gpus[handle].get(key)
@@ -102,12 +111,18 @@ class FakeNvml:
             "nvmlDeviceGetFanSpeed": lambda h: self.field(h, "fan"),
             "nvmlDeviceGetCurrentClocksEventReasons": lambda h: self.field(h, "events"),
             "nvmlDeviceGetCurrentClocksThrottleReasons": lambda h: self.field(h, "throttle"),
+            "nvmlDeviceGetComputeRunningProcesses": lambda h: self.field(h, "procs"),
+            "nvmlDeviceGetProcessUtilization": self.process_utilization,
             "nvmlSystemGetDriverVersion": lambda: "550.54.15",
             "nvmlSystemGetCudaDriverVersion": lambda: 12040,
         }
         for name, fn in fns.items():
             monkeypatch.setattr(pynvml, name, fn)
         return self
+
+    def process_utilization(self, handle: int, since: int) -> Any:
+        self.util_since.append(since)
+        return self.field(handle, "proc_util")
 
 
 def mem(used_mib: float, total_mib: float = 24576) -> Mem:
@@ -234,6 +249,45 @@ def test_summarize_host_matches_hand_computed_values() -> None:
     assert h == HostSummary(samples=3, cpu_util_mean_pct=37.5, mem_used_peak_mib=2600.0,
                             server_rss_peak_mib=950.0)
     assert summarize_host([]) == HostSummary(0, None, None, None)
+
+
+def test_summarize_host_interference_hand_computed() -> None:
+    samples = [
+        HostSample(t=10.0, cpu_busy_s=100.0, cpu_total_s=400.0, own_cpu_s=5.0, cpu_freq_ratio=1.0,
+                   load_avg_1m=0.5),
+        HostSample(t=10.5, cpu_busy_s=101.0, cpu_total_s=402.0, cpu_freq_ratio=0.7),
+        HostSample(t=12.0, cpu_busy_s=104.0, cpu_total_s=408.0, own_cpu_s=6.5, cpu_freq_ratio=0.9,
+                   load_avg_1m=1.5),
+    ]
+    h = summarize_host(samples)
+    # Busy 4 s over 2 s of wall, 1.5 s of it ours: others used 2.5 CPU-s = 125% of a core.
+    assert (h.wall_s, h.foreign_cpu_s) == (2.0, 2.5)
+    assert h.interference_pct == 125.0
+    assert h.load_avg_1m == 1.5 and h.cpu_freq_min_ratio == 0.7
+    # Own time above the system's (tick rounding) clamps at 0, never negative.
+    clamped = summarize_host([HostSample(t=0.0, cpu_busy_s=1.0, own_cpu_s=1.0),
+                              HostSample(t=1.0, cpu_busy_s=1.5, own_cpu_s=1.52)])
+    assert clamped.foreign_cpu_s == 0.0 and clamped.interference_pct == 0.0
+    # Too short a window to beat tick rounding: measured as unknown, not as 0.
+    short = summarize_host([HostSample(t=0.0, cpu_busy_s=1.0, own_cpu_s=0.0),
+                            HostSample(t=0.1, cpu_busy_s=1.2, own_cpu_s=0.0)])
+    assert short.foreign_cpu_s is None and short.interference_pct is None
+    # Without own-CPU readings (interference off) nothing is claimed.
+    off = summarize_host([HostSample(t=0.0, cpu_busy_s=1.0), HostSample(t=2.0, cpu_busy_s=3.0)])
+    assert off.wall_s is None and off.interference_pct is None and off.load_avg_1m is None
+
+
+def test_busiest_process() -> None:
+    before = {10: (100.0, "build", 50.0), 11: (100.0, "idle", 1.0), 12: (100.0, "old", 9.0),
+              1: (1.0, "tuner", 10.0)}
+    after = {10: (100.0, "build", 50.8), 11: (100.0, "idle", 1.0),
+             12: (205.0, "reused", 0.9),  # pid reused by a process born in the window
+             13: (205.0, "new", 0.5), 14: (150.0, "unseen", 30.0), 1: (1.0, "tuner", 19.0)}
+    assert busiest_process(before, after, 2.0, since=200.0, exclude={1}) == ("reused", 45.0)
+    name, pct = busiest_process(before, {10: after[10]}, 2.0, since=200.0)
+    assert name == "build" and pct == pytest.approx(40.0)
+    assert busiest_process(before, before, 2.0, since=200.0) == (None, None)
+    assert busiest_process(before, after, 2.0, since=200.0, exclude={1, 10, 12, 13}) == (None, None)
 
 
 def _gpu_summary(index: int, **kw: Any) -> GpuSummary:
@@ -431,6 +485,122 @@ def test_throttle_falls_back_to_legacy_function(monkeypatch: pytest.MonkeyPatch)
     assert fake.gpus[0]["events"].calls == 1
 
 
+OTHER = os.getppid()  # a process that exists here and is neither the tuner nor the server
+HIDDEN = 2**22 + 7  # above Linux's pid_max: a pid from another pid namespace
+
+
+def _util(*rows: tuple[int, int]) -> Any:
+    """Per-process utilisation samples stamped at the time of the call (NVML uses epoch us)."""
+    def call() -> list[ProcUtil]:
+        now = int(time.time() * 1e6)
+        return [ProcUtil(pid, now, sm, 0, 0, 0) for pid, sm in rows] + [ProcUtil(OTHER, 1, 100, 0, 0, 0)]
+    return call
+
+
+@pytest.fixture
+def fast_slow_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry, "_SLOW_READ_S", 0.05)
+
+
+def test_gpu_other_processes_and_their_utilisation(
+    monkeypatch: pytest.MonkeyPatch, fast_slow_reads: None
+) -> None:
+    me = os.getpid()
+    fake = FakeNvml([constant_gpu(
+        procs=[[Proc(me, 0)], [Proc(me, 0), Proc(OTHER, 0)]],
+        # Ours at 90% is not interference; the other's two samples average 40%; the stale
+        # sample (timestamp 1, before the window) is ignored.
+        proc_util=[_util((me, 90), (OTHER, 30), (OTHER, 50))],
+    )]).install(monkeypatch)
+    with TelemetrySampler(interval_s=0.01) as sampler:
+        time.sleep(0.3)
+    assert sampler.summary is not None
+    g = sampler.summary.gpus[0]
+    assert g.other_processes == 1 and g.other_util_pct == pytest.approx(40.0)
+    assert sampler.summary.gpu_interference_pct == pytest.approx(40.0)
+    # Sparse: a few reads over the window, not one per tick; each asks only for new samples.
+    calls = fake.gpus[0]["procs"].calls
+    assert 3 <= calls < g.samples / 2
+    assert fake.util_since == sorted(fake.util_since) and len(set(fake.util_since)) == len(fake.util_since)
+    attrs = telemetry_attrs(sampler.summary)
+    assert attrs["gpu0_other_processes"] == 1 and attrs["gpu0_other_util_pct"] == pytest.approx(40.0)
+
+
+def test_gpu_server_children_are_not_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        FakeNvml([constant_gpu(procs=[[Proc(child.pid, 0)]], proc_util=[_util((child.pid, 95))])]
+                 ).install(monkeypatch)
+        # The server is this process; its child runs the model (Ollama's runner does).
+        with TelemetrySampler(interval_s=0.01, server_pids=[os.getpid()]) as sampler:
+            time.sleep(0.05)
+        assert sampler.summary is not None
+        g = sampler.summary.gpus[0]
+        assert (g.other_processes, g.other_util_pct) == (0, 0.0)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_gpu_others_unknown_when_pids_are_not_ours_to_see(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a container NVML reports host pids: the server itself would look foreign.
+    FakeNvml([constant_gpu(procs=[[Proc(HIDDEN, 0)]], proc_util=[_util((HIDDEN, 80))])]
+             ).install(monkeypatch)
+    with TelemetrySampler(interval_s=0.01) as sampler:
+        time.sleep(0.05)
+    assert sampler.summary is not None
+    g = sampler.summary.gpus[0]
+    assert g.other_processes is None and g.other_util_pct is None
+    assert sampler.summary.gpu_interference_pct is None
+
+
+def test_gpu_others_unsupported_no_samples_and_failures(
+    monkeypatch: pytest.MonkeyPatch, fast_slow_reads: None
+) -> None:
+    no_samples = nvml_error(pynvml.NVML_ERROR_NOT_FOUND)
+    fake = FakeNvml([
+        constant_gpu(procs=[nvml_error(NOT_SUPPORTED)], proc_util=[nvml_error(NOT_SUPPORTED)]),
+        constant_gpu(procs=[[]], proc_util=[no_samples, pynvml.NVMLError(0)]),
+        constant_gpu(procs=[RuntimeError("driver hiccup"), [Proc(OTHER, 0)]],
+                     proc_util=[RuntimeError("driver hiccup"), _util((OTHER, 20))]),
+    ]).install(monkeypatch)
+    with TelemetrySampler(interval_s=0.01) as sampler:
+        time.sleep(0.3)
+    assert sampler.summary is not None
+    g0, g1, g2 = sampler.summary.gpus
+    assert g0.other_processes is None and g0.other_util_pct is None
+    assert fake.gpus[0]["procs"].calls == 1 and fake.gpus[0]["proc_util"].calls == 1
+    # No per-process samples since the last read: nobody used the GPU.
+    assert (g1.other_processes, g1.other_util_pct) == (0, 0.0)
+    # A failed read loses that read only; the mean is over the reads that worked.
+    assert g2.other_processes == 1 and g2.other_util_pct == pytest.approx(20.0)
+    assert g0.samples == g1.samples == g2.samples == sampler.summary.host.samples
+    assert sampler.summary.gpu_interference_pct is None  # one GPU cannot tell
+
+
+def test_interference_off_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    fake = FakeNvml([constant_gpu(procs=[[Proc(OTHER, 0)]], proc_util=[_util((OTHER, 50))])]
+                    ).install(monkeypatch)
+
+    def no_scan(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("process table scanned with interference off")
+
+    monkeypatch.setattr(psutil, "process_iter", no_scan)
+    with TelemetrySampler(interval_s=0.05, interference=False) as sampler:
+        time.sleep(0.3)
+    summary = sampler.summary
+    assert summary is not None
+    h = summary.host
+    assert (h.wall_s, h.foreign_cpu_s, h.interference_pct, h.load_avg_1m, h.cpu_freq_min_ratio,
+            h.busiest, h.busiest_pct) == (None,) * 7
+    assert summary.interference_pct is None and summary.gpu_interference_pct is None
+    assert fake.gpus[0]["procs"].calls == 0 and fake.util_since == []
+    assert h.samples >= 2 and h.cpu_util_mean_pct is not None  # ordinary telemetry still works
+    assert not any(k.startswith(("host_load", "host_busiest")) for k in telemetry_attrs(summary))
+
+
 def test_sampler_stops_and_joins_when_body_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeNvml([constant_gpu()]).install(monkeypatch)
     sampler = TelemetrySampler(interval_s=0.01)
@@ -506,6 +676,113 @@ def test_host_environment() -> None:
                         "ram_total_mib", "os", "python_version"}
     assert env["cpu_logical_cores"] >= 1 and env["ram_total_mib"] > 0
     json.dumps(env)
+
+
+# ----------------------------------------------------------- interference (real psutil)
+# The neighbour's own CPU time is the ground truth: a CI job may load the machine at the
+# same time, so checks compare against what was measured alongside, not against fixed 0.
+
+BUSY_LOOP = "import time\nend = time.time() + 60\nwhile time.time() < end: pass"  # bounded even if not killed
+
+
+@contextmanager
+def neighbour(tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A process busy-looping one core, under a name of its own, killed on exit."""
+    import psutil
+
+    exe = tmp_path / "tuner-neighbour"  # the kernel names a process after the path it ran
+    exe.symlink_to(sys.executable)
+    proc = subprocess.Popen([str(exe), "-c", BUSY_LOOP])
+    try:
+        p = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 5
+        while p.cpu_times().user < 0.05 and time.monotonic() < deadline:  # running, not starting
+            time.sleep(0.02)
+        yield p, p.name()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _cpu(p: Any) -> float:
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+TICKS = 0.06  # CPU times move in 10 ms ticks, on both ends of every difference
+
+
+def test_neighbour_is_interference_and_the_server_is_not(tmp_path: Path) -> None:
+    with TelemetrySampler(gpus=False) as quiet:
+        time.sleep(1.0)
+    with neighbour(tmp_path) as (n, name):
+        # Same window twice: once the neighbour is a stranger, once it is the server.
+        with TelemetrySampler(gpus=False) as a, TelemetrySampler(gpus=False, server_pids=[n.pid]) as b:
+            c0 = _cpu(n)
+            time.sleep(1.2)
+            used = _cpu(n) - c0
+    q, ha, hb = quiet.summary, a.summary, b.summary
+    assert q is not None and ha is not None and hb is not None
+    ha_, hb_ = ha.host, hb.host
+    assert ha_.foreign_cpu_s is not None and hb_.foreign_cpu_s is not None
+    assert ha_.wall_s is not None and ha_.wall_s >= 1.2
+    assert used > 0.3, f"neighbour got only {used:.2f} CPU-s in 1.2 s"
+    assert ha_.foreign_cpu_s >= used - TICKS
+    assert ha.interference_pct is not None and ha.interference_pct > 25
+    # Excluding the neighbour removes its time, and only its time.
+    assert used - TICKS <= ha_.foreign_cpu_s - hb_.foreign_cpu_s <= used + 0.15
+    used_pct = 100 * used / 1.2
+    assert ha_.busiest == name or (ha_.busiest_pct or 0) > used_pct
+    assert ha_.busiest_pct is not None and ha_.busiest_pct >= used_pct * 0.8
+    assert hb_.busiest != name
+    assert ha_.load_avg_1m is not None and ha_.load_avg_1m >= 0
+    qi = q.interference_pct
+    assert qi is not None
+    if qi < 25:  # a quiet machine: the neighbour is most of what others did
+        assert ha.interference_pct >= qi + 0.8 * used_pct - 10
+    else:  # busy before the neighbour came: the check names a cause
+        assert q.host.busiest is not None and (q.host.busiest_pct or 0) > 0
+
+
+def test_own_cpu_is_not_interference() -> None:
+    spent: list[float] = []
+
+    def spin() -> None:
+        t0 = time.thread_time()
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            pass
+        spent.append(time.thread_time() - t0)
+
+    # The tuner's own work (here a thread of this process) is not another process's.
+    with TelemetrySampler(gpus=False) as sampler:
+        worker = threading.Thread(target=spin)
+        worker.start()
+        worker.join()
+    summary = sampler.summary
+    assert summary is not None and summary.host.foreign_cpu_s is not None
+    edges = [s for s in sampler.samples()[1] if s.own_cpu_s is not None]
+    assert len(edges) == 2 and edges[0].cpu_busy_s is not None and edges[-1].cpu_busy_s is not None
+    busy = edges[-1].cpu_busy_s - edges[0].cpu_busy_s
+    assert spent[0] > 0.3
+    assert summary.host.foreign_cpu_s <= busy - spent[0] + TICKS
+
+
+def test_machine_busy(tmp_path: Path) -> None:
+    with neighbour(tmp_path) as (n, name):
+        c0, t0 = _cpu(n), time.perf_counter()
+        seen = machine_busy(0.8)
+        used_pct = 100 * (_cpu(n) - c0) / (time.perf_counter() - t0)
+        hidden = machine_busy(0.8, exclude_pids=[n.pid])
+    assert isinstance(seen, BusyReport) and seen.seconds == 0.8
+    assert seen.interference_pct is not None and seen.interference_pct >= 0.8 * used_pct - 10
+    assert seen.busiest == name or (seen.busiest_pct or 0) > used_pct * 0.8
+    assert seen.describe().startswith(f"other processes use {seen.interference_pct:.0f}% of a core")
+    assert hidden.busiest != name and hidden.interference_pct is not None
+    assert BusyReport(1.0, 85.4, "python3", 97.6, None).describe() == (
+        "other processes use 85% of a core (busiest: python3 at 98%)")
+    assert BusyReport(1.0, None, None, None, None).describe() == (
+        "other processes' CPU use cannot be measured here")
 
 
 # ------------------------------------------------------------------------- real GPU

@@ -186,7 +186,15 @@ def _storage_option(f: Any) -> Any:
 @click.option("--validate", type=int, default=default("validate"), show_default=True,
               help="Re-measure the top K feasible configs interleaved at the end (0 turns it off).")
 @click.option("--validate-rounds", type=int, default=default("validate_rounds"), show_default=True,
-              help="Interleaved rounds of the re-validation (more rounds, narrower intervals).")
+              help="Interleaved rounds of the re-validation at least (more rounds, narrower intervals).")
+@click.option("--validate-max-rounds", type=int, default=default("validate_max_rounds"), show_default=True,
+              help="Rounds of the re-validation at most: rounds are added until the best config's 95% "
+                   "interval overlaps no other's.")
+@click.option("--remeasure-contended", type=int, default=default("remeasure_contended"), show_default=True,
+              help="Measure a trial again (this many times at most) when other processes used a quarter of a "
+                   "core or more while it ran; 0 keeps such trials, flagged and left out of the winner.")
+@click.option("--quiet-wait", "quiet_wait_s", type=float, default=default("quiet_wait_s"), show_default=True,
+              help="Seconds to wait for the machine to quiet down before measuring a contended trial again.")
 @click.option("--no-roofline", "roofline", flag_value=False, default=True, help="Skip the memory-bandwidth measurement for the roofline.")
 def run_cmd(**kw: Any) -> None:
     """Run (or resume) a measured study and print the best feasible configuration.

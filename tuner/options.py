@@ -52,10 +52,20 @@ class TuneOptions:
     prune: bool = True
     prune_margin: float = 0.02
     validate: int = 3
+    #: Re-validation rounds: at least ``validate_rounds``, more (up to ``validate_max_rounds``)
+    #: until the leader's 95% interval overlaps no other config's.
     validate_rounds: int = 3
+    validate_max_rounds: int = 8
     roofline: bool = True
     #: Enqueue a few informed configs right after the baseline (benchmarks turn it off).
     starting_points: bool = True
+    #: A trial measured while other processes competed is measured again up to this many
+    #: times, after waiting up to ``quiet_wait_s`` for the machine to quiet down.
+    remeasure_contended: int = 1
+    quiet_wait_s: float = 60.0
+    #: Measure other processes' CPU/GPU use per trial (off: every measurement counts, as
+    #: before interference detection; benchmarks compare the two).
+    measure_interference: bool = True
 
 
 def default(name: str) -> Any:

@@ -46,9 +46,15 @@ CONFIG, WORKER, SAMPLES, WARMUP = "config", "worker", "samples", "warmup"
 BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE = "baseline", "error", "violations", "server_effective"
 RELOAD_MS, TOKENS_PER_JOULE = "reload_ms", "tokens_per_joule"
 SERVER_VRAM_MIB, SERVER_SIZE_MIB = "server_vram_mib", "server_size_mib"
+INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED = "interference_pct", "gpu_interference_pct", "contended"
+#: A trial is contended when other processes used at least this much CPU (100 = one busy
+#: core) or GPU (SM utilisation %) while its requests ran: a quarter of a core already moves
+#: 2-thread CPU decode by several percent on a 2-core machine.
+CONTENDED_PCT = 25.0
 DETAIL, TELEMETRY = "detail", "telemetry"
 _N_REQUESTS, _CONCURRENCY, _UNEXPECTED, _DONE = "n_requests", "concurrency", "unexpected_reloads", "done_reasons"
 _PRUNED_SAVED = "pruned_saved_s"
+_REMEASURED, _CONTENTION_LOST = "remeasured", "contention_lost_s"
 
 #: (label, metric) of the request metrics shown with their spread.
 METRIC_ROWS = (
@@ -125,6 +131,16 @@ class TrialRecord:
     violations: list[str] = field(default_factory=list)
     error: str | None = None
     pruned_saved_s: float | None = None
+    #: CPU used by other processes while the requests ran (100 = one busy core), the GPU's
+    #: other compute processes' utilisation, and whether either reached CONTENDED_PCT;
+    #: None where it cannot be measured (a remote server).
+    interference_pct: float | None = None
+    gpu_interference_pct: float | None = None
+    contended: bool | None = None
+    #: Measurements discarded because other processes competed, and the seconds they and the
+    #: waits for a quiet machine cost.
+    remeasured: int = 0
+    contention_lost_s: float | None = None
     # -- from Optuna, on read --
     number: int = -1
     state: str = ""
@@ -213,7 +229,9 @@ class TrialRecord:
                      (RELOAD_MS, self.reload_ms), (_UNEXPECTED, self.unexpected_reloads if self.samples else None),
                      (_DONE, self.done_reasons or None), (TOKENS_PER_JOULE, self.tokens_per_joule),
                      (SERVER_VRAM_MIB, self.server_vram_mib), (SERVER_SIZE_MIB, self.server_size_mib),
-                     (_PRUNED_SAVED, self.pruned_saved_s)):
+                     (_PRUNED_SAVED, self.pruned_saved_s), (INTERFERENCE_PCT, self.interference_pct),
+                     (GPU_INTERFERENCE_PCT, self.gpu_interference_pct), (CONTENDED, self.contended),
+                     (_REMEASURED, self.remeasured or None), (_CONTENTION_LOST, self.contention_lost_s)):
             if v is not None:
                 out[k] = v
         out.update(self.telemetry)
@@ -250,6 +268,9 @@ def build_record(
     if agg is not None:
         stats[AGGREGATE] = agg
     tel = telemetry_attrs(telemetry) if telemetry is not None else {}
+    cpu_i = _round(telemetry.interference_pct if telemetry is not None else None)
+    gpu_i = _round(telemetry.gpu_interference_pct if telemetry is not None else None)
+    measured = [x for x in (cpu_i, gpu_i) if x is not None]
     energy = tel.get("gpu_energy_j")
     tokens = sum(x.eval_tokens for x in samples)
     tpj = round(tokens / energy, 6) if isinstance(energy, (int, float)) and math.isfinite(energy) and energy > 0 else None
@@ -262,7 +283,13 @@ def build_record(
         done_reasons=sorted({x.done_reason for x in samples}), telemetry=tel, tokens_per_joule=tpj,
         server_vram_mib=server_memory.vram_mib if server_memory else None,
         server_size_mib=server_memory.size_mib if server_memory else None,
+        interference_pct=cpu_i, gpu_interference_pct=gpu_i,
+        contended=any(x >= CONTENDED_PCT for x in measured) if measured else None,
     )
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
 
 
 def telemetry_attrs(summary: TelemetrySummary) -> dict[str, Any]:
@@ -289,6 +316,13 @@ def telemetry_attrs(summary: TelemetrySummary) -> dict[str, Any]:
     attrs["host_mem_used_peak_mib"] = summary.host.mem_used_peak_mib
     attrs["server_rss_peak_mib"] = summary.host.server_rss_peak_mib
     attrs["host_samples"] = summary.host.samples
+    attrs["host_load_avg_1m"] = summary.host.load_avg_1m
+    attrs["host_cpu_freq_min_ratio"] = summary.host.cpu_freq_min_ratio
+    attrs["host_busiest"] = summary.host.busiest
+    attrs["host_busiest_pct"] = summary.host.busiest_pct
+    for g in summary.gpus:
+        attrs[f"gpu{g.index}_other_processes"] = g.other_processes
+        attrs[f"gpu{g.index}_other_util_pct"] = g.other_util_pct
     return {k: v for k, v in attrs.items() if v is not None}
 
 
@@ -321,9 +355,14 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
     for k, v in ((TOKENS_PER_JOULE, r.tokens_per_joule), (SERVER_VRAM_MIB, r.server_vram_mib)):
         if v is not None:
             attrs[k] = v
+    # Every measured trial says whether it was measured alone: null where it cannot be told.
+    attrs[INTERFERENCE_PCT], attrs[CONTENDED] = r.interference_pct, r.contended
+    if r.gpu_interference_pct is not None:
+        attrs[GPU_INTERFERENCE_PCT] = r.gpu_interference_pct
     detail.update({_N_REQUESTS: r.n_requests, _UNEXPECTED: r.unexpected_reloads, _DONE: r.done_reasons})
     for k, v in ((_CONCURRENCY, r.concurrency), (SERVER_SIZE_MIB, r.server_size_mib),
-                 (_PRUNED_SAVED, r.pruned_saved_s)):
+                 (_PRUNED_SAVED, r.pruned_saved_s), (_REMEASURED, r.remeasured or None),
+                 (_CONTENTION_LOST, r.contention_lost_s)):
         if v is not None:
             detail[k] = v
     attrs[DETAIL] = detail
@@ -361,7 +400,8 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     prefixes = tuple(f"{m}_" for m in (*SUMMARISED, AGGREGATE))
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
-             _UNEXPECTED, _DONE, _PRUNED_SAVED}
+             _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
+             _CONTENTION_LOST}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
@@ -390,6 +430,11 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
         violations=list(ua.get(VIOLATIONS) or []),
         error=str(error) if error else None,
         pruned_saved_s=_float(flat.get(_PRUNED_SAVED)),
+        interference_pct=_float(flat.get(INTERFERENCE_PCT)),
+        gpu_interference_pct=_float(flat.get(GPU_INTERFERENCE_PCT)),
+        contended=bool(flat[CONTENDED]) if flat.get(CONTENDED) is not None else None,
+        remeasured=int(flat.get(_REMEASURED) or 0),
+        contention_lost_s=_float(flat.get(_CONTENTION_LOST)),
         number=t.number,
         state=t.state.name,
         values=list(t.values) if t.values is not None else None,

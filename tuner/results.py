@@ -87,8 +87,23 @@ class StoredStudy:
         return sign * (r.values[0] if r.values else -math.inf)
 
     def ranked(self) -> list[TrialRecord]:
-        """Feasible trials with a value, best first (first objective)."""
-        return sorted((r for r in self.records if r.feasible and r.values), key=self._score, reverse=True)
+        """Feasible trials with a value, best first (first objective); trials measured while
+        other processes competed (contended) take part only when no other trial is feasible."""
+        feasible = [r for r in self.records if r.feasible and r.values]
+        quiet = [r for r in feasible if not r.contended]
+        return sorted(quiet or feasible, key=self._score, reverse=True)
+
+    @property
+    def only_contended(self) -> bool:
+        """Every feasible trial was measured while other processes competed."""
+        feasible = [r for r in self.records if r.feasible and r.values]
+        return bool(feasible) and all(r.contended for r in feasible)
+
+    def contention(self) -> tuple[int, int, float]:
+        """Trials still flagged contended, measurements discarded for contention, and the
+        seconds contention cost (discarded measurements and waits for a quiet machine)."""
+        return (sum(1 for r in self.records if r.contended), sum(r.remeasured for r in self.records),
+                sum(r.contention_lost_s or 0.0 for r in self.records))
 
     def best(self, ranked: Sequence[TrialRecord] | None = None) -> TrialRecord | None:
         """The best feasible trial: the re-validated winner while the validation covers the
@@ -284,6 +299,12 @@ class StudySummary:
     pruned_saved_s: float = 0.0
     #: Every trial of the study, by number.
     trials: list[TrialRecord] = field(default_factory=list)
+    #: Trials flagged contended, measurements redone for contention, seconds it cost, and
+    #: whether every feasible trial was contended (then the winner is uncertain).
+    contended: int = 0
+    remeasured: int = 0
+    contention_lost_s: float = 0.0
+    only_contended: bool = False
 
 
 def summarise_study(study: Any, objectives: list[str], storage: str, trials_run: int = 0,
@@ -295,6 +316,7 @@ def summarise_study(study: Any, objectives: list[str], storage: str, trials_run:
     if best is None:
         best = st.least_violating()
     pruned = [r for r in st.records if r.state == "PRUNED"]
+    contended, remeasured, lost_s = st.contention()
     pareto: list[TrialRecord] = []
     if len(objectives) > 1:
         on_front = {t.number for t in study.best_trials}
@@ -317,50 +339,167 @@ def summarise_study(study: Any, objectives: list[str], storage: str, trials_run:
         pruned=len(pruned),
         pruned_saved_s=sum(r.pruned_saved_s or 0.0 for r in pruned),
         trials=st.records,
+        contended=contended, remeasured=remeasured, contention_lost_s=lost_s,
+        only_contended=st.only_contended,
     )
+
+
+def overlaps(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two intervals (low, high) share a point."""
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def _fields(cls: Any, d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without keys ``cls`` does not know (written by a later version)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 @dataclass
 class Validated:
+    """One config re-measured: its value in each counted round, their centre and 95% interval,
+    and the settings it changes from the engine's defaults."""
+
     number: int
     values: list[float] = field(default_factory=list)
+    #: The centre: the geometric mean (``Validation.interval`` "log-t"); the arithmetic mean
+    #: in validations stored before.
     mean: float = 0.0
+    #: The sample sd of ``values`` (their spread, not the interval's).
     sd: float = 0.0
     ci95: tuple[float, float] = (0.0, 0.0)
     error: str | None = None
+    #: Settings set away from the engine's defaults, as ``name=value`` (fewest = simplest).
+    changed: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Validated:
+        return cls(**{**_fields(cls, d), "ci95": tuple(d.get("ci95") or (0.0, 0.0))})
+
+    def text(self) -> str:
+        if self.error:
+            return f"failed: {self.error}"
+        return f"{self.mean:.2f} (95% CI {self.ci95[0]:.2f} .. {self.ci95[1]:.2f}, sd {self.sd:.2f})"
+
+
+@dataclass
+class Speedup:
+    """The winner over the defaults re-measured in the same interleaved rounds: the geometric
+    mean of the per-round ratios and its 95% interval (t on the log scale)."""
+
+    #: The config compared (the validation's winner) and the baseline trial.
+    trial: int
+    baseline: int
+    ratio: float
+    ci95: tuple[float, float]
+    #: winner / defaults in each round that measured both.
+    ratios: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Speedup:
+        return cls(**{**_fields(cls, d), "ci95": tuple(d["ci95"])})
+
+    @property
+    def distinguishable(self) -> bool:
+        """The interval leaves out 1x: the winner really differs from the defaults."""
+        return not self.ci95[0] <= 1.0 <= self.ci95[1]
+
+    def describe(self, label: str, defaults: str) -> str:
+        """e.g. "1.83x decode tok/s vs llama.cpp defaults (95% CI 1.71-1.95x, re-measured ...)"."""
+        text = (f"{self.ratio:.2f}x {label} vs {defaults} (95% CI {self.ci95[0]:.2f}-{self.ci95[1]:.2f}x, "
+                f"re-measured interleaved over {_plural(len(self.ratios), 'round')})")
+        return text if self.distinguishable else text + ": not distinguishable from the defaults"
 
 
 @dataclass
 class Validation:
-    """Result of re-measuring the top configs; ``winner`` is the declared winner."""
+    """Result of re-measuring the top configs; ``winner`` is the recommended one."""
 
     objective: str
+    #: Rounds that counted (contended ones dropped).
     rounds: int
     entries: list[Validated]
     winner: int | None
+    #: Another config's interval overlaps the leader's: not distinguishable.
     overlap: bool
     trials_at: int
+    #: The most rounds allowed (0: stored before rounds were adaptive).
+    max_rounds: int = 0
+    #: The best centre; differs from ``winner`` when a simpler config is not distinguishable.
+    leader: int | None = None
+    #: Rounds found contended (each measured again once) and those dropped when it was again.
+    contended: int = 0
+    dropped: int = 0
+    #: How the intervals were computed: "log-t" (t on the log scale); "" for validations
+    #: stored before (a t-interval on the values, clamped at 0).
+    interval: str = ""
+    #: The defaults re-measured in the same rounds, and the winner's speedup over them.
+    baseline: Validated | None = None
+    speedup: Speedup | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Validation:
-        """Read back what ``to_dict`` stored (the study attribute ``validation``)."""
-        entries = [Validated(**{**e, "ci95": tuple(e["ci95"])}) for e in d.get("entries", [])]
-        return cls(**{**d, "entries": entries})
+        """Read back what ``to_dict`` stored (the study attribute ``validation``), from any version."""
+        entries = [Validated.from_dict(e) for e in d.get("entries", [])]
+        base = Validated.from_dict(d["baseline"]) if d.get("baseline") else None
+        speedup = Speedup.from_dict(d["speedup"]) if d.get("speedup") else None
+        return cls(**{**_fields(cls, d), "entries": entries, "baseline": base, "speedup": speedup})
+
+    def tied(self) -> list[Validated]:
+        """The leader, then every measured config whose interval overlaps it, best first."""
+        lead = next((e for e in self.entries if e.number == (self.leader if self.leader is not None
+                                                              else self.winner)), None)
+        if lead is None:
+            return []
+        others = sorted((e for e in self.entries if e is not lead and not e.error and len(e.values) >= 2
+                         and overlaps(e.ci95, lead.ci95)), key=lambda e: -e.mean)
+        return [lead, *others]
+
+    def verdict(self) -> str:
+        """Whether the winner stands out, and why it was recommended when it does not."""
+        if self.winner is None:
+            if self.rounds < 2:
+                return (f"Too few uncontended rounds ({self.rounds}) to compare the top configs: "
+                        "the best configuration is the search's leader.")
+            return ""
+        if not self.interval:
+            return ("The top two intervals overlap: they are not distinguishable at this precision "
+                    "(more --validate-rounds narrows the intervals)." if self.overlap else "")
+        if not self.overlap:
+            return f"#{self.winner} is ahead of the others (95% CIs do not overlap after {self.rounds} rounds)."
+        tied = self.tied()
+        nums = [f"#{e.number}" for e in tied]
+        names = ", ".join(nums[:-1]) + " and " + nums[-1]
+        win = next(e for e in tied if e.number == self.winner)
+        what = _plural(len(win.changed), "setting") + (f" ({', '.join(win.changed)})" if win.changed else "")
+        head = (f"{names} are not distinguishable (95% CIs overlap after {self.rounds} rounds): "
+                f"recommending #{win.number}")
+        if win is not tied[0]:
+            return f"{head}, which changes {what} from the defaults instead of {len(tied[0].changed)}."
+        return (f"{head}, the best measured, which changes {what} from the defaults, no more than the others "
+                "(more --validate-max-rounds narrows the intervals).")
 
     def describe(self) -> list[str]:
-        lines = [f"Re-validated the top {len(self.entries)} ({self.rounds} interleaved rounds, "
-                 f"{self.objective}, mean and 95% CI):"]
+        how = "geometric mean and 95% CI" if self.interval else "mean and 95% CI"
+        of = f" of at most {self.max_rounds}" if self.max_rounds > self.rounds else ""
+        lines = [f"Re-validated the top {len(self.entries)} ({self.rounds} interleaved rounds{of}, "
+                 f"{self.objective}, {how}):"]
         for e in sorted(self.entries, key=lambda e: -e.mean):
             mark = "  <- winner" if e.number == self.winner else ""
-            if e.error:
-                lines.append(f"  #{e.number}: failed: {e.error}")
-            else:
-                lines.append(f"  #{e.number}: {e.mean:.2f} (95% CI {e.ci95[0]:.2f} .. {e.ci95[1]:.2f}, "
-                             f"sd {e.sd:.2f}){mark}")
-        if self.overlap:
-            lines.append("  The top two intervals overlap: they are not distinguishable at this precision "
-                         "(more --validate-rounds narrows the intervals).")
+            lines.append(f"  #{e.number}: {e.text()}{mark}")
+        if self.baseline is not None and self.baseline.number not in {e.number for e in self.entries}:
+            lines.append(f"  #{self.baseline.number} (defaults): {self.baseline.text()}")
+        verdict = self.verdict()
+        if verdict:
+            lines.append(f"  {verdict}")
+        if self.contended:
+            lines.append(f"  {_plural(self.contended, 'round')} contended (other processes competed) and measured "
+                         f"again; {self.dropped} contended again and dropped")
         return lines

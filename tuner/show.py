@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuner import objectives, results
+from tuner.effects import compute as compute_effects
 from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
 from tuner.storage import default_storage_url, open_storage, shown_url
 from tuner.terminal import command, printable
@@ -61,18 +62,31 @@ def format_summary(s: Any) -> str:
     else:
         out.append("No feasible configuration: every measured trial violates a limit.")
         out.append(format_trial(s.best, "Least-violating configuration"))
-    if s.speedup is not None and s.baseline is not None and s.best is not None:
+    val = results.Validation.from_dict(s.validation) if s.validation else None
+    # The speedup re-measured in the same rounds as the winner compares like with like; the
+    # search's single measurements of each are the fallback.
+    again = val.speedup if val is not None and s.best is not None and s.best_is_feasible else None
+    if again is not None and s.best is not None and again.trial == s.best.number:
+        out.append(again.describe(objectives.label(s.objectives[0]), results.defaults_name(s.engine)))
+    elif s.speedup is not None and s.baseline is not None and s.best is not None:
         obj = s.objectives[0]
         out.append(
             f"{s.speedup:.2f}x {objectives.label(obj)} vs {results.defaults_name(s.engine)} "
             f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f})"
         )
-    if s.validation:
-        out.extend(results.Validation.from_dict(s.validation).describe())
+    if val is not None:
+        out.extend(val.describe())
     if s.roofline:
         out.append(f"Roofline: {s.roofline['text']}")
     if s.pruned:
         out.append(f"Pruning: {s.pruned} trials stopped early, saving about {s.pruned_saved_s:.1f} s of measurement")
+    if s.contended or s.remeasured:
+        out.append(f"Interference: {s.remeasured} measurements redone because other processes competed, "
+                   f"{s.contended} trials still contended (left out of the winner); "
+                   f"{s.contention_lost_s:.0f} s lost to contention")
+    if s.only_contended:
+        out.append("WARNING: every feasible trial was measured while other processes competed for the machine: "
+                   "the winner above is uncertain; re-run when the machine is quiet")
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
     out.append(printable(f"Stored in {s.storage} as study '{s.study_name}'"))
@@ -122,6 +136,9 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
             lines.append(f"  {v.number:>4} {v.value or 0:>12.2f} {v.stat('ttft_ms', 'p95') or 0:>12.0f}  "
                          f"{printable(v.config_text())}")
         text += "\n".join(lines)
+    eff = compute_effects(results.StoredStudy(s.study_name, dict(study.user_attrs), results.directions(study), s.trials))
+    if eff.params:
+        text += "\n\n" + "\n".join(printable(line) for line in eff.lines())
     failed = [v for v in s.trials if v.error or v.state == "FAIL"]
     if failed:
         text += "\n\nFailed or infeasible by error:\n" + "\n".join(

@@ -71,6 +71,10 @@ def validate_options(o: TuneOptions) -> None:
                     ("--max-vram-mib", o.max_vram_mib), ("--max-power-w", o.max_power_w)):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise TunerError(f"{name} must be a positive number (got {v:g}): give a limit, or leave it out for none")
+    if o.remeasure_contended < 0:
+        raise TunerError(f"--remeasure-contended must be 0 or more (got {o.remeasure_contended})")
+    if not (math.isfinite(o.quiet_wait_s) and o.quiet_wait_s >= 0):
+        raise TunerError(f"--quiet-wait must be 0 or more seconds (got {o.quiet_wait_s:g})")
     if o.seed is not None and not 0 <= o.seed < 2**32:
         raise TunerError(f"--seed must be between 0 and {2**32 - 1} (got {o.seed})")
     if o.max_ttft_ms is not None and o.max_latency_ms is not None and o.max_latency_ms < o.max_ttft_ms:
@@ -102,6 +106,9 @@ def validate_options(o: TuneOptions) -> None:
     if o.validate_rounds < 2:
         raise TunerError(f"--validate-rounds must be at least 2 (got {o.validate_rounds}): one round gives no "
                          "confidence interval; use --validate-rounds 2 or more (--validate 0 turns it off)")
+    if o.validate_max_rounds < o.validate_rounds:
+        raise TunerError(f"--validate-max-rounds {o.validate_max_rounds} is below --validate-rounds "
+                         f"{o.validate_rounds}: raise --validate-max-rounds to {o.validate_rounds} or more")
     if o.sampler not in SAMPLERS:
         raise TunerError(f"unknown sampler '{o.sampler}': choose from {', '.join(SAMPLERS)}")
 
@@ -439,6 +446,8 @@ class _Runner:
             gpu_indices=self.o.gpus,
             server_pids=self.p.engine.server_pids(),
             gpus=self.p.gpu_telemetry,
+            # A remote server's competitors are not on this machine: nothing to measure here.
+            interference=self.p.engine.local and self.o.measure_interference,
         )
 
     def __call__(self, trial: Any) -> Any:
@@ -463,8 +472,19 @@ class _Runner:
             rec.server_effective = getattr(p.engine, "effective_server_settings", lambda s: None)(server)
             key = config_key(model, runner, server)
             reload = restarted or key != self.loaded_key
+            t0 = time.monotonic()
             m = measure_config(p.engine, model, runner, p.workload, reload=reload,
                                sampler=self._sampler(), on_request=self._reporter(trial, baseline))
+            lost_s, tries = 0.0, 0
+            # A measurement other processes competed with is not a measurement: measure again
+            # once the machine is quiet (bounded), and keep what it cost.
+            while (not m.stopped_early and tries < o.remeasure_contended
+                   and m.record(model, runner, server).contended):
+                tries += 1
+                lost_s += time.monotonic() - t0
+                lost_s += self._wait_for_quiet(trial.number)
+                t0 = time.monotonic()
+                m = measure_config(p.engine, model, runner, p.workload, reload=False, sampler=self._sampler())
         except LoadError as e:
             self.loaded_key = None
             return self._failed_load(trial, rec, str(e))
@@ -482,6 +502,7 @@ class _Runner:
         self.loaded_key = key
         rec = m.record(model, runner, server, server_effective=rec.server_effective, baseline=baseline,
                        worker=self.worker, server_memory=p.engine.server_memory(model))
+        rec.remeasured, rec.contention_lost_s = tries, round(lost_s, 2) if tries else None
         rec.constraints, rec.violations = self._limits(rec, load_failed=False)
         if m.stopped_early:
             import optuna
@@ -551,6 +572,27 @@ class _Runner:
         vals = [FAILED_SCORE[d] for d in self.directions]
         return vals[0] if len(vals) == 1 else vals
 
+    def _wait_for_quiet(self, number: int) -> float:
+        """Wait (up to --quiet-wait) until other processes leave the CPU alone; return the
+        seconds waited."""
+        from tuner.telemetry import machine_busy
+
+        t0 = time.monotonic()
+        deadline = t0 + self.o.quiet_wait_s
+        said = False
+        while True:
+            busy = machine_busy(1.0, exclude_pids=sorted({os.getpid(), *self.p.engine.server_pids()}))
+            if busy.interference_pct is None or busy.interference_pct < record.CONTENDED_PCT:
+                break
+            if not said:
+                self.echo(printable(
+                    f"  #{number} was measured while other processes competed ({_busy_text(busy)}): waiting up to "
+                    f"{self.o.quiet_wait_s:.0f} s for a quiet machine, then measuring it again"))
+                said = True
+            if time.monotonic() >= deadline:
+                break
+        return time.monotonic() - t0
+
     def _wait_for_server(self) -> None:
         deadline = time.monotonic() + self.o.server_wait_s
         first = True
@@ -563,6 +605,30 @@ class _Runner:
                     self.echo(f"  server not answering; waiting up to {self.o.server_wait_s:.0f} s for it ...")
                     first = False
                 time.sleep(1.0)
+
+
+def _busy_text(busy: Any) -> str:
+    """'other processes use 98% of a core (busiest: python3 at 97%)'."""
+    text = f"other processes use {busy.interference_pct or 0:.0f}% of a core"
+    if busy.busiest:
+        text += f" (busiest: {busy.busiest} at {busy.busiest_pct or 0:.0f}%)"
+    return text
+
+
+def _machine_check(p: _Prepared) -> str:
+    """One line before the study: how busy the machine is, and which process is the busiest."""
+    if not p.engine.local:
+        return (f"machine check: interference is not measured: the server at {p.server.get('host')} "
+                "is not on this machine")
+    from tuner.telemetry import machine_busy
+
+    busy = machine_busy(1.0, exclude_pids=sorted({os.getpid(), *p.engine.server_pids()}))
+    if busy.interference_pct is None:
+        return "machine check: other processes' CPU use cannot be measured here (psutil missing?)"
+    if busy.interference_pct >= record.CONTENDED_PCT:
+        return (f"machine check: BUSY: {_busy_text(busy)}; trials measured while it competes are flagged "
+                "and measured again")
+    return f"machine check: quiet ({_busy_text(busy)})"
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -603,6 +669,12 @@ class _Progress:
                 if not v.error else ""
             )
             status = "feasible" if v.feasible else "infeasible: " + "; ".join(v.violations)
+            if v.contended:
+                status += (f" | CONTENDED: other processes used {v.interference_pct or 0:.0f}% of a core"
+                           + (f", GPU {v.gpu_interference_pct:.0f}%" if v.gpu_interference_pct else "")
+                           + " (not used for the winner)")
+            elif v.remeasured:
+                status += f" | re-measured on a quiet machine ({v.contention_lost_s or 0:.0f} s lost to contention)"
         best = results.best_feasible(study)
         best_txt = f"best {best.values[0]:.2f} ({obj})" if best is not None and best.values else "no feasible yet"
         elapsed = time.monotonic() - self.started
@@ -648,6 +720,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
             )
         for w in p.warnings:
             echo(printable(w))
+        if o.measure_interference:
+            echo(printable(_machine_check(p)))
         if p.offload is not None:
             echo(f"GPU offload ({p.offload.source}): {p.offload.detail}")
         if not p.has_gpu and "num_gpu" in p.space and p.space["num_gpu"].values == (0,):
@@ -670,7 +744,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
             )
         if o.validate > 1 and len(o.objectives) == 1:
             val = validate_top(study, p.engine, p.workload, p.model, o.objectives[0], o.validate,
-                               o.validate_rounds, echo, sampler_factory=runner._sampler)
+                               o.validate_rounds, echo, sampler_factory=runner._sampler,
+                               max_rounds=o.validate_max_rounds)
             if val is not None:
                 study.set_user_attr("validation", val.to_dict())
         if o.roofline:

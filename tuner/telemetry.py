@@ -2,7 +2,10 @@
 
 `TelemetrySampler` collects raw `GpuSample`/`HostSample` records in a background thread;
 the pure functions `summarize_gpu`/`summarize_host` turn them into summaries, so the
-aggregation is testable without threads or hardware. NVML is initialised once per process
+aggregation is testable without threads or hardware. With a local server it also measures
+interference: CPU-seconds other processes used in the window (system busy - tuner - server),
+the busiest of them, and other compute processes on the GPUs; `machine_busy` takes the same
+measurement for a moment before a study. NVML is initialised once per process
 and kept open until interpreter exit (an `atexit` hook calls `nvmlShutdown`): re-initialising
 per trial costs tens of milliseconds on real drivers and gains nothing.
 """
@@ -16,11 +19,12 @@ import os
 import platform
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType, TracebackType
 from typing import Any, Callable, Sequence
 
 __all__ = [
+    "BusyReport",
     "GpuProbe",
     "GpuSample",
     "GpuSummary",
@@ -31,7 +35,9 @@ __all__ = [
     "counter_energy_j",
     "decode_throttle_reasons",
     "host_environment",
+    "busiest_process",
     "integrate_power_j",
+    "machine_busy",
     "probe_gpus",
     "summarize_gpu",
     "summarize_host",
@@ -45,9 +51,16 @@ _U64 = 1 << 64
 # Re-read the server's process tree at most this often: psutil's children() scans every
 # process on the host (milliseconds), while reading RSS of known processes is microseconds.
 _CHILDREN_REFRESH_S = 1.0
+# Reads that cost more than a tick's budget or change slowly (the GPU's process list and
+# per-process utilisation, CPU clocks) are taken at the window's edges and about this often.
+_SLOW_READ_S = 1.0
+# CPU times advance in whole ticks (10 ms on Linux), on every CPU and process read: below
+# this window the rounding alone could reach the contended threshold on a small machine.
+_MIN_INTERFERENCE_WALL_S = 0.25
 # NVML error codes (nvml.h); literal so the pure code never needs pynvml.
 _ERR_NOT_SUPPORTED = 3
 _ERR_NO_PERMISSION = 4
+_ERR_NOT_FOUND = 6
 _ERR_DRIVER_NOT_LOADED = 9
 _ERR_LIBRARY_NOT_FOUND = 12
 _ERR_FUNCTION_NOT_FOUND = 13
@@ -97,6 +110,10 @@ class GpuSample:
     sm_clock_mhz: float | None = None
     fan_pct: float | None = None
     throttle_mask: int | None = None
+    #: Compute processes other than the tuner and server, and their summed SM utilisation
+    #: (%) since the previous such reading; read sparsely, None on other samples.
+    other_processes: int | None = None
+    other_util_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,13 @@ class HostSample:
     cpu_total_s: float | None = None
     mem_used_mib: float | None = None
     server_rss_mib: float | None = None
+    #: Cumulative CPU seconds of the tuner and the server tree, read right after the CPU
+    #: times at the window's first and last sample only (interference measurement).
+    own_cpu_s: float | None = None
+    #: The fastest core's clock / its maximum (read sparsely), and the 1-minute load average
+    #: (read at the window's edges).
+    cpu_freq_ratio: float | None = None
+    load_avg_1m: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +154,10 @@ class GpuSummary:
     sm_clock_mean_mhz: float | None
     fan_mean_pct: float | None
     throttle_reasons: list[str] | None
+    #: Compute processes on this GPU other than the inference server (max seen), and their
+    #: mean SM utilisation (%) over the window; None where NVML cannot tell.
+    other_processes: int | None = None
+    other_util_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +168,24 @@ class HostSummary:
     cpu_util_mean_pct: float | None
     mem_used_peak_mib: float | None
     server_rss_peak_mib: float | None
+    #: Wall seconds of the window, and CPU-seconds used in it by processes other than the
+    #: tuner and the inference server (system busy + steal - own); None when not measured.
+    wall_s: float | None = None
+    foreign_cpu_s: float | None = None
+    #: The 1-minute load average at the end, and the lowest CPU clock seen as a share of the
+    #: highest the CPU reports (1.0 = no drop); None where the OS does not tell.
+    load_avg_1m: float | None = None
+    cpu_freq_min_ratio: float | None = None
+    #: The other process that used the most CPU in the window, and its CPU % (100 = a core).
+    busiest: str | None = None
+    busiest_pct: float | None = None
+
+    @property
+    def interference_pct(self) -> float | None:
+        """100 x CPU-seconds of other processes / wall seconds (one busy core = 100)."""
+        if self.foreign_cpu_s is None or not self.wall_s:
+            return None
+        return max(0.0, 100.0 * self.foreign_cpu_s / self.wall_s)
 
 
 @dataclass(frozen=True)
@@ -148,6 +194,17 @@ class TelemetrySummary:
 
     gpus: list[GpuSummary]
     host: HostSummary
+
+    @property
+    def interference_pct(self) -> float | None:
+        """CPU interference of the window (see HostSummary.interference_pct)."""
+        return self.host.interference_pct
+
+    @property
+    def gpu_interference_pct(self) -> float | None:
+        """Mean SM utilisation of other compute processes, summed over the sampled GPUs."""
+        vals = [g.other_util_pct for g in self.gpus]
+        return _sum_all(vals) if self.gpus else None
 
     def total(self, field: str) -> float | None:
         """A GPU field summed over every sampled GPU (power, energy, memory); None unless
@@ -279,11 +336,22 @@ def summarize_gpu(
         sm_clock_mean_mhz=_mean([s.sm_clock_mhz for s in samples]),
         fan_mean_pct=_mean([s.fan_pct for s in samples]),
         throttle_reasons=reasons,
+        other_processes=_int_or_none(_max([s.other_processes for s in samples])),
+        other_util_pct=_mean([s.other_util_pct for s in samples]),
     )
 
 
+def _int_or_none(value: float | None) -> int | None:
+    return int(value) if value is not None else None
+
+
 def summarize_host(samples: Sequence[HostSample]) -> HostSummary:
-    """Aggregate host samples; CPU % is busy/total time between the first and last reading."""
+    """Aggregate host samples; CPU % is busy/total time between the first and last reading.
+
+    Interference is measured between the first and last samples that carry `own_cpu_s`:
+    system busy time (steal included) minus the tuner's and server's own CPU time, clamped
+    at 0; None over windows shorter than `_MIN_INTERFERENCE_WALL_S`.
+    """
     cpu = [s for s in samples if s.cpu_busy_s is not None and s.cpu_total_s is not None]
     util: float | None = None
     if len(cpu) >= 2:
@@ -293,12 +361,60 @@ def summarize_host(samples: Sequence[HostSample]) -> HostSummary:
         total = last.cpu_total_s - first.cpu_total_s
         if total > 0:
             util = min(100.0, max(0.0, 100.0 * (last.cpu_busy_s - first.cpu_busy_s) / total))
+    wall = foreign = None
+    own = [s for s in samples if s.own_cpu_s is not None and s.cpu_busy_s is not None]
+    if len(own) >= 2:
+        first, last = own[0], own[-1]
+        assert first.cpu_busy_s is not None and last.cpu_busy_s is not None
+        assert first.own_cpu_s is not None and last.own_cpu_s is not None
+        wall = last.t - first.t
+        if wall >= _MIN_INTERFERENCE_WALL_S:
+            busy = last.cpu_busy_s - first.cpu_busy_s
+            foreign = max(0.0, busy - (last.own_cpu_s - first.own_cpu_s))
+    loads = [s.load_avg_1m for s in samples if s.load_avg_1m is not None]
+    freqs = [s.cpu_freq_ratio for s in samples if s.cpu_freq_ratio is not None]
     return HostSummary(
         samples=len(samples),
         cpu_util_mean_pct=util,
         mem_used_peak_mib=_max([s.mem_used_mib for s in samples]),
         server_rss_peak_mib=_max([s.server_rss_mib for s in samples]),
+        wall_s=wall,
+        foreign_cpu_s=foreign,
+        load_avg_1m=loads[-1] if loads else None,
+        cpu_freq_min_ratio=min(freqs) if freqs else None,
     )
+
+
+#: One process as a start/stop scan saw it: (create_time epoch s, name, user+system CPU s).
+ProcessCpu = tuple[float, str, float]
+
+
+def busiest_process(
+    before: dict[int, ProcessCpu],
+    after: dict[int, ProcessCpu],
+    wall_s: float,
+    since: float,
+    exclude: set[int] | frozenset[int] = frozenset(),
+) -> tuple[str | None, float | None]:
+    """The process (not in `exclude`) that used the most CPU between two scans, and its CPU %
+    (100 = one core). A process absent from `before` counts in full only when it was created
+    after `since` (epoch s); a reused pid is told apart by its create time."""
+    best: tuple[float, str] | None = None
+    for pid, (created, name, cpu) in after.items():
+        if pid in exclude:
+            continue
+        prev = before.get(pid)
+        if prev is not None and prev[0] == created:
+            used = cpu - prev[2]
+        elif created >= since:
+            used = cpu
+        else:  # unseen at the start (access denied then, or the scan raced): unknown
+            continue
+        if used > 0 and (best is None or used > best[0]):
+            best = (used, name)
+    if best is None or wall_s <= 0:
+        return None, None
+    return best[1], 100.0 * best[0] / wall_s
 
 
 # ------------------------------------------------------------------------- NVML access
@@ -469,6 +585,11 @@ class TelemetrySampler:
     """Samples GPUs and host in a background thread between `start()` and `stop()`.
 
     Usage: ``with TelemetrySampler() as s: run_requests()`` then ``s.summary``.
+
+    With `interference` on (a local server), it also measures what other processes take
+    from the machine over the window: their CPU-seconds (system busy minus this process and
+    the server tree, whose pids are `server_pids` and their descendants), the busiest of
+    them, the load average, CPU clock drops, and other compute processes on each GPU.
     """
 
     def __init__(
@@ -477,6 +598,7 @@ class TelemetrySampler:
         gpu_indices: list[int] | None = None,
         server_pids: list[int] | None = None,
         gpus: bool = True,
+        interference: bool = True,
     ) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
@@ -484,6 +606,7 @@ class TelemetrySampler:
         self.gpu_indices = gpu_indices
         self.server_pids = list(server_pids or [])
         self.use_gpus = gpus
+        self.interference = interference
         self.gpu_reason = "" if gpus else "GPU sampling disabled"
         self._nv: ModuleType | None = None
         self._devices: list[_Device] = []
@@ -491,8 +614,16 @@ class TelemetrySampler:
         self._baseline_mem: dict[int, float | None] = {}
         self._host_samples: list[HostSample] = []
         self._psutil: ModuleType | None = None
+        self._me: Any = None  # psutil.Process of this (the tuner's) process
         self._procs: dict[int, Any] = {}
         self._procs_refreshed = -math.inf
+        self._slow_t = -math.inf
+        self._util_since: dict[int, int] = {}  # NVML per-process samples newer than this (epoch us)
+        self._scan0: dict[int, ProcessCpu] = {}
+        self._scan0_t = 0.0
+        self._scan0_epoch = 0.0
+        self._own_seen: set[int] = set()
+        self._busiest: tuple[str | None, float | None] = (None, None)
         self._stop_event = threading.Event()
         self._sample_lock = threading.Lock()
         self._stop_lock = threading.Lock()
@@ -523,9 +654,14 @@ class TelemetrySampler:
             import psutil
 
             self._psutil = psutil
+            self._me = psutil.Process()
         except ImportError:
             log.warning("psutil not installed (pip install psutil): no host telemetry")
-        self._sample_once()
+        if self.interference and self._psutil is not None:
+            # Before the first sample, so the scan's milliseconds stay outside the window.
+            self._scan0_t, self._scan0_epoch = time.perf_counter(), time.time()
+            self._scan0 = self._scan_processes()
+        self._sample_once(edge=True)
         for d in self._devices:
             self._baseline_mem[d.index] = self._gpu_samples[d.index][0].mem_used_mib
         self._thread = threading.Thread(target=self._run, name="telemetry-sampler", daemon=True)
@@ -544,7 +680,9 @@ class TelemetrySampler:
                 if thread.is_alive():
                     log.warning("telemetry thread did not stop within timeout")
             if self._started and (thread is None or not thread.is_alive()):
-                self._sample_once()
+                self._sample_once(edge=True)
+                if self.interference and self._psutil is not None:
+                    self._busiest = self._busiest_since_start()
             self._summary = self._summarize()
             return self._summary
 
@@ -593,17 +731,32 @@ class TelemetrySampler:
             if next_t < now:  # fell behind (slow NVML): skip ahead instead of bursting
                 next_t = now + self.interval_s
 
-    def _sample_once(self) -> None:
+    def _sample_once(self, edge: bool = False) -> None:
+        """One tick; `edge` marks the window's first and last sample (interference reads)."""
         with self._sample_lock:
+            now = time.perf_counter()
+            slow = self.interference and (edge or now - self._slow_t >= _SLOW_READ_S)
+            if slow:
+                self._slow_t = now
+            if edge and self.interference:
+                # The server's newest children must be known before the GPU's process list
+                # and the CPU times are read, or their work would count as foreign.
+                self._refresh_procs(force=True)
             for d in self._devices:
                 try:
                     sample = self._read_gpu(d)
                 except Exception:  # one sample per tick keeps GPU series aligned
                     log.debug("GPU %d sample failed", d.index, exc_info=True)
                     sample = GpuSample(t=time.perf_counter())
+                if slow:
+                    try:
+                        count, util = self._gpu_others(d)
+                        sample = replace(sample, other_processes=count, other_util_pct=util)
+                    except Exception:
+                        log.debug("GPU %d process read failed", d.index, exc_info=True)
                 self._gpu_samples[d.index].append(sample)
             try:
-                host = self._read_host()
+                host = self._read_host(edge=edge, slow=slow)
             except Exception:
                 log.debug("host sample failed", exc_info=True)
                 host = HostSample(t=time.perf_counter())
@@ -657,48 +810,134 @@ class TelemetrySampler:
             throttle_mask=self._throttle(d),
         )
 
-    def _read_host(self) -> HostSample:
+    def _own_pids(self) -> set[int]:
+        return {os.getpid(), *self.server_pids, *self._procs}
+
+    def _others(self, pids: Sequence[int], own: set[int]) -> set[int] | None:
+        """The pids that are not ours; None when one cannot be told apart: in a container
+        NVML reports host pids, and calling the server's own processes foreign would flag
+        every trial."""
+        ps = self._psutil
+        others = {p for p in pids if p not in own}
+        if ps is not None and any(not ps.pid_exists(p) for p in others):
+            return None
+        return others
+
+    def _gpu_others(self, d: _Device) -> tuple[int | None, float | None]:
+        """Count of other compute processes now, and their SM % since the previous read."""
+        nv = self._nv
+        assert nv is not None
+        own = self._own_pids()
+        running = self._field(d, "procs", nv.nvmlDeviceGetComputeRunningProcesses)
+        count: int | None = None
+        if running is not None:
+            others = self._others([int(p.pid) for p in running], own)
+            count = len(others) if others is not None else None
+        since = self._util_since.get(d.index)
+        self._util_since[d.index] = int(time.time() * 1e6)
+        if since is None or "proc_util" in d.unsupported:
+            return count, None  # the first read only marks where the window starts
+        try:
+            util = nv.nvmlDeviceGetProcessUtilization(d.handle, since)
+        except Exception as err:
+            code = getattr(err, "value", None)
+            if code in (_ERR_NOT_FOUND, 0):  # no samples since `since` (pynvml raises SUCCESS for 0)
+                return count, 0.0
+            if code in _PERMANENT_ERRORS:
+                d.unsupported.add("proc_util")
+            return count, None
+        per_pid: dict[int, list[float]] = {}
+        for s in util:
+            if int(s.timeStamp) > since:
+                per_pid.setdefault(int(s.pid), []).append(float(s.smUtil))
+        others = self._others(list(per_pid), own)
+        if others is None:
+            return count, None
+        # Each process's mean over the interval, summed: two processes at 40% are 80% busy.
+        return count, sum(sum(per_pid[p]) / len(per_pid[p]) for p in others)
+
+    def _read_host(self, edge: bool = False, slow: bool = False) -> HostSample:
         t = time.perf_counter()
         ps = self._psutil
         if ps is None:
             return HostSample(t=t)
-        busy = total = mem = None
+        measure = self.interference and edge
+        busy = total = mem = own = load = freq = None
         try:
             ct = ps.cpu_times()
             values = ct._asdict()
             # Mirror psutil.cpu_percent: guest time is already counted in user/nice on Linux.
             total = sum(values.values()) - values.get("guest", 0.0) - values.get("guest_nice", 0.0)
             busy = total - values.get("idle", 0.0) - values.get("iowait", 0.0)
+            if measure:
+                own = self._own_cpu_s()  # right after, so both describe the same instant
         except Exception:
             pass
         try:
             mem = ps.virtual_memory().used / MIB
         except Exception:
             pass
+        if measure:
+            load = _load_avg_1m()
+        if slow:
+            freq = _cpu_freq_ratio(ps)
         return HostSample(
             t=t,
             cpu_busy_s=busy,
             cpu_total_s=total,
             mem_used_mib=mem,
             server_rss_mib=self._server_rss(t),
+            own_cpu_s=own,
+            cpu_freq_ratio=freq,
+            load_avg_1m=load,
         )
+
+    def _own_cpu_s(self) -> float | None:
+        """User+system seconds of this process and the server tree (children included)."""
+        ps = self._psutil
+        if ps is None or self._me is None:
+            return None
+        procs = dict(self._procs)
+        self._own_seen |= {os.getpid(), *procs}
+        total = 0.0
+        if self._me.pid not in procs:
+            ct = self._me.cpu_times()
+            total += ct.user + ct.system
+        for proc in procs.values():
+            try:
+                ct = proc.cpu_times()
+            except ps.Error:
+                continue
+            # A server child that exits mid-window is reaped by its parent, which then holds
+            # its time in children_*: counting those keeps the difference continuous.
+            total += ct.user + ct.system + getattr(ct, "children_user", 0.0)
+            total += getattr(ct, "children_system", 0.0)
+        return total
+
+    def _refresh_procs(self, force: bool = False) -> None:
+        ps = self._psutil
+        now = time.perf_counter()
+        if ps is None or not self.server_pids:
+            return
+        if not force and now - self._procs_refreshed < _CHILDREN_REFRESH_S:
+            return
+        self._procs_refreshed = now
+        procs: dict[int, Any] = {}
+        for pid in self.server_pids:
+            try:
+                root = self._procs.get(pid) or ps.Process(pid)
+                procs[pid] = root
+                for child in root.children(recursive=True):
+                    procs[child.pid] = self._procs.get(child.pid) or child
+            except (ps.Error, ValueError):
+                continue
+        self._procs = procs
 
     def _server_rss(self, now: float) -> float | None:
         ps = self._psutil
         if ps is None or not self.server_pids:
             return None
-        if now - self._procs_refreshed >= _CHILDREN_REFRESH_S:
-            self._procs_refreshed = now
-            procs: dict[int, Any] = {}
-            for pid in self.server_pids:
-                try:
-                    root = self._procs.get(pid) or ps.Process(pid)
-                    procs[pid] = root
-                    for child in root.children(recursive=True):
-                        procs[child.pid] = self._procs.get(child.pid) or child
-                except (ps.Error, ValueError):
-                    continue
-            self._procs = procs
+        self._refresh_procs()
         total = 0
         found = False
         for proc in list(self._procs.values()):
@@ -709,6 +948,31 @@ class TelemetrySampler:
                 continue
         return total / MIB if found else None
 
+    def _scan_processes(self) -> dict[int, ProcessCpu]:
+        """Every visible process's CPU seconds (one pass over the process table)."""
+        ps = self._psutil
+        assert ps is not None
+        out: dict[int, ProcessCpu] = {}
+        try:
+            for p in ps.process_iter(["name", "cpu_times", "create_time"]):
+                ct, created = p.info.get("cpu_times"), p.info.get("create_time")
+                if ct is None or created is None:  # access denied (other users, macOS)
+                    continue
+                out[p.pid] = (float(created), p.info.get("name") or str(p.pid), ct.user + ct.system)
+        except Exception:  # a partial scan only loses the busiest name
+            log.debug("process scan failed", exc_info=True)
+        return out
+
+    def _busiest_since_start(self) -> tuple[str | None, float | None]:
+        try:
+            after = self._scan_processes()
+            wall = time.perf_counter() - self._scan0_t
+            exclude = self._own_seen | self._own_pids()
+            return busiest_process(self._scan0, after, wall, self._scan0_epoch, exclude)
+        except Exception:
+            log.debug("busiest process failed", exc_info=True)
+            return None, None
+
     def _summarize(self) -> TelemetrySummary:
         gpus = [
             summarize_gpu(
@@ -716,4 +980,67 @@ class TelemetrySampler:
             )
             for d in self._devices
         ]
-        return TelemetrySummary(gpus=gpus, host=summarize_host(self._host_samples))
+        host = summarize_host(self._host_samples)
+        if self._busiest != (None, None):
+            host = replace(host, busiest=self._busiest[0], busiest_pct=self._busiest[1])
+        return TelemetrySummary(gpus=gpus, host=host)
+
+
+def _load_avg_1m() -> float | None:
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):  # Windows has no load average
+        return None
+
+
+def _cpu_freq_ratio(ps: ModuleType) -> float | None:
+    """The fastest core's clock / its maximum, so idle cores clocking down do not count as
+    a drop; None where the OS reports no maximum (common in VMs)."""
+    try:
+        freqs = ps.cpu_freq(percpu=True) or []
+    except Exception:
+        return None
+    ratios = [f.current / f.max for f in freqs if f.max and f.max > 0 and f.current]
+    return min(1.0, max(ratios)) if ratios else None
+
+
+# --------------------------------------------------------------------- machine check
+
+
+@dataclass(frozen=True)
+class BusyReport:
+    """How much CPU other processes took over a short look at the machine."""
+
+    seconds: float
+    interference_pct: float | None  # 100 = one busy core; None when not measurable
+    busiest: str | None
+    busiest_pct: float | None
+    load_avg_1m: float | None
+
+    def describe(self) -> str:
+        """'other processes use 85% of a core (busiest: python3 at 98%)'."""
+        if self.interference_pct is None:
+            return "other processes' CPU use cannot be measured here"
+        text = f"other processes use {self.interference_pct:.0f}% of a core"
+        if self.busiest:
+            text += f" (busiest: {self.busiest} at {self.busiest_pct or 0:.0f}%)"
+        return text
+
+
+def machine_busy(seconds: float = 1.0, exclude_pids: list[int] | None = None) -> BusyReport:
+    """Watch the machine for `seconds` (blocking) and report what other processes use.
+
+    Args:
+        exclude_pids: the server's pids (their descendants too); this process always is.
+    """
+    sampler = TelemetrySampler(interval_s=max(seconds, 0.01), server_pids=exclude_pids, gpus=False)
+    with sampler:
+        time.sleep(seconds)
+    host = sampler.stop().host
+    return BusyReport(
+        seconds=seconds,
+        interference_pct=host.interference_pct,
+        busiest=host.busiest,
+        busiest_pct=host.busiest_pct,
+        load_avg_1m=host.load_avg_1m,
+    )

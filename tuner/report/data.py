@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from tuner import objectives, results
+from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES, Effects, compute as compute_effects
 from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
 from tuner.results import StoredStudy, paused_gc, read_study
 
@@ -248,6 +249,15 @@ class ReportData:
     #: The re-validation covers the current leader, so the best config is its winner
     #: (as ``results.best_feasible`` decides); False when later trials took the lead.
     validation_current: bool = False
+    #: How the intervals were computed ("log-t"; "" for validations stored before).
+    validation_interval: str = ""
+    #: Whether the winner stands out, or why it was recommended when it does not.
+    validation_verdict: str = ""
+    #: Rounds contended and redone or dropped, in words ("" when none was).
+    validation_contended: str = ""
+    #: The defaults re-measured in the same rounds, and the winner's speedup over them.
+    validation_baseline: ValidationRow | None = None
+    validation_speedup: results.Speedup | None = None
     #: The stored roofline: the best config's share of the bandwidth ceiling.
     roofline: dict[str, Any] | None = None
     pruned: list[PrunedRow] = field(default_factory=list)
@@ -262,8 +272,11 @@ class ReportData:
     #: Measured trials with searched settings, and those settings.
     param_points: list[TrialPoint] = field(default_factory=list)
     params: list[ParamAxis] = field(default_factory=list)
-    #: How much each setting explains the objective (PED-ANOVA), largest first.
+    #: How much each setting explains the objective (PED-ANOVA), largest first; only computed
+    #: from ``MIN_TRIALS_FOR_IMPORTANCES`` measured trials (below, not a ranking to believe).
     importances: list[tuple[str, float]] = field(default_factory=list)
+    #: The objective per value of each searched setting with 95% intervals, and the verdict.
+    effects: Effects | None = None
     telemetry: list[TelemetryView] = field(default_factory=list)
 
     @property
@@ -470,20 +483,31 @@ def _validation(s: StoredStudy, data: ReportData, ranked: Sequence[TrialRecord])
         data.notes.append("The stored re-validation could not be read (written by another version?): left out.")
         return None
     by_number = {r.number: r for r in s.records}
-    rows: list[ValidationRow] = []
-    for e in val.entries:
+
+    def row(e: results.Validated) -> ValidationRow:
         values = [x for x in (_num(v) for v in e.values) if x is not None]
         error = str(e.error) if e.error else None
         r = by_number.get(e.number)
         measured = bool(values) and error is None
-        rows.append(ValidationRow(
+        return ValidationRow(
             rank=0, number=e.number,
             config=r.config_text() if r is not None else "(trial not in the study)",
             n=len(values), mean=_num(e.mean) if measured else None, sd=_num(e.sd) if measured else None,
             ci_low=_num(e.ci95[0]) if measured else None, ci_high=_num(e.ci95[1]) if measured else None,
             search_value=_num(r.value) if r is not None else None,
             winner=e.number == val.winner, error=error,
-        ))
+        )
+
+    rows = [row(e) for e in val.entries]
+    if val.baseline is not None and val.baseline.number not in {e.number for e in val.entries}:
+        data.validation_baseline = row(val.baseline)
+    data.validation_interval = val.interval
+    data.validation_verdict = val.verdict()
+    data.validation_speedup = val.speedup
+    if val.contended:
+        data.validation_contended = (
+            f"{val.contended} round{'s' * (val.contended != 1)} contended (other processes competed) and "
+            f"measured again; {val.dropped} contended again and dropped.")
     # As the terminal summary orders them: best mean first, the failed ones last.
     rows.sort(key=lambda r: (r.mean is None, -(r.mean or 0.0)))
     data.validation = [dataclasses.replace(r, rank=i) for i, r in enumerate(rows, start=1)]
@@ -627,6 +651,17 @@ def _search(data: ReportData, s: StoredStudy) -> None:
         data.param_points, data.params = [], []
         data.notes.append("Parameter plots skipped: no measured trial with searched parameters "
                           "(only the baseline or fixed settings so far).")
+        return
+    data.effects = compute_effects(s)
+    if not data.effects.params:
+        data.notes.append("Parameter effects skipped: no searched setting has measured trials "
+                          "(contended trials are left out when uncontended ones exist).")
+    if len(data.param_points) < MIN_TRIALS_FOR_IMPORTANCES:
+        data.notes.append(
+            f"Parameter importances skipped: {len(data.param_points)} measured trial(s), fewer than the "
+            f"{MIN_TRIALS_FOR_IMPORTANCES} a ranking needs (PED-ANOVA contrasts the top 10% of trials "
+            "with all of them); see Parameter effects for what the trials do show."
+        )
         return
     _importances(data)
 

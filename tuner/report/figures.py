@@ -10,6 +10,7 @@ import html
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner import objectives
+from tuner.effects import MARGINAL, MIN_TRIALS_FOR_IMPORTANCES
 from tuner.results import defaults_name
 from tuner.report.data import (
     NamedFigure, ParamAxis, ReportData, TelemetryView, TradeoffPoint, TrialPoint, ValidationRow, best_so_far,
@@ -77,6 +78,46 @@ def importances_figure(data: ReportData) -> go.Figure:
     ))
     fig.update_layout(title=f"Setting importances for {data.objective_label}", xaxis_title="importance",
                       yaxis_title="setting")
+    return fig
+
+
+def effects_figure(data: ReportData) -> go.Figure:
+    """Per searched setting, the objective's mean per value with its 95% interval (one panel a
+    setting, the y axis shared so the panels compare); a value measured once has no bar."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    eff = data.effects
+    params = eff.params if eff is not None else []
+    if eff is None or not params:
+        fig = go.Figure()
+        fig.add_annotation(text="No parameter effects: no measured trial with searched parameters.",
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False})
+        return fig
+    titles = [html.escape(f"{p.name}: {p.effect_text(eff.log_scale)}") for p in params]
+    fig = make_subplots(rows=1, cols=len(params), shared_yaxes=True, subplot_titles=titles)
+    mean = "geometric mean" if eff.log_scale else "mean"
+    for col, p in enumerate(params, start=1):
+        color = "#d62728" if p.name == eff.top else "#1f77b4"
+        for with_ci in (True, False):
+            sel = [v for v in p.values if (v.ci_low is not None) == with_ci]
+            if not sel:
+                continue
+            fig.add_trace(go.Scatter(
+                x=[str(v.value) for v in sel], y=[v.mean for v in sel], mode="markers", showlegend=False,
+                marker={"color": color, "size": 10, "symbol": "circle" if with_ci else "circle-open"},
+                error_y={"type": "data", "symmetric": False, "color": color, "thickness": 2, "width": 8,
+                         "array": [(v.ci_high or v.mean) - v.mean for v in sel],
+                         "arrayminus": [v.mean - (v.ci_low or v.mean) for v in sel]} if with_ci else None,
+                text=[html.escape(eff.value_text(v) + (" trials" if v.n > 1 else " trial, no interval"))
+                      for v in sel],
+                hovertemplate=f"{html.escape(p.name)}=%{{text}}<extra></extra>",
+            ), row=1, col=col)
+        fig.update_xaxes(title_text=html.escape(p.name), type="category", categoryorder="array",
+                         categoryarray=[str(v.value) for v in p.values], row=1, col=col)
+    fig.update_yaxes(title_text=f"{data.objective_label} ({mean})", row=1, col=1)
+    fig.update_layout(title=f"{data.objective_label} per value of each setting: {mean} and 95% CI")
     return fig
 
 
@@ -321,10 +362,20 @@ def draw(data: ReportData) -> list[NamedFigure]:
                         "were stopped; they never count as best.")
         figs.append(NamedFigure("history", "Optimisation history", history_figure(data), caption))
     if data.params:
+        eff = data.effects
+        if eff is not None and eff.params:
+            how = ("geometric mean and its 95% t interval on the log scale" if eff.log_scale
+                   else "mean and its 95% t interval")
+            figs.append(NamedFigure(
+                "effects", "Parameter effects", effects_figure(data),
+                f"{eff.n_trials} measured trials; per value, the {how} (open circles: measured once, no "
+                f"interval); the setting the verdict names is drawn in red. {MARGINAL}"))
         if data.importances:
             figs.append(NamedFigure("importances", "Parameter importances", importances_figure(data),
-                                    "How much each setting explains the objective (PED-ANOVA), "
-                                    "over measured trials; few trials make it rough."))
+                                    f"How much each setting explains the objective (PED-ANOVA) over "
+                                    f"{len(data.param_points)} measured trials (shown from "
+                                    f"{MIN_TRIALS_FOR_IMPORTANCES}); a ranking without intervals: "
+                                    "Parameter effects above says how sure each effect is."))
         figs.append(NamedFigure("parallel", "Parallel coordinates", parallel_figure(data),
                                 "Each line is a measured trial, darker is better; infeasible ones are dotted."))
         figs.append(NamedFigure("slices", f"{data.objective_label} against each parameter", slice_figure(data),

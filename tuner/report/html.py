@@ -100,7 +100,10 @@ def _best_html(data: ReportData) -> str:
     engine_defaults = defaults_name(data.header.engine)
     title = "Best feasible configuration" if b.feasible else "Least-violating configuration (nothing is feasible)"
     parts = [f"<h2>{_e(title)} &mdash; trial #{b.number}</h2>"]
-    if b.speedup is not None:
+    again = data.validation_speedup
+    if again is not None and data.winner_row is not None and again.trial == b.number:
+        parts.append(f"<p class=\"speedup\">{_e(again.describe(objectives.label(b.objective), engine_defaults))}</p>")
+    elif b.speedup is not None:
         parts.append(
             f"<p class=\"speedup\">{b.speedup:.2f}&times; {_e(objectives.label(b.objective))} "
             f"vs {_e(engine_defaults)} (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
@@ -148,7 +151,9 @@ def _winner_html(data: ReportData) -> list[str]:
     if data.top and data.top[0].number != win.number:
         out.append(f"<p class=\"caption\">Chosen over trial #{data.top[0].number}, which scored higher in its single "
                    "measurement during the search.</p>")
-    if data.overlap_with_best:
+    if data.overlap_with_best and data.validation_interval:
+        out.append(f"<p class=\"warn\">{_e(data.validation_verdict)}</p>")
+    elif data.overlap_with_best:
         ok = [r for r in data.validation if r.mean is not None]
         out.append(f"<p class=\"warn\">The top two 95% intervals overlap (#{ok[0].number} and #{ok[1].number}): "
                    "they are not distinguishable at this precision; more --validate-rounds narrows the "
@@ -162,25 +167,46 @@ def _validation_html(data: ReportData, figure: str) -> str:
     label = objectives.label(data.validation_objective)
     parts = [f"<h2>Re-validation of the top {len(data.validation)} configurations</h2>",
              f"<p class=\"caption\">{_e(label)} re-measured in {data.validation_rounds} interleaved rounds "
-             f"after {data.validation_trials_at} trials, mean and 95% confidence interval.</p>"]
+             f"after {data.validation_trials_at} trials, "
+             + ("geometric mean and 95% confidence interval (Student t on the log scale, so it stays above 0)."
+                if data.validation_interval else "mean and 95% confidence interval.") + "</p>"]
     rows = []
-    for r in data.validation:
+    listed = [*data.validation, *([data.validation_baseline] if data.validation_baseline else [])]
+    for r in listed:
         if r.error:
             note = f"failed: {r.error}"
         elif r.winner:
             note = "winner" + ("" if data.validation_current else " (not current: later trials took the lead)")
+        elif r is data.validation_baseline:
+            note = "defaults (re-measured for the speedup)"
         else:
             note = ""
         rows.append([
-            (str(r.rank), True), (f"#{r.number}", True), (_e(r.config), False), (str(r.n), True),
+            (str(r.rank or "-"), True), (f"#{r.number}", True), (_e(r.config), False), (str(r.n), True),
             (_f(r.mean, 2), True), (_f(r.sd, 2), True), (f"{_f(r.ci_low, 2)} .. {_f(r.ci_high, 2)}", True),
             (_f(r.search_value, 2), True), (_e(note), False),
         ])
     parts.append(_table(["rank", "trial", "configuration", "rounds", "mean", "± sd", "95% CI", "during search", ""], rows))
-    if data.validation_overlap and not data.overlap_with_best:
+    if data.validation_overlap and not data.overlap_with_best and data.validation_interval:
+        parts.append(f"<p class=\"warn\">{_e(data.validation_verdict)}</p>")
+    elif data.validation_overlap and not data.overlap_with_best:
         parts.append("<p class=\"warn\">The top two intervals overlap: they are not distinguishable at this "
                      "precision (more --validate-rounds narrows the intervals).</p>")
+    elif data.validation_verdict and not data.validation_overlap:
+        parts.append(f"<p class=\"note\">{_e(data.validation_verdict)}</p>")
+    if data.validation_contended:
+        parts.append(f"<p class=\"warn\">{_e(data.validation_contended)}</p>")
     return "".join(parts) + figure
+
+
+def _effects_html(data: ReportData) -> str:
+    """The verdict on the parameter effects, and what was left out."""
+    eff = data.effects
+    if eff is None:
+        return ""
+    cls = "validated" if eff.top is not None else "warn"
+    return (f"<p class=\"{cls} verdict\">{_e(eff.verdict)}</p>"
+            + "".join(f"<p class=\"note\">{_e(n)}</p>" for n in eff.notes))
 
 
 def _pruned_html(data: ReportData) -> str:
@@ -241,6 +267,8 @@ def render_html(data: ReportData) -> str:
         part = "" if nf.key == "validation" else f"<h2>{_e(nf.title)}</h2>"
         if nf.caption:
             part += f"<p class=\"caption\">{_e(nf.caption)}</p>"
+        if nf.key == "effects":
+            part += _effects_html(data)
         cls = "figure small" if nf.key == "validation" else "figure"
         part += f"<div id=\"{div}\" class=\"{cls}\"></div>"
         figures.append((nf.key, part))

@@ -1,0 +1,265 @@
+"""Parameter effects a user can believe: the objective per value of each searched setting,
+with 95% intervals, and which setting moved it most.
+
+Pure: computed from a :class:`~tuner.results.StoredStudy`'s records, nothing read again.
+
+Method (one place, so the report and ``tune show`` say the same):
+
+- Trials: measured ones (complete, not a failed load; infeasible ones count, they measured the
+  objective too) with a finite first objective. The baseline has no searched values and is left
+  out. Contended trials are left out when uncontended ones exist, and the result says so.
+- Per value of a setting: n, and the mean on the log scale (the geometric mean) with a Student t
+  interval on the log scale, back-transformed: rates and latencies are positive, and so is every
+  bound. A value measured once has no interval. (Where the objective has values <= 0 the
+  arithmetic mean and a plain t interval are used instead.)
+- Effect of a setting: the ratio of its highest to its lowest value mean (geometric means, values
+  measured at least twice: one trial carries no claim), with a Welch t interval on the log
+  difference. The effect is *clear* when those two values' 95% intervals do not overlap.
+- Verdict: the clear setting with the largest effect, when its effect interval does not overlap
+  the next clear one's; otherwise "not distinguishable".
+
+These are marginal means: other settings vary across the trials of one value too, so with few
+trials a value's mean can carry another setting's effect (its interval is then wide).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tuner import objectives
+from tuner.record import TrialRecord
+from tuner.results import StoredStudy
+
+#: Below this many measured trials with searched settings, importances are not shown as a
+#: ranking. PED-ANOVA (the report's evaluator) contrasts the top 10% of trials with all of
+#: them, and Optuna's documentation asks for at least 5 trials in that top set: 50 trials.
+#: Below it the ranking reflects which values one or two lucky trials happened to have (an
+#: 8-trial demo ranked num_batch 0.93 and num_thread 0.03 when num_thread decided nearly all).
+MIN_TRIALS_FOR_IMPORTANCES = 50
+#: Said wherever the effects are shown.
+MARGINAL = ("Marginal means: the other settings vary across each value's trials too, so with few trials "
+            "one setting's effect can show up in another's (with a wide interval).")
+#: A value needs this many trials to carry an interval, and so to count for an effect.
+MIN_PER_VALUE = 2
+
+
+@dataclass(frozen=True)
+class ValueEffect:
+    """The objective over the trials that ran one value of one setting."""
+
+    value: Any
+    n: int
+    #: Geometric mean (arithmetic on the linear scale), and its 95% interval (None when n < 2).
+    mean: float
+    ci_low: float | None
+    ci_high: float | None
+    #: Trial numbers used.
+    trials: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParamEffect:
+    """One searched setting: its values' means, and how far apart the extremes are."""
+
+    name: str
+    values: list[ValueEffect]
+    #: The values with the highest and lowest mean among those measured at least twice.
+    high: Any = None
+    low: Any = None
+    #: high / low (log scale) or high - low (linear scale), with its 95% interval.
+    effect: float | None = None
+    effect_low: float | None = None
+    effect_high: float | None = None
+    #: The high and low values' 95% intervals do not overlap.
+    clear: bool = False
+
+    def effect_text(self, log_scale: bool) -> str:
+        """``1.80x (95% CI 1.71-1.90x)``, or why there is no effect."""
+        if self.effect is None:
+            return f"no effect: fewer than two values measured at least {MIN_PER_VALUE} times"
+        if log_scale:
+            return f"{self.effect:.2f}x (95% CI {self.effect_low:.2f}-{self.effect_high:.2f}x)"
+        return f"{self.effect:+.2f} (95% CI {self.effect_low:+.2f} .. {self.effect_high:+.2f})"
+
+
+@dataclass(frozen=True)
+class Effects:
+    """The parameter effects of a study's first objective, and the verdict."""
+
+    objective: str
+    maximize: bool
+    #: Means and intervals on the log scale (every value positive), else linear.
+    log_scale: bool
+    #: Trials used, and contended trials left out.
+    n_trials: int
+    excluded_contended: int
+    params: list[ParamEffect]
+    #: The setting that moved the objective most, or None when that is not distinguishable.
+    top: str | None
+    verdict: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return objectives.label(self.objective)
+
+    def value_text(self, v: ValueEffect) -> str:
+        """``2: 46.58 [46.10 .. 47.07] (5)``"""
+        ci = f" [{v.ci_low:.2f} .. {v.ci_high:.2f}]" if v.ci_low is not None and v.ci_high is not None else ""
+        return f"{v.value}: {v.mean:.2f}{ci} ({v.n})"
+
+    def lines(self) -> list[str]:
+        """The terminal block: one line per setting, then the verdict."""
+        mean = "geometric mean" if self.log_scale else "mean"
+        out = [f"Parameter effects on {self.label} ({mean} [95% CI] (trials) per value, "
+               f"{self.n_trials} measured trials):"]
+        width = max((len(p.name) for p in self.params), default=0)
+        for p in self.params:
+            values = "  ".join(self.value_text(v) for v in p.values)
+            out.append(f"  {p.name:<{width}}  {values}  -> {p.effect_text(self.log_scale)}")
+        out.append(f"  {self.verdict}")
+        out.extend(f"  {n}" for n in self.notes)
+        return out
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def t975(df: float) -> float:
+    """The two-sided 95% Student t quantile for ``df`` degrees of freedom."""
+    from scipy.stats import t  # here: scipy takes a while to import
+
+    return float(t.ppf(0.975, df))
+
+
+def _interval(z: Sequence[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the mean of ``z`` (t interval), or None with fewer than 2 values."""
+    m = statistics.fmean(z)
+    if len(z) < MIN_PER_VALUE:
+        return None
+    half = t975(len(z) - 1) * statistics.stdev(z) / math.sqrt(len(z))
+    return m, m - half, m + half
+
+
+def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """mean(a) - mean(b) with its 95% Welch t interval (both have at least 2 values)."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, diff, diff
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t975(df) * se
+    return diff, diff - half, diff + half
+
+
+def _overlap(a: tuple[float | None, float | None], b: tuple[float | None, float | None]) -> bool:
+    """Whether two intervals overlap; a missing bound counts as overlapping (nothing is shown)."""
+    (a_lo, a_hi), (b_lo, b_hi) = a, b
+    if a_lo is None or a_hi is None or b_lo is None or b_hi is None:
+        return True
+    return a_lo <= b_hi and b_lo <= a_hi
+
+
+# ------------------------------------------------------------------------------ compute
+
+
+def _trials(s: StoredStudy) -> tuple[list[TrialRecord], int, list[str]]:
+    """The trials the effects use, how many contended ones were left out, and notes."""
+    used = [r for r in s.records if r.measured and r.values and math.isfinite(r.values[0]) and r.params]
+    notes: list[str] = []
+    contended = [r for r in used if r.contended]
+    if contended and any(r.contended is False for r in used):
+        used = [r for r in used if not r.contended]
+        notes.append(f"Left out {len(contended)} contended trial(s) (other processes used the machine while "
+                     f"they ran); the effects are from the {len(used)} other(s).")
+        return used, len(contended), notes
+    if contended:
+        notes.append(f"Every measured trial with a known load was contended ({len(contended)}): the effects "
+                     "include other processes' interference.")
+    return used, 0, notes
+
+
+def _space(s: StoredStudy, used: Sequence[TrialRecord]) -> dict[str, list[Any]]:
+    """Searched settings and their values: the stored space (more than one value), else what varied."""
+    stored = s.attrs.get("space")
+    seen: dict[str, list[Any]] = {}
+    for r in used:
+        for k, v in r.params.items():
+            vals = seen.setdefault(k, [])
+            if v not in vals:
+                vals.append(v)
+    if isinstance(stored, dict) and stored:
+        names = [k for k, v in stored.items() if isinstance(v, list) and len(v) > 1 and k in seen]
+        return {k: [v for v in stored[k] if v in seen[k]] + [v for v in seen[k] if v not in stored[k]]
+                for k in names}
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def _param(name: str, values: list[Any], used: Sequence[TrialRecord], z: dict[int, float],
+           log_scale: bool) -> ParamEffect:
+    back = math.exp if log_scale else float
+    rows: list[ValueEffect] = []
+    groups: dict[int, list[float]] = {}
+    for i, value in enumerate(values):
+        trials = [r for r in used if name in r.params and r.params[name] == value]
+        if not trials:
+            continue
+        zs = [z[r.number] for r in trials]
+        ci = _interval(zs)
+        rows.append(ValueEffect(value, len(trials), back(statistics.fmean(zs)),
+                                back(ci[1]) if ci else None, back(ci[2]) if ci else None,
+                                tuple(r.number for r in trials)))
+        if ci is not None:
+            groups[len(rows) - 1] = zs
+    if len(groups) < 2:
+        return ParamEffect(name, rows)
+    hi = max(groups, key=lambda i: statistics.fmean(groups[i]))
+    lo = min(groups, key=lambda i: statistics.fmean(groups[i]))
+    d, d_lo, d_hi = _welch(groups[hi], groups[lo])
+    effect = (back(d), back(d_lo), back(d_hi))
+    clear = not _overlap((rows[hi].ci_low, rows[hi].ci_high), (rows[lo].ci_low, rows[lo].ci_high))
+    return ParamEffect(name, rows, rows[hi].value, rows[lo].value, *effect, clear=clear)
+
+
+def _verdict(params: Sequence[ParamEffect], label: str, maximize: bool, log_scale: bool) -> tuple[str | None, str]:
+    if not params:
+        return None, "Not distinguishable: no measured trial with searched parameters."
+    sized = [p for p in params if p.effect is not None]
+    if not sized:
+        return None, (f"Not distinguishable: no searched parameter has two values measured at least "
+                      f"{MIN_PER_VALUE} times each; more trials are needed.")
+    clear = sorted((p for p in sized if p.clear), key=lambda p: -(p.effect or 0.0))
+    if not clear:
+        return None, (f"Not distinguishable: for every parameter the 95% intervals of its highest and lowest "
+                      f"value overlap, so none is shown to move {label} at this number of trials.")
+    top = clear[0]
+    best, worst = (top.high, top.low) if maximize else (top.low, top.high)
+    said = f"{best} vs {worst} gives {top.effect_text(log_scale)}"
+    if len(clear) > 1 and _overlap((top.effect_low, top.effect_high), (clear[1].effect_low, clear[1].effect_high)):
+        other = clear[1]
+        return None, (f"Not distinguishable which parameter moved {label} most: {top.name} "
+                      f"({top.effect_text(log_scale)}) and {other.name} ({other.effect_text(log_scale)}) "
+                      "both did, and their effect intervals overlap.")
+    rest = ("; the other parameters' values are not distinguishable" if len(clear) == 1 and len(params) > 1
+            else "")
+    return top.name, f"{top.name} moved {label} most: {said}{rest}."
+
+
+def compute(s: StoredStudy) -> Effects:
+    """The parameter effects of ``s``'s first objective (see the module docstring for the method)."""
+    names = list(s.attrs.get("objectives") or ["decode_tps"])
+    objective, maximize = str(names[0]), s.direction == "maximize"
+    used, excluded, notes = _trials(s)
+    space = _space(s, used)
+    used = [r for r in used if any(k in r.params for k in space)]
+    raw = {r.number: float(r.values[0]) for r in used if r.values}
+    log_scale = all(v > 0 for v in raw.values())
+    z = {k: math.log(v) for k, v in raw.items()} if log_scale else raw
+    params = [_param(k, v, used, z, log_scale) for k, v in space.items()]
+    label = objectives.label(objective)
+    top, verdict = _verdict(params, label, maximize, log_scale)
+    return Effects(objective, maximize, log_scale, len(used), excluded, params, top, verdict, notes)
