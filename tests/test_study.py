@@ -549,3 +549,20 @@ def test_contended_trials_never_decide_the_study(fake: FakeOllama, gpu: None, mo
     assert summary.contended == 1 and not summary.only_contended
     assert "1 trials still contended (left out of the winner)" in format_summary(summary)
     assert by_threads  # three configs measured
+
+
+def test_a_machine_that_stays_busy_is_said_plainly(fake: FakeOllama, gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.show import format_summary
+
+    _script(monkeypatch, interference=[95.0], busy=[90.0])
+    lines: list[str] = []
+    summary = run_study(opts(fake, trials=3, validate=0, roofline=False, quiet_wait_s=0.5), echo=lines.append)
+    text = "\n".join(lines)
+    assert "machine check: BUSY: other processes use 90% of a core (busiest: yes at 90%)" in text
+    # One wait, then no more: the rest is flagged without waiting.
+    assert text.count("waiting up to 0 s for a quiet machine") == 1
+    assert text.count("the machine stayed busy for") == 1
+    assert all(r.contended for r in summary.trials) and summary.only_contended
+    assert sum(line.count("CONTENDED") for line in lines) == 3
+    assert ("WARNING: every feasible trial was measured while other processes competed for the machine: "
+            "the winner above is uncertain; re-run when the machine is quiet") in format_summary(summary)

@@ -433,6 +433,8 @@ class _Runner:
     def __init__(self, o: TuneOptions, p: _Prepared, echo: Echo) -> None:
         self.o, self.p, self.echo = o, p, echo
         self.loaded_key: Any = None
+        #: The machine stayed busy through a whole --quiet-wait: flag without waiting.
+        self.stays_busy = False
         hw = hardware_fingerprint(p.environment)
         self.worker = {"hostname": platform.node(), "pid": os.getpid(), "gpus": hw["gpus"],
                        "server": p.server.get("host", "")}
@@ -478,13 +480,23 @@ class _Runner:
             lost_s, tries = 0.0, 0
             # A measurement other processes competed with is not a measurement: measure again
             # once the machine is quiet (bounded), and keep what it cost.
-            while (not m.stopped_early and tries < o.remeasure_contended
+            while (not m.stopped_early and tries < o.remeasure_contended and not self.stays_busy
                    and m.record(model, runner, server).contended):
                 tries += 1
                 lost_s += time.monotonic() - t0
-                lost_s += self._wait_for_quiet(trial.number)
+                waited, quiet = self._wait_for_quiet(trial.number)
+                lost_s += waited
+                if not quiet:
+                    # Busy for the whole wait: waiting again for every trial would only multiply
+                    # the study's time; flag the rest until a trial runs quiet.
+                    self.stays_busy = True
+                    self.echo(f"  the machine stayed busy for {waited:.0f} s: measuring on without waiting; "
+                              "contended trials are flagged and kept out of the winner")
+                    break
                 t0 = time.monotonic()
                 m = measure_config(p.engine, model, runner, p.workload, reload=False, sampler=self._sampler())
+            if m.record(model, runner, server).contended is False:
+                self.stays_busy = False
         except LoadError as e:
             self.loaded_key = None
             return self._failed_load(trial, rec, str(e))
@@ -572,9 +584,9 @@ class _Runner:
         vals = [FAILED_SCORE[d] for d in self.directions]
         return vals[0] if len(vals) == 1 else vals
 
-    def _wait_for_quiet(self, number: int) -> float:
+    def _wait_for_quiet(self, number: int) -> tuple[float, bool]:
         """Wait (up to --quiet-wait) until other processes leave the CPU alone; return the
-        seconds waited."""
+        seconds waited and whether the machine is quiet now."""
         from tuner.telemetry import machine_busy
 
         t0 = time.monotonic()
@@ -583,15 +595,14 @@ class _Runner:
         while True:
             busy = machine_busy(1.0, exclude_pids=sorted({os.getpid(), *self.p.engine.server_pids()}))
             if busy.interference_pct is None or busy.interference_pct < record.CONTENDED_PCT:
-                break
+                return time.monotonic() - t0, True
             if not said:
                 self.echo(printable(
                     f"  #{number} was measured while other processes competed ({_busy_text(busy)}): waiting up to "
                     f"{self.o.quiet_wait_s:.0f} s for a quiet machine, then measuring it again"))
                 said = True
             if time.monotonic() >= deadline:
-                break
-        return time.monotonic() - t0
+                return time.monotonic() - t0, False
 
     def _wait_for_server(self) -> None:
         deadline = time.monotonic() + self.o.server_wait_s

@@ -58,12 +58,14 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float, float, float]:
     return g, sd, lo, hi
 
 
-def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: str) -> list[str]:
+def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: str,
+                     fixed: frozenset[str] = frozenset()) -> list[str]:
     """The settings ``r`` sets away from the engine's defaults, as ``name=value``.
 
     The baseline sends none. A value the baseline also ran (a server setting it reported, the
     ``--context`` it sent) or a setting's "runtime decides" value (``num_thread=0``,
-    ``num_gpu=-1``, ``flash_attention=auto``) is the default, so it does not count.
+    ``num_gpu=-1``, ``flash_attention=auto``) is the default, so it does not count; neither does
+    a setting the study fixed (``fixed``: every config sends the same value, it is no choice).
     """
     if r.baseline:
         return []
@@ -75,7 +77,7 @@ def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: s
         out.append(f"variant={r.model_label}")
     for k, v in {**r.options, **r.effective_server}.items():
         s = SETTINGS.get(k)
-        if base_opts.get(k, base_server.get(k)) == v or (s is not None and v in (s.auto, "auto")):
+        if k in fixed or base_opts.get(k, base_server.get(k)) == v or (s is not None and v in (s.auto, "auto")):
             continue
         out.append(f"{k}={v}")
     return out
@@ -151,7 +153,10 @@ def validate_top(
     configs = list(top)
     if maximize and defaults is not None and defaults.number not in {t.number for t in top}:
         configs.append(defaults)
-    entries = {t.number: Validated(t.number, changed=changed_settings(t, defaults, base_model)) for t in configs}
+    space = st.attrs.get("space") or {}
+    fixed = frozenset(k for k, v in space.items() if isinstance(v, list) and len(v) == 1)
+    entries = {t.number: Validated(t.number, changed=changed_settings(t, defaults, base_model, fixed))
+               for t in configs}
     one = dataclasses.replace(workload, repeats=1)
     loaded: Any = None
 
