@@ -383,6 +383,8 @@ class Validated:
     def text(self) -> str:
         if self.error:
             return f"failed: {self.error}"
+        if not self.values:
+            return "not measured (no uncontended round)"
         return f"{self.mean:.2f} (95% CI {self.ci95[0]:.2f} .. {self.ci95[1]:.2f}, sd {self.sd:.2f})"
 
 

@@ -72,7 +72,9 @@ def format_summary(s: Any) -> str:
         obj = s.objectives[0]
         out.append(
             f"{s.speedup:.2f}x {objectives.label(obj)} vs {results.defaults_name(s.engine)} "
-            f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f})"
+            f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f}"
+            + ("; measured while other processes competed: not a number to rely on)"
+               if s.best.contended or s.baseline.contended else ")")
         )
     if val is not None:
         out.extend(val.describe())
