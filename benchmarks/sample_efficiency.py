@@ -9,6 +9,11 @@ the largest budget. A budget B is scored on the run's first B trials: sampling o
 looks back, so a run cut after B trials is exactly a ``--trials B`` run (``--separate``
 runs every budget on its own to check that).
 
+The GPU surface (``--surfaces gpu``; ``benchmarks/gpu_surface.py`` documents it) runs the same
+``run_study`` against the fake Ollama serving a synthetic 8 GiB GPU box with four variants of
+a 4B model (no sleeping, the fake's memory model decides what loads), in product mode with
+no latency limit, scored against the exhaustive optimum of its speed model.
+
 Score: the recorded (true) mean decode tok/s of the configuration the study would report
 (best feasible trial) over the best recorded mean of the grid (feasible under the same
 latency limit), so a lucky replayed repeat never counts as success. Latency limits
@@ -19,6 +24,7 @@ infeasible); its 25th percentile (a limit that cuts into the fastest configs).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -104,6 +110,8 @@ def run_one(grid: Grid, prompts: Path, sampler: str, seed: int, budgets: list[in
             trials=trials, seed=seed, sampler=sampler.split("[")[0], prune=False, validate=0, roofline=False,
             params=grid.axes, repeats=grid.repeats, num_predict=grid.num_predict, prompts_file=str(prompts),
             max_ttft_ms=max_ttft, baseline=product, starting_points=product,
+            # Replayed samples are not measured on this machine: its load cannot touch them.
+            measure_interference=False,
         )
         done = run_study(o, sampler_factory=factory).trials
         for b in budgets:
@@ -114,10 +122,55 @@ def run_one(grid: Grid, prompts: Path, sampler: str, seed: int, budgets: list[in
     return run
 
 
+def run_gpu(sampler: str, seed: int, budgets: list[int], prompts: Path, optimum: float,
+            factory: Callable[..., Any] = study_mod.make_sampler) -> Run:
+    """One product-mode study on the synthetic GPU box; shares by budget."""
+    import gpu_surface
+
+    run = Run(sampler, seed, "product", None)
+    t0 = time.perf_counter()
+    with gpu_surface.server() as fake:
+        o = TuneOptions(
+            model=["gemma3:4b"], host=fake.url, storage="memory", study_name=f"{sampler}-{seed}",
+            trials=max(budgets), seed=seed, sampler=sampler.split("[")[0], prune=False, validate=0,
+            roofline=False, params=dict(gpu_surface.SPACE), repeats=1, num_predict=16,
+            prompts_file=str(prompts), measure_interference=False,
+        )
+        done = sorted(run_study(o, sampler_factory=factory).trials, key=lambda t: t.number)
+    for b in budgets:
+        ok = [t for t in done[:b] if t.feasible and t.values]
+        best = max(ok, key=lambda t: t.values[0]) if ok else None
+        true = gpu_surface.truth(best.model, best.options) if best is not None and not best.baseline else None
+        if best is not None and best.baseline:
+            true = best.values[0]  # deterministic: the measured value is the true one
+        run.shares[b] = (true or 0.0) / optimum
+        run.distinct[b] = len({(t.model, tuple(sorted(t.options.items()))) for t in done[:b]})
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def gpu_tables(samplers: list[tuple[str, dict[str, Any]]], seeds: int, budgets: list[int], tmp: Path) -> None:
+    import gpu_surface
+
+    optimum, arg, n_load, near = gpu_surface.optimum()
+    n_configs = len(gpu_surface.VARIANTS) * len(list(itertools.product(*gpu_surface.SPACE.values())))
+    prompts = tmp / "gpu-prompts.txt"
+    prompts.write_text("Say hello in one short sentence.\n", encoding="utf-8")
+    print(f"\nGPU surface (benchmarks/gpu_surface.py): optimum {optimum:.2f} tok/s at "
+          + " ".join(f"{k}={v}" for k, v in arg.items()) + f"; load average now {load_average()}")
+    runs = [run_gpu(name, seed, budgets, prompts, optimum, sampler_factory(overrides))
+            for name, overrides in samplers for seed in range(seeds)]
+    _print(runs, budgets, optimum, n_load, near, n_configs, None, surface="GPU surface, no latency limit",
+           optimum_label="optimum", feasible_label="load")
+    print(f"load average at the end: {load_average()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default=str(DEFAULT_GRID))
-    ap.add_argument("--samplers", default="tpe,random,grid")
+    ap.add_argument("--samplers", default="staged,tpe,random,grid")
+    ap.add_argument("--surfaces", default="cpu,gpu", help="cpu: the recorded CPU grid; gpu: the synthetic GPU box")
+    ap.add_argument("--gpu-budgets", default="10,15,30")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--budgets", default="10,20,30,50")
     ap.add_argument("--tpe", action="append", default=[], metavar="K=V,...",
@@ -149,9 +202,12 @@ def main() -> None:
           f"recorded {grid.raw.get('recorded_at')}; load average now {load_average()}")
     print(gp_note)
     runs: list[Run] = []
+    surfaces = {x.strip() for x in a.surfaces.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         prompts = write_prompts(grid, Path(tmp) / "prompts.jsonl")
-        for max_ttft in limits:
+        if "gpu" in surfaces:
+            gpu_tables(setups, a.seeds, sorted(int(b) for b in a.gpu_budgets.split(",")), Path(tmp))
+        for max_ttft in limits if "cpu" in surfaces else []:
             ok = [t for k, t in truth.items() if t.ok and (max_ttft is None or t.ttft_p95_ms <= max_ttft)
                   and k != BASELINE_KEY]
             optimum = max(t.decode_tps for t in ok)
@@ -176,7 +232,8 @@ def _limit(text: str, ttfts: list[float]) -> float | None:
 
 
 def _print(runs: list[Run], budgets: list[int], optimum: float, n_feasible: int, near: int, n_configs: int,
-           max_ttft: float | None) -> None:
+           max_ttft: float | None, surface: str = "", optimum_label: str = "grid optimum",
+           feasible_label: str = "feasible") -> None:
     rows = []
     for mode, name in dict.fromkeys((r.mode, r.sampler) for r in runs):
         mine = [r for r in runs if r.sampler == name and r.mode == mode]
@@ -188,12 +245,12 @@ def _print(runs: list[Run], budgets: list[int], optimum: float, n_feasible: int,
         row.append(f"{statistics.median(r.distinct[budgets[-1]] for r in mine):.0f}")
         row.append(f"{statistics.fmean(r.seconds for r in mine):.1f}")
         rows.append(row)
-    limit = f"p95 TTFT <= {max_ttft:.0f} ms" if max_ttft is not None else "no latency limit"
+    limit = surface or (f"p95 TTFT <= {max_ttft:.0f} ms" if max_ttft is not None else "no latency limit")
     print()
     print(table(["mode", "sampler"] + [f"{b} trials" for b in budgets]
                 + [f"distinct configs in {budgets[-1]}", "s/run"], rows,
-                title=f"{limit}: share of the grid optimum ({optimum:.2f} tok/s; {n_feasible} of {n_configs} "
-                      f"configs feasible, {near} within {100 * TARGET_SHARE:.0f}%), median / worst over "
+                title=f"{limit}: share of the {optimum_label} ({optimum:.2f} tok/s; {n_feasible} of {n_configs} "
+                      f"configs {feasible_label}, {near} within {100 * TARGET_SHARE:.0f}%), median / worst over "
                       f"{len({r.seed for r in runs})} seeds (seeds reaching >= {100 * TARGET_SHARE:.0f}%)"), flush=True)
 
 

@@ -133,3 +133,19 @@ def test_run_now_counts_only_this_process(fake: FakeOllama, monkeypatch: pytest.
     line = next(x for x in r.output.splitlines() if x.startswith("Trials: "))
     assert line.endswith("; 2 run now"), line
     assert "1 fail" in line
+
+
+def test_study_names_complete_from_the_storage(fake: FakeOllama) -> None:
+    from click.shell_completion import ShellComplete
+
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--trials", "1", "--repeats", "1",
+               "--num-predict", "4", "--study", "gemma-fast", "--validate", "0", "--no-roofline")
+    assert r.exit_code == 0, r.output
+    comp = ShellComplete(cli, {}, "tune", "_TUNE_COMPLETE")
+    assert [c.value for c in comp.get_completions(["show"], "gem")] == ["gemma-fast"]
+    assert [c.value for c in comp.get_completions(["report", "--storage", "sqlite:///nowhere/x.db"], "")] == []
+
+
+def test_tuner_storage_is_documented_in_help() -> None:
+    r = invoke("studies", "--help")
+    assert "var: TUNER_STORAGE" in " ".join(r.output.split())

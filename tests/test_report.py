@@ -676,3 +676,23 @@ def test_importing_the_report_loads_nothing_heavy() -> None:
     code = "import sys, tuner.report; print(' '.join(sorted(sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
     assert {m for m in loaded if m.split(".")[0] in ("optuna", "plotly", "pandas", "numpy", "sqlalchemy")} == set()
+
+
+def test_the_report_counts_contention_and_warns_when_every_trial_was_contended() -> None:
+    from tuner.record import TrialRecord
+    from tuner.results import StoredStudy
+
+    def rec(number: int, value: float, contended: bool, remeasured: int = 0) -> TrialRecord:
+        return TrialRecord(model="gemma3:1b", options={"num_thread": number}, number=number, state="COMPLETE",
+                           values=[value], params={"num_thread": number}, contended=contended,
+                           interference_pct=80.0 if contended else 2.0, remeasured=remeasured,
+                           contention_lost_s=30.0 if remeasured else None)
+
+    st = StoredStudy("s", {"objectives": ["decode_tps"], "space": {"num_thread": [1, 2]}}, ["maximize"],
+                     [rec(1, 50.0, True, 1), rec(2, 40.0, True)])
+    data = report.build_data(st)
+    h = data.header
+    assert (h.contended, h.remeasured, h.contention_lost_s, h.only_contended) == (2, 1, 30.0, True)
+    text = report.render_html(data)
+    assert "1 measurement(s) redone because other processes competed; 2 trial(s) still contended" in text
+    assert "Every feasible trial was measured while other processes competed for the machine" in text

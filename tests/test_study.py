@@ -116,7 +116,7 @@ def test_oom_trials_are_recorded_as_infeasible(fake: FakeOllama, gpu: None) -> N
 
 def test_constraints_exclude_violating_trials_from_best(gpu: None) -> None:
     with FakeOllama(time_scale=0.01) as fake:
-        o = opts(fake, trials=8, repeats=1, max_ttft_ms=40.0,
+        o = opts(fake, trials=8, repeats=1, max_ttft_ms=40.0, sampler="tpe",
                  params={"variant": ["gemma3:1b", "gemma3:1b-it-fp16"], "num_gpu": [0, 27],
                          "num_thread": [1], "num_ctx": [2048]})
         summary = run_study(o)
@@ -195,7 +195,7 @@ def test_ctrl_c_keeps_completed_trials_and_resumes(fake: FakeOllama, monkeypatch
 
     monkeypatch.setattr(OllamaEngine, "generate", interrupt_on_tenth)
     args = ["--model", "gemma3:1b", "--host", fake.url, "--trials", "5", "--repeats", "1",
-            "--num-predict", "8", "--storage", STORAGE, "--param", "num_thread=1,2"]
+            "--num-predict", "8", "--storage", STORAGE, "--param", "num_thread=1,2", "--sampler", "tpe"]
     r = invoke(*args)
     assert r.exit_code == 130
     assert "Interrupted" in r.output and "resume" in r.output
@@ -424,7 +424,8 @@ def test_a_hung_server_fails_trials_and_never_makes_a_config_infeasible(fake: Fa
     # The baseline (warm-up + 2 requests) is answered, then the server freezes entirely.
     fake.hang(120, after_generates=3)
     with pytest.raises(TunerError) as e:
-        run_study(opts(fake, trials=5, repeats=1, timeout_s=1, server_wait_s=1, validate=0, roofline=False))
+        run_study(opts(fake, trials=5, repeats=1, timeout_s=1, server_wait_s=1, validate=0, roofline=False,
+                       sampler="tpe"))
     assert str(e.value).startswith("stopped after 3 consecutive failed trials (last: Ollama at ")
     assert "stopped answering" in str(e.value)
     trials = _load().trials

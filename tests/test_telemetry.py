@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import pytest
 
 pynvml = pytest.importorskip("pynvml")
@@ -527,19 +528,26 @@ def test_gpu_other_processes_and_their_utilisation(
 
 
 def test_gpu_server_children_are_not_others(monkeypatch: pytest.MonkeyPatch) -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # The server is a process of its own whose child runs the model (Ollama's runner does).
+    spawn = ("import subprocess, sys, time\n"
+             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+             "print(c.pid, flush=True)\ntime.sleep(30)\nc.kill()")
+    server = subprocess.Popen([sys.executable, "-c", spawn], stdout=subprocess.PIPE, text=True)
     try:
-        FakeNvml([constant_gpu(procs=[[Proc(child.pid, 0)]], proc_util=[_util((child.pid, 95))])]
+        assert server.stdout is not None
+        runner = int(server.stdout.readline())
+        FakeNvml([constant_gpu(procs=[[Proc(runner, 0)]], proc_util=[_util((runner, 95))])]
                  ).install(monkeypatch)
-        # The server is this process; its child runs the model (Ollama's runner does).
-        with TelemetrySampler(interval_s=0.01, server_pids=[os.getpid()]) as sampler:
+        with TelemetrySampler(interval_s=0.01, server_pids=[server.pid]) as sampler:
             time.sleep(0.05)
         assert sampler.summary is not None
         g = sampler.summary.gpus[0]
         assert (g.other_processes, g.other_util_pct) == (0, 0.0)
     finally:
-        child.kill()
-        child.wait()
+        for proc in psutil.Process(server.pid).children(recursive=True):
+            proc.kill()
+        server.kill()
+        server.wait()
 
 
 def test_gpu_others_unknown_when_pids_are_not_ours_to_see(monkeypatch: pytest.MonkeyPatch) -> None:

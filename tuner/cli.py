@@ -120,9 +120,23 @@ def _storage_option(f: Any) -> Any:
     return click.option(
         "--storage",
         envvar="TUNER_STORAGE",
-        help="Optuna storage URL [default: sqlite:///studies/tuner.db]; "
+        show_envvar=True,
+        help="Optuna storage URL [default: $TUNER_STORAGE, else sqlite:///studies/tuner.db]; "
         "postgresql://... for many workers, journal:///path.log for shared file systems.",
     )(f)
+
+
+def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of STUDY: the study names in the storage the command line points at."""
+    from click.shell_completion import CompletionItem
+
+    from tuner.show import study_names
+
+    try:
+        names = study_names(ctx.params.get("storage") or os.environ.get("TUNER_STORAGE"))
+    except Exception:  # completion must never print a traceback into the user's shell
+        return []
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
 
 
 @cli.command("run")
@@ -160,7 +174,9 @@ def _storage_option(f: Any) -> Any:
 @click.option("--max-vram-mib", type=float, help="Limit on peak GPU memory used (MiB).")
 @click.option("--max-power-w", type=float, help="Limit on mean GPU power (W).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=default("sampler"), show_default=True,
-              help="Optuna sampler; random and grid are baselines.")
+              help="staged: screen every variant at full GPU offload, then TPE inside the best "
+                   "(partial offload only when full offload does not fit); tpe: plain TPE over "
+                   "the whole space; random and grid are baselines.")
 @click.option("--seed", type=int, help="Sampler seed, for reproducible searches.")
 @_storage_option
 @click.option("--study", "study_name", help="Study name [default: MODEL@HOST].")
@@ -232,7 +248,7 @@ def studies_cmd(storage: str | None) -> None:
 
 
 @cli.command("show")
-@click.argument("study", required=False)
+@click.argument("study", required=False, shell_complete=_complete_study)
 @_storage_option
 @click.option("--top", "-k", type=int, default=10, show_default=True, help="Rows in the top-k table.")
 def show_cmd(study: str | None, storage: str | None, top: int) -> None:
@@ -265,7 +281,7 @@ def demo_cmd(trials: int, storage: str | None, out_dir: str) -> None:
 
 
 @cli.command("report")
-@click.argument("study", required=False)
+@click.argument("study", required=False, shell_complete=_complete_study)
 @_storage_option
 @click.option("--output", "-o", type=click.Path(), help="HTML file or folder [default: reports/<study>.html].")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the browser.")
@@ -283,7 +299,7 @@ def report_cmd(study: str | None, storage: str | None, output: str | None, open_
 
 
 @cli.command("export")
-@click.argument("study", required=False)
+@click.argument("study", required=False, shell_complete=_complete_study)
 @click.option("--format", "-f", "fmt", type=click.Choice(["modelfile", "json", "env", "csv", "parquet"]),
               default="modelfile", show_default=True,
               help="modelfile: FROM + PARAMETER lines; json: request options; env: server settings; "

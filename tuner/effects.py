@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 from tuner import objectives
 from tuner.record import TrialRecord
-from tuner.results import StoredStudy
+from tuner.results import StoredStudy, searched_values
 
 #: Below this many measured trials with searched settings, importances are not shown as a
 #: ranking. PED-ANOVA (the report's evaluator) contrasts the top 10% of trials with all of
@@ -183,22 +183,6 @@ def _trials(s: StoredStudy) -> tuple[list[TrialRecord], int, list[str]]:
     return used, 0, notes
 
 
-def _space(s: StoredStudy, used: Sequence[TrialRecord]) -> dict[str, list[Any]]:
-    """Searched settings and their values: the stored space (more than one value), else what varied."""
-    stored = s.attrs.get("space")
-    seen: dict[str, list[Any]] = {}
-    for r in used:
-        for k, v in r.params.items():
-            vals = seen.setdefault(k, [])
-            if v not in vals:
-                vals.append(v)
-    if isinstance(stored, dict) and stored:
-        names = [k for k, v in stored.items() if isinstance(v, list) and len(v) > 1 and k in seen]
-        return {k: [v for v in stored[k] if v in seen[k]] + [v for v in seen[k] if v not in stored[k]]
-                for k in names}
-    return {k: v for k, v in seen.items() if len(v) > 1}
-
-
 def _param(name: str, values: list[Any], used: Sequence[TrialRecord], z: dict[int, float],
            log_scale: bool) -> ParamEffect:
     back = math.exp if log_scale else float
@@ -254,7 +238,8 @@ def compute(s: StoredStudy) -> Effects:
     names = list(s.attrs.get("objectives") or ["decode_tps"])
     objective, maximize = str(names[0]), s.direction == "maximize"
     used, excluded, notes = _trials(s)
-    space = _space(s, used)
+    stored = s.attrs.get("space")
+    space = searched_values(stored if isinstance(stored, dict) else None, [r.params for r in used])
     used = [r for r in used if any(k in r.params for k in space)]
     raw = {r.number: float(r.values[0]) for r in used if r.values}
     log_scale = all(v > 0 for v in raw.values())

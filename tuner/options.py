@@ -7,8 +7,9 @@ from typing import Any
 
 from tuner.storage import GRACE_S, HEARTBEAT_S
 
-#: Optuna samplers offered: TPE (the search), random and grid (baselines).
-SAMPLERS = ("tpe", "random", "grid")
+#: Optuna samplers offered: the staged search (tuner/staged.py: variant screen at full
+#: offload, then TPE), plain TPE, and random and grid (baselines).
+SAMPLERS = ("staged", "tpe", "random", "grid")
 
 
 @dataclass
@@ -31,7 +32,7 @@ class TuneOptions:
     max_latency_ms: float | None = None
     max_vram_mib: float | None = None
     max_power_w: float | None = None
-    sampler: str = "tpe"
+    sampler: str = "staged"
     seed: int | None = None
     storage: str | None = None
     study_name: str | None = None

@@ -55,6 +55,8 @@ DETAIL, TELEMETRY = "detail", "telemetry"
 _N_REQUESTS, _CONCURRENCY, _UNEXPECTED, _DONE = "n_requests", "concurrency", "unexpected_reloads", "done_reasons"
 _PRUNED_SAVED = "pruned_saved_s"
 _REMEASURED, _CONTENTION_LOST = "remeasured", "contention_lost_s"
+#: The search stage a trial belongs to (tuner/staged.py: baseline, start, screen, tune, offload).
+STAGE = "stage"
 
 #: (label, metric) of the request metrics shown with their spread.
 METRIC_ROWS = (
@@ -141,6 +143,8 @@ class TrialRecord:
     #: waits for a quiet machine cost.
     remeasured: int = 0
     contention_lost_s: float | None = None
+    #: The search stage that chose this trial (see tuner/staged.py); None when no stage did.
+    stage: str | None = None
     # -- from Optuna, on read --
     number: int = -1
     state: str = ""
@@ -338,6 +342,8 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
         attrs[SERVER_EFFECTIVE] = r.server_effective
     if r.error is not None:
         attrs[ERROR] = r.error
+    if r.stage is not None:
+        attrs[STAGE] = r.stage
     if not r.samples:
         if r.violations:
             attrs[VIOLATIONS] = r.violations
@@ -401,7 +407,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
              _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
-             _CONTENTION_LOST}
+             _CONTENTION_LOST, STAGE}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
@@ -435,6 +441,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
         contended=bool(flat[CONTENDED]) if flat.get(CONTENDED) is not None else None,
         remeasured=int(flat.get(_REMEASURED) or 0),
         contention_lost_s=_float(flat.get(_CONTENTION_LOST)),
+        stage=str(ua[STAGE]) if ua.get(STAGE) else None,
         number=t.number,
         state=t.state.name,
         values=list(t.values) if t.values is not None else None,

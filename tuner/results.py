@@ -11,12 +11,16 @@ import dataclasses
 import gc
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from tuner.errors import StudyError
 from tuner.record import TrialRecord, constraints, has_error, read_record
 from tuner.storage import lost_trial_key
 from tuner.terminal import command
+
+if TYPE_CHECKING:
+    from optuna import Study
+    from optuna.trial import FrozenTrial
 
 
 def defaults_name(engine: str) -> str:
@@ -30,31 +34,31 @@ def _optuna() -> Any:
     return optuna
 
 
-def is_complete(t: Any) -> bool:
+def is_complete(t: FrozenTrial) -> bool:
     return t.state == _optuna().trial.TrialState.COMPLETE
 
 
-def violation(t: Any) -> float:
+def violation(t: FrozenTrial) -> float:
     """Sum of positive constraint values (0 = feasible)."""
     return float(sum(v for v in constraints(t).values() if v > 0))
 
 
-def is_feasible(t: Any) -> bool:
+def is_feasible(t: FrozenTrial) -> bool:
     return is_complete(t) and violation(t) <= 0 and not has_error(t)
 
 
-def directions(study: Any) -> list[str]:
+def directions(study: Study) -> list[str]:
     return [d.name.lower() for d in study.directions]
 
 
-def lost_errors(study: Any) -> dict[int, str]:
+def lost_errors(study: Study) -> dict[int, str]:
     """Why each trial failed by the heartbeat check failed (trial number -> text)."""
     prefix = lost_trial_key(0)[:-1]
     return {int(k[len(prefix):]): str(v) for k, v in study.user_attrs.items()
             if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
-def view(t: Any, lost: dict[int, str] | None = None) -> TrialRecord:
+def view(t: FrozenTrial, lost: dict[int, str] | None = None) -> TrialRecord:
     """The trial as users read it; ``lost`` (from :func:`lost_errors`) explains heartbeat failures."""
     return read_record(t, lost)
 
@@ -166,7 +170,22 @@ class StoredStudy:
         return best
 
 
-def read_study(study: Any) -> StoredStudy:
+def searched_values(space: dict[str, Any] | None, params: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """The settings that were searched and the values trials took: those with more than one
+    value in the stored ``space`` (without one, those that varied), stored order first."""
+    seen: dict[str, list[Any]] = {}
+    for p in params:
+        for k, v in p.items():
+            vals = seen.setdefault(k, [])
+            if v not in vals:
+                vals.append(v)
+    if space:
+        return {k: [v for v in space[k] if v in seen[k]] + [v for v in seen[k] if v not in space[k]]
+                for k in space if isinstance(space[k], list) and len(space[k]) > 1 and k in seen}
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def read_study(study: Study) -> StoredStudy:
     """Read ``study`` once: one ``get_trials`` and one record per trial."""
     with paused_gc():
         lost = lost_errors(study)
@@ -190,17 +209,17 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def ranked_feasible(study: Any) -> list[TrialRecord]:
+def ranked_feasible(study: Study) -> list[TrialRecord]:
     """Feasible trials of a stored study, best first."""
     return read_study(study).ranked()
 
 
-def best_feasible(study: Any) -> TrialRecord | None:
+def best_feasible(study: Study) -> TrialRecord | None:
     """The best feasible trial of a stored study (see :meth:`StoredStudy.best`)."""
     return read_study(study).best()
 
 
-def pick_trial(study: Any, number: int | None, allow_infeasible: bool = False) -> TrialRecord:
+def pick_trial(study: Study, number: int | None, allow_infeasible: bool = False) -> TrialRecord:
     """Trial ``number`` of a stored study, or its best feasible one (see :meth:`StoredStudy.pick`)."""
     return read_study(study).pick(number, allow_infeasible)
 
@@ -242,7 +261,7 @@ def load_study(storage: Any, name: str | None) -> Any:
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def trials_frame(study: Any) -> Any:
+def trials_frame(study: Study) -> Any:
     """One row per trial: number, state, value(s), feasibility, model, options and metrics."""
     import pandas as pd
 
@@ -307,7 +326,7 @@ class StudySummary:
     only_contended: bool = False
 
 
-def summarise_study(study: Any, objectives: list[str], storage: str, trials_run: int = 0,
+def summarise_study(study: Study, objectives: list[str], storage: str, trials_run: int = 0,
                     space: dict[str, list[Any]] | None = None) -> StudySummary:
     """The run summary of a stored study."""
     st = read_study(study)

@@ -7,6 +7,7 @@ from typing import Any
 from tuner import objectives, results
 from tuner.effects import compute as compute_effects
 from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
+from tuner.errors import StudyError
 from tuner.storage import default_storage_url, open_storage, shown_url
 from tuner.terminal import command, printable
 
@@ -96,6 +97,17 @@ def format_summary(s: Any) -> str:
     out.append(f"Next: {command('tune', 'report', s.study_name, *at)}   "
                f"{command('tune', 'export', s.study_name, *at, '--format', 'modelfile')}")
     return "\n".join(out)
+
+
+def study_names(storage_url: str | None) -> list[str]:
+    """The names of the studies in a storage (none when it does not exist yet)."""
+    import optuna
+
+    try:
+        storage = open_storage(storage_url, create=False)
+    except StudyError:
+        return []
+    return list(optuna.get_all_study_names(storage))
 
 
 def format_studies(storage_url: str | None) -> str:

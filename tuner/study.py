@@ -46,6 +46,8 @@ class _Prepared:
     warnings: list[str]
     gpu_telemetry: bool = False
     offload: GpuOffload | None = None
+    #: Each variant's file size in bytes (0 where the engine cannot tell).
+    sizes: dict[str, int] = field(default_factory=dict)
 
 
 def _physical_cores() -> int:
@@ -159,8 +161,10 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
             variants += extra
         if "variant" in overrides:
             variants = list(overrides["variant"])
+        sizes = {model: info.size_bytes}
         for v in variants[1:]:
             vi = engine.model_info(v)
+            sizes[v] = vi.size_bytes
             if vi.architecture != info.architecture or vi.block_count != info.block_count:
                 raise SpaceError(
                     f"variant '{v}' is a different model ({vi.architecture}, {vi.block_count} blocks) "
@@ -203,7 +207,8 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
         env["gpu_offload"] = {"offloads": offload.offloads, "source": offload.source, "detail": offload.detail}
         if not gpu_telemetry:
             warnings.append(f"no NVIDIA GPU telemetry: {no_telemetry}")
-        return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, gpu_telemetry, offload)
+        return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, gpu_telemetry, offload,
+                         sizes)
     except BaseException:
         engine.close()
         raise
@@ -294,9 +299,15 @@ def tpe_options(space: SearchSpace, seed: int | None) -> dict[str, Any]:
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int | None, n_objectives: int) -> Any:
-    """The product's sampler: TPE (NSGA-II for several objectives), or a random/grid baseline."""
+    """The product's sampler: the staged search or TPE (NSGA-II for several objectives), or a
+    random/grid baseline."""
     import optuna
 
+    if name == "staged" and n_objectives == 1:
+        from tuner.staged import StagedSampler, narrowed
+
+        # TPE's start-up count follows the space it tunes, not the variants and offload the stages fix.
+        return StagedSampler(space, optuna.samplers.TPESampler(**tpe_options(narrowed(space), seed)))
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
@@ -410,6 +421,26 @@ def _hw_text(hw: dict[str, Any]) -> str:
     return f"{hw.get('cpu')}, {hw.get('cores')} cores, {hw.get('ram_gib')} GiB, {gpus}"
 
 
+def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool) -> None:
+    """Queue the informed starting point, or with the staged search its screen (one config per
+    variant at full offload), and tell the staged sampler what it cannot read from trials."""
+    from tuner import staged
+
+    sampler = study.sampler
+    if isinstance(sampler, staged.StagedSampler):
+        sampler.default_model, sampler.sizes = p.model, dict(p.sizes)
+    if not (created and o.starting_points):
+        return
+    points = starting_points(p.space, p.has_gpu, _physical_cores())
+    stage = staged.START
+    if isinstance(sampler, staged.StagedSampler) and points and staged.screens(p.space):
+        points, stage = staged.screen_points(p.space, points[0]), staged.SCREEN
+    # Never queue more than this run measures: a leftover waiting trial is a config with no record.
+    room = o.trials - sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
+    for point in points[:max(0, room)]:
+        study.enqueue_trial(point, user_attrs={record.STAGE: stage}, skip_if_exists=True)
+
+
 def starting_points(space: SearchSpace, has_gpu: bool, cores: int) -> list[dict[str, Any]]:
     """A few informed configs tried right after the baseline."""
     if not space.searched:
@@ -467,7 +498,10 @@ class _Runner:
             runner = {k: config[k] for k in RUNNER_PARAMS if k in config}
             server = {k: config[k] for k in SERVER_PARAMS if k in config}
         # What is tried, stored before measuring: a trial that dies still says what it was.
-        rec = TrialRecord(model=model, options=runner or {}, server=server, baseline=baseline, worker=self.worker)
+        # The baseline's stage is named as its flag (tuner.staged.BASELINE; that module loads optuna).
+        stage = record.BASELINE if baseline else trial.user_attrs.get(record.STAGE)
+        rec = TrialRecord(model=model, options=runner or {}, server=server, baseline=baseline, worker=self.worker,
+                          stage=stage)
         record.write_record(trial, rec)
         try:
             restarted = p.engine.prepare(server)
@@ -515,6 +549,7 @@ class _Runner:
         rec = m.record(model, runner, server, server_effective=rec.server_effective, baseline=baseline,
                        worker=self.worker, server_memory=p.engine.server_memory(model))
         rec.remeasured, rec.contention_lost_s = tries, round(lost_s, 2) if tries else None
+        rec.stage = stage
         rec.constraints, rec.violations = self._limits(rec, load_failed=False)
         if m.stopped_early:
             import optuna
@@ -690,8 +725,9 @@ class _Progress:
         best_txt = f"best {best.values[0]:.2f} ({obj})" if best is not None and best.values else "no feasible yet"
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * (self.total - self.done)
+        stage = f"[{v.stage}] " if v.stage else ""
         self.echo(printable(
-            f"[{self.done}/{self.total}] #{trial.number} {v.config_text()} | {metric}{status} | "
+            f"[{self.done}/{self.total}] #{trial.number} {stage}{v.config_text()} | {metric}{status} | "
             f"{best_txt} | ETA {_fmt_eta(eta)}"
         ))
         if self.consecutive_failures >= self.o.max_consecutive_failures:
@@ -742,9 +778,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         # baseline, so concurrent workers never measure it twice.
         if o.baseline and not any(record.is_baseline(t) for t in existing) and (created or existing):
             study.enqueue_trial({}, user_attrs={record.BASELINE: True})
-        if created and o.starting_points:
-            for point in starting_points(p.space, p.has_gpu, _physical_cores()):
-                study.enqueue_trial(point, skip_if_exists=True)
+        _enqueue_start(study, o, p, created)
         runner = _Runner(o, p, echo)
         progress = _Progress(o, echo, o.trials)
         study.optimize(runner, n_trials=o.trials, callbacks=[progress], catch=(TrialFailedError,))

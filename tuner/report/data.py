@@ -60,6 +60,12 @@ class Header:
     counts: dict[str, int]
     #: Of the infeasible trials, those that failed to load.
     load_failed: int = 0
+    #: Trials still contended, measurements redone for contention, the seconds it cost, and
+    #: whether every feasible trial was contended (``StoredStudy.contention``).
+    contended: int = 0
+    remeasured: int = 0
+    contention_lost_s: float = 0.0
+    only_contended: bool = False
 
     @property
     def total(self) -> int:
@@ -114,6 +120,8 @@ class TopRow:
     power_w: float | None
     tokens_per_joule: float | None
     speedup: float | None
+    #: The search stage that chose the trial (screen, tune, offload, ...); None if none did.
+    stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -362,6 +370,8 @@ def _header(s: StoredStudy) -> Header:
         created_at=str(ua.get("created_at") or ""),
         counts=s.counts(),
         load_failed=sum(1 for r in s.records if r.state == "COMPLETE" and r.error),
+        contended=s.contention()[0], remeasured=s.contention()[1], contention_lost_s=s.contention()[2],
+        only_contended=s.only_contended,
     )
 
 
@@ -409,6 +419,7 @@ def _top(s: StoredStudy, ranked: Sequence[TrialRecord], tps: str) -> list[TopRow
             number=r.number,
             value=r.value,
             config=r.config_text(),
+            stage=r.stage,
             tps_mean=_num(r.stat(tps, "mean")),
             tps_sd=_num(r.stat(tps, "sd")),
             ttft_ms_p95=_num(_TTFT_P95(r)),
@@ -565,19 +576,12 @@ def _pruned(records: Iterable[TrialRecord], planned: int | None) -> list[PrunedR
 
 
 def _searched(space: dict[str, list[Any]], points: Sequence[TrialPoint]) -> list[ParamAxis]:
-    """The settings that vary: more than one value in the stored space (or, without one, seen)."""
-    seen: dict[str, list[Any]] = {}
-    for p in points:
-        for k, v in p.params.items():
-            vals = seen.setdefault(k, [])
-            if v not in vals:
-                vals.append(v)
-    names = sorted(k for k in seen if (len(space.get(k, [])) > 1 if space else len(seen[k]) > 1))
+    """The settings that vary (``results.searched_values``), as figure axes."""
     axes = []
-    for k in names:
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in seen[k])
-        stored = [v for v in space.get(k, []) if v in seen[k]]
-        cats = stored + sorted((v for v in seen[k] if v not in stored), key=repr)
+    for k, values in sorted(results.searched_values(space, [p.params for p in points]).items()):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        stored = [v for v in space.get(k, []) if v in values]
+        cats = stored + sorted((v for v in values if v not in stored), key=repr)
         axes.append(ParamAxis(k, numeric, sorted(cats) if numeric else cats))
     return axes
 

@@ -90,7 +90,15 @@ def _header_html(data: ReportData) -> str:
     ]
     if data.pruned:
         facts.append(("Pruning", _pruned_text(data) + " (clearly worse trials stopped early)"))
-    return "<dl class=\"facts\">" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
+    if h.contended or h.remeasured:
+        facts.append(("Interference", f"{h.remeasured} measurement(s) redone because other processes competed; "
+                                      f"{h.contended} trial(s) still contended, left out of the winner; "
+                                      f"{h.contention_lost_s:.0f} s lost to contention"))
+    html = "<dl class=\"facts\">" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
+    if h.only_contended:
+        html += ("<p class=\"warn\">Every feasible trial was measured while other processes competed for the "
+                 "machine: the best configuration below is uncertain; re-run when the machine is quiet.</p>")
+    return html
 
 
 def _best_html(data: ReportData) -> str:
@@ -227,10 +235,11 @@ def _top_html(data: ReportData) -> str:
     parts = [f"<h2>Top {TOP_N} feasible configurations</h2>"]
     if not data.top:
         return parts[0] + "<p class=\"note\">No feasible configuration yet.</p>"
-    head = ["rank", "trial", "objective", "configuration", f"{data.tps_label} mean ± sd", "p95 TTFT ms",
-            "p95 latency ms", "VRAM peak MiB", "power W", "tokens/J", "speedup"]
+    head = ["rank", "trial", "search stage", "objective", "configuration", f"{data.tps_label} mean ± sd",
+            "p95 TTFT ms", "p95 latency ms", "VRAM peak MiB", "power W", "tokens/J", "speedup"]
     rows = [[
-        (str(r.rank), True), (f"#{r.number}", True), (_f(r.value, 2), True), (_e(r.config), False),
+        (str(r.rank), True), (f"#{r.number}", True), (_e(r.stage or "-"), False), (_f(r.value, 2), True),
+        (_e(r.config), False),
         (f"{_f(r.tps_mean)} ± {_f(r.tps_sd)}", True), (_f(r.ttft_ms_p95, 0), True), (_f(r.latency_ms_p95, 0), True),
         (_f(r.vram_mib, 0), True), (_f(r.power_w), True), (_f(r.tokens_per_joule, 2), True),
         ("-" if r.speedup is None else f"{r.speedup:.2f}×", True),
