@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -149,3 +151,76 @@ def test_study_names_complete_from_the_storage(fake: FakeOllama) -> None:
 def test_tuner_storage_is_documented_in_help() -> None:
     r = invoke("studies", "--help")
     assert "var: TUNER_STORAGE" in " ".join(r.output.split())
+
+
+def _run(fake: FakeOllama, *extra: str) -> Any:
+    return invoke("--model", "gemma3:1b", "--host", fake.url, "--trials", "3", "--repeats", "1",
+                  "--num-predict", "8", *extra)
+
+
+def test_run_json_is_one_document_on_stdout_and_progress_on_stderr(fake: FakeOllama) -> None:
+    r = _run(fake, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)  # nothing else on stdout
+    best = doc["best"]
+    assert doc["best_is_feasible"] is True and isinstance(best["number"], int)
+    assert best["options"] and best["config"].startswith("gemma3:1b ")
+    assert isinstance(best["metrics"]["decode_tps_mean"], float)
+    assert best["values"][0] == pytest.approx(best["metrics"]["decode_tps_mean"])
+    assert doc["baseline"]["number"] == 0 and doc["baseline"]["baseline"] is True
+    assert isinstance(doc["speedup"]["ratio"], float) and doc["speedup"]["ratio"] > 1
+    assert doc["speedup"]["source"] == "revalidation" and len(doc["speedup"]["ci95"]) == 2
+    assert doc["counts"] == {"feasible": 3} and doc["trials_run"] == 3
+    assert "[1/3] #0" in r.stderr and "Best feasible configuration" not in r.output
+
+
+def test_show_and_studies_json_parse_and_match_the_run(fake: FakeOllama) -> None:
+    run = json.loads(_run(fake, "--json").stdout)
+    r = invoke("show", "--json", "--top", "2")
+    assert r.exit_code == 0 and r.stderr == ""
+    shown = json.loads(r.stdout)
+    assert shown["best"]["number"] == run["best"]["number"]
+    assert shown["speedup"]["ratio"] == pytest.approx(run["speedup"]["ratio"])
+    assert [t["number"] for t in shown["top"]][0] == run["best"]["number"] and len(shown["top"]) == 2
+    assert shown["failed"] == []
+    r = invoke("studies", "--json")
+    assert r.exit_code == 0
+    rows = json.loads(r.stdout)
+    assert rows == [{"study": run["study"], "model": "gemma3:1b", "trials": sum(run["counts"].values()), "objective": "decode_tps",
+                     "best_value": pytest.approx(run["best"]["values"][0]),
+                     "best_trial": run["best"]["number"], "last_update": rows[0]["last_update"]}]
+
+
+def test_studies_json_on_an_empty_storage_is_an_empty_list(fake: FakeOllama) -> None:
+    _run(fake)
+    import optuna
+
+    optuna.delete_study(study_name=json.loads(invoke("show", "--json").stdout)["study"],
+                        storage="sqlite:///studies/tuner.db")
+    r = invoke("studies", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == []
+
+
+def test_quiet_prints_only_the_verdict(fake: FakeOllama) -> None:
+    r = _run(fake, "-q")
+    assert r.exit_code == 0, r.output
+    assert r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("Best: #") and " num_ctx=" in lines[0] and "x decode tok/s vs Ollama defaults" in lines[0]
+
+
+def test_verbose_prints_a_line_per_request(fake: FakeOllama) -> None:
+    r = _run(fake, "-v")
+    assert r.exit_code == 0, r.output
+    # 3 trials x 2 built-in prompts x 1 repeat, each line before its trial's progress line.
+    requests = [line for line in r.stdout.splitlines() if " request " in line and "tok/s" in line]
+    assert len(requests) == 6
+    assert requests[0].startswith("  #0 request 1 (chat, repeat 1): decode ")
+    assert r.stdout.index("  #0 request 2") < r.stdout.index("[1/3] #0")
+
+
+def test_quiet_and_verbose_together_are_refused() -> None:
+    r = invoke("--model", "gemma3:1b", "-q", "-v")
+    assert r.exit_code == 2
+    assert r.output == "Error: --quiet and --verbose contradict each other: pass one of them\n"

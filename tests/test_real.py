@@ -125,6 +125,8 @@ def test_a_real_study_through_the_cli(gguf: str, prompts_file: str, tmp_path: Pa
             "--no-prune", "--validate", "0", "--no-roofline",
         ])
     assert result.exit_code == 0, result.output + repr(result.exception)
+    # The model path is printed once, then by its file name.
+    assert result.output.count(gguf) == 1, result.output
 
     study = optuna.load_study(study_name="real", storage=storage)
     trials = study.get_trials(deepcopy=False)

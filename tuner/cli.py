@@ -89,6 +89,29 @@ def _echo(msg: str) -> None:
     click.echo(msg)
 
 
+def _echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _print_json(doc: Any) -> None:
+    import json
+
+    click.echo(json.dumps(doc, indent=2, allow_nan=False))
+
+
+def _json_option(f: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON document on standard output (human text goes to standard "
+                             "error); the schema is in the README, Machine-readable output.")(f)
+
+
+def _verbosity_options(f: Any) -> Any:
+    f = click.option("--verbose", "-v", is_flag=True,
+                     help="Also print a line per measured request (tok/s, TTFT, latency).")(f)
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="Print only errors and the one-line verdict (best config and speedup).")(f)
+
+
 def _split(values: tuple[str, ...]) -> list[str]:
     out: list[str] = []
     for v in values:
@@ -212,6 +235,8 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
 @click.option("--quiet-wait", "quiet_wait_s", type=float, default=default("quiet_wait_s"), show_default=True,
               help="Seconds to wait for the machine to quiet down before measuring a contended trial again.")
 @click.option("--no-roofline", "roofline", flag_value=False, default=True, help="Skip the memory-bandwidth measurement for the roofline.")
+@_json_option
+@_verbosity_options
 def run_cmd(**kw: Any) -> None:
     """Run (or resume) a measured study and print the best feasible configuration.
 
@@ -219,6 +244,10 @@ def run_cmd(**kw: Any) -> None:
     """
     from tuner.space import parse_param_option
     from tuner.study import run_study
+
+    as_json, quiet, verbose = kw.pop("as_json"), kw.pop("quiet"), kw.pop("verbose")
+    if quiet and verbose:
+        raise TunerClickError("--quiet and --verbose contradict each other: pass one of them", 2)
 
     kw["params"] = dict(parse_param_option(text) for text in kw["params"])
     objective = kw.pop("objective")
@@ -229,36 +258,58 @@ def run_cmd(**kw: Any) -> None:
         raise TunerClickError(f"invalid --gpu '{kw['gpus']}': give GPU indices like 0 or 0,1", 2) from None
     kw["model"], kw["variants"] = list(kw["model"]), _split(kw["variants"])
     opts = TuneOptions(**kw)
-    summary = run_study(opts, echo=_echo)
-    from tuner.show import format_summary
+    # With --json, stdout holds the document alone: progress goes to stderr.
+    echo = (lambda msg: None) if quiet else _echo_err if as_json else _echo
+    on_sample = None
+    if verbose:
+        from tuner.show import format_request
 
-    click.echo(format_summary(summary))
+        def on_sample(number: int, step: int, sample: Any) -> None:
+            echo(format_request(number, step, sample))
+
+    summary = run_study(opts, echo=echo, on_sample=on_sample)
+    from tuner.show import format_summary, summary_json, verdict
+
+    if as_json:
+        _print_json(summary_json(summary))
+    elif quiet:
+        click.echo(verdict(summary))
+    else:
+        click.echo(format_summary(summary))
 
 
 @cli.command("studies")
 @_storage_option
-def studies_cmd(storage: str | None) -> None:
+@_json_option
+def studies_cmd(storage: str | None, as_json: bool) -> None:
     """List the studies in a storage: name, model, trials, best feasible value, last update.
 
     Example: tune studies --storage sqlite:///studies/tuner.db
     """
-    from tuner.show import format_studies
+    from tuner.show import format_studies, studies_json
 
-    click.echo(format_studies(storage))
+    if as_json:
+        _print_json(studies_json(storage))
+    else:
+        click.echo(format_studies(storage))
 
 
 @cli.command("show")
 @click.argument("study", required=False, shell_complete=_complete_study)
 @_storage_option
 @click.option("--top", "-k", type=int, default=10, show_default=True, help="Rows in the top-k table.")
-def show_cmd(study: str | None, storage: str | None, top: int) -> None:
+@_json_option
+def show_cmd(study: str | None, storage: str | None, top: int, as_json: bool) -> None:
     """Print STUDY's best configuration and its top-k table [default: the latest study].
 
     Example: tune show 'gemma3:1b@127.0.0.1:11434' --top 5
     """
-    from tuner.show import format_show
+    from tuner.show import format_show, show_json
 
-    click.echo(format_show(storage, study, top))
+    if as_json:
+        _print_json(show_json(storage, study, top))
+    else:
+        click.echo(format_show(storage, study, top))
 
 
 @cli.command("demo")

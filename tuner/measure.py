@@ -60,13 +60,15 @@ def measure_config(
     reload: bool,
     sampler: Sampler | None = None,
     on_request: Callable[[int, RequestSample], bool] | None = None,
+    on_sample: Callable[[int, RequestSample], None] | None = None,
 ) -> TrialMeasurement:
     """Measure one configuration.
 
     ``reload``: the config differs from what is loaded, so one discarded warm-up request
     loads it first; its load time is the reload cost. ``on_request(step, sample)`` is called
     after each measured request (step = repeat * len(prompts) + prompt index, the same for
-    every trial) and may return True to stop early (pruning).
+    every trial) and may return True to stop early (pruning); it skips the last request, which
+    leaves nothing to save. ``on_sample(step, sample)`` sees every measured request (``tune -v``).
     Raises LoadError (the config does not run) or ServerError (transport) from the engine.
     """
     predict = workload.predict_options()
@@ -97,6 +99,8 @@ def measure_config(
                     s = dataclasses.replace(s, prompt=p.name, repeat=r)
                     samples.append(s)
                 step = r * len(workload.prompts) + i
+                if on_sample is not None:
+                    on_sample(step, s)
                 if on_request is not None and step < total - 1 and on_request(step, s):
                     stopped = True
                     break

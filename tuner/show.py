@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from tuner import objectives, results
-from tuner.effects import compute as compute_effects
+from tuner.effects import Effects, compute as compute_effects
 from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
 from tuner.errors import StudyError
+from tuner.metrics import RequestSample
 from tuner.storage import default_storage_url, open_storage, shown_url
 from tuner.terminal import command, printable
 
@@ -22,7 +27,7 @@ def _num(v: Any, digits: int = 1) -> str:
 def format_trial(v: TrialRecord, title: str) -> str:
     """The block that describes one trial: config, metric statistics, telemetry."""
     lines = [f"{title} (trial #{v.number}):"]
-    lines.append(f"  {'model':<24} {printable(v.model)}")
+    lines.append(f"  {'model':<24} {printable(v.model_label)}")
     if v.baseline:
         lines.append(f"  {'options':<24} none (the engine's defaults)")
     for k, val in {**v.options, **v.effective_server}.items():
@@ -48,6 +53,54 @@ def format_trial(v: TrialRecord, title: str) -> str:
     return "\n".join(lines)
 
 
+def _revalidated_speedup(s: results.StudySummary) -> results.Speedup | None:
+    """The speedup re-measured in the same rounds as the winner, when it is the winner's."""
+    val = results.Validation.from_dict(s.validation) if s.validation else None
+    again = val.speedup if val is not None and s.best is not None and s.best_is_feasible else None
+    return again if again is not None and s.best is not None and again.trial == s.best.number else None
+
+
+def speedup_text(s: results.StudySummary) -> str:
+    """The winner over the defaults in words, or "" when there is no such number."""
+    # The speedup re-measured in the same rounds as the winner compares like with like; the
+    # search's single measurements of each are the fallback.
+    again = _revalidated_speedup(s)
+    if again is not None:
+        return again.describe(objectives.label(s.objectives[0]), results.defaults_name(s.engine))
+    if s.speedup is not None and s.baseline is not None and s.best is not None:
+        obj = s.objectives[0]
+        return (
+            f"{s.speedup:.2f}x {objectives.label(obj)} vs {results.defaults_name(s.engine)} "
+            f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f}"
+            + ("; measured while other processes competed: not a number to rely on)"
+               if s.best.contended or s.baseline.contended else ")")
+        )
+    return ""
+
+
+def format_request(number: int, step: int, sample: RequestSample) -> str:
+    """One measured request, for ``tune -v``."""
+    return printable(f"  #{number} request {step + 1} ({sample.prompt}, repeat {sample.repeat + 1}): "
+                     f"decode {sample.decode_tps:.1f} tok/s  prefill {sample.prefill_tps:.0f} tok/s  "
+                     f"TTFT {sample.ttft_ms:.0f} ms  latency {sample.latency_ms:.0f} ms")
+
+
+def verdict(s: results.StudySummary) -> str:
+    """The one-line verdict of ``tune -q``: the best config and its speedup over the defaults."""
+    if s.best is None:
+        return "No trial completed: nothing to report yet."
+    obj = s.objectives[0]
+    value = f" ({objectives.label(obj)} {s.best.value:.2f})" if s.best.value is not None else ""
+    head = "Best" if s.best_is_feasible else "No feasible configuration; least-violating"
+    line = f"{head}: #{s.best.number} {s.best.config_text()}{value}"
+    speedup = speedup_text(s)
+    if speedup:
+        line += f"; {speedup}"
+    if s.only_contended:
+        line += "; WARNING: every feasible trial was measured while other processes competed: uncertain"
+    return printable(line)
+
+
 def format_summary(s: Any) -> str:
     """The end-of-run summary printed by ``tune``."""
     out = [""]
@@ -64,19 +117,9 @@ def format_summary(s: Any) -> str:
         out.append("No feasible configuration: every measured trial violates a limit.")
         out.append(format_trial(s.best, "Least-violating configuration"))
     val = results.Validation.from_dict(s.validation) if s.validation else None
-    # The speedup re-measured in the same rounds as the winner compares like with like; the
-    # search's single measurements of each are the fallback.
-    again = val.speedup if val is not None and s.best is not None and s.best_is_feasible else None
-    if again is not None and s.best is not None and again.trial == s.best.number:
-        out.append(again.describe(objectives.label(s.objectives[0]), results.defaults_name(s.engine)))
-    elif s.speedup is not None and s.baseline is not None and s.best is not None:
-        obj = s.objectives[0]
-        out.append(
-            f"{s.speedup:.2f}x {objectives.label(obj)} vs {results.defaults_name(s.engine)} "
-            f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f}"
-            + ("; measured while other processes competed: not a number to rely on)"
-               if s.best.contended or s.baseline.contended else ")")
-        )
+    speedup = speedup_text(s)
+    if speedup:
+        out.append(speedup)
     if val is not None:
         out.extend(val.describe())
     if s.roofline:
@@ -110,23 +153,52 @@ def study_names(storage_url: str | None) -> list[str]:
     return list(optuna.get_all_study_names(storage))
 
 
-def format_studies(storage_url: str | None) -> str:
-    """A table of the studies in a storage."""
+@dataclass(frozen=True)
+class StudyRow:
+    """One study as ``tune studies`` lists it."""
+
+    study: str
+    model: str
+    trials: int
+    objective: str
+    #: The best feasible trial's first objective value; None when no trial is feasible.
+    best_value: float | None
+    best_trial: int | None
+    last_update: dt.datetime | None
+
+
+def study_rows(storage_url: str | None) -> list[StudyRow]:
+    """Every study in a storage, as rows."""
     import optuna
 
     storage = open_storage(storage_url, create=False)
     rows = []
     for name in optuna.get_all_study_names(storage):
-        st = results.read_study(optuna.load_study(study_name=name, storage=storage))
+        study = optuna.load_study(study_name=name, storage=storage)
+        st = results.read_study(study)
         best = st.best()
         last = max((r.datetime_complete or r.datetime_start for r in st.records if r.datetime_start), default=None)
-        rows.append((
-            printable(name),
-            printable(st.attrs.get("model", "")),
-            str(len(st.records)),
-            f"{best.value:.2f}" if best is not None and best.value is not None else "-",
-            last.strftime("%Y-%m-%d %H:%M") if last else "-",
+        rows.append(StudyRow(
+            study=name,
+            model=str(st.attrs.get("model", "")),
+            trials=len(st.records),
+            objective=str(list(st.attrs.get("objectives", ["decode_tps"]))[0]),
+            best_value=best.value if best is not None else None,
+            best_trial=best.number if best is not None else None,
+            last_update=last,
         ))
+    return rows
+
+
+def format_studies(storage_url: str | None) -> str:
+    """A table of the studies in a storage."""
+    rows = [(
+        printable(r.study),
+        printable(r.model),
+        str(r.trials),
+        f"{r.best_value:.2f}" if r.best_value is not None else "-",
+        r.last_update.strftime("%Y-%m-%d %H:%M") if r.last_update else "-",
+    ) for r in study_rows(storage_url)]
     if not rows:
         return printable(f"no studies in {shown_url(storage_url)}")
     head = ("study", "model", "trials", "best feasible", "last update")
@@ -135,27 +207,136 @@ def format_studies(storage_url: str | None) -> str:
     return "\n".join(fmt.format(*r) for r in [head, *rows])
 
 
-def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str:
-    """The best configuration and the top-k table of one study."""
+def studies_json(storage_url: str | None) -> list[dict[str, Any]]:
+    """``tune studies --json``: one object per study (see README, Machine-readable output)."""
+    return [_jsonable(dataclasses.asdict(r)) for r in study_rows(storage_url)]
+
+
+@dataclass
+class ShowData:
+    """What ``tune show`` prints: the summary, the top-k feasible trials, the parameter
+    effects and the failed trials."""
+
+    summary: results.StudySummary
+    top: list[TrialRecord]
+    effects: Effects
+    failed: list[TrialRecord]
+
+
+def show_data(storage_url: str | None, name: str | None, top: int = 10) -> ShowData:
+    """Read one study for ``tune show``."""
     storage = open_storage(storage_url, create=False)
     study = results.load_study(storage, name)
     names = list(study.user_attrs.get("objectives", ["decode_tps"]))
     s = results.summarise_study(study, names, shown_url(storage_url))
-    text = format_summary(s)
     ranked = results.StoredStudy(s.study_name, {}, [objectives.get(names[0]).direction], s.trials).ranked()
-    if ranked[:max(top, 0)]:
-        lines = ["", f"Top {len(ranked[:top])} feasible:"]
-        lines.append(f"  {'#':>4} {names[0]:>12} {'p95 TTFT ms':>12}  config")
-        for v in ranked[:top]:
+    eff = compute_effects(results.StoredStudy(s.study_name, dict(study.user_attrs), results.directions(study), s.trials))
+    failed = [v for v in s.trials if v.error or v.state == "FAIL"]
+    return ShowData(s, ranked[:max(top, 0)], eff, failed)
+
+
+def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str:
+    """The best configuration and the top-k table of one study."""
+    d = show_data(storage_url, name, top)
+    s, obj = d.summary, d.summary.objectives[0]
+    text = format_summary(s)
+    if d.top:
+        lines = ["", f"Top {len(d.top)} feasible:"]
+        lines.append(f"  {'#':>4} {obj:>12} {'p95 TTFT ms':>12}  config")
+        for v in d.top:
             lines.append(f"  {v.number:>4} {v.value or 0:>12.2f} {v.stat('ttft_ms', 'p95') or 0:>12.0f}  "
                          f"{printable(v.config_text())}")
         text += "\n".join(lines)
-    eff = compute_effects(results.StoredStudy(s.study_name, dict(study.user_attrs), results.directions(study), s.trials))
-    if eff.params:
-        text += "\n\n" + "\n".join(printable(line) for line in eff.lines())
-    failed = [v for v in s.trials if v.error or v.state == "FAIL"]
-    if failed:
+    if d.effects.params:
+        text += "\n\n" + "\n".join(printable(line) for line in d.effects.lines())
+    if d.failed:
         text += "\n\nFailed or infeasible by error:\n" + "\n".join(
             printable(f"  #{v.number} {v.config_text()}: {v.error or 'failed without an error message'}")
-            for v in failed)
+            for v in d.failed)
     return text
+
+
+def show_json(storage_url: str | None, name: str | None, top: int = 10) -> dict[str, Any]:
+    """``tune show --json``: the summary's document plus ``top``, ``effects`` and ``failed``."""
+    d = show_data(storage_url, name, top)
+    return {
+        **summary_json(d.summary),
+        "top": [trial_json(v) for v in d.top],
+        "effects": _jsonable(dataclasses.asdict(d.effects)) if d.effects.params else None,
+        "failed": [trial_json(v) for v in d.failed],
+    }
+
+
+# ------------------------------------------------------------------------ machine-readable
+
+
+def _jsonable(x: Any) -> Any:
+    """``x`` as plain JSON: tuples as lists, datetimes as ISO 8601, non-finite floats as null."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dt.datetime):
+        return x.isoformat()
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    return str(x)
+
+
+def trial_json(v: TrialRecord) -> dict[str, Any]:
+    """One trial: what ran, its outcome, and every measured value under its stored name
+    (``metrics``, the same names as ``tune export --format csv``)."""
+    return _jsonable({
+        "number": v.number,
+        "state": v.state,
+        "outcome": results.outcome(v),
+        "feasible": v.feasible,
+        "baseline": v.baseline,
+        "stage": v.stage,
+        "model": v.model,
+        "config": v.config_text(),
+        "options": v.options,
+        "server": v.effective_server,
+        "values": v.values,
+        "violations": v.violations,
+        "error": v.error,
+        "datetime_start": v.datetime_start,
+        "datetime_complete": v.datetime_complete,
+        "metrics": v.flat(),
+    })
+
+
+def summary_json(s: results.StudySummary) -> dict[str, Any]:
+    """The run summary as one JSON object (see README, Machine-readable output): the same
+    data as :func:`format_summary`, numbers as numbers."""
+    again = _revalidated_speedup(s)
+    speedup: dict[str, Any] | None = None
+    if again is not None:
+        speedup = {"ratio": again.ratio, "ci95": list(again.ci95), "rounds": len(again.ratios),
+                   "distinguishable": again.distinguishable, "source": "revalidation",
+                   "baseline_trial": again.baseline}
+    elif s.speedup is not None and s.baseline is not None:
+        speedup = {"ratio": s.speedup, "ci95": None, "rounds": None, "distinguishable": None,
+                   "source": "search", "baseline_trial": s.baseline.number}
+    return _jsonable({
+        "study": s.study_name,
+        "storage": s.storage,
+        "engine": s.engine,
+        "objectives": s.objectives,
+        "best": trial_json(s.best) if s.best is not None else None,
+        "best_is_feasible": s.best_is_feasible,
+        "baseline": trial_json(s.baseline) if s.baseline is not None else None,
+        "speedup": speedup,
+        "verdict": verdict(s),
+        "pareto": [trial_json(v) for v in s.pareto],
+        "validation": s.validation,
+        "roofline": s.roofline,
+        "trials_run": s.trials_run,
+        "counts": s.counts,
+        "pruned": {"trials": s.pruned, "saved_s": s.pruned_saved_s},
+        "contention": {"trials": s.contended, "redone": s.remeasured, "lost_s": s.contention_lost_s,
+                       "only_contended": s.only_contended},
+        "warnings": s.warnings,
+    })

@@ -30,6 +30,8 @@ from tuner.workload import Workload, builtin_prompts, load_prompts
 from tuner import results
 
 Echo = Callable[[str], None]
+#: Called after each measured request of a trial: (trial number, step, sample); ``tune -v``.
+OnSample = Callable[[int, int, Any], None]
 #: A failed load scores this (for maximised objectives) so the sampler learns to avoid it.
 FAILED_SCORE = {"maximize": 0.0, "minimize": 1e12}
 
@@ -461,8 +463,8 @@ def starting_points(space: SearchSpace, has_gpu: bool, cores: int) -> list[dict[
 class _Runner:
     """The objective and its per-process state (what is loaded now)."""
 
-    def __init__(self, o: TuneOptions, p: _Prepared, echo: Echo) -> None:
-        self.o, self.p, self.echo = o, p, echo
+    def __init__(self, o: TuneOptions, p: _Prepared, echo: Echo, on_sample: OnSample | None = None) -> None:
+        self.o, self.p, self.echo, self.on_sample = o, p, echo, on_sample
         self.loaded_key: Any = None
         #: The machine stayed busy through a whole --quiet-wait: flag without waiting.
         self.stays_busy = False
@@ -510,7 +512,8 @@ class _Runner:
             reload = restarted or key != self.loaded_key
             t0 = time.monotonic()
             m = measure_config(p.engine, model, runner, p.workload, reload=reload,
-                               sampler=self._sampler(), on_request=self._reporter(trial, baseline))
+                               sampler=self._sampler(), on_request=self._reporter(trial, baseline),
+                               on_sample=self._sample_hook(trial.number))
             lost_s, tries = 0.0, 0
             # A measurement other processes competed with is not a measurement: measure again
             # once the machine is quiet (bounded), and keep what it cost.
@@ -528,7 +531,8 @@ class _Runner:
                               "contended trials are flagged and kept out of the winner")
                     break
                 t0 = time.monotonic()
-                m = measure_config(p.engine, model, runner, p.workload, reload=False, sampler=self._sampler())
+                m = measure_config(p.engine, model, runner, p.workload, reload=False, sampler=self._sampler(),
+                                   on_sample=self._sample_hook(trial.number))
             if m.record(model, runner, server).contended is False:
                 self.stays_busy = False
         except LoadError as e:
@@ -573,6 +577,10 @@ class _Runner:
             values.append(v)
         record.write_record(trial, rec)
         return values[0] if len(values) == 1 else values
+
+    def _sample_hook(self, number: int) -> Callable[[int, Any], None] | None:
+        hook = self.on_sample
+        return None if hook is None else (lambda step, sample: hook(number, step, sample))
 
     def _reporter(self, trial: Any, baseline: bool) -> Callable[[int, Any], bool] | None:
         """Report each request's objective value; ask the pruner whether to stop."""
@@ -736,10 +744,12 @@ class _Progress:
 
 
 def run_study(o: TuneOptions, echo: Echo = lambda s: None,
-              sampler_factory: SamplerFactory = make_sampler) -> results.StudySummary:
+              sampler_factory: SamplerFactory = make_sampler,
+              on_sample: OnSample | None = None) -> results.StudySummary:
     """Run ``o.trials`` measured trials (creating or resuming the study) and summarise.
 
-    ``sampler_factory`` builds the sampler (benchmarks compare others); the summary's
+    ``sampler_factory`` builds the sampler (benchmarks compare others); ``on_sample`` sees
+    every measured request of the search (not of the re-validation); the summary's
     ``trials`` hold every trial of the study, read back as records.
     """
     import warnings
@@ -758,7 +768,10 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         echo(printable(f"study '{study.study_name}' in {shown_url(o.storage)}"))
         echo(printable(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}"))
         if p.space.fixed:
-            echo(printable("fixed: " + ", ".join(f"{k}={v}" for k, v in p.space.fixed.items())))
+            # The model path was printed in full just above: by its file name from here on.
+            echo(printable("fixed: " + ", ".join(
+                f"{k}={TrialRecord(model=str(v)).model_label if k == 'variant' else v}"
+                for k, v in p.space.fixed.items())))
         steps = p.workload.repeats * len(p.workload.prompts)
         if o.prune and _prunable(o) and steps < 5:
             p.warnings.append(
@@ -779,7 +792,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         if o.baseline and not any(record.is_baseline(t) for t in existing) and (created or existing):
             study.enqueue_trial({}, user_attrs={record.BASELINE: True})
         _enqueue_start(study, o, p, created)
-        runner = _Runner(o, p, echo)
+        runner = _Runner(o, p, echo, on_sample)
         progress = _Progress(o, echo, o.trials)
         study.optimize(runner, n_trials=o.trials, callbacks=[progress], catch=(TrialFailedError,))
         if progress.stopped_for_failures:
