@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,3 +47,30 @@ def invoke(*args: Any) -> Any:
     from tuner.cli import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+
+@contextlib.contextmanager
+def static_server(status: int, body: bytes, content_type: str = "text/plain") -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 that answers every GET and POST with the same reply; yields its URL."""
+
+    class Reply(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Reply)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+

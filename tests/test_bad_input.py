@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import errno
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import optuna
 import pytest
-from conftest import invoke
+from conftest import invoke, static_server
 from fake_ollama import FakeOllama
 
 DB = "sqlite:///studies/tuner.db"
@@ -24,31 +22,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _Garbage(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        self._reply()
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._reply()
-
-    def _reply(self) -> None:
-        body = b'{"models": [ this is not json'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def garbage_url() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
+    with static_server(200, b'{"models": [ this is not json', "application/json") as url:
+        yield url
 
 
 def _files(tmp: Path) -> None:
@@ -217,19 +194,24 @@ def _snapshot() -> list[tuple[str, int, str]] | None:
     ]
 
 
-def test_disk_full_while_writing_the_report(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("err,hint", [
+    (OSError(errno.ENOSPC, "No space left on device"), "free some disk space or pass --output on another disk"),
+    (OSError(errno.EFBIG, "File too large"),
+     "raise the file-size limit (`ulimit -f`) or pass --output on another disk"),
+], ids=["disk-full", "file-size-limit"])
+def test_no_room_while_writing_the_report(err: OSError, hint: str, fake: FakeOllama,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import tuner.files as files
 
     _seed_study(fake.url)
 
-    def full(fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fail(fd: int) -> None:
+        raise err
 
-    monkeypatch.setattr(files.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", fail)
     r = invoke("report", "taken")
     assert r.exit_code == 1
-    assert r.output.startswith("Error: ") and "No space left on device" in r.output
-    assert len(r.output.strip().splitlines()) == 1
+    assert r.output == f"Error: cannot write the report to reports/taken.html: {err.strerror}; {hint}\n"
     assert not list(Path("reports").glob("*.html")) if Path("reports").exists() else True
 
 
@@ -358,16 +340,3 @@ def test_disk_full_is_named_for_every_storage() -> None:
     assert write_failure(ValueError("database or disk is full")) is None
 
 
-def test_file_size_limit_while_writing_the_report(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tuner.files as files
-
-    _seed_study(fake.url)
-
-    def too_big(fd: int) -> None:
-        raise OSError(errno.EFBIG, "File too large")
-
-    monkeypatch.setattr(files.os, "fsync", too_big)
-    r = invoke("report", "taken")
-    assert r.exit_code == 1
-    assert r.output == ("Error: cannot write the report to reports/taken.html: File too large; raise the "
-                        "file-size limit (`ulimit -f`) or pass --output on another disk\n")

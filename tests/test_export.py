@@ -319,29 +319,11 @@ def test_create_targets_the_studys_host_not_ollama_host(monkeypatch: pytest.Monk
 
 
 def test_create_reports_a_404_from_the_endpoint_as_such(study_url: tuple[str, Any]) -> None:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from conftest import static_server
 
-    class NoCreate(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = b"404 page not found"
-            self.send_response(404)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: Any) -> None:
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), NoCreate)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    try:
+    with static_server(404, b"404 page not found") as url:
         with pytest.raises(TunerError) as e:
             _create(study_url[0], "gemma3-tuned", host=url)
-    finally:
-        srv.shutdown()
     assert str(e.value) == (
         f"Ollama at {url} answered 404 Not Found to /api/create (404 page not found): this server, or a proxy "
         "in front of it, does not offer model creation; write a Modelfile with `tune export --format modelfile "

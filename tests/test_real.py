@@ -170,32 +170,40 @@ def test_a_real_study_through_the_cli(gguf: str, prompts_file: str, tmp_path: Pa
     )
     means = [round(t.user_attrs["decode_tps_mean"], 3) for t in trials]
     assert len(set(means)) == len(means), means
-    if not quiet_cvs:
-        pytest.skip(f"other processes kept the CPU busy during every trial (> {QUIET_CORES} cores): "
-                    "the repeatability checks need a quiet machine")
-    # Repeats of one configuration agree, within a trial and across trials.
-    assert max(quiet_cvs.values()) < 0.15, quiet_cvs
-    quiet = {
-        k: [t.user_attrs["decode_tps_mean"] for t in ts if t.number in quiet_cvs] for k, ts in by_config.items()
-    }
-    for k, ms in quiet.items():
-        assert len(ms) < 2 or max(ms) / min(ms) < 1.10, (k, ms)
-    # ... and what the thread count does is what it does on this machine: the ratio of two
-    # threads to one equals plain llama-cpp-python's, measured right after. (Machines differ:
-    # some decode 1.8x faster on two cores, some barely faster when memory bandwidth binds.)
-    one = [m for k, ms in quiet.items() if k[0] == 1 for m in ms]
-    two = [m for k, ms in quiet.items() if k[0] == 2 for m in ms]
-    if one and two and (psutil.cpu_count(logical=False) or 1) >= 2:
-        direct = _direct_thread_ratio(gguf)
-        if direct is None:
-            pytest.skip("other processes kept the CPU busy during the direct thread measurement")
-        tuner = statistics.fmean(two) / statistics.fmean(one)
-        print(f"two threads / one: tuner {tuner:.2f}x, plain llama-cpp-python {direct:.2f}x")
-        assert abs(tuner / direct - 1) < 0.10, (tuner, direct, quiet)
+    # The timing checks below need measurements taken while other processes left the CPU
+    # alone; what could not be checked is said in one skip at the end, after the rest ran.
+    unchecked: list[str] = []
+    if quiet_cvs:
+        # Repeats of one configuration agree, within a trial and across trials.
+        assert max(quiet_cvs.values()) < 0.15, quiet_cvs
+        quiet = {
+            k: [t.user_attrs["decode_tps_mean"] for t in ts if t.number in quiet_cvs] for k, ts in by_config.items()
+        }
+        for k, ms in quiet.items():
+            assert len(ms) < 2 or max(ms) / min(ms) < 1.10, (k, ms)
+        # ... and what the thread count does is what it does on this machine: the ratio of two
+        # threads to one equals plain llama-cpp-python's, measured right after. (Machines differ:
+        # some decode 1.8x faster on two cores, some barely faster when memory bandwidth binds.)
+        one = [m for k, ms in quiet.items() if k[0] == 1 for m in ms]
+        two = [m for k, ms in quiet.items() if k[0] == 2 for m in ms]
+        if one and two and (psutil.cpu_count(logical=False) or 1) >= 2:
+            direct = _direct_thread_ratio(gguf)
+            if direct is None:
+                unchecked.append("the thread ratio (other processes kept the CPU busy during the direct measurement)")
+            else:
+                tuner = statistics.fmean(two) / statistics.fmean(one)
+                print(f"two threads / one: tuner {tuner:.2f}x, plain llama-cpp-python {direct:.2f}x")
+                assert abs(tuner / direct - 1) < 0.10, (tuner, direct, quiet)
+    else:
+        unchecked.append(f"repeatability and the thread ratio (other processes used > {QUIET_CORES} cores "
+                         "during every trial)")
+    if unchecked:
+        pytest.skip("not checked on a busy machine: " + "; ".join(unchecked))
 
 
-def _direct_thread_ratio(gguf: str, rounds: int = 3) -> float | None:
-    """Decode tok/s with two threads over one, through plain llama-cpp-python (quiet rounds only)."""
+def _direct_thread_ratio(gguf: str, rounds: int = 3, attempts: int = 8) -> float | None:
+    """Decode tok/s with two threads over one, through plain llama-cpp-python: ``rounds`` quiet
+    rounds within ``attempts`` (None when no round was quiet)."""
     import llama_cpp
 
     llms = {n: llama_cpp.Llama(model_path=gguf, n_ctx=1024, n_batch=512, n_gpu_layers=0, n_threads=n,
@@ -205,7 +213,9 @@ def _direct_thread_ratio(gguf: str, rounds: int = 3) -> float | None:
         for llm in llms.values():
             _direct_rate(llm, 8)  # warm-up
         with ForeignLoad() as load:
-            for _ in range(rounds):
+            for _ in range(attempts):
+                if len(rates[1]) >= rounds:
+                    break
                 t0 = time.time()
                 pair = {n: _direct_rate(llm, 32)[0] for n, llm in llms.items()}
                 time.sleep(load.interval_s)
