@@ -367,8 +367,8 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
     ident = _study_identity(o, p)
     attrs = study.user_attrs
     if "space_hash" not in attrs and not created:
-        # Another worker created it a moment ago and is writing its attrs.
-        for _ in range(50):
+        # Another worker created it a moment ago and is writing its attrs (space_hash last).
+        for _ in range(300):
             time.sleep(0.1)
             attrs = study.user_attrs
             if "space_hash" in attrs:
@@ -391,8 +391,10 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
                     + ": pass --study NEW_NAME to start a new study, or repeat the original options to resume"
                 )
     else:
+        # space_hash is written last: a worker that sees it sees the whole identity.
         for k, v in ident.items():
-            study.set_user_attr(k, v)
+            if k != "space_hash":
+                study.set_user_attr(k, v)
         study.set_user_attr("host", p.server.get("host", ""))
         study.set_user_attr("managed_server", bool(p.server.get("managed")))
         study.set_user_attr("server_version", p.server.get("version", ""))
@@ -403,6 +405,7 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
         if p.offload is not None:
             study.set_user_attr("gpu_offload_source", p.offload.source)
         study.set_user_attr("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
+        study.set_user_attr("space_hash", ident["space_hash"])
     study.set_user_attr(
         "limits",
         {k: v for k, v in (("max_ttft_ms", o.max_ttft_ms), ("max_latency_ms", o.max_latency_ms),
