@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,23 @@ def test_workload_validation_and_fingerprint() -> None:
     assert a.fingerprint() == Workload(prompts=builtin_prompts()).fingerprint()
     assert a.fingerprint() != Workload(prompts=builtin_prompts(), num_predict=64).fingerprint()
     assert a.needed_context() > 1000
+
+
+def test_stored_workload_replays_exactly(tmp_path: Path) -> None:
+    f = tmp_path / "mine.txt"
+    f.write_text("first prompt\n---\nsecond prompt\n", encoding="utf-8")
+    custom = Workload(load_prompts(f), repeats=2, num_predict=7, source=str(f))
+    stored = json.loads(json.dumps(custom.to_dict()))
+    assert [p["text"] for p in stored["prompts"]] == ["first prompt", "second prompt"]
+    assert Workload.from_dict(stored) == custom
+    # The text is not part of the identity: studies stored before it was kept still resume.
+    old = json.loads(json.dumps(stored))
+    for p in old["prompts"]:
+        del p["text"]
+    assert Workload.from_dict(stored).fingerprint() == custom.fingerprint()
+    with pytest.raises(WorkloadError, match="pass the original file with --prompts"):
+        Workload.from_dict(old)
+    builtin = Workload(builtin_prompts()).to_dict()
+    for p in builtin["prompts"]:
+        del p["text"]
+    assert Workload.from_dict(builtin) == Workload(builtin_prompts())

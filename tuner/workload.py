@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -64,14 +64,44 @@ class Workload:
         return {"num_predict": self.num_predict, "temperature": self.temperature, "seed": self.seed}
 
     def to_dict(self) -> dict[str, Any]:
+        """The stored form: every field, and each prompt's text with its size and hash (the text
+        is small and lets ``tune check`` and warm starts replay a custom --prompts file exactly)."""
         d = asdict(self)
-        d["prompts"] = [{"name": p.name, "chars": len(p.text), "sha256": _sha(p.text)} for p in self.prompts]
+        d["prompts"] = [{"name": p.name, "chars": len(p.text), "sha256": _sha(p.text), "text": p.text}
+                        for p in self.prompts]
         return d
 
     def fingerprint(self) -> str:
+        """What must match to resume a study; the text is represented by its hash (studies stored
+        before the text was kept resume unchanged)."""
         d = self.to_dict()
         d.pop("source", None)
+        for p in d["prompts"]:
+            p.pop("text", None)
         return _sha(json.dumps(d, sort_keys=True))[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Workload:
+        """The workload a study stored (:meth:`to_dict`), exactly as it was measured.
+
+        Studies stored before the prompt text was kept name only hashes: the built-in prompts
+        are recognised by their hash; anything else raises WorkloadError naming the fix.
+        """
+        builtin = {_sha(p.text): p for p in builtin_prompts()}
+        prompts: list[Prompt] = []
+        for item in d.get("prompts") or []:
+            text = item.get("text")
+            if isinstance(text, str) and (not item.get("sha256") or _sha(text) == item["sha256"]):
+                prompts.append(Prompt(str(item.get("name", f"p{len(prompts) + 1}")), text))
+            elif item.get("sha256") in builtin:
+                prompts.append(Prompt(str(item.get("name")), builtin[item["sha256"]].text))
+            else:
+                raise WorkloadError(
+                    f"the study stored no text for prompt '{item.get('name')}' (it was created before prompts "
+                    "were stored): pass the original file with --prompts"
+                )
+        known = {f.name for f in fields(cls)} - {"prompts"}
+        return cls(prompts=tuple(prompts), **{k: v for k, v in d.items() if k in known})
 
 
 def _sha(text: str) -> str:
