@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tuner._imports import require
+
+if TYPE_CHECKING:
+    from tuner.study import OnSample, OnTrialStart
 
 DEMO_STUDY = "demo-gemma3-270m"
 
@@ -15,6 +18,8 @@ DEMO_STUDY = "demo-gemma3-270m"
 @dataclass
 class DemoResult:
     summary_text: str
+    #: The one-line verdict (``tune demo -q``): the best config and its speedup over the defaults.
+    verdict: str
     report: Path
     modelfile: Path
     options_json: Path
@@ -30,12 +35,16 @@ def demo_model_path() -> Path:
 
 
 def run_demo(trials: int = 8, storage: str | None = None, out_dir: str = "reports",
-             echo: Callable[[str], None] = print) -> DemoResult:
-    """Tune Gemma 3 270M on CPU for ``trials`` trials, then write the report and the exports."""
+             echo: Callable[[str], None] = print, on_sample: OnSample | None = None,
+             on_trial_start: OnTrialStart | None = None) -> DemoResult:
+    """Tune Gemma 3 270M on CPU for ``trials`` trials, then write the report and the exports.
+
+    ``on_sample`` and ``on_trial_start`` are :func:`tuner.study.run_study`'s (a live status line).
+    """
     require("llama_cpp", "the demo")
     from tuner.export import export
     from tuner.report import write_report
-    from tuner.show import format_summary
+    from tuner.show import format_summary, verdict
     from tuner.options import TuneOptions
     from tuner.study import run_study
 
@@ -62,10 +71,10 @@ def run_demo(trials: int = 8, storage: str | None = None, out_dir: str = "report
         # Four requests a trial are too few for the Wilcoxon pruner to ever stop one.
         prune=False,
     )
-    summary = run_study(opts, echo=echo)
+    summary = run_study(opts, echo=echo, on_sample=on_sample, on_trial_start=on_trial_start)
     report = write_report(storage, DEMO_STUDY, str(Path(out_dir) / f"{DEMO_STUDY}.html"))
     modelfile = Path(out_dir) / f"{DEMO_STUDY}.Modelfile"
     export(storage, DEMO_STUDY, "modelfile", output=str(modelfile), allow_infeasible=True)
     options_json = Path(out_dir) / f"{DEMO_STUDY}.json"
     export(storage, DEMO_STUDY, "json", output=str(options_json), allow_infeasible=True)
-    return DemoResult(format_summary(summary), report, modelfile, options_json)
+    return DemoResult(format_summary(summary), verdict(summary), report, modelfile, options_json)

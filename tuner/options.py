@@ -60,6 +60,11 @@ class TuneOptions:
     roofline: bool = True
     #: Enqueue a few informed configs right after the baseline (benchmarks turn it off).
     starting_points: bool = True
+    #: Start a new study with the best configs of earlier studies of the same model on the
+    #: nearest hardware (tuner/warmstart.py), or of one chosen study, in this or another storage.
+    warm_start: bool = True
+    warm_start_from: str | None = None
+    warm_start_storage: str | None = None
     #: A trial measured while other processes competed is measured again up to this many
     #: times, after waiting up to ``quiet_wait_s`` for the machine to quiet down.
     remeasure_contended: int = 1

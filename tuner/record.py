@@ -55,8 +55,11 @@ DETAIL, TELEMETRY = "detail", "telemetry"
 _N_REQUESTS, _CONCURRENCY, _UNEXPECTED, _DONE = "n_requests", "concurrency", "unexpected_reloads", "done_reasons"
 _PRUNED_SAVED = "pruned_saved_s"
 _REMEASURED, _CONTENTION_LOST = "remeasured", "contention_lost_s"
-#: The search stage a trial belongs to (tuner/staged.py: baseline, start, screen, tune, offload).
+#: The search stage a trial belongs to (tuner/staged.py: baseline, start, warm, screen, tune, offload).
 STAGE = "stage"
+#: A warm-start trial's source ("STUDY#N"), and the trial whose measurement a config proposed
+#: again reuses instead of being measured again (tuner/warmstart.py).
+SEEDED_FROM, REUSED_FROM = "seeded_from", "reused_from"
 
 #: (label, metric) of the request metrics shown with their spread.
 METRIC_ROWS = (
@@ -81,6 +84,9 @@ TELEMETRY_ROWS = (
     ("host memory peak MiB", "host_mem_used_peak_mib"),
     ("server RSS peak MiB", "server_rss_peak_mib"),
 )
+#: The host side of TELEMETRY_ROWS (psutil: the machine's CPU and memory, the server's RSS),
+#: recorded with or without a GPU.
+HOST_TELEMETRY_ROWS = tuple(row for row in TELEMETRY_ROWS if row[1].startswith(("host_", "server_rss")))
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,11 @@ class TrialRecord:
     contention_lost_s: float | None = None
     #: The search stage that chose this trial (see tuner/staged.py); None when no stage did.
     stage: str | None = None
+    #: The earlier study's trial a warm-start trial was seeded from ("STUDY#N").
+    seeded_from: str | None = None
+    #: The trial of this study whose measurement this one reuses (the same config, proposed
+    #: again and clearly not the best): nothing was measured for it.
+    reused_from: int | None = None
     # -- from Optuna, on read --
     number: int = -1
     state: str = ""
@@ -344,6 +355,10 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
         attrs[ERROR] = r.error
     if r.stage is not None:
         attrs[STAGE] = r.stage
+    if r.seeded_from is not None:
+        attrs[SEEDED_FROM] = r.seeded_from
+    if r.reused_from is not None:
+        attrs[REUSED_FROM] = r.reused_from
     if not r.samples:
         if r.violations:
             attrs[VIOLATIONS] = r.violations
@@ -407,7 +422,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
              _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
-             _CONTENTION_LOST, STAGE}
+             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
@@ -442,6 +457,8 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
         remeasured=int(flat.get(_REMEASURED) or 0),
         contention_lost_s=_float(flat.get(_CONTENTION_LOST)),
         stage=str(ua[STAGE]) if ua.get(STAGE) else None,
+        seeded_from=str(ua[SEEDED_FROM]) if ua.get(SEEDED_FROM) else None,
+        reused_from=int(ua[REUSED_FROM]) if isinstance(ua.get(REUSED_FROM), int) else None,
         number=t.number,
         state=t.state.name,
         values=list(t.values) if t.values is not None else None,

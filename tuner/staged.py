@@ -33,8 +33,10 @@ from tuner.space import Param, SearchSpace
 BASELINE = record.BASELINE
 #: The informed starting point, when there is no screen (one variant, nothing to offload).
 START = "start"
+#: A config seeded from an earlier study (tuner/warmstart.py), queued after the baseline.
+WARM = "warm"
 SCREEN, TUNE, OFFLOAD = "screen", "tune", "offload"
-STAGES = (BASELINE, START, SCREEN, TUNE, OFFLOAD)
+STAGES = (BASELINE, START, WARM, SCREEN, TUNE, OFFLOAD)
 #: A runner-up variant is tuned too when its best is within this share of the leader's.
 RUNNER_UP_SHARE = 0.95
 

@@ -32,6 +32,8 @@ from tuner import results
 Echo = Callable[[str], None]
 #: Called after each measured request of a trial: (trial number, step, sample); ``tune -v``.
 OnSample = Callable[[int, int, Any], None]
+#: Called when a trial starts (again, when it is re-measured): (trial number, requests planned).
+OnTrialStart = Callable[[int, int], None]
 #: A failed load scores this (for maximised objectives) so the sampler learns to avoid it.
 FAILED_SCORE = {"maximize": 0.0, "minimize": 1e12}
 
@@ -164,9 +166,11 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
         if "variant" in overrides:
             variants = list(overrides["variant"])
         sizes = {model: info.size_bytes}
+        infos = {model: info}
         for v in variants[1:]:
             vi = engine.model_info(v)
             sizes[v] = vi.size_bytes
+            infos[v] = vi
             if vi.architecture != info.architecture or vi.block_count != info.block_count:
                 raise SpaceError(
                     f"variant '{v}' is a different model ({vi.architecture}, {vi.block_count} blocks) "
@@ -207,6 +211,9 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
         space = build_space(dataclasses.replace(limits, has_gpu=has_gpu), overrides)
         env = environment(engine, server, info)
         env["gpu_offload"] = {"offloads": offload.offloads, "source": offload.source, "detail": offload.detail}
+        # What the server says of each variant, so the report's table need not guess from tags.
+        env["models"] = {name: {"parameter_size": i.parameter_size, "quantization": i.quantization,
+                                "size_bytes": i.size_bytes} for name, i in infos.items()}
         if not gpu_telemetry:
             warnings.append(f"no NVIDIA GPU telemetry: {no_telemetry}")
         return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, gpu_telemetry, offload,
@@ -426,9 +433,11 @@ def _hw_text(hw: dict[str, Any]) -> str:
     return f"{hw.get('cpu')}, {hw.get('cores')} cores, {hw.get('ram_gib')} GiB, {gpus}"
 
 
-def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool) -> None:
-    """Queue the informed starting point, or with the staged search its screen (one config per
-    variant at full offload), and tell the staged sampler what it cannot read from trials."""
+def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo: Echo = lambda s: None) -> None:
+    """Queue the warm start's configs (earlier studies' winners), then the informed starting
+    point, or with the staged search its screen (one config per variant at full offload, less
+    the variants the warm start's sources screened on this hardware), and tell the staged
+    sampler what it cannot read from trials."""
     from tuner import staged
 
     sampler = study.sampler
@@ -436,14 +445,43 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool) -> N
         sampler.default_model, sampler.sizes = p.model, dict(p.sizes)
     if not (created and o.starting_points):
         return
+    warm = _warm_start(study, o, p, echo)
+    queue: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (s.params, {record.STAGE: staged.WARM, record.SEEDED_FROM: s.origin}) for s in warm.seeds]
     points = starting_points(p.space, p.has_gpu, _physical_cores())
     stage = staged.START
     if isinstance(sampler, staged.StagedSampler) and points and staged.screens(p.space):
         points, stage = staged.screen_points(p.space, points[0]), staged.SCREEN
+        if warm.seeds:
+            points = [x for x in points if "variant" in x and x["variant"] not in warm.screened
+                      and x["variant"] not in {s.params.get("variant") for s in warm.seeds}]
+    elif warm.seeds:
+        points = []  # the seeds are better informed than the generic starting point
+    queue += [(x, {record.STAGE: stage}) for x in points]
     # Never queue more than this run measures: a leftover waiting trial is a config with no record.
     room = o.trials - sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
-    for point in points[:max(0, room)]:
-        study.enqueue_trial(point, user_attrs={record.STAGE: stage}, skip_if_exists=True)
+    for point, attrs in queue[:max(0, room)]:
+        study.enqueue_trial(point, user_attrs=attrs, skip_if_exists=True)
+
+
+def _warm_start(study: Any, o: TuneOptions, p: _Prepared, echo: Echo) -> Any:
+    """Plan the warm start of a new study, say what it found and keep it with the study."""
+    from tuner import warmstart
+
+    if not o.warm_start:
+        return warmstart.WarmStart()
+    # The sources are read through a storage of their own (a "memory" storage has none).
+    storage = open_storage(o.warm_start_storage or o.storage, create=False)
+    ws = warmstart.plan(storage, study.study_name, p.model, p.space, study.user_attrs,
+                        from_study=o.warm_start_from)
+    for line in ws.lines():
+        echo(printable(line))
+    if ws.sources:
+        study.set_user_attr("warm_start", ws.to_dict())
+    elif o.warm_start_from:
+        echo(printable(f"warm start: study '{o.warm_start_from}' has no feasible config measured without "
+                       "contention to start from"))
+    return ws
 
 
 def starting_points(space: SearchSpace, has_gpu: bool, cores: int) -> list[dict[str, Any]]:
@@ -466,8 +504,10 @@ def starting_points(space: SearchSpace, has_gpu: bool, cores: int) -> list[dict[
 class _Runner:
     """The objective and its per-process state (what is loaded now)."""
 
-    def __init__(self, o: TuneOptions, p: _Prepared, echo: Echo, on_sample: OnSample | None = None) -> None:
+    def __init__(self, o: TuneOptions, p: _Prepared, echo: Echo, on_sample: OnSample | None = None,
+                 on_trial_start: OnTrialStart | None = None) -> None:
         self.o, self.p, self.echo, self.on_sample = o, p, echo, on_sample
+        self.on_trial_start = on_trial_start
         self.loaded_key: Any = None
         #: The machine stayed busy through a whole --quiet-wait: flag without waiting.
         self.stays_busy = False
@@ -506,8 +546,12 @@ class _Runner:
         # The baseline's stage is named as its flag (tuner.staged.BASELINE; that module loads optuna).
         stage = record.BASELINE if baseline else trial.user_attrs.get(record.STAGE)
         rec = TrialRecord(model=model, options=runner or {}, server=server, baseline=baseline, worker=self.worker,
-                          stage=stage)
+                          stage=stage, seeded_from=trial.user_attrs.get(record.SEEDED_FROM))
         record.write_record(trial, rec)
+        prior = None if baseline else self._settled(trial, rec)
+        if prior is not None:
+            return self._reuse(trial, rec, prior)
+        self._started(trial.number)
         try:
             restarted = p.engine.prepare(server)
             rec.server_effective = getattr(p.engine, "effective_server_settings", lambda s: None)(server)
@@ -533,6 +577,7 @@ class _Runner:
                     self.echo(f"  the machine stayed busy for {waited:.0f} s: measuring on without waiting; "
                               "contended trials are flagged and kept out of the winner")
                     break
+                self._started(trial.number)
                 t0 = time.monotonic()
                 m = measure_config(p.engine, model, runner, p.workload, reload=False, sampler=self._sampler(),
                                    on_sample=self._sample_hook(trial.number))
@@ -579,6 +624,46 @@ class _Runner:
                 )
             values.append(v)
         record.write_record(trial, rec)
+        return values[0] if len(values) == 1 else values
+
+    def _started(self, number: int) -> None:
+        if self.on_trial_start is not None:
+            self.on_trial_start(number, self.p.workload.repeats * len(self.p.workload.prompts))
+
+    def _settled(self, trial: Any, rec: TrialRecord) -> TrialRecord | None:
+        """An earlier quiet measurement of this very config in this study (same workload by
+        the study's identity) whose 95% interval lies clear of the current best's: measuring
+        it again would not change the answer. None when there is none, or it is the best or
+        close to it (then a new measurement does add evidence)."""
+        field = objectives.get(self.o.objectives[0]).per_request if len(self.o.objectives) == 1 else None
+        if field is None:
+            return None
+        from optuna.trial import TrialState
+
+        from tuner.validate import log_ci95
+
+        done = [record.read_record(t) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        same = [r for r in done if not r.baseline and r.reused_from is None and r.measured and r.contended is not True
+                and (r.model, r.options, r.server) == (rec.model, rec.options, rec.server) and len(r.samples) > 1]
+        if not same:
+            return None
+        best = results.StoredStudy("", {}, [self.directions[0]], done).best()
+        if best is None or best.number == same[0].number or len(best.samples) < 2:
+            return None
+        try:
+            mine = log_ci95([float(s[field]) for s in same[0].samples])
+            theirs = log_ci95([float(s[field]) for s in best.samples])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return None if results.overlaps(mine[1:], theirs[1:]) else same[0]
+
+    def _reuse(self, trial: Any, rec: TrialRecord, prior: TrialRecord) -> Any:
+        """Record ``prior``'s measurement for this trial, measuring nothing."""
+        reused = dataclasses.replace(prior, stage=rec.stage, seeded_from=rec.seeded_from, worker=self.worker,
+                                     reused_from=prior.number, remeasured=0, contention_lost_s=None)
+        reused.constraints, reused.violations = self._limits(reused, load_failed=False)
+        record.write_record(trial, reused)
+        values = [objectives.get(name).value(reused) for name in self.o.objectives]
         return values[0] if len(values) == 1 else values
 
     def _sample_hook(self, number: int) -> Callable[[int, Any], None] | None:
@@ -732,6 +817,8 @@ class _Progress:
                            + " (not used for the winner)")
             elif v.remeasured:
                 status += f" | re-measured on a quiet machine ({v.contention_lost_s or 0:.0f} s lost to contention)"
+            if v.reused_from is not None:
+                status += f" | proposed again: #{v.reused_from}'s measurement reused (clearly behind the best)"
         best = results.best_feasible(study)
         best_txt = f"best {best.values[0]:.2f} ({obj})" if best is not None and best.values else "no feasible yet"
         elapsed = time.monotonic() - self.started
@@ -748,11 +835,13 @@ class _Progress:
 
 def run_study(o: TuneOptions, echo: Echo = lambda s: None,
               sampler_factory: SamplerFactory = make_sampler,
-              on_sample: OnSample | None = None) -> results.StudySummary:
+              on_sample: OnSample | None = None,
+              on_trial_start: OnTrialStart | None = None) -> results.StudySummary:
     """Run ``o.trials`` measured trials (creating or resuming the study) and summarise.
 
     ``sampler_factory`` builds the sampler (benchmarks compare others); ``on_sample`` sees
-    every measured request of the search (not of the re-validation); the summary's
+    every measured request of the search (not of the re-validation), ``on_trial_start`` each
+    start of a trial's measurement (a live status line needs both); the summary's
     ``trials`` hold every trial of the study, read back as records.
     """
     import warnings
@@ -764,8 +853,14 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # heartbeats and grouped TPE are marked experimental; users need not see that per run.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if o.warm_start_from and not o.warm_start:
+        raise TunerError("--warm-start-from contradicts --no-warm-start: pass one of them")
     p = prepare(o, echo)
     try:
+        if o.warm_start and o.warm_start_from:
+            from tuner.warmstart import check_source
+
+            check_source(open_storage(o.warm_start_storage or o.storage, create=False), o.warm_start_from)
         study, created = open_study(o, p, sampler_factory)
         searched = ", ".join(f"{x.name}[{len(x.values)}]" for x in p.space.searched) or "nothing (all fixed)"
         echo(printable(f"study '{study.study_name}' in {shown_url(o.storage)}"))
@@ -794,8 +889,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         # baseline, so concurrent workers never measure it twice.
         if o.baseline and not any(record.is_baseline(t) for t in existing) and (created or existing):
             study.enqueue_trial({}, user_attrs={record.BASELINE: True})
-        _enqueue_start(study, o, p, created)
-        runner = _Runner(o, p, echo, on_sample)
+        _enqueue_start(study, o, p, created, echo)
+        runner = _Runner(o, p, echo, on_sample, on_trial_start)
         progress = _Progress(o, echo, o.trials)
         study.optimize(runner, n_trials=o.trials, callbacks=[progress], catch=(TrialFailedError,))
         if progress.stopped_for_failures:

@@ -1,0 +1,162 @@
+"""tuner/warmstart.py: a new study starts from earlier studies' winners; configs proposed again
+are not measured again when they are clearly behind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+from conftest import invoke
+from fake_ollama import FakeOllama
+
+from tuner import record, results, warmstart
+from tuner.record import TrialRecord
+from tuner.space import Param, SearchSpace
+from tuner.storage import open_storage
+from tuner.study import TuneOptions, run_study
+
+STORAGE = "sqlite:///t.db"
+
+
+def opts(fake: FakeOllama, **kw: Any) -> TuneOptions:
+    base: dict[str, Any] = dict(
+        model=["gemma3:1b"], host=fake.url, trials=6, repeats=1, num_predict=8, storage=STORAGE, seed=3,
+        validate=0, roofline=False, params={"num_thread": [1, 2, 4, 8], "num_batch": [128, 512]},
+    )
+    base.update(kw)
+    return TuneOptions(**base)
+
+
+def _study(name: str, storage: str = STORAGE) -> results.StoredStudy:
+    return results.read_study(optuna.load_study(study_name=name, storage=open_storage(storage)))
+
+
+GPU_SPACE = SearchSpace((Param("num_ctx", (2048, 4096, 8192)), Param("num_batch", (128, 256, 512)),
+                         Param("num_gpu", tuple(range(0, 28))), Param("num_thread", (1, 2, 4)),
+                         Param("variant", ("gemma3:1b", "gemma3:1b-it-qat"))))
+
+
+def test_mapping_moves_values_into_the_new_space_and_says_which() -> None:
+    r = TrialRecord(model="gemma3:1b", options={"num_ctx": 16384, "num_batch": 300, "num_gpu": 0, "num_thread": 8},
+                    server={"kv_cache_type": "q4_0"})
+    source = {"num_ctx": [16384, 32768], "num_gpu": list(range(0, 28))}
+    params, notes, _ = warmstart.map_config(r, GPU_SPACE, source, offloads=True, same_hardware=True)
+    # The source's smallest context maps to this study's; 300 is nearest 256 by ratio; CPU-only
+    # offload never seeds a server that offloads to a GPU; 8 threads move to the nearest allowed.
+    assert params == {"num_ctx": 2048, "num_batch": 256, "num_gpu": 27, "num_thread": 4, "variant": "gemma3:1b"}
+    assert notes == ["num_ctx 16384 -> 2048 (the source's smallest context: this study's)",
+                     "num_batch 300 -> 256 (nearest allowed)",
+                     "num_gpu 0 -> 27 (full offload: this server offloads to a GPU)",
+                     "num_thread 8 -> 4 (nearest allowed)"]
+    # A partial offload is kept on the same hardware, moved to full offload on other hardware.
+    part = TrialRecord(model="gemma3:1b", options={"num_gpu": 20})
+    assert warmstart.map_config(part, GPU_SPACE, source, True, True)[0] == {"num_gpu": 20, "variant": "gemma3:1b"}
+    assert warmstart.map_config(part, GPU_SPACE, source, True, False)[0]["num_gpu"] == 27
+    other = TrialRecord(model="gemma3:1b-it-q8_0", options={"num_ctx": 2048})
+    assert warmstart.map_config(other, GPU_SPACE, {}, True, True) == (
+        None, [], "variant gemma3:1b-it-q8_0 is not searched here")
+
+
+def test_hardware_tiers() -> None:
+    def m(gpus: list[str], offloads: bool | None, vram: float | None = None, cpu: str = "X", cores: int = 8,
+          server: str = "local") -> warmstart.Machine:
+        return warmstart.Machine({"cpu": cpu, "cores": cores, "ram_gib": 32, "gpus": gpus}, offloads, vram, server)
+
+    box = m(["RTX 4090"], True, 24564)
+    assert warmstart.match(box, m(["RTX 4090"], True, 24564)) == warmstart.SAME_HARDWARE
+    assert warmstart.match(box, m(["RTX 4090"], True, 24564, cpu="Y")) == warmstart.SAME_GPU
+    assert warmstart.match(box, m(["RTX 3090"], True, 24576, cpu="Y")) == warmstart.SAME_VRAM
+    assert warmstart.match(box, m(["RTX 4060"], True, 8188, cpu="Y")) is None
+    # CPU-only studies seed only CPU-only machines, GPU studies only GPU machines.
+    assert warmstart.match(box, m([], False)) is None
+    assert warmstart.match(m([], False), m(["RTX 4090"], True, 24564)) is None
+    assert warmstart.match(m([], False), m([], False, cores=4)) == warmstart.SAME_CPU
+    assert warmstart.match(m([], False), m([], False, cpu="Y")) == warmstart.SAME_CORES
+    # A remote server's hardware is not the measuring machine's fingerprint.
+    assert warmstart.match(m([], True, server="gpu-box"), m([], True, server="other-box")) is None
+    assert warmstart.family("gemma3:4b-it-qat") == warmstart.family("gemma3:4b") == "gemma3:4b"
+    assert warmstart.family("gemma3:1b") != warmstart.family("gemma3:4b")
+
+
+def test_a_second_study_starts_from_the_first_ones_winners(fake: FakeOllama) -> None:
+    lines: list[str] = []
+    first = run_study(opts(fake, study_name="first", trials=8))
+    best = _study("first").best()
+    assert best is not None and first.study_name == "first"
+    # Another workload (more tokens per request): another study, seeded from the first.
+    run_study(opts(fake, study_name="second", num_predict=12, trials=4), echo=lines.append)
+    text = "\n".join(lines)
+    assert "warm start: " in text and "from 'first' (same hardware)" in text, text
+    second = _study("second")
+    seeded = [r for r in second.records if r.stage == "warm"]
+    assert seeded and seeded[0].number == 1  # right after the baseline
+    assert seeded[0].seeded_from == f"first#{best.number}"
+    assert {k: seeded[0].options[k] for k in ("num_thread", "num_batch")} == \
+        {k: best.options[k] for k in ("num_thread", "num_batch")}
+    assert second.attrs["warm_start"]["sources"] == [{"study": "first", "match": "same hardware"}]
+    # Turned off, nothing is seeded; a resumed study is never seeded again.
+    lines.clear()
+    run_study(opts(fake, study_name="third", num_predict=10, trials=2, warm_start=False), echo=lines.append)
+    assert not any("warm start" in x for x in lines)
+    assert all(r.stage != "warm" for r in _study("third").records)
+
+
+def test_warm_start_from_another_storage_and_bad_sources(fake: FakeOllama) -> None:
+    run_study(opts(fake, study_name="elsewhere", storage="sqlite:///other.db", trials=5))
+    lines: list[str] = []
+    run_study(opts(fake, study_name="here", trials=3, warm_start_from="elsewhere",
+                   warm_start_storage="sqlite:///other.db"), echo=lines.append)
+    assert any("from 'elsewhere' (same hardware)" in x for x in lines), lines
+    assert any(r.seeded_from and r.seeded_from.startswith("elsewhere#") for r in _study("here").records)
+    r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "new",
+               "--warm-start-from", "nope", "--trials", "1")
+    assert r.exit_code == 2
+    assert r.output == ("Error: --warm-start-from: no study named 'nope' in that storage "
+                        "(known studies: here)\n")
+    # Nothing was created for a rejected source.
+    assert "new" not in optuna.get_all_study_names(open_storage(STORAGE))
+    r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE,
+               "--warm-start-from", "here", "--no-warm-start")
+    assert r.exit_code == 2
+    assert r.output == "Error: --warm-start-from contradicts --no-warm-start: pass one of them\n"
+
+
+def test_a_cpu_only_study_does_not_seed_a_gpu_server(fake: FakeOllama) -> None:
+    with FakeOllama(memory_budget_mib=0) as cpu_only:
+        run_study(opts(cpu_only, study_name="cpu", trials=4))
+    assert _study("cpu").attrs["environment"]["gpu_offload"]["offloads"] is False
+    assert fake.memory_budget_mib > 0
+    lines: list[str] = []
+    run_study(opts(fake, study_name="gpu", trials=2, params={"num_thread": [1, 2, 4, 8]}), echo=lines.append)
+    assert not any("warm start" in x for x in lines), lines
+
+
+def test_a_config_proposed_again_is_not_measured_again_when_clearly_behind(fake: FakeOllama) -> None:
+    # Two configs, ten trials: the sampler proposes both again and again.
+    o = opts(fake, study_name="dups", trials=10, baseline=False, starting_points=False, sampler="tpe",
+             params={"num_thread": [1, 8], "num_batch": [512], "num_ctx": [2048]})
+    lines: list[str] = []
+    run_study(o, echo=lines.append)
+    st = _study("dups")
+    reused = [r for r in st.records if r.reused_from is not None]
+    best = st.best()
+    assert best is not None
+    assert reused, "\n".join(lines)
+    for r in reused:
+        prior = next(x for x in st.records if x.number == r.reused_from)
+        assert (prior.options, prior.values) == (r.options, r.values)
+        assert prior.options != best.options  # the best is always measured again
+    assert any("measurement reused (clearly behind the best)" in x for x in lines)
+    # Requests sent: only the measured trials (each one warm-up on reload plus two prompts).
+    measured = [r for r in st.records if r.reused_from is None]
+    assert sum(1 for _ in fake.prompt_requests()) < 3 * len(st.records)
+    assert len(measured) + len(reused) == 10
+    assert all(record.REUSED_FROM not in t.user_attrs for t in optuna.load_study(
+        study_name="dups", storage=open_storage(STORAGE)).trials if t.number == best.number)
+
+
+@pytest.mark.parametrize("model,other,same", [("gemma3:1b", "gemma3:1b-it-qat", True),
+                                               ("gemma3:1b", "gemma3:4b", False)])
+def test_variants_of_one_model_seed_each_other(model: str, other: str, same: bool) -> None:
+    assert warmstart.same_model(model, [], {"model": other}) is same

@@ -1,0 +1,319 @@
+"""Warm start: a new study begins, after its baseline, with the winners of earlier studies.
+
+Sources are earlier studies of the same model (or another variant of it) in the storage, on
+the nearest hardware that has any: the same stored fingerprint first, then (GPU servers) the
+same GPU model, then the same VRAM class; (CPU-only servers) the same CPU model, then the same
+core count. A CPU-only study seeds only CPU-only machines and a GPU study only GPU machines.
+Each source gives its best feasible configs measured without contention; each is mapped into
+the new space and the output says what moved:
+
+* a value the new space allows is kept;
+* ``num_ctx`` at the lowest value its source could take (the floor its workload or
+  ``--context`` set) moves to this space's floor: the KV cache read per token grows with the
+  context, so the fastest context is the smallest the application allows;
+* offload: a server that offloads to a GPU is never seeded with CPU-only or partial offload
+  from other hardware: it gets full offload (the staged search's offload stage takes over when
+  that does not fit); on the same hardware a partial offload is kept;
+* any other number moves to the nearest allowed value (by ratio: these are sizes);
+* a string value the space does not allow is left to the sampler; a variant this study does
+  not search skips the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tuner.errors import StudyError
+from tuner.record import TrialRecord
+from tuner.space import SearchSpace
+
+#: Configs taken from each source study, and from all sources together.
+PER_SOURCE = 3
+MAX_SEEDS = 5
+#: Two GPU set-ups are in one VRAM class when their total memory differs by at most this share.
+VRAM_CLASS_SHARE = 0.125
+#: Labels of the hardware match, nearest first.
+SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES, CHOSEN = (
+    "same hardware", "same GPU model", "same VRAM class", "same CPU model", "same core count",
+    "chosen with --warm-start-from")
+_TIERS = (SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES)
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What warm start compares between studies: the stored fingerprint and where the model ran."""
+
+    hardware: dict[str, Any]
+    #: Whether the server offloads layers to a GPU (None: an old study that did not say).
+    offloads: bool | None
+    vram_mib: float | None
+    #: "local" for a server on the measuring machine, else its host (a remote server's
+    #: hardware is not the fingerprint's).
+    server: str
+
+    @classmethod
+    def of(cls, attrs: dict[str, Any]) -> Machine:
+        """The machine a stored study (its user attrs) was measured on."""
+        env = attrs.get("environment") or {}
+        off = (env.get("gpu_offload") or {}).get("offloads")
+        hw = dict(attrs.get("hardware") or {})
+        gpus = [g for g in env.get("gpus") or [] if isinstance(g, dict)]
+        vram = sum(float(g.get("memory_total_mib") or 0) for g in gpus) or None
+        return cls(hw, bool(off) if off is not None else (bool(hw.get("gpus")) or None), vram,
+                   _server_of(attrs))
+
+
+def _server_of(attrs: dict[str, Any]) -> str:
+    if attrs.get("managed_server") or attrs.get("engine") != "ollama":
+        return "local"
+    host = str(attrs.get("host") or "").split("://")[-1].rsplit(":", 1)[0]
+    return "local" if not host or host in _LOOPBACK else host
+
+
+def match(new: Machine, old: Machine) -> str | None:
+    """How near ``old`` is to ``new`` (one of the tier labels), or None when it must not seed it."""
+    if old.offloads is not None and new.offloads is not None and old.offloads != new.offloads:
+        return None  # CPU-only seeds only CPU-only machines, and GPU studies only GPU machines
+    if old.hardware == new.hardware and old.server == new.server:
+        return SAME_HARDWARE
+    if old.server != "local" or new.server != "local":
+        return None  # the fingerprint describes the measuring machine, not a remote server's
+    if new.offloads:
+        gpus, old_gpus = new.hardware.get("gpus") or [], old.hardware.get("gpus") or []
+        if gpus and gpus == old_gpus:
+            return SAME_GPU
+        if new.vram_mib and old.vram_mib and abs(new.vram_mib - old.vram_mib) <= VRAM_CLASS_SHARE * new.vram_mib:
+            return SAME_VRAM
+        return None
+    if new.hardware.get("cpu") and new.hardware.get("cpu") == old.hardware.get("cpu"):
+        return SAME_CPU
+    if new.hardware.get("cores") and new.hardware.get("cores") == old.hardware.get("cores"):
+        return SAME_CORES
+    return None
+
+
+def family(model: str) -> str:
+    """The model a tag is a variant of: ``gemma3:4b-it-qat`` -> ``gemma3:4b``; a GGUF path by its
+    file name without the quantization suffix."""
+    if model.endswith(".gguf"):
+        stem = model.rsplit("/", 1)[-1][:-len(".gguf")].lower()
+        return stem.rsplit("-", 1)[0] if "-" in stem else stem
+    name, _, tag = model.partition(":")
+    return f"{name}:{(tag or 'latest').split('-')[0]}"
+
+
+def same_model(model: str, variants: Sequence[str], attrs: dict[str, Any]) -> bool:
+    """Whether a stored study (``attrs``) tuned ``model`` or another variant of it."""
+    theirs = [str(attrs.get("model") or "")] + [str(v) for v in (attrs.get("space") or {}).get("variant") or []]
+    mine = [model, *variants]
+    return bool(set(theirs) & set(mine)) or family(theirs[0]) == family(model)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A study that seeded this one, and how near its hardware is."""
+
+    study: str
+    match: str
+
+
+@dataclass(frozen=True)
+class Seed:
+    """One config queued from a source: its params in this space and what mapping changed."""
+
+    params: dict[str, Any]
+    origin: str  # "STUDY#N"
+    value: float | None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class WarmStart:
+    """What a warm start found: its sources, the configs it queues and what it left out."""
+
+    sources: list[Source] = field(default_factory=list)
+    seeds: list[Seed] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    #: Variants the sources measured at full offload (the staged screen need not repeat them).
+    screened: set[str] = field(default_factory=set)
+
+    def lines(self) -> list[str]:
+        """What the terminal says about it."""
+        if not self.sources:
+            return []
+        names = ", ".join(f"'{s.study}' ({s.match})" for s in self.sources)
+        out = [f"warm start: {len(self.seeds)} config(s) from {names}"]
+        for s in self.seeds:
+            note = f" ({'; '.join(s.notes)})" if s.notes else ""
+            val = f" {s.value:.2f}" if s.value is not None else ""
+            out.append(f"  from {s.origin}{val}: " + " ".join(f"{k}={v}" for k, v in s.params.items()) + note)
+        out += [f"  skipped {x}" for x in self.skipped]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sources": [{"study": s.study, "match": s.match} for s in self.sources],
+                "seeds": [{"from": s.origin, "params": s.params, "notes": list(s.notes)} for s in self.seeds],
+                "skipped": list(self.skipped)}
+
+
+def find_sources(storage: Any, exclude: str, model: str, variants: Sequence[str], machine: Machine,
+                 engine: str, objective: str) -> list[tuple[str, str]]:
+    """(study name, match) of the stored studies that may seed a study of ``model`` on
+    ``machine``: those of the nearest tier only, most recent first."""
+    found: list[tuple[int, str, str]] = []
+    for s in storage.get_all_studies():
+        a = s.user_attrs
+        # Another engine's or objective's winners answer another question.
+        if (s.study_name == exclude or not same_model(model, variants, a) or a.get("engine") != engine
+                or (a.get("objectives") or [None])[0] != objective):
+            continue
+        how = match(machine, Machine.of(a))
+        if how is not None:
+            found.append((_TIERS.index(how), str(s.user_attrs.get("created_at") or ""), s.study_name))
+    if not found:
+        return []
+    nearest = min(t for t, _, _ in found)
+    chosen = sorted((x for x in found if x[0] == nearest), key=lambda x: x[1], reverse=True)
+    return [(name, _TIERS[tier]) for tier, _, name in chosen]
+
+
+def seeds_of(st: Any, space: SearchSpace, offloads: bool, same_hardware: bool,
+             limit: int = PER_SOURCE) -> tuple[list[Seed], list[str]]:
+    """The best feasible, uncontended configs of a stored study (``results.StoredStudy``)
+    mapped into ``space``; and what was skipped, in words."""
+    source_space: dict[str, list[Any]] = st.attrs.get("space") or {}
+    best = st.best()
+    ranked = [r for r in st.ranked() if not r.baseline and not r.contended]
+    # The re-validated winner first, when the validation picked another than the top value.
+    ranked.sort(key=lambda r: best is None or r.number != best.number)
+    out: list[Seed] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for r in ranked:
+        params, notes, why = map_config(r, space, source_space, offloads, same_hardware)
+        origin = f"{st.name}#{r.number}"
+        if params is None:
+            skipped.append(f"{origin}: {why}")
+            continue
+        key = repr(sorted(params.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(Seed(params, origin, r.value, tuple(notes)))
+        if len(out) == limit:
+            break
+    return out, skipped
+
+
+def map_config(r: TrialRecord, space: SearchSpace, source_space: dict[str, list[Any]], offloads: bool,
+               same_hardware: bool) -> tuple[dict[str, Any] | None, list[str], str]:
+    """``r``'s config as params of ``space`` (None and the reason when it cannot be), and notes
+    on every value that moved."""
+    config: dict[str, Any] = {**r.options, **r.effective_server}
+    if r.model:
+        config["variant"] = r.model
+    params: dict[str, Any] = {}
+    notes: list[str] = []
+    for p in space.searched:
+        if p.name not in config:
+            continue
+        v = config[p.name]
+        if p.name == "variant":
+            if v not in p.values:
+                return None, [], f"variant {r.model_label} is not searched here"
+            params[p.name] = v
+            continue
+        if p.name == "num_gpu":
+            mapped = _offload(int(v), p.values, source_space.get("num_gpu") or [], offloads, same_hardware)
+            if mapped != v:
+                why = "full offload: this server offloads to a GPU" if offloads and mapped == max(p.values) \
+                    else "this server runs on the CPU" if not offloads else "nearest allowed"
+                notes.append(f"num_gpu {v} -> {mapped} ({why})")
+            params[p.name] = mapped
+            continue
+        floor = source_space.get("num_ctx") or []
+        if p.name == "num_ctx" and floor and v == min(floor):
+            params[p.name] = min(p.values)
+            if params[p.name] != v:
+                notes.append(f"num_ctx {v} -> {params[p.name]} (the source's smallest context: this study's)")
+            continue
+        if v in p.values:
+            params[p.name] = v
+            continue
+        nearest = _nearest(v, p.values)
+        if nearest is None:
+            notes.append(f"{p.name}={v} is not allowed here: left to the sampler")
+            continue
+        params[p.name] = nearest
+        notes.append(f"{p.name} {v} -> {nearest} (nearest allowed)")
+    return params, notes, ""
+
+
+def _offload(v: int, allowed: Sequence[Any], source_allowed: Sequence[Any], offloads: bool,
+             same_hardware: bool) -> int:
+    ints = [int(x) for x in allowed]
+    full = max(ints)
+    if not offloads:
+        return 0 if 0 in ints else min(ints, key=lambda x: abs(x - v))
+    source_full = max((int(x) for x in source_allowed), default=None)
+    if v == 0 or (v > 0 and not same_hardware) or (source_full is not None and v >= source_full):
+        return full
+    return v if v in ints else min(ints, key=lambda x: abs(x - v))
+
+
+def _nearest(v: Any, allowed: Sequence[Any]) -> Any:
+    nums = [x for x in allowed if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not nums:
+        return None
+    if v > 0 and all(x > 0 for x in nums):
+        return min(nums, key=lambda x: abs(math.log(x / v)))
+    return min(nums, key=lambda x: abs(x - v))
+
+
+def check_source(source_storage: Any, name: str) -> None:
+    """Raise StudyError (before anything is created) when ``--warm-start-from`` names no study."""
+    import optuna
+
+    names = optuna.get_all_study_names(source_storage)
+    if name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise StudyError(f"--warm-start-from: no study named '{name}' in that storage (known studies: {known})")
+
+
+def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, attrs: dict[str, Any],
+         from_study: str | None = None) -> WarmStart:
+    """The warm start of a new study named ``study_name`` (``attrs``: its stored attrs, which
+    describe its machine) from the studies in ``source_storage``."""
+    from tuner import results
+
+    machine = Machine.of(attrs)
+    variants = [str(v) for v in (space["variant"].values if "variant" in space else ())]
+    if from_study is not None:
+        check_source(source_storage, from_study)
+        names = {s.study_name: s for s in source_storage.get_all_studies()}
+        how = match(machine, Machine.of(names[from_study].user_attrs))
+        found = [(from_study, how or CHOSEN)]
+    else:
+        found = find_sources(source_storage, study_name, model, variants, machine, str(attrs.get("engine")),
+                             str((attrs.get("objectives") or [""])[0]))
+    ws = WarmStart()
+    import optuna
+
+    for name, how in found:
+        st = results.read_study(optuna.load_study(study_name=name, storage=source_storage))
+        seeds, skipped = seeds_of(st, space, bool(machine.offloads), how == SAME_HARDWARE)
+        ws.skipped += skipped
+        fresh = [s for s in seeds if all(s.params != t.params for t in ws.seeds)]
+        room = MAX_SEEDS - len(ws.seeds)
+        if fresh and room > 0:
+            ws.sources.append(Source(name, how))
+            ws.seeds += fresh[:room]
+        if how in (SAME_HARDWARE, SAME_GPU) and fresh:
+            # Measured where the same variants fit as here: no need to screen them again.
+            full = max((int(x) for x in (st.attrs.get("space") or {}).get("num_gpu") or [0]), default=0)
+            ws.screened |= {r.model for r in st.records if r.state in ("COMPLETE", "PRUNED") and not r.baseline
+                            and (not machine.offloads or int(r.options.get("num_gpu", full) or 0) >= full)}
+    return ws
