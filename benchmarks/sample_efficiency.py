@@ -9,7 +9,8 @@ the largest budget. A budget B is scored on the run's first B trials: sampling o
 looks back, so a run cut after B trials is exactly a ``--trials B`` run (``--separate``
 runs every budget on its own to check that).
 
-The GPU surface (``--surfaces gpu``; ``benchmarks/gpu_surface.py`` documents it) runs the same
+The GPU surface (``--surfaces gpu``; ``benchmarks/gpu_surface.py`` documents it; ``--warm`` adds
+warm-started studies seeded from a study with another context and workload) runs the same
 ``run_study`` against the fake Ollama serving a synthetic 8 GiB GPU box with four variants of
 a 4B model (no sleeping, the fake's memory model decides what loads), in product mode with
 no latency limit, scored against the exhaustive optimum of its speed model.
@@ -122,20 +123,33 @@ def run_one(grid: Grid, prompts: Path, sampler: str, seed: int, budgets: list[in
     return run
 
 
+#: The warm start's source study (``--warm``): another application's context (8k and up) and
+#: another workload (32 tokens per request), tuned cold for this many trials.
+SOURCE_CTX = [8192, 16384, 32768]
+SOURCE_TRIALS = 15
+
+
 def run_gpu(sampler: str, seed: int, budgets: list[int], prompts: Path, optimum: float,
-            factory: Callable[..., Any] = study_mod.make_sampler) -> Run:
-    """One product-mode study on the synthetic GPU box; shares by budget."""
+            factory: Callable[..., Any] = study_mod.make_sampler, warm_dir: Path | None = None) -> Run:
+    """One product-mode study on the synthetic GPU box; shares by budget. With ``warm_dir``,
+    a source study with another context and workload is tuned first in a SQLite storage
+    there, and the measured study warm-starts from it (mode "warm")."""
     import gpu_surface
 
-    run = Run(sampler, seed, "product", None)
+    run = Run(sampler, seed, "warm" if warm_dir else "cold", None)
     t0 = time.perf_counter()
+    storage = f"sqlite:///{warm_dir / f'warm-{sampler}-{seed}.db'}" if warm_dir else "memory"
     with gpu_surface.server() as fake:
-        o = TuneOptions(
-            model=["gemma3:4b"], host=fake.url, storage="memory", study_name=f"{sampler}-{seed}",
-            trials=max(budgets), seed=seed, sampler=sampler.split("[")[0], prune=False, validate=0,
-            roofline=False, params=dict(gpu_surface.SPACE), repeats=1, num_predict=16,
-            prompts_file=str(prompts), measure_interference=False,
-        )
+        common = dict(model=["gemma3:4b"], host=fake.url, storage=storage, sampler=sampler.split("[")[0],
+                      prune=False, validate=0, roofline=False, repeats=1, prompts_file=str(prompts),
+                      measure_interference=False)
+        if warm_dir:
+            run_study(TuneOptions(**common, study_name=f"source-{seed}", trials=SOURCE_TRIALS, seed=1000 + seed,
+                                  params={**gpu_surface.SPACE, "num_ctx": SOURCE_CTX}, num_predict=32,
+                                  warm_start=False), sampler_factory=factory)
+            t0 = time.perf_counter()  # the source's time is not the warm study's
+        o = TuneOptions(**common, study_name=f"{sampler}-{seed}", trials=max(budgets), seed=seed,
+                        params=dict(gpu_surface.SPACE), num_predict=16, warm_start=bool(warm_dir))
         done = sorted(run_study(o, sampler_factory=factory).trials, key=lambda t: t.number)
     for b in budgets:
         ok = [t for t in done[:b] if t.feasible and t.values]
@@ -149,7 +163,8 @@ def run_gpu(sampler: str, seed: int, budgets: list[int], prompts: Path, optimum:
     return run
 
 
-def gpu_tables(samplers: list[tuple[str, dict[str, Any]]], seeds: int, budgets: list[int], tmp: Path) -> None:
+def gpu_tables(samplers: list[tuple[str, dict[str, Any]]], seeds: int, budgets: list[int], tmp: Path,
+               warm: bool = False) -> None:
     import gpu_surface
 
     optimum, arg, n_load, near = gpu_surface.optimum()
@@ -160,6 +175,9 @@ def gpu_tables(samplers: list[tuple[str, dict[str, Any]]], seeds: int, budgets: 
           + " ".join(f"{k}={v}" for k, v in arg.items()) + f"; load average now {load_average()}")
     runs = [run_gpu(name, seed, budgets, prompts, optimum, sampler_factory(overrides))
             for name, overrides in samplers for seed in range(seeds)]
+    if warm:
+        runs += [run_gpu(name, seed, budgets, prompts, optimum, sampler_factory(overrides), warm_dir=tmp)
+                 for name, overrides in samplers for seed in range(seeds)]
     _print(runs, budgets, optimum, n_load, near, n_configs, None, surface="GPU surface, no latency limit",
            optimum_label="optimum", feasible_label="load")
     print(f"load average at the end: {load_average()}")
@@ -171,6 +189,9 @@ def main() -> None:
     ap.add_argument("--samplers", default="staged,tpe,random,grid")
     ap.add_argument("--surfaces", default="cpu,gpu", help="cpu: the recorded CPU grid; gpu: the synthetic GPU box")
     ap.add_argument("--gpu-budgets", default="10,15,30")
+    ap.add_argument("--warm", action="store_true",
+                    help="GPU surface: also warm-started studies (seeded from a study with another context "
+                         f"{SOURCE_CTX[0]}+ and workload, {SOURCE_TRIALS} cold trials)")
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--budgets", default="10,20,30,50")
     ap.add_argument("--tpe", action="append", default=[], metavar="K=V,...",
@@ -206,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prompts = write_prompts(grid, Path(tmp) / "prompts.jsonl")
         if "gpu" in surfaces:
-            gpu_tables(setups, a.seeds, sorted(int(b) for b in a.gpu_budgets.split(",")), Path(tmp))
+            gpu_tables(setups, a.seeds, sorted(int(b) for b in a.gpu_budgets.split(",")), Path(tmp), a.warm)
         for max_ttft in limits if "cpu" in surfaces else []:
             ok = [t for k, t in truth.items() if t.ok and (max_ttft is None or t.ttft_p95_ms <= max_ttft)
                   and k != BASELINE_KEY]

@@ -1,0 +1,110 @@
+"""The fleet page: every model x hardware of a storage as one self-contained HTML file.
+
+The rows come from :func:`tuner.fleet.read_fleet`; this module only renders them (no plotly:
+the page is tables, so it needs no script at all). Every text from a study is escaped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from tuner import objectives
+from tuner.fleet import SPEEDUP_NOTE, Fleet, FleetRow, read_fleet
+from tuner.report.html import _CSS, _e, _f, _table
+
+#: The default file of ``tune report --fleet``.
+FLEET_FILE = Path("reports") / "fleet.html"
+
+
+def _hardware_cell(r: FleetRow) -> str:
+    hw = r.fingerprint
+    detail = ("" if hw is None else
+              f"{hw.get('cpu') or 'unknown CPU'}, {hw.get('cores', '?')} cores, {hw.get('ram_gib', '?')} GiB RAM")
+    return _e(r.hardware) + (f"<br><span class=\"caption\">{_e(detail)}</span>" if detail else "")
+
+
+def _study_cell(r: FleetRow) -> str:
+    text = f"<code>{_e(r.study)}</code>"
+    others = [s for s in r.studies if s != r.study]
+    if others:
+        text += (f"<br><span class=\"caption\">best of {len(r.studies)}; also "
+                 + ", ".join(f"<code>{_e(s)}</code>" for s in others) + "</span>")
+    return text
+
+
+def _config_cell(r: FleetRow) -> str:
+    text = _e(r.config_text)
+    if r.best_trial is not None:
+        text += f"<br><span class=\"caption\">trial #{r.best_trial}: {_e(r.config or '')}</span>"
+    return text
+
+
+def _value_cell(r: FleetRow) -> str:
+    if r.value is None:
+        return "-"
+    text = f"{_f(r.value, 2)} {_e(objectives.label(r.objective))}"
+    if r.value_ci95 is not None:
+        text += f"<br><span class=\"caption\">95% CI {_f(r.value_ci95[0], 2)} .. {_f(r.value_ci95[1], 2)}</span>"
+    how = "re-validated" if r.value_source == "revalidation" else "search, single measurement"
+    return text + f"<br><span class=\"caption\">{_e(how)}</span>"
+
+
+def _row(r: FleetRow) -> list[tuple[str, bool]]:
+    return [
+        (_hardware_cell(r), False), (_study_cell(r), False), (_config_cell(r), False), (_value_cell(r), True),
+        (_e(r.speedup.text()) if r.speedup else "-", True), (str(r.trials), True),
+        (_e(r.last_check.text(r.best_trial)) if r.last_check else "-", False),
+        (_e(r.last_update.strftime("%Y-%m-%d %H:%M")) if r.last_update else "-", False),
+    ]
+
+
+def render_fleet(fleet: Fleet, generated_at: str | None = None) -> str:
+    """The fleet as one HTML page: a section per model, a row per hardware."""
+    at = generated_at or _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    body = [
+        "<h1>ollama-tuner fleet</h1>",
+        f"<p class=\"caption\">Generated {_e(at)} from {_e(fleet.storage)}: {fleet.studies} studies, "
+        f"{len(fleet.rows)} model x hardware pairs. Where several studies measured the same model on the same "
+        "hardware, the one with the best feasible value is shown.</p>",
+    ]
+    if not fleet.rows:
+        body.append("<p class=\"note\">The storage holds no study.</p>")
+    head = ["hardware", "study", "best config (changed from defaults)", "best", "speedup", "trials",
+            "last check", "last update"]
+    models: dict[str, list[FleetRow]] = {}
+    for r in fleet.rows:
+        models.setdefault(r.model, []).append(r)
+    for model, rows in models.items():
+        body.append(f"<h2>{_e(model or '(model not recorded)')}</h2>")
+        body.append(_table(head, [_row(r) for r in rows]))
+        body += [f"<p class=\"warn\">{_e(r.study)}: {_e(w)}</p>" for r in rows for w in r.warnings]
+    if fleet.rows:
+        body.append(f"<p class=\"caption\">{_e(SPEEDUP_NOTE[0].upper() + SPEEDUP_NOTE[1:])}.</p>")
+    return "\n".join([
+        "<!DOCTYPE html>",
+        "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<title>ollama-tuner fleet</title>",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<style>{_CSS}</style>",
+        "</head><body>",
+        *body,
+        "</body></html>",
+        "",
+    ])
+
+
+def write_fleet_report(storage_url: str | None, output: str | None) -> Path:
+    """Read the fleet of a storage and write its page; return the path written.
+
+    ``output`` defaults to ``reports/fleet.html``; an existing folder gets ``fleet.html``.
+    """
+    from tuner.files import write_atomic
+
+    text = render_fleet(read_fleet(storage_url))
+    path = FLEET_FILE if output is None else Path(output)
+    if path.is_dir():
+        path = path / FLEET_FILE.name
+    write_atomic(path, text.encode("utf-8"), "fleet report")
+    return path
