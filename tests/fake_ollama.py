@@ -29,6 +29,8 @@ Behaviour (all durations reported are synthetic integer nanoseconds; the server 
 * GPU: ``memory_budget_mib`` is the GPU's memory; 0 makes a CPU-only server (every layer on
   the CPU whatever num_gpu asks; /api/ps reports ``size_vram`` 0).
 * Hangs: :meth:`FakeOllama.hang` holds requests for a while (a frozen or overloaded server).
+* Drift: ``speed_factor`` (default 1) multiplies every config's rates and ``version`` is what
+  /api/version answers; both can be changed while it runs (an upgrade that made it slower).
 * Prompt cache: per runner, the previous prompt + output tokens are remembered; the common
   prefix with the new prompt is cached (at least one token is always evaluated).
   ``prompt_eval_count`` counts every prompt token, ``prompt_eval_duration`` only the uncached
@@ -647,8 +649,12 @@ class FakeOllama:
         fits_fn: Callable[[str, dict[str, Any]], bool] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        speed_factor: float = 1.0,
     ) -> None:
+        #: Both settable while the server runs: ``/api/version`` answers ``version``, and every
+        #: config's decode and prefill rates are multiplied by ``speed_factor`` (0.8: 20% slower).
         self.version = version
+        self.speed_factor = speed_factor
         self.time_scale = time_scale
         self.memory_budget_mib = memory_budget_mib
         self.system_memory_mib = system_memory_mib
@@ -849,8 +855,10 @@ class FakeOllama:
         m = self._require(model)
         opts = self.runner_options(m, options)
         if self.speed_fn is not None:
-            return self.speed_fn(m.name, opts)
-        return default_speed(m, opts, self.memory_budget_mib, self.system_memory_mib)
+            prefill, decode = self.speed_fn(m.name, opts)
+        else:
+            prefill, decode = default_speed(m, opts, self.memory_budget_mib, self.system_memory_mib)
+        return prefill * self.speed_factor, decode * self.speed_factor
 
     def fits(self, model: str, options: dict[str, Any] | None = None) -> bool:
         """Whether the model loads with these options under the memory budgets."""

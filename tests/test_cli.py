@@ -75,7 +75,7 @@ def test_unknown_command_is_named_not_run() -> None:
     r = invoke("frobnicate", "x")
     assert r.exit_code == 2
     assert r.output == ("Error: No such command 'frobnicate': the commands are run, studies, show, demo, "
-                        "report, export (see `tune --help`)\n")
+                        "report, export, check (see `tune --help`)\n")
 
 
 def test_exit_codes_are_documented_in_help() -> None:
@@ -92,6 +92,7 @@ def test_each_error_class_carries_its_exit_code() -> None:
         "TunerError": 2, "ServerError": 1, "ServerSetupError": 2, "ModelNotFoundError": 2, "SpaceError": 2,
         "WorkloadError": 2, "StudyError": 2, "StorageError": 1, "ExportError": 2, "WriteError": 1,
         "MissingDependencyError": 2, "LoadError": 1, "TrialFailedError": 1, "StoppedError": 1,
+        "CheckUnmeasurable": 3,
     }
     found = {n: c.exit_code for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.TunerError)}
     assert found == expected

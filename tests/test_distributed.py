@@ -6,6 +6,7 @@ scripts/pg-throwaway.sh starts (PostgreSQL installed from Debian packages, as .c
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -208,3 +209,44 @@ def test_a_worker_on_other_hardware_is_refused(pg: str, fake: FakeOllama, monkey
     run_study(o)
     study = optuna.load_study(study_name="hw", storage=open_storage(pg))
     assert [t.user_attrs["worker"]["gpus"] for t in study.trials if t.state.name == "COMPLETE"][-1] == ["NVIDIA H200"]
+
+
+def test_fleet_of_two_machines_in_one_storage(pg: str, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    from conftest import invoke
+    from test_fleet import run_on
+
+    from tuner import fleet
+
+    run_on(fake, monkeypatch, "box", storage=pg)
+    run_on(fake, monkeypatch, "h200", storage=pg, gpus=["NVIDIA H200"])
+    calls: dict[str, int] = {}
+    for method in ("get_all_studies", "get_all_trials", "get_trial", "get_study_user_attrs"):
+        real = getattr(optuna.storages.RDBStorage, method)
+
+        def counted(self: Any, *a: Any, _real: Any = real, _name: str = method, **kw: Any) -> Any:
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(optuna.storages.RDBStorage, method, counted)
+    rows = fleet.read_fleet(pg).rows
+    # The studies with their attributes in one call, then each study's trials once.
+    assert calls == {"get_all_studies": 1, "get_all_trials": 2}
+    assert [r.study for r in rows] == ["box", "h200"]  # by hardware label
+    assert rows[0].hardware.startswith("GPU (server-reported): ") and rows[1].hardware == "NVIDIA H200"
+
+    r = invoke("studies", "--by-hardware", "--storage", pg)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == f"2 studies in {pg}: 2 model x hardware pairs" and lines[2] == "gemma3:1b"
+    assert lines[3].startswith(f"  {rows[0].hardware} ") and " box " in lines[3]
+    assert lines[4].startswith("  NVIDIA H200 ") and " h200 " in lines[4]
+    r = invoke("studies", "--by-hardware", "--json", "--storage", pg)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert [(d["study"], d["hardware"]["label"], d["value"]) for d in doc["rows"]] == \
+        [(x.study, x.hardware, x.value) for x in rows]
+    r = invoke("report", "--fleet", "--storage", pg, "-o", "fleet.html")
+    assert (r.exit_code, r.output) == (0, "fleet.html\n")
+    page = (tmp_path / "fleet.html").read_text()
+    assert "<code>h200</code>" in page and "<code>box</code>" in page and "NVIDIA H200" in page

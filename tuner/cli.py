@@ -136,6 +136,7 @@ def cli() -> None:
     (a bad option or file, an unknown study, trial or model name; nothing was measured);
     1 runtime failure (server down or failing, storage cannot be opened or written, disk
     full, a stop after consecutive failed trials); 130 interrupted (Ctrl-C; re-run to resume).
+    `tune check` adds its own: 1 a regression, 3 could not measure.
     """
 
 
@@ -217,6 +218,12 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
 @click.option("--ollama-bin", type=click.Path(dir_okay=False), help="The `ollama` executable [default: on PATH].")
 @click.option("--models-dir", type=click.Path(file_okay=False),
               help="Model store for the managed server [default: $OLLAMA_MODELS or ~/.ollama/models].")
+@click.option("--no-warm-start", "warm_start", flag_value=False, default=True,
+              help="Start from nothing instead of the best configs of earlier studies of this model on the nearest hardware.")
+@click.option("--warm-start-from", metavar="STUDY",
+              help="Start from this study's best configs (whatever its hardware) instead of searching the storage.")
+@click.option("--warm-start-storage", metavar="URL",
+              help="Look for warm-start studies in this storage instead of --storage.")
 @click.option("--allow-mixed-hardware", is_flag=True,
               help="Let a worker on different hardware add trials to an existing study.")
 @click.option("--prune/--no-prune", default=default("prune"), show_default=True,
@@ -260,16 +267,19 @@ def run_cmd(**kw: Any) -> None:
     opts = TuneOptions(**kw)
     # With --json, stdout holds the document alone: progress goes to stderr.
     echo = (lambda msg: None) if quiet else _echo_err if as_json else _echo
-    on_sample = None
-    if verbose:
-        from tuner.show import format_request
+    from tuner.show import format_request, format_summary, summary_json, verdict
+    from tuner.statusline import StatusLine
+
+    # A terminal gets a live status line for the running trial, on the stream of the progress lines.
+    with StatusLine(err=as_json, enabled=not quiet) as live:
+        echo = live.wrap(echo)
 
         def on_sample(number: int, step: int, sample: Any) -> None:
-            echo(format_request(number, step, sample))
+            if verbose:
+                echo(format_request(number, step, sample))
+            live.sample(number, step, sample)
 
-    summary = run_study(opts, echo=echo, on_sample=on_sample)
-    from tuner.show import format_summary, summary_json, verdict
-
+        summary = run_study(opts, echo=echo, on_sample=on_sample, on_trial_start=live.start)
     if as_json:
         _print_json(summary_json(summary))
     elif quiet:
@@ -280,15 +290,28 @@ def run_cmd(**kw: Any) -> None:
 
 @cli.command("studies")
 @_storage_option
+@click.option("--by-hardware", is_flag=True,
+              help="The fleet view: per model and hardware, the best config, its value, speedup over the "
+                   "defaults and last check (the best of several studies of the same pair).")
 @_json_option
-def studies_cmd(storage: str | None, as_json: bool) -> None:
+def studies_cmd(storage: str | None, by_hardware: bool, as_json: bool) -> None:
     """List the studies in a storage: name, model, trials, best feasible value, last update.
 
     Example: tune studies --storage sqlite:///studies/tuner.db
+
+    Example: tune studies --by-hardware --storage postgresql://tuner@db-host/tuner
     """
     from tuner.show import format_studies, studies_json
 
-    if as_json:
+    if by_hardware:
+        from tuner.fleet import fleet_json, format_fleet, read_fleet
+
+        fleet = read_fleet(storage)
+        if as_json:
+            _print_json(fleet_json(fleet))
+        else:
+            click.echo(format_fleet(fleet))
+    elif as_json:
         _print_json(studies_json(storage))
     else:
         click.echo(format_studies(storage))
@@ -317,14 +340,23 @@ def show_cmd(study: str | None, storage: str | None, top: int, as_json: bool) ->
 @_storage_option
 @click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the HTML report and the exported winner.")
-def demo_cmd(trials: int, storage: str | None, out_dir: str) -> None:
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print only errors and the one-line verdict (best config and speedup).")
+def demo_cmd(trials: int, storage: str | None, out_dir: str, quiet: bool) -> None:
     """Run a short real study of Gemma 3 270M on this CPU (llama.cpp), then report and export it.
 
     Needs `pip install -e '.[demo]'`. Example: tune demo --trials 8
     """
     from tuner.demo import run_demo
+    from tuner.statusline import StatusLine
 
-    r = run_demo(trials=trials, storage=storage, out_dir=out_dir, echo=click.echo)
+    with StatusLine(enabled=not quiet) as live:
+        r = run_demo(trials=trials, storage=storage, out_dir=out_dir,
+                     echo=(lambda msg: None) if quiet else live.wrap(_echo),
+                     on_sample=live.sample, on_trial_start=live.start)
+    if quiet:
+        click.echo(r.verdict)
+        return
     click.echo(r.summary_text)
     click.echo(f"report:    {r.report}")
     click.echo(f"Modelfile: {r.modelfile}")
@@ -336,14 +368,26 @@ def demo_cmd(trials: int, storage: str | None, out_dir: str) -> None:
 @_storage_option
 @click.option("--output", "-o", type=click.Path(), help="HTML file or folder [default: reports/<study>.html].")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the browser.")
-def report_cmd(study: str | None, storage: str | None, output: str | None, open_browser: bool) -> None:
+@click.option("--fleet", is_flag=True,
+              help="Report every model x hardware in the storage instead of one study [default file: "
+                   "reports/fleet.html].")
+def report_cmd(study: str | None, storage: str | None, output: str | None, open_browser: bool, fleet: bool) -> None:
     """Write a self-contained HTML report of STUDY [default: the latest study].
 
     Example: tune report 'gemma3:1b@127.0.0.1:11434' --open
-    """
-    from tuner.report import write_report
 
-    path = write_report(storage, study, output)
+    Example: tune report --fleet --storage postgresql://tuner@db-host/tuner -o fleet.html
+    """
+    if fleet:
+        if study is not None:
+            raise TunerClickError("--fleet reports every study in the storage: drop STUDY, or drop --fleet", 2)
+        from tuner.report.fleet import write_fleet_report
+
+        path = write_fleet_report(storage, output)
+    else:
+        from tuner.report import write_report
+
+        path = write_report(storage, study, output)
     click.echo(str(path))
     if open_browser:
         click.launch(str(path))
@@ -386,6 +430,50 @@ def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: i
         click.echo(r.text, nl=not r.text.endswith("\n"))
     else:
         click.echo(r.message, err=True)
+
+
+@cli.command("check")
+@click.argument("study", required=False, shell_complete=_complete_study)
+@_storage_option
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Interleaved rounds of the winner and the defaults (more rounds, narrower intervals).")
+@click.option("--tolerance", "tolerance_pct", type=float, default=5.0, show_default=True,
+              help="Percent: a regression is a change whose whole 95% interval lies beyond it.")
+@click.option("--host", help="Ollama server to measure on [default: the study's host; for a managed-server "
+                            "study, a managed `ollama serve` again].")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="The study's prompts file, for studies stored before the prompt text was kept.")
+@click.option("--timeout", "timeout_s", type=float, default=default("timeout_s"), show_default=True,
+              help="Seconds to wait for one request (model loads included).")
+@click.option("--ollama-bin", type=click.Path(dir_okay=False),
+              help="The `ollama` executable for a managed-server study [default: on PATH].")
+@click.option("--models-dir", type=click.Path(file_okay=False),
+              help="Model store for a managed-server study [default: $OLLAMA_MODELS or ~/.ollama/models].")
+@_json_option
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors and the one-line verdict.")
+def check_cmd(as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Re-measure STUDY's winner and the defaults now and compare with what the study stored.
+
+    Prints what changed (server version, GPU, driver, model digest, CPU) and the verdict, and
+    keeps the check with the study (`tune show`, the report). Exit codes, for cron and CI:
+    0 no regression, 1 a regression beyond --tolerance, 2 rejected input, 3 could not measure
+    (server down, model gone).
+
+    Example: tune check 'gemma3:1b@127.0.0.1:11434' --rounds 5 || echo 'the tuned speed is gone'
+    """
+    from tuner.check import CheckOptions, check_json, format_check, run_check
+
+    echo = (lambda msg: None) if quiet else _echo_err if as_json else _echo
+    r = run_check(CheckOptions(**kw), echo=echo)
+    if as_json:
+        if not quiet:
+            click.echo(r.check.text, err=True)
+        _print_json(check_json(r))
+    elif quiet:
+        click.echo(r.check.text)
+    else:
+        click.echo(format_check(r))
+    click.get_current_context().exit(r.check.exit_code)
 
 
 def main() -> None:

@@ -78,3 +78,10 @@ class StoppedError(TunerError):
     """The run stopped after consecutive failed trials; the study is intact."""
 
     exit_code = 1
+
+
+class CheckUnmeasurable(TunerError):
+    """``tune check`` could not measure now (server down, model gone, config no longer loads)."""
+
+    #: Neither "no regression" (0) nor "regression" (1): cron and CI tell it apart.
+    exit_code = 3

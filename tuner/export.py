@@ -101,19 +101,24 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
 
-def _defaults(study: Any) -> str:
-    return results.defaults_name(study.user_attrs.get("engine", "ollama"))
+def _stored(study: Any) -> results.StoredStudy:
+    """The study read once; one already read (the report's) is used as it is."""
+    return study if isinstance(study, results.StoredStudy) else results.read_study(study)
 
 
-def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
+def _defaults(s: results.StoredStudy) -> str:
+    return results.defaults_name(s.attrs.get("engine", "ollama"))
+
+
+def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list[str]:
     v = _view(trial)
-    objectives = list(study.user_attrs.get("objectives") or ["decode_tps"])
+    objectives = list(s.attrs.get("objectives") or ["decode_tps"])
     lines = [
         f"# {what} exported by ollama-tuner on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"# study '{_one_line(study.study_name)}', trial #{v.number}"
-        + (f" (baseline: {_defaults(study)})" if v.baseline else "")
-        + f"; measured on Ollama {_one_line(study.user_attrs.get('server_version') or '?')}"
-        + f" at {_one_line(study.user_attrs.get('host') or '?')}",
+        f"# study '{_one_line(s.name)}', trial #{v.number}"
+        + (f" (baseline: {_defaults(s)})" if v.baseline else "")
+        + f"; measured on Ollama {_one_line(s.attrs.get('server_version') or '?')}"
+        + f" at {_one_line(s.attrs.get('host') or '?')}",
     ]
     if v.values:
         lines.append("# objective " + ", ".join(f"{o} = {_fmt(x, 2)}" for o, x in zip(objectives, v.values)))
@@ -123,9 +128,9 @@ def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
             f"(p50 {_fmt(v.stat('decode_tps', 'p50'))}), prefill {_fmt(v.stat('prefill_tps'), 0)} tok/s, "
             f"TTFT p50 {_fmt(v.stat('ttft_ms', 'p50'), 0)} / p95 {_fmt(v.stat('ttft_ms', 'p95'), 0)} ms"
         )
-    sp = results.read_study(study).speedup(v)
+    sp = s.speedup(v)
     if sp is not None:
-        lines.append(f"# {sp:.2f}x the baseline ({_defaults(study)}) on {objectives[0]}")
+        lines.append(f"# {sp:.2f}x the baseline ({_defaults(s)}) on {objectives[0]}")
     if not v.feasible:
         why = v.error or "; ".join(v.violations) or v.state.lower()
         lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")
@@ -133,9 +138,13 @@ def _comment_header(trial: TrialLike, study: Any, what: str) -> list[str]:
 
 
 def modelfile_text(trial: TrialLike, study: Any) -> str:
-    """A Modelfile: ``FROM`` the trial's model and a ``PARAMETER`` line per tuned runtime option."""
+    """A Modelfile: ``FROM`` the trial's model and a ``PARAMETER`` line per tuned runtime option.
+
+    ``study`` is an Optuna study or a :class:`~tuner.results.StoredStudy` (then nothing is read).
+    """
     v = _view(trial)
-    lines = _comment_header(trial, study, "Modelfile")
+    s = _stored(study)
+    lines = _comment_header(trial, s, "Modelfile")
     options = runtime_options(v)
     skipped = [k for k, val in v.options.items() if k not in options]
     if skipped:
@@ -143,7 +152,7 @@ def modelfile_text(trial: TrialLike, study: Any) -> str:
     if v.effective_server:
         lines.append("# server-level settings cannot go in a Modelfile; set them on `ollama serve`: "
                      + ", ".join(f"{k}={_one_line(val)}" for k, val in v.effective_server.items()))
-        lines.append(f"# (see: {command('tune', 'export', _one_line(study.study_name), '--format', 'env', '--trial', v.number)})")
+        lines.append(f"# (see: {command('tune', 'export', _one_line(s.name), '--format', 'env', '--trial', v.number)})")
     lines.append(f"FROM {_model_tag(v)}")
     for key, value in options.items():
         if isinstance(value, list):
@@ -183,12 +192,13 @@ def _server_env(v: TrialRecord) -> tuple[dict[str, str], list[str]]:
 def env_text(trial: TrialLike, study: Any) -> str:
     """The server-level settings as a ``KEY=value`` env file for ``ollama serve``."""
     v = _view(trial)
-    lines = _comment_header(trial, study, "Ollama server environment")
+    s = _stored(study)
+    lines = _comment_header(trial, s, "Ollama server environment")
     env, notes = _server_env(v)
     lines.append("# use with systemd (EnvironmentFile=), docker (--env-file) or `set -a; . FILE; set +a`,")
     lines.append("# then restart `ollama serve`: these settings only apply at server start")
     if not v.effective_server:
-        lines.append(f"# study '{_one_line(study.study_name)}' tuned no server-level setting "
+        lines.append(f"# study '{_one_line(s.name)}' tuned no server-level setting "
                      f"({', '.join(settings.SERVER_PARAMS)}): nothing to set, keep the server's defaults")
     lines += [f"# {n}" for n in notes]
     lines += [f"{k}={val}" for k, val in env.items()]

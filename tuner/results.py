@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from tuner.errors import StudyError
 from tuner.record import TrialRecord, constraints, has_error, read_record
+from tuner.settings import SETTINGS
 from tuner.storage import lost_trial_key
 from tuner.terminal import command
 
@@ -53,8 +54,12 @@ def directions(study: Study) -> list[str]:
 
 def lost_errors(study: Study) -> dict[int, str]:
     """Why each trial failed by the heartbeat check failed (trial number -> text)."""
+    return _lost(study.user_attrs)
+
+
+def _lost(attrs: dict[str, Any]) -> dict[int, str]:
     prefix = lost_trial_key(0)[:-1]
-    return {int(k[len(prefix):]): str(v) for k, v in study.user_attrs.items()
+    return {int(k[len(prefix):]): str(v) for k, v in attrs.items()
             if k.startswith(prefix) and k[len(prefix):].isdigit()}
 
 
@@ -170,6 +175,31 @@ class StoredStudy:
         return best
 
 
+def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: str,
+                     fixed: frozenset[str] = frozenset()) -> list[str]:
+    """The settings ``r`` sets away from the engine's defaults, as ``name=value``.
+
+    The baseline sends none. A value the baseline also ran (a server setting it reported, the
+    ``--context`` it sent) or a setting's "runtime decides" value (``num_thread=0``,
+    ``num_gpu=-1``, ``flash_attention=auto``) is the default, so it does not count; neither does
+    a setting the study fixed (``fixed``: every config sends the same value, it is no choice).
+    """
+    if r.baseline:
+        return []
+    base_opts = defaults.options if defaults is not None else {}
+    base_server = defaults.effective_server if defaults is not None else {}
+    out = []
+    model = defaults.model if defaults is not None and defaults.model else base_model
+    if r.model and model and r.model != model:
+        out.append(f"variant={r.model_label}")
+    for k, v in {**r.options, **r.effective_server}.items():
+        s = SETTINGS.get(k)
+        if k in fixed or base_opts.get(k, base_server.get(k)) == v or (s is not None and v in (s.auto, "auto")):
+            continue
+        out.append(f"{k}={v}")
+    return out
+
+
 def searched_values(space: dict[str, Any] | None, params: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     """The settings that were searched and the values trials took: those with more than one
     value in the stored ``space`` (without one, those that varied), stored order first."""
@@ -191,6 +221,20 @@ def read_study(study: Study) -> StoredStudy:
         lost = lost_errors(study)
         records = sorted((read_record(t, lost) for t in study.get_trials(deepcopy=False)), key=lambda r: r.number)
         return StoredStudy(study.study_name, dict(study.user_attrs), directions(study), records)
+
+
+def read_all_studies(storage: Any) -> list[StoredStudy]:
+    """Every study in ``storage``, each read once: the studies and their attributes in one
+    call (``get_all_studies``), then one ``get_all_trials`` per study."""
+    out = []
+    with paused_gc():
+        for fs in storage.get_all_studies():
+            attrs = dict(fs.user_attrs)
+            lost = _lost(attrs)
+            trials = storage.get_all_trials(storage.get_study_id_from_name(fs.study_name), deepcopy=False)
+            records = sorted((read_record(t, lost) for t in trials), key=lambda r: r.number)
+            out.append(StoredStudy(fs.study_name, attrs, [d.name.lower() for d in fs.directions], records))
+    return out
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuner import objectives, results
+from tuner.check import Check, check_line, checks_of
 from tuner.effects import Effects, compute as compute_effects
 from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
 from tuner.errors import StudyError
@@ -221,6 +222,12 @@ class ShowData:
     top: list[TrialRecord]
     effects: Effects
     failed: list[TrialRecord]
+    #: The drift checks stored with the study (``tune check``), oldest first.
+    checks: list[Check] = dataclasses.field(default_factory=list)
+
+
+#: The checks ``tune show`` lists (the latest); ``--json`` has them all.
+SHOWN_CHECKS = 10
 
 
 def show_data(storage_url: str | None, name: str | None, top: int = 10) -> ShowData:
@@ -232,7 +239,7 @@ def show_data(storage_url: str | None, name: str | None, top: int = 10) -> ShowD
     ranked = results.StoredStudy(s.study_name, {}, [objectives.get(names[0]).direction], s.trials).ranked()
     eff = compute_effects(results.StoredStudy(s.study_name, dict(study.user_attrs), results.directions(study), s.trials))
     failed = [v for v in s.trials if v.error or v.state == "FAIL"]
-    return ShowData(s, ranked[:max(top, 0)], eff, failed)
+    return ShowData(s, ranked[:max(top, 0)], eff, failed, checks_of(study.user_attrs))
 
 
 def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str:
@@ -253,17 +260,22 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
         text += "\n\nFailed or infeasible by error:\n" + "\n".join(
             printable(f"  #{v.number} {v.config_text()}: {v.error or 'failed without an error message'}")
             for v in d.failed)
+    if d.checks:
+        shown = d.checks[-SHOWN_CHECKS:]
+        more = f"; the last {len(shown)} of {len(d.checks)}" if len(shown) < len(d.checks) else ""
+        text += f"\n\nChecks (tune check{more}):\n" + "\n".join(check_line(c) for c in shown)
     return text
 
 
 def show_json(storage_url: str | None, name: str | None, top: int = 10) -> dict[str, Any]:
-    """``tune show --json``: the summary's document plus ``top``, ``effects`` and ``failed``."""
+    """``tune show --json``: the summary's document plus ``top``, ``effects``, ``failed`` and ``checks``."""
     d = show_data(storage_url, name, top)
     return {
         **summary_json(d.summary),
         "top": [trial_json(v) for v in d.top],
         "effects": _jsonable(dataclasses.asdict(d.effects)) if d.effects.params else None,
         "failed": [trial_json(v) for v in d.failed],
+        "checks": [_jsonable(c.to_dict()) for c in d.checks],
     }
 
 

@@ -13,23 +13,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from tuner import objectives, results
 from tuner.engines.base import Engine
 from tuner.errors import LoadError, ServerError
 from tuner.measure import config_key, measure_config
 from tuner.record import TrialRecord
-from tuner.results import Speedup, Validated, Validation, overlaps
-from tuner.settings import SETTINGS
+from tuner.results import Speedup, Validated, Validation, changed_settings, overlaps
 from tuner.workload import Workload
 
 #: How the intervals are computed, stored with the validation.
 INTERVAL = "log-t"
 
 
-def t975(df: int) -> float:
-    """The two-sided 95% Student t quantile for ``df`` degrees of freedom."""
+def t975(df: float) -> float:
+    """The two-sided 95% Student t quantile for ``df`` degrees of freedom (Welch's may be fractional)."""
     from scipy.stats import t  # here: scipy takes a while to import and only re-validation needs it
 
     return float(t.ppf(0.975, df))
@@ -56,31 +55,6 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float, float, float]:
     g, lo, hi = log_ci95(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return g, sd, lo, hi
-
-
-def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: str,
-                     fixed: frozenset[str] = frozenset()) -> list[str]:
-    """The settings ``r`` sets away from the engine's defaults, as ``name=value``.
-
-    The baseline sends none. A value the baseline also ran (a server setting it reported, the
-    ``--context`` it sent) or a setting's "runtime decides" value (``num_thread=0``,
-    ``num_gpu=-1``, ``flash_attention=auto``) is the default, so it does not count; neither does
-    a setting the study fixed (``fixed``: every config sends the same value, it is no choice).
-    """
-    if r.baseline:
-        return []
-    base_opts = defaults.options if defaults is not None else {}
-    base_server = defaults.effective_server if defaults is not None else {}
-    out = []
-    model = defaults.model if defaults is not None and defaults.model else base_model
-    if r.model and model and r.model != model:
-        out.append(f"variant={r.model_label}")
-    for k, v in {**r.options, **r.effective_server}.items():
-        s = SETTINGS.get(k)
-        if k in fixed or base_opts.get(k, base_server.get(k)) == v or (s is not None and v in (s.auto, "auto")):
-            continue
-        out.append(f"{k}={v}")
-    return out
 
 
 def decide(entries: Sequence[Validated], maximize: bool = True) -> tuple[int | None, int | None, bool]:
@@ -113,6 +87,82 @@ def paired_speedup(rounds: Sequence[dict[int, float]], trial: int, baseline: int
         return None
     g, lo, hi = log_ci95(ratios)
     return Speedup(trial, baseline, g, (lo, hi), [round(x, 4) for x in ratios])
+
+
+class Interleaved:
+    """Measures configs one after another, each with the workload once (A B C A B C ...),
+    loading a config (one discarded warm-up) only when it differs from what ran last.
+
+    A config that fails to load or run is kept in ``errors`` and skipped from then on.
+    """
+
+    def __init__(self, engine: Engine, workload: Workload, base_model: str,
+                 sampler_factory: Callable[[], Any] | None = None) -> None:
+        self.engine, self.base_model, self.sampler_factory = engine, base_model, sampler_factory
+        self.one = dataclasses.replace(workload, repeats=1)
+        self.loaded: Any = None
+        #: Why a config could not be measured, by trial number.
+        self.errors: dict[int, str] = {}
+
+    def round(self, configs: Sequence[TrialRecord]) -> dict[int, TrialRecord] | None:
+        """Each config once: its measurement's record by trial number; None as soon as one
+        measurement was contended (other processes competed, per its telemetry)."""
+        got: dict[int, TrialRecord] = {}
+        for t in configs:
+            if t.number in self.errors:
+                continue
+            # The baseline sends what it sent in the search: nothing, or only --context.
+            runner = (t.options or None) if t.baseline else t.options
+            cfg_key = config_key(t.model, runner, t.effective_server)
+            try:
+                restarted = self.engine.prepare(t.effective_server)
+                m = measure_config(self.engine, t.model or self.base_model, runner, self.one,
+                                   reload=restarted or cfg_key != self.loaded,
+                                   sampler=self.sampler_factory() if self.sampler_factory else None)
+            except (LoadError, ServerError) as err:
+                self.errors[t.number] = str(err)
+                self.loaded = None
+                continue
+            self.loaded = cfg_key
+            rec = m.record(t.model, runner, t.effective_server)
+            if rec.contended:
+                return None
+            got[t.number] = rec
+        return got
+
+
+Round = TypeVar("Round")
+
+
+def interleaved_rounds(measure: Callable[[], Round | None], rounds: int, max_rounds: int,
+                       echo: Callable[[str], None], what: str,
+                       enough: Callable[[list[Round]], bool] = lambda counted: False) -> tuple[list[Round], int, int]:
+    """Measure rounds (``measure`` returns one, or None when it was contended) until ``rounds``
+    counted and ``enough`` says so, or ``max_rounds`` were tried: (counted, contended, dropped).
+
+    A contended round is measured again once, and dropped if it is contended again; after two
+    dropped rounds with nothing counted the machine stays busy, and it stops.
+    """
+    counted: list[Round] = []
+    contended = dropped = 0
+    for slot in range(1, max_rounds + 1):
+        got = measure()
+        if got is None:
+            contended += 1
+            echo(f"{what} round {slot} was contended (other processes competed): measuring it again")
+            got = measure()
+            if got is None:
+                dropped += 1
+                echo(f"{what} round {slot} was contended again: dropped")
+                if dropped >= 2 and not counted:
+                    # Busy through four attempts and nothing counted: more would only take time.
+                    echo(f"{what} stopped: the machine stays busy (re-run when it is quiet)")
+                    break
+                continue
+        counted.append(got)
+        if len(counted) >= rounds and enough(counted):
+            break
+    return counted, contended, dropped
 
 
 def validate_top(
@@ -157,40 +207,25 @@ def validate_top(
     fixed = frozenset(k for k, v in space.items() if isinstance(v, list) and len(v) == 1)
     entries = {t.number: Validated(t.number, changed=changed_settings(t, defaults, base_model, fixed))
                for t in configs}
-    one = dataclasses.replace(workload, repeats=1)
-    loaded: Any = None
+    meter = Interleaved(engine, workload, base_model, sampler_factory)
 
     def measure_round() -> dict[int, float] | None:
-        """Each config once; None as soon as a measurement was contended."""
-        nonlocal loaded
+        """Each config once (its objective value); None as soon as a measurement was contended."""
+        recs = meter.round(configs)
+        for number, err in meter.errors.items():
+            entries[number].error = err
+        if recs is None:
+            return None
         got: dict[int, float] = {}
-        for t in configs:
-            e = entries[t.number]
-            if e.error:
-                continue
-            # The baseline sends what it sent in the search: nothing, or only --context.
-            runner = (t.options or None) if t.baseline else t.options
-            cfg_key = config_key(t.model, runner, t.effective_server)
-            try:
-                restarted = engine.prepare(t.effective_server)
-                m = measure_config(engine, t.model or base_model, runner, one,
-                                   reload=restarted or cfg_key != loaded,
-                                   sampler=sampler_factory() if sampler_factory else None)
-            except (LoadError, ServerError) as err:
-                e.error = str(err)
-                loaded = None
-                continue
-            loaded = cfg_key
-            rec = m.record(t.model, runner, t.effective_server)
-            if rec.contended:
-                return None
+        for number, rec in recs.items():
             val = objectives.get(objective).value(rec)
             if val is not None and math.isfinite(val) and val > 0:
-                got[t.number] = val
+                got[number] = val
         return got
 
-    def separated() -> bool:
-        measured = [dataclasses.replace(entries[t.number]) for t in top]
+    def separated(counted: list[dict[int, float]]) -> bool:
+        measured = [dataclasses.replace(entries[t.number], values=[r[t.number] for r in counted if t.number in r])
+                    for t in top]
         for e in measured:
             if len(e.values) >= 2:
                 _summarise(e)
@@ -199,27 +234,11 @@ def validate_top(
     extra = " and the defaults" if len(configs) > len(top) else ""
     span = f"{rounds}" if max_rounds == rounds else f"{rounds} to {max_rounds}"
     echo(f"re-validating the top {len(top)} configs{extra} over {span} interleaved rounds ...")
-    counted: list[dict[int, float]] = []
-    contended = dropped = 0
-    for slot in range(1, max_rounds + 1):
-        got = measure_round()
-        if got is None:
-            contended += 1
-            echo(f"re-validation round {slot} was contended (other processes competed): measuring it again")
-            got = measure_round()
-            if got is None:
-                dropped += 1
-                echo(f"re-validation round {slot} was contended again: dropped")
-                if dropped >= 2 and not counted:
-                    # Busy through four attempts and nothing counted: more would only take time.
-                    echo("re-validation stopped: the machine stays busy (re-run when it is quiet)")
-                    break
-                continue
-        counted.append(got)
+    counted, contended, dropped = interleaved_rounds(measure_round, rounds, max_rounds, echo, "re-validation",
+                                                     enough=separated)
+    for got in counted:
         for number, v in got.items():
             entries[number].values.append(v)
-        if len(counted) >= rounds and separated():
-            break
     for e in entries.values():
         _summarise(e)
     chosen = [entries[t.number] for t in top]

@@ -1,0 +1,334 @@
+"""tuner/check.py: ``tune check`` re-measures the stored winner and the defaults on the fake
+Ollama server, compares with the stored values, keeps each check with the study and exits
+0 / 1 / 2 / 3 for cron and CI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from pathlib import Path
+from typing import Any, Iterator
+
+import ollama
+import pytest
+from conftest import invoke
+from fake_ollama import FakeOllama, default_models, default_speed
+
+from tuner import results
+from tuner.check import Check, change_ci95, checks_of, environment_changes, last_check
+from tuner.storage import open_storage
+from tuner.study import TuneOptions, run_study
+from tuner.validate import t975
+
+STORAGE = "sqlite:///t.db"
+
+
+@pytest.fixture(autouse=True)
+def _no_interference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other test processes share this machine's cores: a check here must not read them as a
+    neighbour competing with the server (that path has its own test below)."""
+    import tuner.check
+
+    monkeypatch.setattr(tuner.check, "_sampler_factory", lambda engine: None)
+
+
+@pytest.fixture
+def old() -> Iterator[FakeOllama]:
+    """A fake server that will be "upgraded" during the test."""
+    with FakeOllama(version="0.12.3") as server:
+        yield server
+
+
+def _study(fake: FakeOllama, **kw: Any) -> str:
+    base: dict[str, Any] = dict(model=["gemma3:1b"], host=fake.url, trials=4, repeats=2, num_predict=16,
+                                storage=STORAGE, seed=1, params={"num_thread": [1, 2, 4, 8]},
+                                measure_interference=False, roofline=False)
+    base.update(kw)
+    return run_study(TuneOptions(**base)).study_name
+
+
+def _attrs(name: str) -> dict[str, Any]:
+    return dict(results.load_study(open_storage(STORAGE), name).user_attrs)
+
+
+def _check(*args: Any) -> Any:
+    return invoke("check", "--storage", STORAGE, *args)
+
+
+def test_an_unchanged_server_passes_and_the_check_is_stored(old: FakeOllama) -> None:
+    name = _study(old)
+    st = results.read_study(results.load_study(open_storage(STORAGE), name))
+    winner, base = st.best(), st.baseline()
+    assert winner is not None and base is not None and winner.number != base.number
+    r = _check(name)
+    assert r.exit_code == 0, r.output
+    checks = _attrs(name)["checks"]
+    assert len(checks) == 1
+    c = Check.from_dict(checks[0])
+    assert c.verdict == "ok" and c.exit_code == 0 and c.rounds == 3 and c.winner_trial == winner.number
+    assert c.defaults_trial == base.number and c.environment_changes == [] and c.error is None
+    # The study has a re-validation: its per-round values are the stored side.
+    assert c.compared == "rounds" and len(c.winner_values) == 3
+    prefill, decode = old.speed(winner.model, winner.options)
+    assert c.winner_now == pytest.approx(decode, rel=1e-4) and c.winner_stored == pytest.approx(decode, rel=1e-4)
+    # The fake is deterministic (durations are exact nanoseconds): no spread, so the interval is the point.
+    assert c.change_pct == pytest.approx(0.0, abs=1e-3) and c.change_ci95 == (c.change_pct, c.change_pct)
+    assert c.environment["server_version"] == "0.12.3"
+    lines = r.output.splitlines()
+    assert lines[0] == (f"re-measuring the winner (#{winner.number}) and the defaults (#{base.number}) of study "
+                        f"'{name}' over 3 interleaved rounds ...")
+    assert "  Ollama        0.12.3" in lines
+    assert lines[-1] == (f"OK: winner #{winner.number} {decode:,.0f} tok/s now vs {decode:,.0f} stored (+0.0%, 95% CI "
+                         "+0.0%..+0.0%) (environment unchanged); defaults moved +0.0%: no regression beyond 5%")
+    assert c.text == lines[-1] and last_check(_attrs(name)) == c
+    # Each round measured the winner then the defaults, each after a warm-up (A B A B A B).
+    sent = [g for g in old.prompt_requests() if g["options"].get("num_predict") == 16][-12:]
+    assert [g.get("options", {}).get("num_thread") for g in sent[::2]] == [winner.options["num_thread"], None] * 3
+    quiet = _check(name, "-q")
+    assert quiet.exit_code == 0 and quiet.output == last_check(_attrs(name)).text + "\n"  # type: ignore[union-attr]
+
+
+def test_a_slower_server_after_an_upgrade_is_a_regression(old: FakeOllama) -> None:
+    from tuner import report
+    from tuner.report.figures import drift_figure
+    from tuner.show import format_show, show_json
+
+    name = _study(old)
+    assert _check(name).exit_code == 0
+    old.speed_factor, old.version = 0.8, "0.13.0"
+    r = _check(name, "--json")
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout)
+    assert doc["verdict"] == "regression" and doc["exit_code"] == 1 and doc["study"] == name
+    assert doc["change_pct"] == pytest.approx(-20.0, abs=1e-3)
+    assert doc["change_ci95"] == [pytest.approx(-20.0, abs=1e-3)] * 2
+    assert doc["defaults_change_pct"] == pytest.approx(-20.0, abs=1e-3)
+    assert doc["environment_changes"] == ["Ollama: 0.12.3 -> 0.13.0"]
+    assert doc["stored_environment"]["server_version"] == "0.12.3" and doc["environment"]["server_version"] == "0.13.0"
+    # The human text goes to standard error with --json.
+    verdict = r.stderr.splitlines()[-1]
+    assert verdict.startswith(f"REGRESSION: winner #{doc['winner_trial']} ")
+    assert ("stored (-20%, 95% CI -20%..-20%) since Ollama 0.12.3 -> 0.13.0; defaults moved -20%: the defaults "
+            "slowed alike, so the server or machine changed, not the fit of the tuned settings") in verdict
+    text = _check(name)
+    assert text.exit_code == 1
+    assert "  Ollama        0.12.3 -> 0.13.0  (changed)" in text.output.splitlines()
+    assert "-20%, 95% CI -20%..-20%" in text.output
+    attrs = _attrs(name)
+    assert [c.verdict for c in checks_of(attrs)] == ["ok", "regression", "regression"]
+    shown = format_show(STORAGE, name)
+    section = shown[shown.index("Checks (tune check):"):].splitlines()
+    assert len(section) == 4 and " ok " in section[1] and " regression " in section[2]
+    assert "(-20%, 95% CI -20%..-20%)  Ollama: 0.12.3 -> 0.13.0" in section[3]
+    assert [c["verdict"] for c in show_json(STORAGE, name)["checks"]] == ["ok", "regression", "regression"]
+    # The report's over-time series: the stored value, then each check, the upgrade marked once.
+    data = report.build_data(results.load_study(open_storage(STORAGE), name))
+    drift = data.drift
+    assert drift is not None and [p.kind for p in drift.points] == ["stored", "ok", "regression", "regression"]
+    assert drift.points[0].winner == pytest.approx(drift.points[1].winner, rel=1e-6)
+    assert drift.points[2].winner == pytest.approx(0.8 * drift.points[1].winner, rel=1e-6)
+    assert [p.new_changes for p in drift.marked] == [["Ollama: 0.12.3 -> 0.13.0"]]
+    assert drift.marked[0] is drift.points[2] and drift.points[3].changes == ["Ollama: 0.12.3 -> 0.13.0"]
+    fig = drift_figure(data)
+    assert len(fig.layout.shapes) == 1 and fig.layout.annotations[0].text == "Ollama 0.12.3 -&gt; 0.13.0"  # escaped
+    assert list(fig.data[0].y) == [p.winner for p in drift.points]
+    page = report.render_html(report.build_report(results.load_study(open_storage(STORAGE), name)))
+    assert "<h2>The winner&#x27;s speed over time</h2>" in page and "Ollama 0.12.3 -\\u0026gt; 0.13.0" in page
+
+
+def test_only_the_tuned_config_slowed_so_it_says_re_tune(old: FakeOllama) -> None:
+    name = _study(old)
+    # Full offload (what the winner runs) lost 30%; the defaults (auto offload) did not change.
+    old.speed_fn = lambda model, opts: tuple(  # type: ignore[assignment]
+        x * (0.7 if opts["num_gpu"] >= 27 else 1.0)
+        for x in default_speed(next(m for m in default_models() if m.name == model), opts))
+    r = _check(name)
+    assert r.exit_code == 1
+    verdict = r.output.splitlines()[-1]
+    assert ("(-30%, 95% CI -30%..-30%) (environment unchanged); defaults moved +0.0%: re-tune with `tune --model "
+            f"gemma3:1b --host {old.url} --trials 20 --study {name}-") in verdict
+
+
+def test_a_server_that_is_down_cannot_be_measured(old: FakeOllama) -> None:
+    name = _study(old)
+    url = old.url
+    old.stop()
+    r = _check(name)
+    assert r.exit_code == 3
+    assert r.output == (f"Error: could not measure study '{name}' now: cannot reach Ollama at {url}: is it running? "
+                        "Start it with `ollama serve` or point --host / OLLAMA_HOST at it\n")
+    c = last_check(_attrs(name))
+    assert c is not None and c.verdict == "unmeasured" and c.exit_code == 3 and "cannot reach Ollama" in (c.error or "")
+
+
+def test_a_model_that_is_gone_cannot_be_measured(old: FakeOllama) -> None:
+    name = _study(old)
+    ollama.Client(host=old.url).delete("gemma3:1b")
+    r = _check(name, "--json")
+    assert r.exit_code == 3 and r.stdout == ""
+    assert r.stderr.startswith(f"Error: could not measure study '{name}' now: model 'gemma3:1b' is not installed")
+
+
+def test_rejected_input_exits_2(old: FakeOllama) -> None:
+    name = _study(old)
+    r = _check("nope")
+    assert r.exit_code == 2
+    assert r.output == f"Error: no study named 'nope' in this storage: known studies are {name}\n"
+    r = _check(name, "--rounds", "1")
+    assert (r.exit_code, r.output) == (2, "Error: --rounds must be at least 2 (got 1): one round gives no "
+                                           "confidence interval\n")
+    assert "checks" not in _attrs(name)
+
+
+def test_the_stored_custom_prompts_are_replayed(old: FakeOllama, tmp_path: Path) -> None:
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("zebra quokka first custom prompt\n---\nsecond custom prompt about narwhals\n")
+    name = _study(old, prompts_file=str(prompts), validate=0)
+    prompts.unlink()  # the check needs no file: the study stored the text
+    old.clear_history()
+    r = _check(name)
+    assert r.exit_code == 0, r.output
+    sent = [g["prompt"] for g in old.prompt_requests()]
+    # Winner and defaults alternate, so each measurement loads its config with a warm-up (the
+    # first prompt): 2 configs x 3 rounds x (1 warm-up + 2 prompts).
+    assert len(sent) == 2 * 3 * 3
+    assert sum("zebra quokka first custom prompt" in p for p in sent) == 12
+    assert sum("second custom prompt about narwhals" in p for p in sent) == 6
+    c = last_check(_attrs(name))
+    # No re-validation: the search's per-request samples are the stored side (2 prompts x 3 rounds now).
+    assert c is not None and c.compared == "requests" and len(c.winner_values) == 6
+
+
+def test_a_study_stored_before_prompts_were_kept_needs_the_file(old: FakeOllama, tmp_path: Path) -> None:
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("zebra quokka first custom prompt\n---\nsecond custom prompt about narwhals\n")
+    name = _study(old, prompts_file=str(prompts), validate=0)
+    study = results.load_study(open_storage(STORAGE), name)
+    w = dict(study.user_attrs["workload"])
+    w["prompts"] = [{k: v for k, v in p.items() if k != "text"} for p in w["prompts"]]
+    study.set_user_attr("workload", w)
+    r = _check(name)
+    assert r.exit_code == 2 and r.output == ("Error: the study stored no text for prompt 'p1' (it was created before "
+                                             "prompts were stored): pass the original file with --prompts\n")
+    other = tmp_path / "other.txt"
+    other.write_text("something else entirely\n")
+    r = _check(name, "--prompts", other)
+    assert r.exit_code == 2 and r.output.startswith(f"Error: the prompts in {other} are not the ones the study measured")
+    old.clear_history()
+    r = _check(name, "--prompts", prompts)
+    assert r.exit_code == 0, r.output
+    assert sum("second custom prompt about narwhals" in g["prompt"] for g in old.prompt_requests()) == 6
+
+
+def test_a_contended_round_is_measured_again(old: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tuner.check
+    from tuner.telemetry import HostSummary, TelemetrySummary
+
+    name = _study(old)
+    calls = [0]
+
+    class Neighbour:
+        """Telemetry of a busy neighbour during the first measurement only."""
+
+        def start(self) -> None:
+            calls[0] += 1
+            self.busy = calls[0] == 1
+
+        def stop(self) -> TelemetrySummary:
+            pct = 100.0 if self.busy else 0.0
+            return TelemetrySummary(gpus=[], host=HostSummary(
+                samples=2, cpu_util_mean_pct=50.0, mem_used_peak_mib=1.0, server_rss_peak_mib=None, wall_s=2.0,
+                foreign_cpu_s=pct / 100 * 2.0, busiest="neighbour", busiest_pct=pct))
+
+    monkeypatch.setattr(tuner.check, "_sampler_factory", lambda engine: Neighbour)
+    r = _check(name)
+    assert r.exit_code == 0, r.output
+    assert "check round 1 was contended (other processes competed): measuring it again" in r.output
+    c = last_check(_attrs(name))
+    assert c is not None and c.rounds == 3 and c.contended == 1 and c.dropped == 0
+
+
+def test_noise_is_carried_into_the_interval(old: FakeOllama) -> None:
+    name = _study(old)
+    rng = random.Random(5)
+
+    def noisy(model: str, opts: dict[str, Any]) -> tuple[float, float]:
+        prefill, decode = default_speed(next(m for m in default_models() if m.name == model), opts)
+        return prefill, 0.8 * decode * math.exp(rng.gauss(0.0, 0.02))
+
+    old.speed_fn = noisy
+    r = _check(name, "--rounds", "4")
+    assert r.exit_code == 1, r.output
+    c = last_check(_attrs(name))
+    assert c is not None and c.change_ci95 is not None and c.winner_now_ci95 is not None
+    lo, hi = c.change_ci95
+    assert lo < c.change_pct < hi < -5.0 and -20.0 - 6 < lo and hi < -20.0 + 6
+    assert c.winner_now_ci95[0] < c.winner_now < c.winner_now_ci95[1]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_change_interval_is_welch_on_the_log_scale() -> None:
+    now, stored = [80.0, 82.0, 79.0], [100.0, 101.0, 98.0, 99.5]
+    a, b = [math.log(x) for x in now], [math.log(x) for x in stored]
+    va, vb = statistics.variance(a) / 3, statistics.variance(b) / 4
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    d = statistics.fmean(a) - statistics.fmean(b)
+    half = t975(df) * math.sqrt(va + vb)
+    ratio, lo, hi = change_ci95(now, stored)
+    assert ratio == pytest.approx(math.exp(d)) == pytest.approx(statistics.geometric_mean(now)
+                                                                / statistics.geometric_mean(stored))
+    assert (lo, hi) == (pytest.approx(math.exp(d - half)), pytest.approx(math.exp(d + half)))
+    # No spread on either side (the deterministic fake): the interval is the point.
+    assert change_ci95([8.0, 8.0], [10.0, 10.0, 10.0]) == (pytest.approx(0.8),) * 3
+    # One stored value adds no spread: the interval is the spread measured now.
+    r1, lo1, hi1 = change_ci95([9.0, 11.0, 10.0], [10.0])
+    assert lo1 < r1 < hi1
+    with pytest.raises(ValueError):
+        change_ci95([], [1.0])
+
+
+def test_environment_changes_name_what_changed() -> None:
+    old = {"server_version": "0.12.3", "gpus": ["RTX 4090"], "driver": "550.1", "model_digest": "sha256:" + "a" * 64,
+           "cpu": "AMD EPYC"}
+    new = {**old, "server_version": "0.13.0", "driver": "560.2", "model_digest": "b" * 64, "cpu": None}
+    assert environment_changes(old, new) == ["Ollama: 0.12.3 -> 0.13.0", "driver: 550.1 -> 560.2",
+                                             "model digest: aaaaaaaaaaaa -> bbbbbbbbbbbb"]
+    assert environment_changes(old, {**old, "gpus": []}, "llama-cpp") == ["GPU: RTX 4090 -> none"]
+    assert environment_changes({**old, "server_version": "0.3.1"}, {**old, "server_version": "0.3.2"},
+                               "llama-cpp") == ["llama.cpp: 0.3.1 -> 0.3.2"]
+
+
+def test_last_check_reads_the_latest_entry() -> None:
+    assert last_check({}) is None and last_check({"checks": "garbage"}) is None
+    a = Check(at="2026-12-01T10:00:00+00:00", verdict="ok", exit_code=0, objective="decode_tps", change_ci95=(-1.0, 2.0))
+    b = Check(at="2026-12-02T10:00:00+00:00", verdict="unmeasured", exit_code=3, objective="decode_tps", error="down")
+    attrs = {"checks": [a.to_dict(), b.to_dict(), {"no": "fields"}]}
+    assert last_check(attrs) == b and checks_of(attrs) == [a, b]
+    assert json.loads(json.dumps(a.to_dict()))["change_ci95"] == [-1.0, 2.0]
+    assert Check.from_dict({**a.to_dict(), "added_later": 1}) == a
+
+
+def test_a_llama_cpp_study_is_checked_on_its_stored_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_llamacpp import FakeLlama, _fake_lib, write_gguf
+
+    from tuner.engines import llamacpp
+
+    monkeypatch.setattr(llamacpp, "_lib", lambda: _fake_lib())
+    monkeypatch.setattr(FakeLlama, "created", [])
+    gguf = str(write_gguf(tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf"))
+    name = run_study(TuneOptions(model=[gguf], engine="llama-cpp", trials=3, repeats=1, num_predict=8, storage=STORAGE,
+                                 seed=1, params={"num_thread": [1, 2], "num_ctx": [2048], "num_batch": [512]},
+                                 measure_interference=False, roofline=False)).study_name
+    r = _check(name)
+    assert r.exit_code == 0, r.output
+    c = last_check(_attrs(name))
+    assert c is not None and c.verdict == "ok" and c.environment["server_version"] == "9.9.9"
+    assert "  llama.cpp     9.9.9" in r.output.splitlines()
+    Path(gguf).unlink()
+    r = _check(name)
+    assert r.exit_code == 3 and r.output.startswith(f"Error: could not measure study '{name}' now: GGUF file '{gguf}' "
+                                                    "does not exist")
