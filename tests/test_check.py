@@ -332,3 +332,15 @@ def test_a_llama_cpp_study_is_checked_on_its_stored_model_file(tmp_path: Path, m
     r = _check(name)
     assert r.exit_code == 3 and r.output.startswith(f"Error: could not measure study '{name}' now: GGUF file '{gguf}' "
                                                     "does not exist")
+
+
+def test_ctrl_c_during_a_check_says_nothing_was_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tuner.check
+
+    def interrupted(*a: Any, **kw: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuner.check, "run_check", interrupted)
+    r = invoke("check", "any", "--storage", "sqlite:///t.db")
+    assert r.exit_code == 130
+    assert r.output == "\nInterrupted: this check was not stored and the study is unchanged; run it again.\n"

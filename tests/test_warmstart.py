@@ -160,3 +160,19 @@ def test_a_config_proposed_again_is_not_measured_again_when_clearly_behind(fake:
                                                ("gemma3:1b", "gemma3:4b", False)])
 def test_variants_of_one_model_seed_each_other(model: str, other: str, same: bool) -> None:
     assert warmstart.same_model(model, [], {"model": other}) is same
+
+
+def test_show_names_the_warm_start(fake: FakeOllama) -> None:
+    import json
+
+    run_study(opts(fake, study_name="first", trials=4))
+    run_study(opts(fake, study_name="second", num_predict=12, trials=3))
+    seeded = [r for r in _study("second").records if r.seeded_from]
+    r = invoke("show", "second", "--storage", STORAGE)
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("Warm start:"))
+    assert line == "Warm start: from 'first' (same hardware): " + ", ".join(
+        f"#{v.number} ({v.seeded_from})" for v in seeded)
+    doc = json.loads(invoke("show", "second", "--storage", STORAGE, "--json").output)
+    assert doc["warm_start"]["sources"] == [{"study": "first", "match": "same hardware"}]
+    assert doc["best"]["reused_from"] is None and "seeded_from" in doc["best"]

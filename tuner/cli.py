@@ -41,11 +41,15 @@ class DefaultGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo(
-                "\nInterrupted: the running trial is marked failed and every completed trial is kept; "
-                "run the same command again to resume.",
-                err=True,
-            )
+            sub = ctx.invoked_subcommand or DEFAULT_COMMAND
+            if sub in ("run", "demo"):
+                msg = ("Interrupted: the running trial is marked failed and every completed trial is kept; "
+                       "run the same command again to resume.")
+            elif sub == "check":
+                msg = "Interrupted: this check was not stored and the study is unchanged; run it again."
+            else:
+                msg = "Interrupted."
+            click.echo("\n" + msg, err=True)
             ctx.exit(130)
         except Exception as e:
             from tuner.storage import write_failure

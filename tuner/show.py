@@ -224,6 +224,8 @@ class ShowData:
     failed: list[TrialRecord]
     #: The drift checks stored with the study (``tune check``), oldest first.
     checks: list[Check] = dataclasses.field(default_factory=list)
+    #: Where the study's warm start came from (tuner/warmstart.py ``WarmStart.to_dict``), or None.
+    warm_start: dict[str, Any] | None = None
 
 
 #: The checks ``tune show`` lists (the latest); ``--json`` has them all.
@@ -239,7 +241,18 @@ def show_data(storage_url: str | None, name: str | None, top: int = 10) -> ShowD
     ranked = results.StoredStudy(s.study_name, {}, [objectives.get(names[0]).direction], s.trials).ranked()
     eff = compute_effects(results.StoredStudy(s.study_name, dict(study.user_attrs), results.directions(study), s.trials))
     failed = [v for v in s.trials if v.error or v.state == "FAIL"]
-    return ShowData(s, ranked[:max(top, 0)], eff, failed, checks_of(study.user_attrs))
+    warm = study.user_attrs.get("warm_start")
+    return ShowData(s, ranked[:max(top, 0)], eff, failed, checks_of(study.user_attrs),
+                    warm if isinstance(warm, dict) else None)
+
+
+def warm_start_line(d: ShowData) -> str | None:
+    """'Warm start: from 'A' (same hardware): #1 (A#7), #2 (A#3)', or None without one."""
+    if not d.warm_start:
+        return None
+    sources = ", ".join(f"'{x.get('study')}' ({x.get('match')})" for x in d.warm_start.get("sources") or [])
+    seeded = ", ".join(f"#{v.number} ({v.seeded_from})" for v in d.summary.trials if v.seeded_from)
+    return f"Warm start: from {sources}: {seeded or 'no seeded trial ran'}"
 
 
 def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str:
@@ -247,6 +260,9 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
     d = show_data(storage_url, name, top)
     s, obj = d.summary, d.summary.objectives[0]
     text = format_summary(s)
+    warm = warm_start_line(d)
+    if warm:
+        text += "\n" + printable(warm)
     if d.top:
         lines = ["", f"Top {len(d.top)} feasible:"]
         lines.append(f"  {'#':>4} {obj:>12} {'p95 TTFT ms':>12}  config")
@@ -276,6 +292,7 @@ def show_json(storage_url: str | None, name: str | None, top: int = 10) -> dict[
         "effects": _jsonable(dataclasses.asdict(d.effects)) if d.effects.params else None,
         "failed": [trial_json(v) for v in d.failed],
         "checks": [_jsonable(c.to_dict()) for c in d.checks],
+        "warm_start": _jsonable(d.warm_start),
     }
 
 
@@ -307,6 +324,8 @@ def trial_json(v: TrialRecord) -> dict[str, Any]:
         "feasible": v.feasible,
         "baseline": v.baseline,
         "stage": v.stage,
+        "seeded_from": v.seeded_from,
+        "reused_from": v.reused_from,
         "model": v.model,
         "config": v.config_text(),
         "options": v.options,
