@@ -30,7 +30,9 @@ FLAGS = [
     "--virtual-time-budget=15000",
 ]
 # Runs first in <head>: records uncaught errors, rejections, console.error and any alert()
-# (which would mean study text got executed), then writes them into the DOM for --dump-dom.
+# (which would mean study text got executed), clicks "Copy as markdown" (headless Chromium
+# never answers the clipboard, so the page falls back to selecting the markdown), then writes
+# the errors and what the click left selected into the DOM for --dump-dom.
 RECORDER = """<script>
 window.__errors = [];
 window.addEventListener('error', function (e) { __errors.push('error: ' + e.message); });
@@ -41,12 +43,18 @@ window.addEventListener('unhandledrejection', function (e) { __errors.push('reje
 })();
 window.alert = function (m) { __errors.push('alert: ' + m); };
 window.addEventListener('load', function () {
+  var button = document.querySelector('button[data-copy="top-markdown"]');
+  if (button) { button.click(); }
   setTimeout(function () {
+    var copied = document.createElement('pre');
+    copied.id = '__copied';
+    copied.textContent = JSON.stringify([button ? button.textContent : null, String(window.getSelection())]);
+    document.body.appendChild(copied);
     var pre = document.createElement('pre');
     pre.id = '__errors';
     pre.textContent = JSON.stringify(__errors);
     document.body.appendChild(pre);
-  }, 1000);
+  }, 2500);
 });
 </script>"""
 
@@ -70,6 +78,11 @@ class _Dom(HTMLParser):
         self.stack: list[str | None] = []
         self.errors_text = ""
         self._in_errors = False
+        self.copied_text = ""
+        self._in_copied = False
+        #: The page's text as a reader sees it (scripts and styles left out), and per id.
+        self.text: list[str] = []
+        self._skip = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -85,17 +98,26 @@ class _Dom(HTMLParser):
             if tag == "g" and "trace" in classes:
                 self.figures[current]["traces"] += 1
         self._in_errors = fid == "__errors"
+        self._in_copied = fid == "__copied"
+        if tag in ("script", "style"):
+            self._skip += 1
         if tag not in VOID:
             self.stack.append(fid if fid.startswith("fig-") else None)
 
     def handle_endtag(self, tag: str) -> None:
         if tag not in VOID and self.stack:
             self.stack.pop()
-        self._in_errors = False
+        if tag in ("script", "style"):
+            self._skip -= 1
+        self._in_errors = self._in_copied = False
 
     def handle_data(self, data: str) -> None:
         if self._in_errors:
             self.errors_text += data
+        elif self._in_copied:
+            self.copied_text += data
+        elif not self._skip:
+            self.text.append(data)
 
 
 def _run(exe: str, args: list[str], profile: Path) -> subprocess.CompletedProcess[str]:
@@ -135,11 +157,33 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     assert uncaught == [], uncaught
 
     # Every figure in ReportData became a drawn plotly plot with traces in it.
-    assert len(parsed.figures) == len(data.figures) == 9
+    assert len(parsed.figures) == len(data.figures) == 12
+    assert any(fid.endswith("-timeline") for fid in parsed.figures)
     for fid, f in parsed.figures.items():
         assert f["plotted"] and f["main_svg"] >= 1 and f["traces"] >= 1, (fid, f)
     assert dom.stdout.count("js-plotly-plot") >= len(data.figures)
     assert XSS not in dom.stdout  # the escaped text stayed text
+
+    # The first screen, the top table and its markdown, and an empty figure's reason are on the page.
+    text = "".join(parsed.text)
+    first, bench = data.first, data.bench
+    assert first is not None and first.number is not None and bench is not None
+    assert text.index(f"What to run: trial #{first.number}") < text.index("Best feasible configuration")
+    for shown in (first.speedup_text, first.speedup_note, first.modelfile, first.export_command,
+                  first.create_command, "Copy Modelfile", "what it costs", "VRAM MiB (NVML peak)", "p95 TTFT ms",
+                  "Top 10 feasible configurations", bench.markdown, "Timeline of trials"):
+        assert shown in text, shown
+    for cell in bench.cells[0]:
+        assert cell in text, cell
+    reasons = {e.key: e.reason for e in data.empty}
+    assert reasons["importances"].startswith("Fewer than 50 measured trials for importances") \
+        and reasons["importances"] in text
+    # "Copy as markdown" was clicked: it copied, or fell back to selecting the markdown (the
+    # clipboard never answers in headless Chromium).
+    assert ">Copy as markdown</button>" in page
+    label, selected = json.loads(parsed.copied_text)
+    assert label in ("Copied", "Selected: press Ctrl+C")
+    assert label == "Copied" or selected.strip() == bench.markdown.strip()
 
     shot = tmp_path / "report.png"
     # The screenshot is of the page as users get it, without the recorder.

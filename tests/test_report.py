@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import html
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -287,7 +289,8 @@ def test_failures_listed_with_error_text(study_url: tuple[str, Any]) -> None:
 def test_figures_present(study_url: tuple[str, Any]) -> None:
     data = report.build_report(study_url[1])
     keys = [f.key for f in data.figures]
-    assert keys == ["history", "effects", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule"]
+    assert keys == ["history", "effects", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule",
+                    "prefill", "host", "timeline"]
     # The history marks infeasible trials apart (optuna draws them as their own trace).
     hist = next(f.figure for f in data.figures if f.key == "history")
     assert any(tr.name == "Infeasible Trial" for tr in hist.data)
@@ -303,7 +306,9 @@ def test_importances_skipped_with_one_param() -> None:
     _, study = make_study(None, searched=("num_ctx",))
     data = report.build_report(study)
     assert "importances" not in [f.key for f in data.figures]
-    assert any("Parameter importances skipped" in n for n in data.notes)
+    assert [e.key for e in data.empty] == ["importances", "validation", "drift"]
+    assert data.empty[-1].reason.startswith("No `tune check` has run on this study yet: `tune check ")
+    assert data.empty[0].reason.startswith("Fewer than 50 measured trials for importances (4 measured)")
 
 
 def test_parameter_effects_replace_the_importances_ranking_below_the_threshold(
@@ -321,14 +326,16 @@ def test_parameter_effects_replace_the_importances_ranking_below_the_threshold(
     assert eff.top is None and eff.verdict.startswith("Not distinguishable")
     # No ranking below the threshold, and the page says why and shows the effects with the verdict.
     assert data.importances == [] and "importances" not in [f.key for f in data.figures]
-    assert any(n.startswith(f"Parameter importances skipped: 4 measured trial(s), fewer than the "
-                            f"{MIN_TRIALS_FOR_IMPORTANCES}") for n in data.notes)
+    empty = {e.key: e.reason for e in data.empty}
+    assert empty["importances"].startswith(f"Fewer than {MIN_TRIALS_FOR_IMPORTANCES} measured trials for "
+                                           "importances (4 measured)")
     fig = next(f.figure for f in data.figures if f.key == "effects")
     bars = [tr for tr in fig.data if tr.error_y is not None and tr.error_y.array is not None]
     assert bars and all(lo <= m for tr in bars for lo, m in zip(tr.error_y.arrayminus, tr.y))
     text = report.render_html(data)
     assert "<h2>Parameter effects</h2>" in text and "Not distinguishable: " in text
-    assert "Parameter importances</h2>" not in text
+    # The figure's place says why there is no ranking.
+    assert "<h2>Parameter importances</h2><p class=\"empty\" data-figure=\"importances\">Fewer than" in text
 
 
 def test_importances_shown_above_the_threshold_with_the_caveat(study_url: tuple[str, Any],
@@ -363,11 +370,24 @@ def test_baseline_only_study() -> None:
     study.add_trial(create_trial(value=40.0, user_attrs={"baseline": True, "config": {"model": "m", "options": {}, "server": {}},
                                                          **_metrics(40.0, 100.0, telemetry=False)}))
     data = report.build_report(study)
-    assert [f.key for f in data.figures] == ["history", "tradeoff"]
+    assert [f.key for f in data.figures] == ["history", "tradeoff", "prefill", "timeline"]
     assert data.best is not None and data.best.baseline
-    assert any("Parameter plots skipped" in n for n in data.notes)
-    assert any("Telemetry views skipped" in n for n in data.notes)
-    assert "<html" in report.render_html(data)
+    # Every figure left out says why, in its place.
+    empty = {e.key: e.reason for e in data.empty}
+    assert list(empty) == ["parameters", "power", "vram", "tokens_per_joule", "host", "validation", "drift"]
+    assert empty["parameters"] == ("Only the baseline (the engine's defaults) was measured: no trial with "
+                                   "searched settings yet.")
+    assert empty["power"] == "No mean GPU power (W): no GPU telemetry, NVML not available on the server's machine."
+    assert empty["vram"].endswith("and the server reported no VRAM use.")
+    assert empty["host"].startswith("No host telemetry")
+    assert data.notes == []
+    text = report.render_html(data)
+    assert "<html" in text
+    for e in data.empty:
+        assert f"<p class=\"empty\" data-figure=\"{e.key}\">{html.escape(e.reason)}</p>" in text
+    # In report order: the parameter figures' reason after the history, GPU ones after the trade-off.
+    assert text.index("fig-0-history") < text.index("data-figure=\"parameters\"") < text.index("fig-1-tradeoff") \
+        < text.index("data-figure=\"power\"") < text.index("fig-2-prefill") < text.index("data-figure=\"host\"")
 
 
 def test_no_feasible_shows_least_violating() -> None:
@@ -403,7 +423,7 @@ def test_html_escapes_study_text_and_embeds_plotly_once(study_url: tuple[str, An
     assert text.count("<script") == 3  # plotly.js, the helper, the figure calls
     assert "cdn.plot.ly" not in text.split("</head>")[1]
     assert text.count("Plotly.newPlot") == 1
-    assert text.count("drawFigure(\"fig-") == 8
+    assert text.count("drawFigure(\"fig-") == 11
 
 
 def test_write_report_default_path(study_url: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -586,12 +606,13 @@ def test_pruned_trial_without_value_and_several_saved() -> None:
 def test_full_report_escapes_and_draws_each_figure_once(full_study: Any) -> None:
     data = report.build_report(full_study)
     assert [f.key for f in data.figures] == ["history", "effects", "parallel", "slices", "tradeoff", "power",
-                                            "vram", "tokens_per_joule", "validation"]
+                                            "vram", "tokens_per_joule", "prefill", "host", "timeline",
+                                            "validation"]
     text = report.render_html(data)
     assert XSS not in text and XSS_ESCAPED in text
-    assert text.count("<script") == 3 and text.count("drawFigure(\"fig-") == 9
+    assert text.count("<script") == 3 and text.count("drawFigure(\"fig-") == 12
     # The validation figure sits in its section, before the search figures.
-    assert text.index("fig-8-validation") < text.index("fig-0-history")
+    assert text.index("fig-11-validation") < text.index("fig-0-history")
 
 
 def test_plain_study_has_no_new_sections(study_url: tuple[str, Any]) -> None:
@@ -599,7 +620,10 @@ def test_plain_study_has_no_new_sections(study_url: tuple[str, Any]) -> None:
     assert data.validation == [] and data.winner is None and not data.validation_overlap
     assert data.roofline is None and data.pruned == [] and data.pruned_saved_s == 0.0
     text = report.render_html(data)
-    assert "Re-validation" not in text and "Roofline" not in text and "Pruned trials" not in text
+    assert "Re-validated" not in text and "Roofline" not in text and "Pruned trials" not in text
+    # In the re-validation's place, why there is none and how to get one.
+    assert "<p class=\"empty\" data-figure=\"validation\">No re-validation in this study" in text
+    assert "--validate 2 or more" in text
 
 
 # ------------------------------------------------ the package: read once, data, figures from data
@@ -617,7 +641,7 @@ def test_the_study_is_read_once() -> None:
     study.get_trials = counted
     data = report.build_report(study)
     assert calls == [{"deepcopy": False}]
-    assert data.best is not None and len(data.figures) == 9
+    assert data.best is not None and len(data.figures) == 12
 
 
 def test_figures_are_drawn_from_the_data_alone(study_url: tuple[str, Any]) -> None:
@@ -629,9 +653,10 @@ def test_figures_are_drawn_from_the_data_alone(study_url: tuple[str, Any]) -> No
     data = report.build_data(stored)
     assert data.figures == []  # the data holds no figure; build_report draws them
     keys = [f.key for f in figures.draw(data)]
-    assert keys == ["history", "effects", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule"]
-    less = dataclasses.replace(data, history=[], effects=None, telemetry=[])
-    assert [f.key for f in figures.draw(less)] == ["parallel", "slices", "tradeoff"]
+    assert keys == ["history", "effects", "parallel", "slices", "tradeoff", "power", "vram", "tokens_per_joule",
+                    "prefill", "host", "timeline"]
+    less = dataclasses.replace(data, history=[], effects=None, telemetry=[], host=[], timeline=[])
+    assert [f.key for f in figures.draw(less)] == ["parallel", "slices", "tradeoff", "prefill"]
 
 
 def test_search_data(study_url: tuple[str, Any]) -> None:
@@ -696,3 +721,305 @@ def test_the_report_counts_contention_and_warns_when_every_trial_was_contended()
     text = report.render_html(data)
     assert "1 measurement(s) redone because other processes competed; 2 trial(s) still contended" in text
     assert "Every feasible trial was measured while other processes competed for the machine" in text
+
+
+# ------------------------------------------ the first screen, the table, the per-trial figures
+
+
+def _rec(number: int, decode: float, *, ttft: float = 100.0, model: str = "gemma3:1b",
+         options: dict[str, Any] | None = None, server: dict[str, Any] | None = None, baseline: bool = False,
+         server_vram: float | None = None, telemetry: dict[str, Any] | None = None, state: str = "COMPLETE",
+         start_s: float = 0.0, duration_s: float = 10.0, reload_ms: float | None = None,
+         stage: str | None = None) -> Any:
+    """A trial record as read back from storage (for studies built without Optuna)."""
+    import datetime as dt
+
+    from tuner.record import Stats, TrialRecord
+
+    def spread(m: float) -> Stats:
+        return Stats(m, m * 0.02, m, m * 1.05, m * 0.9, m * 1.1)
+
+    t0 = dt.datetime(2026, 8, 1, 10, 0, 0) + dt.timedelta(seconds=start_s)
+    measured = state == "COMPLETE"
+    return TrialRecord(
+        model=model, options=dict(options or {}), server=dict(server or {}), baseline=baseline,
+        stats={"decode_tps": spread(decode), "prefill_tps": spread(decode * 20),
+               "ttft_ms": Stats(ttft * 0.8, 1.0, ttft * 0.8, ttft, ttft * 0.7, ttft)} if measured else {},
+        server_vram_mib=server_vram, telemetry=dict(telemetry or {}), reload_ms=reload_ms, stage=stage,
+        number=number, state=state, values=[decode] if measured else None,
+        params={**(options or {}), **(server or {})}, datetime_start=t0,
+        datetime_complete=t0 + dt.timedelta(seconds=duration_s) if state != "RUNNING" else None)
+
+
+def _stored(records: list[Any], environment: dict[str, Any] | None = None, **attrs: Any) -> Any:
+    return results.StoredStudy("bench", {"model": "gemma3:1b", "engine": "ollama", "objectives": ["decode_tps"],
+                                         "space": {"num_gpu": [0, 27], "num_ctx": [2048, 4096]},
+                                         "environment": environment or {}, **attrs}, ["maximize"], records)
+
+
+def _speedup_validation() -> dict[str, Any]:
+    """The stored re-validation of trials 1 and 2 with the defaults (#0) re-measured in the same
+    rounds: #2 wins, 1.5x the defaults with its 95% interval."""
+    v = results.Validation(
+        "decode_tps", 4, [results.Validated(2, [60.0, 61.0, 62.0, 63.0], 61.5, 1.3, (59.5, 63.5)),
+                          results.Validated(1, [55.0, 56.0, 57.0, 58.0], 56.5, 1.3, (54.5, 58.5))],
+        2, False, 7, interval="log-t", baseline=results.Validated(0, [41.0] * 4, 41.0, 0.0, (41.0, 41.0)),
+        speedup=results.Speedup(2, 0, 1.5, (1.41, 1.6), [1.46, 1.49, 1.51, 1.54]))
+    return v.to_dict()
+
+
+def test_first_screen_says_what_to_run_with_the_speedup_interval_and_the_costs() -> None:
+    _, study = make_study(None)
+    study.set_user_attr("validation", _speedup_validation())
+    data = report.build_report(study, "sqlite:///data/my studies/tuner.db")
+    f = data.first
+    assert f is not None and f.number == 2 and f.missing == ""
+    assert f.config == "gemma3:1b num_ctx=8192 num_batch=256 num_gpu=27 flash_attention=off kv_cache_type=f16"
+    # The stored paired speedup, with its interval, in the words the terminal uses.
+    assert (f.speedup, f.speedup_ci, f.speedup_note) == (1.5, (1.41, 1.6), "")
+    assert f.speedup_text == ("1.50x decode tok/s vs Ollama defaults (95% CI 1.41-1.60x, re-measured interleaved "
+                              "over 4 rounds)")
+    # The Modelfile `tune export --format modelfile` writes, and the commands, shell-quoted.
+    assert "\nFROM gemma3:1b\nPARAMETER num_ctx 8192\nPARAMETER num_batch 256\nPARAMETER num_gpu 27\n" in f.modelfile
+    assert f.export_command == ("tune export gemma3:1b@127.0.0.1:11434 --storage 'sqlite:///data/my studies/tuner.db' "
+                                "--format modelfile -o gemma3-1b-tuned.Modelfile")
+    assert f.create_command == "ollama create gemma3-1b-tuned -f gemma3-1b-tuned.Modelfile"
+    assert f.env_command.endswith("--format env -o gemma3-1b-tuned.env")  # flash_attention, kv_cache_type
+    # What it costs, beside the defaults (#0): NVML's VRAM peak here, as no server report is stored.
+    assert f.baseline_number == 0
+    assert [(c.label, c.winner, c.defaults, c.source) for c in f.costs] == [
+        ("decode tok/s", 55.0, 40.0, ""), ("VRAM MiB", 2550.0, 2400.0, "NVML peak"),
+        ("mean GPU power W", 155.0, 140.0, ""), ("p95 TTFT ms", 150.0, 300.0, ""),
+        ("tokens per joule", pytest.approx(768 / 465), pytest.approx(768 / 420), "")]
+    text = report.render_html(data)
+    first = text[text.index("<section id=\"what-to-run\""):text.index("</section>")]
+    assert text.index("what-to-run") < text.index("<dl class=\"facts\">")  # before everything else
+    assert "What to run: trial #2" in first and html.escape(f.speedup_text) in first
+    assert f"<pre id=\"modelfile\" class=\"paste\">{html.escape(f.modelfile)}</pre>" in first
+    assert html.escape(f.export_command) + "\n" + html.escape(f.create_command) in first
+    assert "<td>VRAM MiB (NVML peak)</td><td class=\"n\">2,550</td><td class=\"n\">2,400</td>" in first
+    assert "data-copy=\"modelfile\"" in first and "function copyText(" in text
+
+
+def test_first_screen_modelfile_is_the_exported_one(study_url: tuple[str, Any]) -> None:
+    from tuner.export import export
+
+    url, study = study_url
+    f = report.build_report(study, url).first
+    exported = export(url, None, "modelfile").text
+    assert f is not None and exported is not None
+    # The same text but the time it was written.
+    assert f.modelfile.splitlines()[1:] == exported.splitlines()[1:]
+    assert f.export_command.startswith(f"tune export gemma3:1b@127.0.0.1:11434 --storage {url} --format modelfile")
+
+
+def test_first_screen_without_an_interval_says_how_to_get_one() -> None:
+    _, study = make_study(None)
+    f = report.build_report(study).first  # the default storage: no --storage in the commands
+    assert f is not None and f.number == 1 and f.speedup == pytest.approx(1.5) and f.speedup_ci is None
+    assert f.speedup_text == ("1.50x decode tok/s vs Ollama defaults (trial #1 vs baseline #0, each measured once "
+                              "during the search)")
+    assert f.speedup_note == ("No interval: the winner and the defaults were never re-measured together. Run the "
+                              "study with --validate 2 (or more) to re-measure them interleaved and get a 95% "
+                              "interval.")
+    assert f.export_command == "tune export gemma3:1b@127.0.0.1:11434 --format modelfile -o gemma3-1b-tuned.Modelfile"
+    # A password in the storage URL stays out of the page.
+    masked = report.build_data(study, "postgresql://tuner:s3cret@db/tuner").first
+    assert masked is not None and "s3cret" not in masked.export_command and "tuner:***@db" in masked.export_command
+    assert "--validate 2" in report.render_html(report.build_report(study))
+
+
+def test_first_screen_when_nothing_is_feasible_or_the_defaults_win() -> None:
+    _, study = make_study(None, feasible=False)
+    data = report.build_report(study)
+    f = data.first
+    assert f is not None and f.number is None and f.modelfile == "" and f.export_command == ""
+    assert f.missing.startswith("No configuration is feasible: every measured trial breaks a limit (the "
+                                "least-violating, trial #")
+    assert html.escape(f.missing) in report.render_html(data)
+    # The defaults won: nothing to change, no speedup over themselves.
+    st = _stored([_rec(0, 50.0, baseline=True), _rec(1, 40.0, options={"num_ctx": 4096})])
+    g = report.build_data(st).first
+    assert g is not None and g.number == 0 and g.speedup is None
+    assert g.speedup_note == "The Ollama defaults are the best configuration: no tuned one beat them, so there is nothing to change."
+    assert "\nFROM gemma3:1b\n" in g.modelfile and "PARAMETER" not in g.modelfile
+
+
+def test_top_table_rows_backend_and_markdown() -> None:
+    env = {"model": "gemma3:1b", "gpus": [{"index": 0, "name": "NVIDIA H200"}, {"index": 1, "name": "NVIDIA H200"}],
+           "models": {"gemma3:1b": {"parameter_size": "999.89M", "quantization": "Q4_K_M", "size_bytes": 815 * 2**20},
+                      "gemma3:1b-it-fp16": {"parameter_size": "999.89M", "quantization": "F16",
+                                            "size_bytes": 2 * 2**30}}}
+    records = [
+        _rec(0, 40.0, baseline=True, server_vram=900.0),
+        _rec(1, 60.0, options={"num_gpu": 27, "num_ctx": 4096}, server_vram=1200.0, stage="screen",
+             telemetry={"gpu_mem_used_peak_mib": 1500.0}),
+        _rec(2, 20.0, options={"num_gpu": 0, "num_ctx": 2048}, server_vram=0.0, stage="tune"),
+        _rec(3, 50.0, model="gemma3:1b-it-fp16", options={"num_gpu": 27}, server={"flash_attention": "on"},
+             server_vram=2100.0, stage="screen"),
+    ]
+    b = report.build_data(_stored(records, env)).bench
+    assert b is not None and [r.number for r in b.rows] == [1, 3, 0, 2]
+    rows = {r.number: r for r in b.rows}
+    assert (rows[1].model, rows[1].size_gib, rows[1].params, rows[1].quant) == ("gemma3:1b", 815 / 1024, "999.89M",
+                                                                               "Q4_K_M")
+    assert (rows[3].quant, rows[3].size_gib) == ("F16", 2.0)
+    # Where the server said the model ran: VRAM in use on NVML's GPUs, none on the CPU.
+    assert [rows[n].backend for n in (1, 3, 0, 2)] == ["2x NVIDIA H200"] * 3 + ["CPU"]
+    assert b.settings == ["num_gpu", "num_ctx", "flash_attention"]
+    assert rows[3].settings == {"num_gpu": 27, "num_ctx": "default", "flash_attention": "on"}
+    assert rows[0].settings == {"num_gpu": "default", "num_ctx": "default", "flash_attention": "default"}
+    assert (rows[1].decode_tps, rows[1].decode_sd, rows[1].prefill_tps, rows[1].ttft_ms_p95) == (60.0, 1.2, 1200.0, 100.0)
+    assert rows[1].vram_mib == 1500.0 and rows[2].vram_mib == 0.0  # NVML's peak where it saw one
+    assert b.markdown.splitlines() == [
+        "| rank | trial | stage | model | size | params | quant | backend | num_gpu | num_ctx | flash_attention "
+        "| decode tok/s | prefill tok/s | p95 TTFT ms | VRAM MiB | tokens/J | x defaults |",
+        "| ---: | ---: | --- | --- | ---: | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| 1 | #1 | screen | gemma3:1b | 0.80 GiB | 999.89M | Q4_K_M | 2x NVIDIA H200 | 27 | 4096 | default "
+        "| 60.00 ± 1.20 | 1200.00 ± 24.00 | 100 | 1,500 | - | 1.50x |",
+        "| 2 | #3 | screen | gemma3:1b-it-fp16 | 2.00 GiB | 999.89M | F16 | 2x NVIDIA H200 | 27 | default | on "
+        "| 50.00 ± 1.00 | 1000.00 ± 20.00 | 100 | 2,100 | - | 1.25x |",
+        "| 3 | #0 | - | gemma3:1b | 0.80 GiB | 999.89M | Q4_K_M | 2x NVIDIA H200 | default | default | default "
+        "| 40.00 ± 0.80 | 800.00 ± 16.00 | 100 | 900 | - | 1.00x |",
+        "| 4 | #2 | tune | gemma3:1b | 0.80 GiB | 999.89M | Q4_K_M | CPU | 0 | 2048 | default "
+        "| 20.00 ± 0.40 | 400.00 ± 8.00 | 100 | 0 | - | 0.50x |",
+    ]
+    # No GPU name from NVML: the server's word that it used VRAM is all there is.
+    no_nvml = report.build_data(_stored(records, {"model": "gemma3:1b"})).bench
+    assert no_nvml is not None and [r.backend for r in no_nvml.rows] == ["GPU (server-reported)"] * 3 + ["CPU"]
+    assert [r.quant for r in no_nvml.rows] == ["-"] * 4  # nothing stored about the models: not guessed
+    # No server report (llama.cpp): CPU only where the runtime said it offloads nothing, else not reported.
+    bare = [_rec(0, 40.0, baseline=True), _rec(1, 50.0, options={"num_gpu": 0})]
+    cpu = report.build_data(_stored(bare, {"gpu_offload": {"offloads": False, "source": "llama.cpp"}})).bench
+    assert cpu is not None and [r.backend for r in cpu.rows] == ["CPU", "CPU"]
+    unknown = report.build_data(_stored(bare, {"gpu_offload": {"offloads": True, "source": "unknown"}})).bench
+    assert unknown is not None and [r.backend for r in unknown.rows] == ["not reported", "not reported"]
+
+
+def test_top_table_in_the_html_with_a_copy_as_markdown_button(study_url: tuple[str, Any]) -> None:
+    data = report.build_report(study_url[1])
+    b = data.bench
+    assert b is not None and [r.number for r in b.rows] == [r.number for r in data.top]
+    text = report.render_html(data)
+    top = text[text.index("<h2>Top 10 feasible configurations</h2>"):]
+    assert "<th>backend</th>" in top and "<th>kv_cache_type</th>" in top and "<td>q8_0</td>" in top
+    assert "<button type=\"button\" class=\"copy\" data-copy=\"top-markdown\" onclick=\"copyText(this)\">" \
+           "Copy as markdown</button>" in top
+    # The markdown is on the page too, for when the clipboard is refused.
+    assert f"<pre id=\"top-markdown\" class=\"paste\">{html.escape(b.markdown)}</pre>" in top
+    assert b.markdown.startswith("| rank | trial | model | size | params | quant | backend | num_ctx |")
+    assert text.count("<script") == 3  # the copy helper rides in the helper script
+
+
+def test_tradeoff_log_axis_decided_in_the_data_both_ways(study_url: tuple[str, Any]) -> None:
+    assert report.log_axis([35.0, 68.0, 12262.0]) and not report.log_axis([35.0, 68.0, 349.0])
+    assert not report.log_axis([0.0, 50.0]) and not report.log_axis([])
+    linear = report.build_report(study_url[1])  # p95 TTFT 150 .. 900 ms, 40 .. 70 tok/s
+    assert not linear.tradeoff_log_x and not linear.tradeoff_log_y
+    fig = next(f.figure for f in linear.figures if f.key == "tradeoff")
+    assert fig.layout.yaxis.type is None and fig.layout.xaxis.type is None
+    # An infeasible 12 s TTFT beside 35-68 ms feasible ones: the TTFT axis goes log.
+    st = _stored([_rec(0, 40.0, ttft=68.0, baseline=True), _rec(1, 60.0, ttft=35.0, options={"num_ctx": 4096}),
+                  _rec(2, 70.0, ttft=12262.0, options={"num_ctx": 2048})], limits={"max_ttft_ms": 500.0})
+    st.records[2].constraints = {"ttft_p95_ms": 23.5}
+    data = report.build_report(st)
+    assert data.tradeoff_log_y and not data.tradeoff_log_x
+    fig = next(f.figure for f in data.figures if f.key == "tradeoff")
+    assert fig.layout.yaxis.type == "log" and fig.layout.xaxis.type is None
+    assert any(s.y0 == 500.0 for s in fig.layout.shapes)  # the limit, at its value on the log axis
+    assert [a.y for a in fig.layout.annotations if a.text == "max TTFT 500 ms"] == [pytest.approx(math.log10(500))]
+
+
+def test_gpu_figures_say_why_they_are_empty() -> None:
+    records = [_rec(0, 40.0, baseline=True, telemetry={"host_cpu_util_mean_pct": 50.0}),
+               _rec(1, 60.0, options={"num_ctx": 4096}, telemetry={"host_cpu_util_mean_pct": 55.0})]
+    no_nvml = report.build_data(_stored(records, {"gpus": [], "gpu_unavailable_reason": "pynvml not installed"}))
+    empty = {e.key: e.reason for e in no_nvml.empty}
+    assert empty["power"] == ("No mean GPU power (W): no GPU telemetry, NVML not available on the server's machine "
+                              "(pynvml not installed).")
+    assert empty["tokens_per_joule"].startswith("No tokens per joule: no GPU telemetry")
+    assert "host" not in empty and [s.key for s in no_nvml.host] == ["host_cpu_util_mean_pct"]
+    seen = report.build_data(_stored(records, {"gpus": [{"name": "NVIDIA L4"}]}))
+    assert {e.key: e.reason for e in seen.empty}["power"] == (
+        "No mean GPU power (W): NVML saw NVIDIA L4 but no measured trial recorded it (the server runs on another "
+        "machine, or the model ran on the CPU).")
+    # Nothing measured at all: each figure says so.
+    failed = report.build_data(_stored([_rec(0, 0.0, state="FAIL")]))
+    reasons = {e.key: e.reason for e in failed.empty}
+    assert set(reasons) >= {"history", "parameters", "tradeoff", "power", "prefill", "host", "validation"}
+    assert reasons["tradeoff"].endswith("every trial failed or failed to load.")
+    assert reasons["parameters"].startswith("No trial was measured yet")
+
+
+def test_prefill_and_host_telemetry_per_trial() -> None:
+    records = [_rec(0, 40.0, baseline=True, telemetry={"host_cpu_util_mean_pct": 50.0, "server_rss_peak_mib": 900.0,
+                                                       "host_mem_used_peak_mib": 6000.0}),
+               _rec(1, 60.0, options={"num_ctx": 4096}, telemetry={"host_cpu_util_mean_pct": 70.0,
+                                                                    "server_rss_peak_mib": 1100.0}),
+               _rec(2, 0.0, state="FAIL")]
+    data = report.build_report(_stored(records))
+    assert [(p.number, p.value, p.sd) for p in data.prefill] == [(0, 800.0, 16.0), (1, 1200.0, 24.0)]
+    series = {s.key: [(p.number, p.value) for p in s.points] for s in data.host}
+    assert series == {"host_cpu_util_mean_pct": [(0, 50.0), (1, 70.0)], "host_mem_used_peak_mib": [(0, 6000.0)],
+                      "server_rss_peak_mib": [(0, 900.0), (1, 1100.0)]}
+    host = next(f.figure for f in data.figures if f.key == "host")
+    assert sorted(a.text for a in host.layout.annotations) == ["host CPU util %", "host memory peak MiB",
+                                                               "server RSS peak MiB"]
+    assert sorted(tuple(tr.y) for tr in host.data) == [(50.0, 70.0), (900.0, 1100.0), (6000.0,)]
+    prefill = next(f.figure for f in data.figures if f.key == "prefill")
+    assert list(prefill.data[0].y) == [800.0, 1200.0] and list(prefill.data[0].error_y.array) == [16.0, 24.0]
+
+
+def test_timeline_rows_and_figure() -> None:
+    records = [_rec(0, 40.0, baseline=True, duration_s=30.0, reload_ms=4000.0),
+               _rec(1, 60.0, options={"num_ctx": 4096}, start_s=30.0, duration_s=20.0, reload_ms=250.0),
+               _rec(2, 0.0, state="FAIL", start_s=50.0, duration_s=5.0),
+               _rec(3, 30.0, state="PRUNED", start_s=55.0, duration_s=8.0),
+               _rec(4, 0.0, state="RUNNING", start_s=63.0)]
+    data = report.build_report(_stored(records))
+    assert [(r.number, r.outcome, r.start, r.duration_s, r.reload_ms) for r in data.timeline] == [
+        (0, "feasible", "2026-08-01T10:00:00", 30.0, 4000.0), (1, "feasible", "2026-08-01T10:00:30", 20.0, 250.0),
+        (2, "failed", "2026-08-01T10:00:50", 5.0, None), (3, "pruned", "2026-08-01T10:00:55", 8.0, None)]
+    assert data.timeline[1].end == "2026-08-01T10:00:50"
+    fig = next(f.figure for f in data.figures if f.key == "timeline")
+    bars = {tr.name: tr for tr in fig.data}
+    assert list(bars) == ["feasible", "failed", "pruned", "model (re)load"]
+    assert list(bars["feasible"].base) == ["2026-08-01T10:00:00", "2026-08-01T10:00:30"]
+    assert list(bars["feasible"].x) == [30000.0, 20000.0] and list(bars["feasible"].y) == [0, 1]
+    assert list(bars["model (re)load"].x) == [4000.0, 250.0] and fig.layout.xaxis.type == "date"
+    assert bars["failed"].marker.color != bars["feasible"].marker.color
+    text = report.render_html(data)
+    assert "<h2>Timeline of trials</h2>" in text
+
+
+def test_the_table_from_a_real_study_names_what_the_server_reported(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # End to end against the fake server: no NVML here, so the GPU is the server's word (/api/ps
+    # size_vram), and each variant's quantization is what /api/show said, stored with the study.
+    import tuner.telemetry as telemetry
+    from fake_ollama import FakeOllama
+
+    from tuner.study import TuneOptions, run_study
+
+    monkeypatch.setattr(telemetry, "probe_gpus", lambda indices=None: telemetry.GpuProbe(
+        available=False, reason="NVML library not found"))
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    with FakeOllama(time_scale=0.002) as fake:
+        summary = run_study(TuneOptions(
+            model=["gemma3:1b"], host=fake.url, trials=5, repeats=1, num_predict=16, storage=url, seed=1,
+            validate=0, roofline=False, params={"variant": ["gemma3:1b", "gemma3:1b-it-fp16"], "num_gpu": [0, 27]}))
+    from tuner.results import load_study
+    from tuner.storage import open_storage
+
+    data = report.build_report(load_study(open_storage(url), summary.study_name), url)
+    b = data.bench
+    assert b is not None and b.rows
+    for r in b.rows:
+        assert r.quant == {"gemma3:1b": "Q4_K_M", "gemma3:1b-it-fp16": "F16"}[r.model] and r.params == "999.89M"
+        assert r.backend == ("CPU" if r.settings.get("num_gpu") == 0 else "GPU (server-reported)"), r
+    assert {r.backend for r in b.rows} >= {"GPU (server-reported)"}
+    f = data.first
+    assert f is not None and f.number == b.rows[0].number and f"FROM {b.rows[0].model}\n" in f.modelfile
+    assert {e.key: e.reason for e in data.empty}["power"] == (
+        "No mean GPU power (W): no GPU telemetry, NVML not available on the server's machine (NVML library not "
+        "found).")

@@ -92,4 +92,5 @@ def test_the_report_shows_each_top_trial_stage(gpu: None) -> None:
     data = build_data(results.load_study(open_storage("sqlite:///t.db"), summary.study_name))
     assert {r.stage for r in data.top} <= {staged.BASELINE, staged.SCREEN, staged.TUNE}
     assert any(r.stage == staged.SCREEN for r in data.top)
-    assert "<th>search stage</th>" in render_html(data)
+    assert data.bench is not None and "stage" in data.bench.columns
+    assert "<th>stage</th>" in render_html(data)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuner.report.data import (
-    TOP_N, BestConfig, FailureRow, Header, MetricRow, NamedFigure, ParamAxis, PrunedRow, ReportData, StoredStudy,
-    TelemetryPoint, TelemetryView, TopRow, TradeoffPoint, TrialPoint, ValidationRow, best_so_far, build_data,
-    pareto_front, paused_gc, read_study,
+    FIGURE_ORDER, LOG_AXIS_RATIO, TOP_N, BenchRow, BenchTable, BestConfig, CostRow, EmptyFigure, FailureRow,
+    FirstScreen, Header, MetricRow, NamedFigure, ParamAxis, PrunedRow, ReportData, StoredStudy, TelemetryPoint,
+    TelemetryView, TimelineRow, TopRow, TradeoffPoint, TrialPoint, TrialSeries, TrialValue, ValidationRow,
+    best_so_far, build_data, log_axis, pareto_front, paused_gc, read_study,
 )
 from tuner.report.html import render_html
 
@@ -20,20 +21,22 @@ if TYPE_CHECKING:
     from optuna.study import Study
 
 __all__ = [
-    "REPORTS_DIR", "TOP_N", "BestConfig", "FailureRow", "Header", "MetricRow", "NamedFigure", "ParamAxis",
-    "PrunedRow", "ReportData", "StoredStudy", "TelemetryPoint", "TelemetryView", "TopRow", "TradeoffPoint",
-    "TrialPoint", "ValidationRow", "best_so_far", "build_data", "build_report", "pareto_front", "paused_gc",
-    "read_study", "render_html", "write_report",
+    "FIGURE_ORDER", "LOG_AXIS_RATIO", "REPORTS_DIR", "TOP_N", "BenchRow", "BenchTable", "BestConfig", "CostRow",
+    "EmptyFigure", "FailureRow", "FirstScreen", "Header", "MetricRow", "NamedFigure", "ParamAxis", "PrunedRow",
+    "ReportData", "StoredStudy", "TelemetryPoint", "TelemetryView", "TimelineRow", "TopRow", "TradeoffPoint",
+    "TrialPoint", "TrialSeries", "TrialValue", "ValidationRow", "best_so_far", "build_data", "build_report",
+    "log_axis", "pareto_front", "paused_gc", "read_study", "render_html", "write_report",
 ]
 
 REPORTS_DIR = Path("reports")
 
 
-def build_report(source: Study | StoredStudy) -> ReportData:
-    """Compute everything the report shows, figures included (no HTML here)."""
+def build_report(source: Study | StoredStudy, storage: str | None = None) -> ReportData:
+    """Compute everything the report shows, figures included (no HTML here); ``storage`` is the
+    URL the study came from, named in the commands the report prints."""
     from tuner.report.figures import draw
 
-    data = build_data(source)
+    data = build_data(source, storage)
     data.figures = draw(data)
     return data
 
@@ -52,7 +55,7 @@ def write_report(storage_url: str | None, study_name: str | None, output: str | 
     storage = open_storage(storage_url, create=False)
     study = load_study(storage, study_name)
     with paused_gc():  # the objects read stay alive until the page is written: nothing to collect
-        text = render_html(build_report(study))
+        text = render_html(build_report(study, storage_url))
     default = f"{safe_name(study.study_name)}.html"
     if output is None:
         path = REPORTS_DIR / default

@@ -11,14 +11,18 @@ import dataclasses
 import datetime as _dt
 import gc
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from tuner import objectives, results
+from tuner.check import DriftSeries, drift_series
 from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES, Effects, compute as compute_effects
-from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
+from tuner.record import HOST_TELEMETRY_ROWS, METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
 from tuner.results import StoredStudy, paused_gc, read_study
+from tuner.storage import default_storage_url, mask
+from tuner.terminal import command
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -37,6 +41,13 @@ TELEMETRY_VIEWS: tuple[tuple[str, str, str | None, str, Any], ...] = (
      "reports the model holds: the value --max-vram-mib is checked against.", lambda r: r.vram_peak_mib),
     (TOKENS_PER_JOULE, "tokens per joule", None, "", lambda r: r.tokens_per_joule),
 )
+#: An axis is drawn on a log scale when its largest value is at least this many times its
+#: smallest: one slow outlier (an infeasible 12 s TTFT) no longer flattens 35-68 ms onto zero.
+LOG_AXIS_RATIO = 10.0
+#: The figures in report order; a figure with no data says why in its place. "parameters"
+#: stands for the four parameter figures when there is no trial with searched settings at all.
+FIGURE_ORDER = ("history", "parameters", "effects", "importances", "parallel", "slices", "tradeoff", "power",
+                "vram", TOKENS_PER_JOULE, "prefill", "host", "timeline", "validation", "drift")
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,126 @@ class NamedFigure:
     caption: str = ""
 
 
+@dataclass(frozen=True)
+class EmptyFigure:
+    """A figure the study has no data for, and why; the page says so in the figure's place."""
+
+    key: str
+    title: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """One measure of the winner beside the defaults' (None where it was not measured)."""
+
+    label: str
+    winner: float | None
+    defaults: float | None
+    digits: int = 0
+    #: Where the numbers come from, when that differs between sources (VRAM).
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class FirstScreen:
+    """What to run: the winner ready to paste, its speedup over the defaults, what it costs."""
+
+    #: The winner (None when nothing is feasible: ``missing`` says why).
+    number: int | None
+    config: str
+    modelfile: str
+    #: Why there is no Modelfile to paste ("" when there is one).
+    missing: str
+    #: ``tune export`` of this study's winner as a Modelfile, and ``ollama create`` from that file.
+    export_command: str
+    create_command: str
+    #: ``tune export --format env`` when the winner sets server-level settings, else "".
+    env_command: str
+    #: The winner over the defaults on the first objective, with its 95% interval when the two
+    #: were re-measured interleaved (the stored ``results.Speedup``), else without.
+    speedup: float | None
+    speedup_ci: tuple[float, float] | None
+    speedup_text: str
+    #: Why the speedup has no interval, or why there is no speedup, and how to get one.
+    speedup_note: str
+    baseline_number: int | None
+    costs: list[CostRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """A top config as llama-bench lists one: model and backend, each setting, the rates."""
+
+    rank: int
+    number: int
+    stage: str | None
+    model: str
+    size_gib: float | None
+    params: str
+    quant: str
+    #: The GPU's name, "GPU (server-reported)", "CPU", or "not reported": the server's word.
+    backend: str
+    #: Every setting column's value ("default" for one the config does not send).
+    settings: dict[str, Any]
+    decode_tps: float | None
+    decode_sd: float | None
+    prefill_tps: float | None
+    prefill_sd: float | None
+    ttft_ms_p95: float | None
+    vram_mib: float | None
+    tokens_per_joule: float | None
+    speedup: float | None
+
+
+@dataclass(frozen=True)
+class BenchTable:
+    """The top-configs table: its rows, and the same as text cells and as markdown."""
+
+    rows: list[BenchRow]
+    #: The setting columns, in the study's space order.
+    settings: list[str]
+    columns: list[str]
+    #: Which columns hold numbers (right-aligned).
+    numeric: list[bool]
+    cells: list[list[str]]
+    markdown: str
+
+
+@dataclass(frozen=True)
+class TrialValue:
+    """One value of a measured trial, for the per-trial plots."""
+
+    number: int
+    value: float
+    sd: float | None
+    feasible: bool
+    config: str
+
+
+@dataclass(frozen=True)
+class TrialSeries:
+    """One host telemetry value of every trial that recorded it."""
+
+    key: str
+    label: str
+    points: list[TrialValue]
+
+
+@dataclass(frozen=True)
+class TimelineRow:
+    """A finished trial on the timeline: when it ran, how it ended and its model (re)load."""
+
+    number: int
+    #: The trial's outcome in the terminal's words (feasible, infeasible, pruned, failed).
+    outcome: str
+    start: str
+    end: str
+    duration_s: float
+    reload_ms: float | None
+    config: str
+
+
 @dataclass
 class ReportData:
     """Everything the report shows; the numbers are plain fields so tests can check them."""
@@ -286,6 +417,20 @@ class ReportData:
     #: The objective per value of each searched setting with 95% intervals, and the verdict.
     effects: Effects | None = None
     telemetry: list[TelemetryView] = field(default_factory=list)
+    #: The winner's speed over time: stored, then each ``tune check`` (None without a check).
+    drift: DriftSeries | None = None
+    # -- the first screen, the table, and the figures added for them -----------------------
+    first: FirstScreen | None = None
+    bench: BenchTable | None = None
+    #: The trade-off plot's axes on a log scale (``LOG_AXIS_RATIO``): tok/s (x), p95 TTFT (y).
+    tradeoff_log_x: bool = False
+    tradeoff_log_y: bool = False
+    #: Prefill tok/s (mean ± sd) of each measured trial, and its host telemetry.
+    prefill: list[TrialValue] = field(default_factory=list)
+    host: list[TrialSeries] = field(default_factory=list)
+    timeline: list[TimelineRow] = field(default_factory=list)
+    #: The figures with no data, each with why, in report order.
+    empty: list[EmptyFigure] = field(default_factory=list)
 
     @property
     def pareto(self) -> list[TradeoffPoint]:
@@ -602,10 +747,10 @@ def _importances(data: ReportData) -> None:
     rebuilt in memory from the parameter points (nothing is read from storage again)."""
     pts, axes = data.param_points, data.params
     if len(pts) < 2 or len(axes) < 2:
-        data.notes.append(
-            "Parameter importances skipped: they need at least 2 measured trials and more than "
-            f"one searched parameter (have {len(pts)} trial(s), {len(axes)} parameter(s))."
-        )
+        data.empty.append(EmptyFigure(
+            "importances", "Parameter importances",
+            "Importances need at least 2 measured trials and more than one searched setting "
+            f"(have {len(pts)} trial(s), {len(axes)} setting(s))."))
         return
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -632,7 +777,8 @@ def _importances(data: ReportData) -> None:
             warnings.simplefilter("ignore")
             imp = get_param_importances(study, evaluator=PedAnovaImportanceEvaluator())
     except Exception as e:  # importance evaluators reject degenerate data
-        data.notes.append(f"Parameter importances skipped: {e}")
+        data.empty.append(EmptyFigure("importances", "Parameter importances",
+                                      f"Importances could not be computed: {e}"))
         return
     finally:
         optuna.logging.set_verbosity(level)
@@ -647,45 +793,317 @@ def _search(data: ReportData, s: StoredStudy) -> None:
     data.history = [TrialPoint(r.number, r.values[0], r.feasible, r.config_text())
                     for r in complete if r.values and (data.maximize or not r.error)]
     if not data.history:
-        data.notes.append("Optimisation history skipped: no complete trial yet.")
+        data.empty.append(EmptyFigure("history", "Optimisation history", "No complete trial yet: nothing to plot."))
     data.param_points = [TrialPoint(r.number, r.values[0], r.feasible, r.config_text(), r.params)
                          for r in complete if r.values and r.params and not r.error]
     data.params = _searched(data.header.space, data.param_points)
     if not data.param_points or not data.params:
         data.param_points, data.params = [], []
-        data.notes.append("Parameter plots skipped: no measured trial with searched parameters "
-                          "(only the baseline or fixed settings so far).")
+        data.empty.append(EmptyFigure("parameters", "Parameter effects, importances, parallel coordinates, slices",
+                                      _no_parameters(s)))
         return
     data.effects = compute_effects(s)
     if not data.effects.params:
-        data.notes.append("Parameter effects skipped: no searched setting has measured trials "
-                          "(contended trials are left out when uncontended ones exist).")
+        data.empty.append(EmptyFigure("effects", "Parameter effects",
+                                      "No searched setting has measured trials (contended trials are left out "
+                                      "when uncontended ones exist)."))
     if len(data.param_points) < MIN_TRIALS_FOR_IMPORTANCES:
-        data.notes.append(
-            f"Parameter importances skipped: {len(data.param_points)} measured trial(s), fewer than the "
-            f"{MIN_TRIALS_FOR_IMPORTANCES} a ranking needs (PED-ANOVA contrasts the top 10% of trials "
-            "with all of them); see Parameter effects for what the trials do show."
-        )
+        data.empty.append(EmptyFigure(
+            "importances", "Parameter importances",
+            f"Fewer than {MIN_TRIALS_FOR_IMPORTANCES} measured trials for importances "
+            f"({len(data.param_points)} measured): PED-ANOVA contrasts the top 10% of trials with all of them, "
+            "so a ranking from fewer rests on one or two lucky trials; Parameter effects shows what these "
+            "trials do show."))
         return
     _importances(data)
 
 
-def _telemetry(measured: Sequence[TrialRecord], data: ReportData) -> None:
+def _gpu_reason(env: dict[str, Any], what: str) -> str:
+    """Why no trial recorded a GPU value, from what the study stored about the machine."""
+    names = _gpu_names(env)
+    if not names:
+        why = env.get("gpu_unavailable_reason")
+        return (f"No {what}: no GPU telemetry, NVML not available on the server's machine"
+                + (f" ({why})." if why else "."))
+    return (f"No {what}: NVML saw {names} but no measured trial recorded it (the server runs on another "
+            "machine, or the model ran on the CPU).")
+
+
+def _telemetry(measured: Sequence[TrialRecord], data: ReportData, env: dict[str, Any]) -> None:
     limits = data.header.limits
     for key, label, limit_name, caption, get in TELEMETRY_VIEWS:
         pts = [(r, _num(r.stat(data.tps_metric)), _num(get(r))) for r in measured]
         points = [TelemetryPoint(r.number, x, y, r.feasible, r.config_text()) for r, x, y in pts
                   if x is not None and y is not None]
+        title = f"{label} against {data.tps_label}"
         if points:
             limit = limits.get(limit_name) if limit_name else None
             data.telemetry.append(TelemetryView(key, label, limit_name if limit is not None else None, limit, points,
                                                 caption))
-    if not data.telemetry:
-        data.notes.append("Telemetry views skipped: no trial recorded GPU power, memory or energy.")
+        elif not measured:
+            data.empty.append(EmptyFigure(key, title, "No trial was measured (every trial failed or failed to load)."))
+        elif key == "vram":
+            data.empty.append(EmptyFigure(key, title, _gpu_reason(env, "GPU memory")[:-1]
+                                          + "; and the server reported no VRAM use."))
+        else:
+            data.empty.append(EmptyFigure(key, title, _gpu_reason(env, label)))
 
 
-def build_data(source: Study | StoredStudy) -> ReportData:
-    """Compute everything the report shows from a study (read once) or from its records."""
+def log_axis(values: Sequence[float]) -> bool:
+    """Whether an axis of these values reads better on a log scale: all positive, and the
+    largest at least ``LOG_AXIS_RATIO`` times the smallest."""
+    vals = [v for v in values if v is not None]
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) >= LOG_AXIS_RATIO
+
+
+def _no_parameters(s: StoredStudy) -> str:
+    """Why there is no trial to draw the parameter figures from."""
+    measured = [r for r in s.records if r.measured]
+    if not measured:
+        return "No trial was measured yet (every trial failed or failed to load): no settings to plot."
+    if all(r.baseline for r in measured):
+        return "Only the baseline (the engine's defaults) was measured: no trial with searched settings yet."
+    return "No setting varied between the measured trials (fixed settings only): nothing to compare."
+
+
+def _per_trial(measured: Sequence[TrialRecord], data: ReportData) -> None:
+    """Prefill tok/s and the host telemetry of each measured trial, by trial number."""
+    data.prefill = [TrialValue(r.number, v, _num(r.stat("prefill_tps", "sd")), r.feasible, r.config_text())
+                    for r in measured if (v := _num(r.stat("prefill_tps"))) is not None]
+    if not data.prefill:
+        data.empty.append(EmptyFigure("prefill", "Prefill tok/s per trial",
+                                      "No measured trial recorded prefill tok/s."
+                                      if measured else "No trial was measured (every trial failed or failed to load)."))
+    # Host values live in the record's telemetry group (``telemetry_value`` would flatten every
+    # record once per value: 30 ms at 1,000 trials).
+    configs = {p.number: p.config for p in data.prefill}
+    for label, name in HOST_TELEMETRY_ROWS:
+        pts = [TrialValue(r.number, v, None, r.feasible, configs.get(r.number) or r.config_text())
+               for r in measured if (v := _num(r.telemetry.get(name))) is not None]
+        if pts:
+            data.host.append(TrialSeries(name, label, pts))
+    if not data.host:
+        data.empty.append(EmptyFigure(
+            "host", "Host CPU and memory per trial",
+            "No host telemetry: no measured trial recorded CPU use or the server's memory (psutil not "
+            "installed where the tuner ran, or no trial measured yet)."))
+
+
+def _timeline(records: Sequence[TrialRecord]) -> list[TimelineRow]:
+    """Every finished trial from its start to its end, with its model (re)load time."""
+    out = []
+    for r in records:
+        if r.datetime_start is None or r.datetime_complete is None or r.duration_s is None:
+            continue
+        out.append(TimelineRow(r.number, results.outcome(r), r.datetime_start.isoformat(),
+                               r.datetime_complete.isoformat(), r.duration_s, _num(r.reload_ms), r.config_text()))
+    return out
+
+
+def _validation_empty(data: ReportData) -> None:
+    if any(r.mean is not None for r in data.validation):
+        return
+    if data.validation:
+        reason = "Every re-validated configuration failed: no interval to draw (see the table above)."
+    else:
+        reason = ("No re-validation in this study: each configuration was measured once during the search. "
+                  "Run the study with --validate 2 or more to re-measure the top configurations "
+                  "interleaved, each with a 95% interval.")
+    data.empty.append(EmptyFigure("validation", "Re-validation of the top configurations", reason))
+
+
+def _gpu_names(env: dict[str, Any]) -> str:
+    """The GPUs NVML saw, as names ("2x NVIDIA H200"); "" when it saw none."""
+    names = [str(g["name"]) for g in env.get("gpus") or [] if isinstance(g, dict) and g.get("name")]
+    return ", ".join(f"{names.count(n)}x {n}" if names.count(n) > 1 else n for n in dict.fromkeys(names))
+
+
+#: What decided where the defaults ran, when it was the server or the runtime (not "unknown").
+_OFFLOAD_WITNESSES = ("ollama-ps", "nvml", "llama.cpp", "recorded grid")
+
+
+def _backend(r: TrialRecord, env: dict[str, Any], gpus: str) -> str:
+    """Where a config ran, as the server reported it: VRAM in use is a GPU (by NVML's name),
+    none is the CPU; without a report, only a study-wide "no offload" says CPU."""
+    if r.server_vram_mib is not None:
+        on_gpu = r.server_vram_mib > 0
+    else:
+        off = env.get("gpu_offload") or {}
+        if off.get("offloads") is False and off.get("source") in _OFFLOAD_WITNESSES:
+            on_gpu = False
+        else:
+            return "not reported"
+    if not on_gpu:
+        return "CPU"
+    return gpus or "GPU (server-reported)"
+
+
+def _model_facts(env: dict[str, Any], model: str) -> tuple[float | None, str, str]:
+    """(size GiB, parameters, quantization) of a model as the server reported them."""
+    facts = (env.get("models") or {}).get(model)
+    if not isinstance(facts, dict) and model == env.get("model"):
+        facts = {"parameter_size": env.get("parameter_size"), "quantization": env.get("quantization")}
+    if not isinstance(facts, dict):
+        # Variants are quantizations of one model, so they share its parameter count.
+        return None, str(env.get("parameter_size") or "-"), "-"
+    size = _num(facts.get("size_bytes"))
+    return (size / 2**30 if size else None, str(facts.get("parameter_size") or env.get("parameter_size") or "-"),
+            str(facts.get("quantization") or "-"))
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _pm(mean: float | None, sd: float | None) -> str:
+    return "-" if mean is None else f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
+
+
+def _cell(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _bench(s: StoredStudy, ranked: Sequence[TrialRecord], env: dict[str, Any], data: ReportData) -> BenchTable:
+    """The top configs as llama-bench prints them: one column per setting, rates ± sd."""
+    top = ranked[:TOP_N]
+    gpus = _gpu_names(env)
+    space = list(data.header.space)
+    keys = {k for r in top for k in (*r.options, *r.effective_server)}
+    settings = [k for k in space if k in keys] + sorted(keys - set(space))
+    rows = []
+    for rank, r in enumerate(top, start=1):
+        size, params, quant = _model_facts(env, r.model)
+        sent = {**r.options, **r.effective_server}
+        rows.append(BenchRow(
+            rank=rank, number=r.number, stage=r.stage, model=r.model_label, size_gib=size, params=params,
+            quant=quant, backend=_backend(r, env, gpus), settings={k: sent.get(k, "default") for k in settings},
+            decode_tps=_num(r.stat(DEFAULT_RATE)), decode_sd=_num(r.stat(DEFAULT_RATE, "sd")),
+            prefill_tps=_num(r.stat("prefill_tps")), prefill_sd=_num(r.stat("prefill_tps", "sd")),
+            ttft_ms_p95=_num(_TTFT_P95(r)), vram_mib=_num(r.vram_peak_mib),
+            tokens_per_joule=_num(r.tokens_per_joule), speedup=s.speedup(r)))
+    other = data.tps_metric not in (DEFAULT_RATE, "prefill_tps")
+    stage = any(r.stage for r in rows)
+    speedup = any(r.speedup is not None for r in rows)
+    columns = (["rank", "trial"] + (["stage"] if stage else []) + ["model", "size", "params", "quant", "backend"]
+               + settings + ["decode tok/s", "prefill tok/s"] + ([f"{data.tps_label}"] if other else [])
+               + ["p95 TTFT ms", "VRAM MiB", "tokens/J"] + (["x defaults"] if speedup else []))
+    numeric = [c in ("rank", "trial", "size", "decode tok/s", "prefill tok/s", data.tps_label, "p95 TTFT ms",
+                     "VRAM MiB", "tokens/J", "x defaults") for c in columns]
+    cells = []
+    for row, r in zip(rows, top):
+        cells.append(
+            [str(row.rank), f"#{row.number}"] + ([row.stage or "-"] if stage else [])
+            + [row.model, "-" if row.size_gib is None else f"{row.size_gib:.2f} GiB", row.params, row.quant,
+               row.backend] + [str(row.settings[k]) for k in settings]
+            + [_pm(row.decode_tps, row.decode_sd), _pm(row.prefill_tps, row.prefill_sd)]
+            + ([_pm(_num(r.stat(data.tps_metric)), _num(r.stat(data.tps_metric, "sd")))] if other else [])
+            + [_cell(row.ttft_ms_p95, 0), _cell(row.vram_mib, 0), _cell(row.tokens_per_joule, 3)]
+            + (["-" if row.speedup is None else f"{row.speedup:.2f}x"] if speedup else []))
+    md = ["| " + " | ".join(_md_cell(c) for c in columns) + " |",
+          "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
+    md += ["| " + " | ".join(_md_cell(c) for c in line) + " |" for line in cells]
+    return BenchTable(rows, settings, columns, numeric, cells, "\n".join(md) + "\n" if rows else "")
+
+
+def _vram(r: TrialRecord | None) -> tuple[float | None, str]:
+    """The VRAM a config holds, the server's report first, and where it comes from."""
+    if r is None:
+        return None, ""
+    if r.server_vram_mib is not None:
+        return r.server_vram_mib, "server-reported"
+    v = _num(r.vram_peak_mib)
+    return v, "NVML peak" if v is not None else ""
+
+
+def _costs(win: TrialRecord, base: TrialRecord | None, data: ReportData) -> list[CostRow]:
+    """The winner beside the defaults: its rate, and what it costs in VRAM, power and TTFT."""
+    def stat(r: TrialRecord | None, metric: str) -> float | None:
+        return None if r is None else _num(r.stat(metric))
+
+    (vw, sw), (vb, sb) = _vram(win), _vram(base)
+    rows = [CostRow(data.tps_label, stat(win, data.tps_metric), stat(base, data.tps_metric), 1),
+            CostRow("VRAM MiB", vw, vb, 0, " / ".join(dict.fromkeys(x for x in (sw, sb) if x)))]
+    power = (_num(win.power_mean_w), _num(base.power_mean_w) if base is not None else None)
+    if any(p is not None for p in power):
+        rows.append(CostRow("mean GPU power W", power[0], power[1], 1))
+    rows.append(CostRow("p95 TTFT ms", _num(_TTFT_P95(win)), _num(_TTFT_P95(base)) if base is not None else None, 0))
+    tpj = (_num(win.tokens_per_joule), _num(base.tokens_per_joule) if base is not None else None)
+    if any(t is not None for t in tpj):
+        rows.append(CostRow("tokens per joule", tpj[0], tpj[1], 3))
+    return rows
+
+
+def tuned_name(r: TrialRecord) -> str:
+    """The Ollama model name the report suggests creating: ``gemma3:1b`` -> ``gemma3-1b-tuned``."""
+    base = r.model_label[:-5] if r.model_label.endswith(".gguf") else r.model_label
+    return (re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model") + "-tuned"
+
+
+def _speedup(s: StoredStudy, data: ReportData, win: TrialRecord,
+             base: TrialRecord | None) -> tuple[float | None, tuple[float, float] | None, str, str]:
+    """(ratio, 95% interval, text, note) of the winner over the defaults."""
+    label = objectives.label(data.objective)
+    defaults = results.defaults_name(data.header.engine)
+    if win.baseline:
+        return None, None, "", (f"The {defaults} are the best configuration: no tuned one beat them, so there is "
+                                "nothing to change.")
+    again = data.validation_speedup
+    if again is not None and data.winner_row is not None and again.trial == win.number:
+        return again.ratio, (again.ci95[0], again.ci95[1]), again.describe(label, defaults), ""
+    if base is None:
+        return None, None, "", ("No speedup: the study has no baseline trial (run with --no-baseline); a new study "
+                                "without it measures the defaults first, then --validate 2 gives an interval.")
+    ratio = s.speedup(win)
+    if ratio is None:
+        return None, None, "", (f"No speedup: {label} is minimised, so there is no ratio over the defaults; "
+                                "compare the costs below.")
+    text = (f"{ratio:.2f}x {label} vs {defaults} (trial #{win.number} vs baseline #{base.number}, "
+            "each measured once during the search)")
+    if data.validation:
+        why = ("the re-validation does not cover the current winner" if data.winner_row is None else
+               "the stored re-validation did not re-measure the defaults")
+    else:
+        why = "the winner and the defaults were never re-measured together"
+    return ratio, None, text, (f"No interval: {why}. Run the study with --validate 2 (or more) to re-measure "
+                               "them interleaved and get a 95% interval.")
+
+
+def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, feasible: bool,
+                  base: TrialRecord | None, storage: str | None) -> FirstScreen:
+    """What to run, from the stored study alone."""
+    if best is None or not feasible:
+        missing = ("No trial has completed yet: nothing to run." if best is None else
+                   f"No configuration is feasible: every measured trial breaks a limit (the least-violating, "
+                   f"trial #{best.number}, is below). Relax the limits or run more trials.")
+        return FirstScreen(None, "", "", missing, "", "", "", None, None, "", "",
+                           base.number if base is not None else None)
+    from tuner.errors import ExportError
+    from tuner.export import modelfile_text
+
+    try:
+        modelfile, missing = modelfile_text(best, s), ""
+    except ExportError as e:
+        modelfile, missing = "", f"No Modelfile for this winner: {e}."
+    at = () if storage is None or storage == default_storage_url() else ("--storage", mask(storage))
+    name = tuned_name(best)
+    env_command = (command("tune", "export", s.name, *at, "--format", "env", "-o", f"{name}.env")
+                   if best.effective_server else "")
+    ratio, ci, text, note = _speedup(s, data, best, base)
+    return FirstScreen(
+        number=best.number, config=best.config_text(), modelfile=modelfile, missing=missing,
+        export_command=command("tune", "export", s.name, *at, "--format", "modelfile", "-o", f"{name}.Modelfile")
+        if modelfile else "",
+        create_command=command("ollama", "create", name, "-f", f"{name}.Modelfile") if modelfile else "",
+        env_command=env_command, speedup=ratio, speedup_ci=ci, speedup_text=text, speedup_note=note,
+        baseline_number=base.number if base is not None else None, costs=_costs(best, base, data))
+
+
+def build_data(source: Study | StoredStudy, storage: str | None = None) -> ReportData:
+    """Compute everything the report shows from a study (read once) or from its records.
+
+    ``storage`` is the URL the study was read from, for the commands the report prints (None:
+    the default storage, so they name none).
+    """
     s = source if isinstance(source, StoredStudy) else read_study(source)
     header = _header(s)
     objective = header.objectives[0]
@@ -720,7 +1138,28 @@ def build_data(source: Study | StoredStudy) -> ReportData:
     if measured and data.best is not None and not data.best.feasible:
         data.notes.append("No trial is feasible: the best config shown is the least-violating one.")
     _search(data, s)
-    if not data.tradeoff:
-        data.notes.append("Trade-off plot skipped: no measured trial has both tok/s and p95 TTFT.")
-    _telemetry(measured, data)
+    if data.tradeoff:
+        data.tradeoff_log_x = log_axis([p.tps for p in data.tradeoff])
+        data.tradeoff_log_y = log_axis([p.ttft_ms_p95 for p in data.tradeoff])
+    else:
+        data.empty.append(EmptyFigure("tradeoff", "Throughput vs time to first token",
+                                      "No measured trial has both tok/s and p95 TTFT"
+                                      + ("." if measured else ": every trial failed or failed to load.")))
+    env = dict(s.attrs.get("environment") or {})
+    _telemetry(measured, data, env)
+    _per_trial(measured, data)
+    data.drift = drift_series(s.attrs)
+    if data.drift is None:
+        checked = bool(s.attrs.get("checks"))
+        data.empty.append(EmptyFigure(
+            "drift", "The winner's speed over time",
+            ("No `tune check` of this study measured anything yet (each stored check was unmeasured): "
+             if checked else "No `tune check` has run on this study yet: ")
+            + f"`{command('tune', 'check', s.name)}` re-measures the winner and the defaults and keeps the result."))
+    data.timeline = _timeline(s.records)
+    if not data.timeline:
+        data.empty.append(EmptyFigure("timeline", "Timeline of trials", "No trial has finished yet."))
+    _validation_empty(data)
+    data.bench = _bench(s, ranked, env, data)
+    data.first = _first_screen(s, data, best, feasible, base, storage)
     return data

@@ -7,6 +7,7 @@ optuna's own plots (same trace names, feasible and infeasible apart) but linear 
 from __future__ import annotations
 
 import html
+import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner import objectives
@@ -282,10 +283,20 @@ def tradeoff_figure(data: ReportData) -> go.Figure:
             text=hover(front), hovertemplate="%{text}<br>%{x:.1f} tok/s, %{y:.0f} ms<extra></extra>",
         ))
     if data.max_ttft_ms is not None:
+        label = f"max TTFT {data.max_ttft_ms:g} ms"
         fig.add_hline(y=data.max_ttft_ms, line_dash="dash", line_color="#d62728",
-                      annotation_text=f"max TTFT {data.max_ttft_ms:g} ms", annotation_position="top left")
+                      annotation_text=None if data.tradeoff_log_y else label, annotation_position="top left")
+        if data.tradeoff_log_y and data.max_ttft_ms > 0:
+            # Shapes take data values on a log axis, annotations its log10.
+            fig.add_annotation(text=label, xref="paper", x=0, xanchor="left", y=math.log10(data.max_ttft_ms),
+                               yanchor="bottom", showarrow=False, font={"color": "#d62728"})
     fig.update_layout(title="Throughput vs p95 time to first token", xaxis_title=data.tps_label,
-                      yaxis_title="p95 TTFT (ms)", legend={"orientation": "h", "y": -0.2})
+                      yaxis_title="p95 TTFT (ms)" + (", log scale" if data.tradeoff_log_y else ""),
+                      legend={"orientation": "h", "y": -0.2})
+    if data.tradeoff_log_x:
+        fig.update_xaxes(type="log", title_text=f"{data.tps_label}, log scale")
+    if data.tradeoff_log_y:
+        fig.update_yaxes(type="log")
     return fig
 
 
@@ -307,6 +318,92 @@ def telemetry_figure(data: ReportData, view: TelemetryView) -> go.Figure:
                       annotation_text=f"{view.limit_name} {view.limit:g}", annotation_position="top left")
     fig.update_layout(title=f"{view.label} against {data.tps_label}", xaxis_title=data.tps_label,
                       yaxis_title=view.label)
+    return fig
+
+
+def _trial_ticks(numbers: Sequence[int]) -> dict[str, Any]:
+    """Ticks of a trial-number axis: one per trial while they fit, never one between two trials."""
+    return {"dtick": 1} if numbers and max(numbers) - min(numbers) <= 20 else {"tickformat": "d"}
+
+
+def prefill_figure(data: ReportData) -> go.Figure:
+    """Prefill tok/s (mean ± sd over the requests) of each measured trial, infeasible in grey."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, feas, color, symbol in (("feasible", True, "#1f77b4", "circle"), ("infeasible", False, INFEASIBLE, "x")):
+        sel = [p for p in data.prefill if p.feasible == feas]
+        if sel:
+            fig.add_trace(go.Scatter(
+                x=[p.number for p in sel], y=[p.value for p in sel], mode="markers", name=name,
+                marker={"color": color, "symbol": symbol, "size": 8},
+                error_y={"type": "data", "array": [p.sd or 0.0 for p in sel], "color": color, "thickness": 1},
+                text=[_text(p.number, p.config) for p in sel],
+                hovertemplate="%{text}<br>%{y:.1f} tok/s<extra></extra>",
+            ))
+    fig.update_layout(title="Prefill tok/s per trial (mean ± sd)", xaxis={"title": {"text": "trial"}, **_trial_ticks([p.number for p in data.prefill])},
+                      yaxis_title="prefill tok/s", legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def host_figure(data: ReportData) -> go.Figure:
+    """Each host telemetry value per trial, one panel a value, the trials on a shared axis."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    series = data.host
+    fig = make_subplots(rows=len(series), cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=[html.escape(s.label) for s in series])
+    for row, s in enumerate(series, start=1):
+        for feas, color, symbol in ((True, "#1f77b4", "circle"), (False, INFEASIBLE, "x")):
+            sel = [p for p in s.points if p.feasible == feas]
+            if sel:
+                fig.add_trace(go.Scatter(
+                    x=[p.number for p in sel], y=[p.value for p in sel], mode="markers",
+                    name="feasible" if feas else "infeasible", legendgroup="feasible" if feas else "infeasible",
+                    showlegend=row == 1, marker={"color": color, "symbol": symbol, "size": 7},
+                    text=[_text(p.number, p.config) for p in sel],
+                    hovertemplate=f"%{{text}}<br>{html.escape(s.label)}: %{{y:.1f}}<extra></extra>",
+                ), row=row, col=1)
+        fig.update_yaxes(title_text=html.escape(s.label.rsplit(" ", 1)[-1]), row=row, col=1)
+    fig.update_xaxes(**_trial_ticks([p.number for s in series for p in s.points]))
+    fig.update_xaxes(title_text="trial", row=len(series), col=1)
+    fig.update_layout(title="Host CPU and memory per trial", height=max(380, 220 * len(series)),
+                      legend={"orientation": "h", "y": -0.12})
+    return fig
+
+
+#: Timeline bar colours by outcome, as optuna-dashboard colours trial states.
+OUTCOME_COLORS = {"feasible": "#1f77b4", "infeasible": "#aaaaaa", "pruned": "#ff7f0e", "failed": "#d62728",
+                  "running": "#2ca02c", "waiting": "#9467bd"}
+
+
+def timeline_figure(data: ReportData) -> go.Figure:
+    """One bar per finished trial from its start to its end, coloured by outcome, with the
+    model (re)load it began with drawn darker over its start."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    outcomes = list(dict.fromkeys(r.outcome for r in data.timeline))
+    for outcome in outcomes:
+        sel = [r for r in data.timeline if r.outcome == outcome]
+        fig.add_trace(go.Bar(
+            base=[r.start for r in sel], x=[r.duration_s * 1000.0 for r in sel], y=[r.number for r in sel],
+            orientation="h", name=outcome, marker={"color": OUTCOME_COLORS.get(outcome, "#7f7f7f")},
+            text=[html.escape(f"#{r.number} {outcome}, {r.duration_s:.1f} s: {r.config}") for r in sel],
+            textposition="none", hovertemplate="%{text}<extra></extra>",
+        ))
+    loads = [r for r in data.timeline if r.reload_ms]
+    if loads:
+        fig.add_trace(go.Bar(
+            base=[r.start for r in loads], x=[r.reload_ms for r in loads], y=[r.number for r in loads],
+            orientation="h", name="model (re)load", width=0.4, marker={"color": "#2F3B52"},
+            text=[f"#{r.number} reload {r.reload_ms:,.0f} ms" for r in loads], textposition="none",
+            hovertemplate="%{text}<extra></extra>",
+        ))
+    fig.update_layout(title="Timeline of trials", barmode="overlay", xaxis={"type": "date", "title": "time"},
+                      yaxis={"title": "trial", "autorange": "reversed"}, legend={"orientation": "h", "y": -0.2},
+                      height=max(380, min(1200, 60 + 14 * len(data.timeline))))
     return fig
 
 
@@ -389,10 +486,70 @@ def draw(data: ReportData) -> list[NamedFigure]:
     for view in data.telemetry:
         figs.append(NamedFigure(view.key, f"{view.label} against {data.tps_label}", telemetry_figure(data, view),
                                 view.caption))
+    if data.prefill:
+        figs.append(NamedFigure("prefill", "Prefill tok/s per trial", prefill_figure(data),
+                                "Prompt processing speed of each measured trial: mean and sd over its requests."))
+    if data.host:
+        figs.append(NamedFigure("host", "Host CPU and memory per trial", host_figure(data),
+                                "Sampled with psutil while each trial's measured requests ran: the machine's "
+                                "CPU use (a share of all its cores), its peak memory in use and the inference "
+                                "server's peak resident memory (RSS)."))
+    if data.timeline:
+        figs.append(NamedFigure("timeline", "Timeline of trials", timeline_figure(data),
+                                "Each finished trial from its start to its end, coloured by outcome; the dark "
+                                "bar at its start is the model (re)load it began with."))
     if any(r.mean is not None for r in data.validation):
         figs.append(NamedFigure(
             "validation", "Re-validation of the top configurations", validation_figure(data),
             "Each config re-measured in interleaved rounds: mean with its 95% confidence interval; the "
             "diamond is the single value it scored during the search.",
         ))
+    if data.drift is not None:
+        figs.append(NamedFigure(
+            "drift", "The winner's speed over time", drift_figure(data),
+            "The stored measurement, then each `tune check`: geometric mean with its 95% interval, the "
+            "defaults measured in the same rounds; a dotted line marks where the environment changed "
+            "(server version, GPU, driver, model, CPU).",
+        ))
     return figs
+
+
+def drift_figure(data: ReportData) -> go.Figure:
+    """The winner's value at the stored measurement and at each check, the defaults beside it, and
+    a marked line where a check first saw an environment change."""
+    import plotly.graph_objects as go
+
+    series = data.drift
+    fig = go.Figure()
+    if series is None:
+        return fig
+    pts = series.points
+    fig.add_trace(go.Scatter(
+        x=[p.at for p in pts], y=[p.winner for p in pts], mode="lines+markers", name=f"winner #{series.winner_trial}",
+        line={"color": "#d62728"},
+        marker={"size": 10, "color": ["#7f7f7f" if p.kind == "stored" else "#d62728" for p in pts],
+                "symbol": ["diamond" if p.kind == "stored" else "circle" for p in pts]},
+        error_y={"type": "data", "symmetric": False, "color": "#d62728",
+                 "array": [p.winner_ci95[1] - p.winner if p.winner_ci95 else 0.0 for p in pts],
+                 "arrayminus": [p.winner - p.winner_ci95[0] if p.winner_ci95 else 0.0 for p in pts]},
+        text=[html.escape(f"{p.kind}" + (f": {'; '.join(p.changes)}" if p.changes else "")) for p in pts],
+        hovertemplate="%{text}<br>%{y:.2f}<extra></extra>",
+    ))
+    base = [p for p in pts if p.defaults is not None]
+    if base:
+        fig.add_trace(go.Scatter(
+            x=[p.at for p in base], y=[p.defaults for p in base], mode="lines+markers",
+            name=defaults_name(data.header.engine), line={"color": "#2ca02c", "dash": "dash"},
+            hovertemplate="defaults %{y:.2f}<extra></extra>",
+        ))
+    # Shapes and annotations by hand: add_vline cannot annotate a date axis.
+    fig.update_layout(
+        title=f"{series.label} of the winner over time", xaxis={"type": "date", "title": "time"},
+        yaxis_title=series.label, legend={"orientation": "h", "y": -0.2},
+        shapes=[{"type": "line", "xref": "x", "yref": "paper", "x0": p.at, "x1": p.at, "y0": 0, "y1": 1,
+                 "line": {"color": "#ff7f0e", "dash": "dot"}} for p in series.marked],
+        annotations=[{"x": p.at, "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom", "showarrow": False,
+                      "text": html.escape(", ".join(x.replace(": ", " ", 1) for x in p.new_changes)),
+                      "font": {"size": 10, "color": "#ff7f0e"}} for p in series.marked],
+    )
+    return fig

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuner import objectives
 from tuner.results import defaults_name
-from tuner.report.data import TOP_N, ReportData, ValidationRow
+from tuner.report.data import FIGURE_ORDER, TOP_N, EmptyFigure, NamedFigure, ReportData, ValidationRow
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -29,7 +29,24 @@ dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em}dl.fact
 .speedup{font-size:1.3em;font-weight:600;color:#2a7d2a}.caption{color:#555;font-size:.9em}
 code{background:#f4f4f4;padding:0 .2em}.figure{min-height:420px}.figure.small{min-height:380px;max-width:800px}
 .validated,.roofline{font-weight:600}
+.first{border:2px solid #2a7d2a;border-radius:6px;padding:.2em 1.2em 1em;margin:1em 0}
+.first h2{border:0;margin-top:.6em}
+pre.paste{background:#f4f4f4;padding:.6em .8em;overflow-x:auto;margin:.3em 0}button.copy{margin:.2em 0;cursor:pointer}
+.wide{overflow-x:auto}.wide td.n{white-space:nowrap}
+.empty{color:#555;background:#f7f7f7;border-left:4px solid #bbb;padding:.6em .8em;margin:.4em 0}
 """
+#: Copies the text of the element a button names; where the clipboard is refused or does not
+#: answer within 1.5 s (no permission, a file:// page, an old browser) the text is shown
+#: selected instead, for Ctrl+C.
+_COPY_JS = (
+    "function copyText(button){var el=document.getElementById(button.getAttribute('data-copy'));var done=false;"
+    "function fallback(){if(done){return;}done=true;var d=el.closest('details');if(d){d.open=true;}"
+    "var r=document.createRange();r.selectNodeContents(el);var sel=window.getSelection();sel.removeAllRanges();"
+    "sel.addRange(r);button.textContent='Selected: press Ctrl+C';}"
+    "var timer=setTimeout(fallback,1500);"
+    "try{navigator.clipboard.writeText(el.textContent).then(function(){if(!done){done=true;clearTimeout(timer);"
+    "button.textContent='Copied';}},fallback);}catch(e){fallback();}}"
+)
 #: The trial outcomes in the order the header lists them (the words of ``results.counts``).
 _OUTCOME_ORDER = ("feasible", "infeasible", "pruned", "failed", "running", "waiting")
 
@@ -169,9 +186,48 @@ def _winner_html(data: ReportData) -> list[str]:
     return out
 
 
+def _copy_button(target: str, label: str) -> str:
+    return (f"<button type=\"button\" class=\"copy\" data-copy=\"{_e(target)}\" onclick=\"copyText(this)\">"
+            f"{_e(label)}</button>")
+
+
+def _first_html(data: ReportData) -> str:
+    """The first screen: what to run, what it gains over the defaults, what it costs."""
+    f = data.first
+    if f is None:
+        return ""
+    if f.number is None:
+        return (f"<section id=\"what-to-run\" class=\"first\"><h2>What to run</h2>"
+                f"<p class=\"warn\">{_e(f.missing)}</p></section>")
+    parts = ["<section id=\"what-to-run\" class=\"first\">", f"<h2>What to run: trial #{f.number}</h2>",
+             f"<p><code>{_e(f.config)}</code></p>"]
+    if f.speedup_text:
+        parts.append(f"<p class=\"speedup\">{_e(f.speedup_text)}</p>")
+    if f.speedup_note:
+        parts.append(f"<p class=\"note\">{_e(f.speedup_note)}</p>")
+    if f.costs:
+        base = f"defaults (#{f.baseline_number})" if f.baseline_number is not None else "defaults (not measured)"
+        rows = [[(_e(c.label + (f" ({c.source})" if c.source else "")), False), (_f(c.winner, c.digits), True),
+                 (_f(c.defaults, c.digits), True)] for c in f.costs]
+        parts.append(_table(["what it costs", f"winner (#{f.number})", base], rows))
+    if f.modelfile:
+        parts += ["<h3>Modelfile</h3>", _copy_button("modelfile", "Copy Modelfile"),
+                  f"<pre id=\"modelfile\" class=\"paste\">{_e(f.modelfile)}</pre>",
+                  "<p>Or write it from the study and create the model:</p>",
+                  _copy_button("create-commands", "Copy commands"),
+                  f"<pre id=\"create-commands\" class=\"paste\">{_e(f.export_command)}\n{_e(f.create_command)}</pre>"]
+    else:
+        parts.append(f"<p class=\"warn\">{_e(f.missing)}</p>")
+    if f.env_command:
+        parts.append("<p>The winner also sets server-level settings, which a Modelfile cannot carry; write them "
+                     f"for <code>ollama serve</code> with:</p><pre class=\"paste\">{_e(f.env_command)}</pre>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
 def _validation_html(data: ReportData, figure: str) -> str:
     if not data.validation:
-        return ""
+        return figure  # the reason there is none, in the section's place
     label = objectives.label(data.validation_objective)
     parts = [f"<h2>Re-validation of the top {len(data.validation)} configurations</h2>",
              f"<p class=\"caption\">{_e(label)} re-measured in {data.validation_rounds} interleaved rounds "
@@ -235,6 +291,18 @@ def _top_html(data: ReportData) -> str:
     parts = [f"<h2>Top {TOP_N} feasible configurations</h2>"]
     if not data.top:
         return parts[0] + "<p class=\"note\">No feasible configuration yet.</p>"
+    b = data.bench
+    if b is not None and b.rows:
+        parts.append("<p class=\"caption\">As llama-bench lists them: decode and prefill tok/s are the mean ± sd "
+                     "over the measured requests; the backend is where the server reported the model ran; "
+                     "\"default\" is a setting the config left to the engine.</p>")
+        parts.append("<div class=\"wide\">"
+                     + _table(b.columns, [[(_e(c), n) for c, n in zip(line, b.numeric)] for line in b.cells])
+                     + "</div>")
+        parts.append(_copy_button("top-markdown", "Copy as markdown"))
+        parts.append(f"<details><summary>Markdown</summary><pre id=\"top-markdown\" class=\"paste\">{_e(b.markdown)}"
+                     "</pre></details>")
+        return "".join(parts)
     head = ["rank", "trial", "search stage", "objective", "configuration", f"{data.tps_label} mean ± sd",
             "p95 TTFT ms", "p95 latency ms", "VRAM peak MiB", "power W", "tokens/J", "speedup"]
     rows = [[
@@ -255,6 +323,25 @@ def _failures_html(data: ReportData) -> str:
     return "<h2>Failures and infeasible trials</h2>" + _table(["trial", "kind", "configuration", "error or violation"], rows)
 
 
+def _in_order(data: ReportData) -> list[NamedFigure | EmptyFigure]:
+    """The drawn figures with each empty one in its place (``FIGURE_ORDER``); a figure the
+    order does not name keeps its place among the drawn ones."""
+    order = {k: i for i, k in enumerate(FIGURE_ORDER)}
+    pending = sorted(data.empty, key=lambda e: order.get(e.key, len(order)))
+    out: list[NamedFigure | EmptyFigure] = []
+    for nf in data.figures:
+        at = order.get(nf.key)
+        while pending and at is not None and order.get(pending[0].key, len(order)) < at:
+            out.append(pending.pop(0))
+        out.append(nf)
+    return out + pending
+
+
+def _empty_html(data: ReportData, e: EmptyFigure) -> str:
+    head = "" if e.key == "validation" and data.validation else f"<h2>{_e(e.title)}</h2>"
+    return f"{head}<p class=\"empty\" data-figure=\"{_e(e.key)}\">{_e(e.reason)}</p>"
+
+
 def _figure_json(fig: go.Figure) -> str:
     import plotly.io as pio
 
@@ -270,8 +357,13 @@ def render_html(data: ReportData) -> str:
     h = data.header
     scripts = []
     figures: list[tuple[str, str]] = []  # (key, html)
-    for i, nf in enumerate(data.figures):
-        div = f"fig-{i}-{re.sub(r'[^a-z0-9_-]', '', nf.key.lower())}"
+    drawn = 0
+    for nf in _in_order(data):
+        if isinstance(nf, EmptyFigure):
+            figures.append((nf.key, _empty_html(data, nf)))
+            continue
+        div = f"fig-{drawn}-{re.sub(r'[^a-z0-9_-]', '', nf.key.lower())}"
+        drawn += 1
         # The re-validation figure sits in its own section, under its table.
         part = "" if nf.key == "validation" else f"<h2>{_e(nf.title)}</h2>"
         if nf.caption:
@@ -285,13 +377,14 @@ def render_html(data: ReportData) -> str:
     body = [
         f"<h1>ollama-tuner report: {_e(h.study_name)}</h1>",
         f"<p class=\"caption\">Generated {_e(data.generated_at)}</p>",
+        _first_html(data),
         _header_html(data),
         _best_html(data),
         _validation_html(data, "".join(p for k, p in figures if k == "validation")),
+        _top_html(data),
     ]
     body += [f"<p class=\"note\">{_e(n)}</p>" for n in data.notes]
     body += [p for k, p in figures if k != "validation"]
-    body.append(_top_html(data))
     body.append(_pruned_html(data))
     body.append(_failures_html(data))
     return "\n".join([
@@ -306,7 +399,7 @@ def render_html(data: ReportData) -> str:
         "function fail(e){console.error('figure ' + id + ': ' + e);"
         "document.getElementById(id).textContent = 'This figure could not be drawn: ' + e;}"
         "try {Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false}).catch(fail);}"
-        " catch (e) {fail(e);}}</script>",
+        " catch (e) {fail(e);}}" + _COPY_JS + "</script>",
         "</head><body>",
         *body,
         "<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>",
