@@ -1149,6 +1149,10 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
     _telemetry(measured, data, env)
     _per_trial(measured, data)
     data.drift = drift_series(s.attrs)
+    data.timeline = _timeline(s.records)
+    if not data.timeline:
+        data.empty.append(EmptyFigure("timeline", "Timeline of trials", "No trial has finished yet."))
+    _validation_empty(data)
     if data.drift is None:
         checked = bool(s.attrs.get("checks"))
         data.empty.append(EmptyFigure(
@@ -1156,10 +1160,6 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
             ("No `tune check` of this study measured anything yet (each stored check was unmeasured): "
              if checked else "No `tune check` has run on this study yet: ")
             + f"`{command('tune', 'check', s.name)}` re-measures the winner and the defaults and keeps the result."))
-    data.timeline = _timeline(s.records)
-    if not data.timeline:
-        data.empty.append(EmptyFigure("timeline", "Timeline of trials", "No trial has finished yet."))
-    _validation_empty(data)
     data.bench = _bench(s, ranked, env, data)
     data.first = _first_screen(s, data, best, feasible, base, storage)
     return data
