@@ -787,8 +787,10 @@ def test_first_screen_says_what_to_run_with_the_speedup_interval_and_the_costs()
     assert f.env_command.endswith("--format env -o gemma3-1b-tuned.env")  # flash_attention, kv_cache_type
     # What it costs, beside the defaults (#0): NVML's VRAM peak here, as no server report is stored.
     assert f.baseline_number == 0
+    # The rate first as re-validated (the rounds the speedup comes from), then as searched.
     assert [(c.label, c.winner, c.defaults, c.source) for c in f.costs] == [
-        ("decode tok/s", 55.0, 40.0, ""), ("VRAM MiB", 2550.0, 2400.0, "NVML peak"),
+        ("decode tok/s", 61.5, 41.0, "re-validated, 4 interleaved rounds"), ("decode tok/s", 55.0, 40.0, "search"),
+        ("VRAM MiB", 2550.0, 2400.0, "NVML peak"),
         ("mean GPU power W", 155.0, 140.0, ""), ("p95 TTFT ms", 150.0, 300.0, ""),
         ("tokens per joule", pytest.approx(768 / 465), pytest.approx(768 / 420), "")]
     text = report.render_html(data)
@@ -1023,3 +1025,17 @@ def test_the_table_from_a_real_study_names_what_the_server_reported(tmp_path: Pa
     assert {e.key: e.reason for e in data.empty}["power"] == (
         "No mean GPU power (W): no GPU telemetry, NVML not available on the server's machine (NVML library not "
         "found).")
+
+
+def test_a_cpu_only_study_costs_no_vram() -> None:
+    """llama.cpp on a CPU reports no VRAM: the first screen says the server offloads nothing
+    (from the study's offload probe), not a blank."""
+    st = _stored([_rec(0, 40.0, baseline=True), _rec(1, 50.0, options={"num_thread": 2})],
+                 environment={"gpu_offload": {"offloads": False, "source": "llama.cpp"}})
+    f = report.build_data(st).first
+    assert f is not None
+    assert ("VRAM MiB", 0.0, 0.0, "CPU only: the server offloads nothing") in [
+        (c.label, c.winner, c.defaults, c.source) for c in f.costs]
+    # Without the probe's word, nothing is claimed.
+    g = report.build_data(_stored([_rec(0, 40.0, baseline=True), _rec(1, 50.0, options={"num_thread": 2})])).first
+    assert g is not None and ("VRAM MiB", None, None) in [(c.label, c.winner, c.defaults) for c in g.costs]

@@ -110,6 +110,11 @@ def _defaults(s: results.StoredStudy) -> str:
     return results.defaults_name(s.attrs.get("engine", "ollama"))
 
 
+def _engine_label(s: results.StoredStudy) -> str:
+    """'Ollama', or 'llama.cpp (llama-cpp-python)' for a study of the llama-cpp engine."""
+    return "llama.cpp (llama-cpp-python)" if s.attrs.get("engine") == "llama-cpp" else "Ollama"
+
+
 def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list[str]:
     v = _view(trial)
     objectives = list(s.attrs.get("objectives") or ["decode_tps"])
@@ -117,7 +122,7 @@ def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list
         f"# {what} exported by ollama-tuner on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"# study '{_one_line(s.name)}', trial #{v.number}"
         + (f" (baseline: {_defaults(s)})" if v.baseline else "")
-        + f"; measured on Ollama {_one_line(s.attrs.get('server_version') or '?')}"
+        + f"; measured on {_engine_label(s)} {_one_line(s.attrs.get('server_version') or '?')}"
         + f" at {_one_line(s.attrs.get('host') or '?')}",
     ]
     if v.values:
