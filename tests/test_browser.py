@@ -7,7 +7,6 @@ Runs fully offline: the report inlines plotly.js and Chromium's network features
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,6 @@ from tuner import report
 
 pytestmark = pytest.mark.browser
 
-DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "report-screenshot.png"
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -192,6 +190,3 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
                tmp_path / "profile-shot")
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
-    if os.environ.get("TUNER_UPDATE_DOCS"):
-        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, DOCS_SCREENSHOT)
