@@ -81,7 +81,8 @@ def test_an_unchanged_server_passes_and_the_check_is_stored(old: FakeOllama) -> 
                         f"'{name}' over 3 interleaved rounds ...")
     assert "  Ollama        0.12.3" in lines
     assert lines[-1] == (f"OK: winner #{winner.number} {decode:,.0f} tok/s now vs {decode:,.0f} stored (+0.0%, 95% CI "
-                         "+0.0%..+0.0%) (environment unchanged); defaults moved +0.0%: no regression beyond 5%")
+                         "+0.0%..+0.0%) (environment unchanged); defaults moved +0.0%: no regression beyond 5% (the 95% interval "
+                         "rules one out)")
     assert c.text == lines[-1] and last_check(_attrs(name)) == c
     # Each round measured the winner then the defaults, each after a warm-up (A B A B A B).
     sent = [g for g in old.prompt_requests() if g["options"].get("num_predict") == 16][-12:]
@@ -147,8 +148,21 @@ def test_only_the_tuned_config_slowed_so_it_says_re_tune(old: FakeOllama) -> Non
     r = _check(name)
     assert r.exit_code == 1
     verdict = r.output.splitlines()[-1]
+    # The re-tune keeps the study's workload and storage, so the new study warm-starts from this one.
     assert ("(-30%, 95% CI -30%..-30%) (environment unchanged); defaults moved +0.0%: re-tune with `tune --model "
-            f"gemma3:1b --host {old.url} --trials 20 --study {name}-") in verdict
+            f"gemma3:1b --host {old.url} --repeats 2 --num-predict 16 --storage {STORAGE} --trials 20 "
+            f"--study {name}-") in verdict
+
+
+def test_the_re_tune_keeps_the_limits_and_the_context(old: FakeOllama) -> None:
+    name = _study(old, max_ttft_ms=5000.0, max_vram_mib=8000.0, context=4096, num_predict=128, repeats=3)
+    old.speed_fn = lambda model, opts: tuple(  # type: ignore[assignment]
+        x * (0.7 if opts["num_gpu"] >= 27 else 1.0)
+        for x in default_speed(next(m for m in default_models() if m.name == model), opts))
+    r = _check(name)
+    assert r.exit_code == 1, r.output
+    assert (f"re-tune with `tune --model gemma3:1b --host {old.url} --context 4096 --max-ttft-ms 5000 "
+            f"--max-vram-mib 8000 --storage {STORAGE} --trials 20 --study {name}-") in r.output.splitlines()[-1]
 
 
 def test_a_server_that_is_down_cannot_be_measured(old: FakeOllama) -> None:
@@ -158,7 +172,7 @@ def test_a_server_that_is_down_cannot_be_measured(old: FakeOllama) -> None:
     r = _check(name)
     assert r.exit_code == 3
     assert r.output == (f"Error: could not measure study '{name}' now: cannot reach Ollama at {url}: is it running? "
-                        "Start it with `ollama serve` or point --host / OLLAMA_HOST at it\n")
+                        "Start it with `ollama serve` or point --host at it\n")
     c = last_check(_attrs(name))
     assert c is not None and c.verdict == "unmeasured" and c.exit_code == 3 and "cannot reach Ollama" in (c.error or "")
 
@@ -266,6 +280,27 @@ def test_noise_is_carried_into_the_interval(old: FakeOllama) -> None:
     lo, hi = c.change_ci95
     assert lo < c.change_pct < hi < -5.0 and -20.0 - 6 < lo and hi < -20.0 + 6
     assert c.winner_now_ci95[0] < c.winner_now < c.winner_now_ci95[1]
+
+
+def test_a_wide_interval_is_inconclusive_not_ok(old: FakeOllama) -> None:
+    """Unchanged on average but very noisy now: no regression shown, none ruled out: said so."""
+    name = _study(old)
+    rng = random.Random(1)
+
+    def noisy(model: str, opts: dict[str, Any]) -> tuple[float, float]:
+        prefill, decode = default_speed(next(m for m in default_models() if m.name == model), opts)
+        return prefill, decode * math.exp(rng.gauss(0.0, 0.3))
+
+    old.speed_fn = noisy
+    r = _check(name, "--rounds", "2")
+    c = last_check(_attrs(name))
+    assert c is not None and c.change_ci95 is not None
+    assert c.change_ci95[0] < -5.0 < c.change_ci95[1], c.change_ci95
+    assert (c.verdict, c.exit_code, r.exit_code) == ("inconclusive", 0, 0)
+    assert r.output.splitlines()[-1].startswith("INCONCLUSIVE: ")
+    assert r.output.splitlines()[-1].endswith(
+        ": no regression beyond 5% shown, none ruled out either (the 95% interval reaches past 5%; more --rounds "
+        "narrows it)")
 
 
 # ----------------------------------------------------------------------------- pieces

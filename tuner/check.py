@@ -40,7 +40,9 @@ CHECKS = "checks"
 #: At most this many checks are kept (the oldest go first): an hourly cron job for a month.
 MAX_CHECKS = 720
 #: The verdicts of a check and the exit code of each.
-EXIT_CODES = {"ok": 0, "faster": 0, "regression": 1, "unmeasured": 3}
+#: "inconclusive": no regression beyond the tolerance is shown, but the interval reaches beyond
+#: it on the slow side, so none is ruled out either (more rounds narrow it).
+EXIT_CODES = {"ok": 0, "faster": 0, "inconclusive": 0, "regression": 1, "unmeasured": 3}
 #: The environment facts compared, as :func:`environment_summary` names them, and how they are shown.
 ENV_LABELS = {"server_version": "", "gpus": "GPU", "driver": "driver", "model_digest": "model digest",
               "cpu": "CPU"}
@@ -59,7 +61,7 @@ class Check:
 
     #: When it ran (ISO 8601, UTC).
     at: str
-    #: "ok", "regression", "faster" or "unmeasured".
+    #: "ok", "inconclusive", "regression", "faster" or "unmeasured".
     verdict: str
     #: The exit code of ``tune check``: 0 ok or faster, 1 regression, 3 unmeasured.
     exit_code: int
@@ -323,9 +325,13 @@ def study_workload(attrs: dict[str, Any], prompts_file: str | None) -> Any:
     return Workload.from_dict({**stored, "prompts": [{**a, "text": b["text"]} for a, b in zip(items, mine)]})
 
 
-def _retune(attrs: dict[str, Any], name: str, host: str | None) -> str:
-    """A command that tunes the same model on the same server in a new study (the old one keeps
-    its measurements)."""
+def _retune(attrs: dict[str, Any], name: str, host: str | None, storage: str | None = None) -> str:
+    """A command that tunes the same model on the same server, with the same limits, context and
+    workload, in a new study in the same storage (the old one keeps its measurements, and the
+    new one warm-starts from it)."""
+    from tuner.options import TuneOptions
+    from tuner.storage import shown_url
+
     words: list[Any] = ["tune", "--model", attrs.get("model", "MODEL")]
     engine = str(attrs.get("engine", "ollama"))
     if engine != "ollama":
@@ -338,9 +344,22 @@ def _retune(attrs: dict[str, Any], name: str, host: str | None) -> str:
     objective = list(attrs.get("objectives") or ["decode_tps"])
     if objective != ["decode_tps"]:
         words += ["--objectives", ",".join(objective)] if len(objective) > 1 else ["--objective", objective[0]]
-    source = (attrs.get("workload") or {}).get("source")
+    workload = attrs.get("workload") or {}
+    source = workload.get("source")
     if source and source != "builtin":
         words += ["--prompts", source]
+    defaults = TuneOptions(model=[])
+    for flag, key, default in (("--repeats", "repeats", defaults.repeats),
+                               ("--num-predict", "num_predict", defaults.num_predict),
+                               ("--concurrency", "concurrency", defaults.concurrency)):
+        if workload.get(key) not in (None, default):
+            words += [flag, workload[key]]
+    if attrs.get("context"):
+        words += ["--context", attrs["context"]]
+    for key, value in dict(attrs.get("limits") or {}).items():
+        words += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else value]
+    if storage:
+        words += ["--storage", shown_url(storage)]
     words += ["--trials", 20, "--study", f"{name}-{dt.date.today().isoformat()}"]
     return command(*words)
 
@@ -358,8 +377,10 @@ def _engine(o: CheckOptions, attrs: dict[str, Any], winner: TrialRecord, base_mo
                 "server applies: leave --host out to let tune check start one"
             )
         host = o.host or (None if managed else (attrs.get("host") or None))
-        return get_engine("ollama", host=host, timeout_s=o.timeout_s, manage_server=managed,
-                          ollama_bin=o.ollama_bin, models_dir=o.models_dir)
+        engine = get_engine("ollama", host=host, timeout_s=o.timeout_s, manage_server=managed,
+                            ollama_bin=o.ollama_bin, models_dir=o.models_dir)
+        engine.host_hint = "--host"
+        return engine
     if name == "llama-cpp":
         return get_engine("llama-cpp", models=list(dict.fromkeys(m for m in (base_model, winner.model) if m)))
     raise TunerError(f"the study was measured with the {name} engine: tune check re-measures ollama and "
@@ -416,7 +437,7 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
     engine_name = str(attrs.get("engine", "ollama"))
     stored_env = environment_summary(dict(attrs.get("environment") or {}), attrs.get("server_version"))
     host_shown = o.host or (None if attrs.get("managed_server") else attrs.get("host"))
-    retune = _retune(attrs, st.name, o.host)
+    retune = _retune(attrs, st.name, o.host, o.storage)
     w_stored, compared = stored_values(st, winner, objective)
     d_stored, d_compared = stored_values(st, defaults, objective) if defaults is not None else ([], "")
     stored_at = max((r.datetime_complete for r in st.records if r.datetime_complete), default=None) \
@@ -518,7 +539,8 @@ def _compare(c: Check, w_now: list[float], w_stored: list[float], defaults: Tria
     lo_pct, hi_pct = c.change_ci95
     worse = hi_pct < -c.tolerance_pct if maximize else lo_pct > c.tolerance_pct
     better = lo_pct > c.tolerance_pct if maximize else hi_pct < -c.tolerance_pct
-    c.verdict = "regression" if worse else "faster" if better else "ok"
+    reaches = lo_pct < -c.tolerance_pct if maximize else hi_pct > c.tolerance_pct
+    c.verdict = "regression" if worse else "faster" if better else "inconclusive" if reaches else "ok"
     c.exit_code = EXIT_CODES[c.verdict]
 
 
@@ -572,10 +594,11 @@ def verdict_text(c: Check, engine: str = "ollama", retune: str = "") -> str:
             text += f": re-tune with `{retune}`" if retune else ": re-tune"
     elif c.verdict == "faster":
         text += f": faster than stored by more than {tol}"
-    elif c.change_pct is not None and c.change_pct < -c.tolerance_pct:
-        text += f": slower, but not beyond {tol} at 95% confidence (more --rounds narrows the interval)"
+    elif c.verdict == "inconclusive":
+        text += (f": no regression beyond {tol} shown, none ruled out either (the 95% interval reaches past "
+                 f"{tol}; more --rounds narrows it)")
     else:
-        text += f": no regression beyond {tol}"
+        text += f": no regression beyond {tol} (the 95% interval rules one out)"
     return printable(text)
 
 

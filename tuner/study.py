@@ -412,6 +412,9 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
         if p.offload is not None:
             study.set_user_attr("gpu_offload_source", p.offload.source)
         study.set_user_attr("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
+        if o.context is not None:
+            # The context the application needs: `tune check` repeats it in the re-tune it suggests.
+            study.set_user_attr("context", o.context)
         study.set_user_attr("space_hash", ident["space_hash"])
     study.set_user_attr(
         "limits",

@@ -121,6 +121,9 @@ class OllamaEngine(Engine):
             self.supported_params = self.supported_params + SERVER_PARAMS
             host = server.url
         self.host = normalise_host(host)
+        #: How the user points the tuner at another server, for error messages (``tune check``
+        #: reads no OLLAMA_HOST: it measures the study's own server unless --host says otherwise).
+        self.host_hint = "--host / OLLAMA_HOST"
         self.local = server is not None or is_local(self.host)
         self._ollama = ollama
         self._timeout_s = timeout_s
@@ -151,7 +154,7 @@ class OllamaEngine(Engine):
             self._check_managed()
             raise ServerError(
                 f"cannot reach Ollama at {self.host}: is it running? Start it with `ollama serve` "
-                "or point --host / OLLAMA_HOST at it"
+                f"or point {self.host_hint} at it"
             ) from None
         except httpx.TimeoutException:
             if what.startswith(("a generate", "concurrent generate", "a load")):
