@@ -147,6 +147,9 @@ def test_study_names_complete_from_the_storage(fake: FakeOllama) -> None:
     comp = ShellComplete(cli, {}, "tune", "_TUNE_COMPLETE")
     assert [c.value for c in comp.get_completions(["show"], "gem")] == ["gemma-fast"]
     assert [c.value for c in comp.get_completions(["report", "--storage", "sqlite:///nowhere/x.db"], "")] == []
+    assert [c.value for c in comp.get_completions(["run", "--warm-start-from"], "gem")] == ["gemma-fast"]
+    assert [c.value for c in comp.get_completions(
+        ["run", "--warm-start-storage", "sqlite:///nowhere/x.db", "--warm-start-from"], "gem")] == []
 
 
 def test_tuner_storage_is_documented_in_help() -> None:

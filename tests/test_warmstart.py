@@ -119,7 +119,22 @@ def test_warm_start_from_another_storage_and_bad_sources(fake: FakeOllama) -> No
     r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE,
                "--warm-start-from", "here", "--no-warm-start")
     assert r.exit_code == 2
-    assert r.output == "Error: --warm-start-from contradicts --no-warm-start: pass one of them\n"
+    assert r.output == ("Error: --warm-start-from and --warm-start-storage contradict --no-warm-start: pass one "
+                        "of them\n")
+    # A storage that cannot be read, or a study of another model, is refused before anything is created.
+    for bad in ("sqlite:///nowhere/none.db", "bogus://x"):
+        r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "new",
+                   "--warm-start-storage", bad, "--trials", "1")
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith(f"Error: --warm-start-storage: cannot read the storage {bad} ("), r.output
+        assert r.output.endswith("): give the URL of the storage that holds the earlier study\n"), r.output
+    run_study(opts(fake, study_name="llama", model=["llama3.2:3b"], trials=2))
+    r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "new",
+               "--warm-start-from", "llama", "--trials", "1")
+    assert r.exit_code == 2
+    assert r.output == ("Error: --warm-start-from: study 'llama' tuned llama3.2:3b, not gemma3:1b or a variant of "
+                        "it, so its settings do not carry over: pick a study of gemma3:1b, or leave the option out\n")
+    assert "new" not in optuna.get_all_study_names(open_storage(STORAGE))
 
 
 def test_a_cpu_only_study_does_not_seed_a_gpu_server(fake: FakeOllama) -> None:
@@ -152,6 +167,12 @@ def test_a_config_proposed_again_is_not_measured_again_when_clearly_behind(fake:
     measured = [r for r in st.records if r.reused_from is None]
     assert sum(1 for _ in fake.prompt_requests()) < 3 * len(st.records)
     assert len(measured) + len(reused) == 10
+    # Listed once: the ranking (top tables, the winner) and the effects skip the reused copies.
+    assert all(r.reused_from is None for r in st.ranked())
+    from tuner.effects import compute
+
+    assert compute(st).n_trials == len([r for r in measured if r.params])
+    assert all(r.reload_ms is None and r.warmup is None for r in reused)
     assert all(record.REUSED_FROM not in t.user_attrs for t in optuna.load_study(
         study_name="dups", storage=open_storage(STORAGE)).trials if t.number == best.number)
 
@@ -176,3 +197,28 @@ def test_show_names_the_warm_start(fake: FakeOllama) -> None:
     doc = json.loads(invoke("show", "second", "--storage", STORAGE, "--json").output)
     assert doc["warm_start"]["sources"] == [{"study": "first", "match": "same hardware"}]
     assert doc["best"]["reused_from"] is None and "seeded_from" in doc["best"]
+
+
+def test_configs_that_cannot_seed_are_named(fake: FakeOllama) -> None:
+    run_study(opts(fake, study_name="fp16", trials=3, params={"variant": ["gemma3:1b-it-fp16"],
+                                                                "num_thread": [1, 2]}))
+    lines: list[str] = []
+    run_study(opts(fake, study_name="qat", trials=2, params={"variant": ["gemma3:1b", "gemma3:1b-it-qat"],
+                                                               "num_thread": [1, 2]}), echo=lines.append)
+    text = "\n".join(lines)
+    assert "warm start: no config to start from (" in text, text
+    assert "  skipped fp16#1: variant gemma3:1b-it-fp16 is not searched here" in lines, text
+
+
+def test_gguf_families_keep_the_size_and_drop_the_quantization() -> None:
+    assert warmstart.family("llama-2-7b.Q4_K_M.gguf") == "llama-2-7b"
+    assert warmstart.family("/m/llama-2-13b.Q4_K_M.gguf") == "llama-2-13b"
+    assert warmstart.family("/m/gemma-3-270m-q4_k_m.gguf") == warmstart.family("gemma-3-270m-Q8_0.gguf")
+    assert warmstart.family("Meta-Llama-3-8B-Instruct-IQ3_XS.gguf") == "meta-llama-3-8b-instruct"
+
+
+def test_a_partial_offload_moved_on_the_same_hardware_says_nearest() -> None:
+    space = SearchSpace((Param("num_gpu", (0, 27)), Param("num_thread", (1, 2))))
+    r = TrialRecord(model="gemma3:1b", options={"num_gpu": 22})
+    params, notes, _ = warmstart.map_config(r, space, {"num_gpu": list(range(0, 28))}, True, True)
+    assert params == {"num_gpu": 27} and notes == ["num_gpu 22 -> 27 (nearest allowed)"]

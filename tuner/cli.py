@@ -161,7 +161,10 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
     from tuner.show import study_names
 
     try:
-        names = study_names(ctx.params.get("storage") or os.environ.get("TUNER_STORAGE"))
+        # --warm-start-from names a study in --warm-start-storage when one is given.
+        url = (ctx.params.get("warm_start_storage") if param.name == "warm_start_from" else None) \
+            or ctx.params.get("storage") or os.environ.get("TUNER_STORAGE")
+        names = study_names(url)
     except Exception:  # completion must never print a traceback into the user's shell
         return []
     return [CompletionItem(n) for n in names if n.startswith(incomplete)]
@@ -224,7 +227,7 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
               help="Model store for the managed server [default: $OLLAMA_MODELS or ~/.ollama/models].")
 @click.option("--no-warm-start", "warm_start", flag_value=False, default=True,
               help="Start from nothing instead of the best configs of earlier studies of this model on the nearest hardware.")
-@click.option("--warm-start-from", metavar="STUDY",
+@click.option("--warm-start-from", metavar="STUDY", shell_complete=_complete_study,
               help="Start from this study's best configs (whatever its hardware) instead of searching the storage.")
 @click.option("--warm-start-storage", metavar="URL",
               help="Look for warm-start studies in this storage instead of --storage.")

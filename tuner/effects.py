@@ -169,7 +169,9 @@ def _overlap(a: tuple[float | None, float | None], b: tuple[float | None, float 
 
 def _trials(s: StoredStudy) -> tuple[list[TrialRecord], int, list[str]]:
     """The trials the effects use, how many contended ones were left out, and notes."""
-    used = [r for r in s.records if r.measured and r.values and math.isfinite(r.values[0]) and r.params]
+    # A reused measurement (a config proposed again) is no new evidence: counted once, as measured.
+    used = [r for r in s.records if r.measured and r.values and math.isfinite(r.values[0]) and r.params
+            and r.reused_from is None]
     notes: list[str] = []
     contended = [r for r in used if r.contended]
     if contended and any(r.contended is False for r in used):

@@ -98,7 +98,8 @@ class StoredStudy:
     def ranked(self) -> list[TrialRecord]:
         """Feasible trials with a value, best first (first objective); trials measured while
         other processes competed (contended) take part only when no other trial is feasible."""
-        feasible = [r for r in self.records if r.feasible and r.values]
+        # A trial that reused an earlier one's measurement repeats that trial: listed once.
+        feasible = [r for r in self.records if r.feasible and r.values and r.reused_from is None]
         quiet = [r for r in feasible if not r.contended]
         return sorted(quiet or feasible, key=self._score, reverse=True)
 
@@ -478,6 +479,29 @@ class Speedup:
         text = (f"{self.ratio:.2f}x {label} vs {defaults} (95% CI {self.ci95[0]:.2f}-{self.ci95[1]:.2f}x, "
                 f"re-measured interleaved over {_plural(len(self.ratios), 'round')})")
         return text if self.distinguishable else text + ": not distinguishable from the defaults"
+
+
+#: How a speedup from the search's single measurements (not the re-validation's interleaved
+#: rounds) is qualified wherever it is shown; the short form for one-line contexts.
+SEARCH_ONLY = "each measured once in the search; no interval: --validate 2 gives one"
+SEARCH_ONLY_SHORT = "single search measurements, no interval"
+
+
+def search_speedup_text(ratio: float, label: str, defaults: str, baseline: tuple[int, float | None] | None = None,
+                        best: float | None = None, contended: bool = False, short: bool = False) -> str:
+    """A speedup from the search's single measurements, saying so: e.g. "1.85x decode tok/s vs
+    Ollama defaults (baseline trial #0: 160.49, best: 297.30; each measured once in the search;
+    no interval: --validate 2 gives one)"; ``short``: "(single search measurements, no interval)"."""
+    notes = [] if short or baseline is None else [
+        f"baseline trial #{baseline[0]}: {_two(baseline[1])}, best: {_two(best)}"]
+    notes.append(SEARCH_ONLY_SHORT if short else SEARCH_ONLY)
+    if contended:
+        notes.append("measured while other processes competed: not a number to rely on")
+    return f"{ratio:.2f}x {label} vs {defaults} ({'; '.join(notes)})"
+
+
+def _two(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
 @dataclass

@@ -662,8 +662,10 @@ class _Runner:
 
     def _reuse(self, trial: Any, rec: TrialRecord, prior: TrialRecord) -> Any:
         """Record ``prior``'s measurement for this trial, measuring nothing."""
+        # No load and no warm-up happened for this trial: those stay empty.
         reused = dataclasses.replace(prior, stage=rec.stage, seeded_from=rec.seeded_from, worker=self.worker,
-                                     reused_from=prior.number, remeasured=0, contention_lost_s=None)
+                                     reused_from=prior.number, remeasured=0, contention_lost_s=None,
+                                     reload_ms=None, warmup=None)
         reused.constraints, reused.violations = self._limits(reused, load_failed=False)
         record.write_record(trial, reused)
         values = [objectives.get(name).value(reused) for name in self.o.objectives]
@@ -856,14 +858,20 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # heartbeats and grouped TPE are marked experimental; users need not see that per run.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if o.warm_start_from and not o.warm_start:
-        raise TunerError("--warm-start-from contradicts --no-warm-start: pass one of them")
+    if (o.warm_start_from or o.warm_start_storage) and not o.warm_start:
+        raise TunerError("--warm-start-from and --warm-start-storage contradict --no-warm-start: pass one of them")
+    from tuner import warmstart
+
+    # Checked before anything is created or contacted: a bad source leaves the storage as it was.
+    source = (warmstart.open_source_storage(o.warm_start_storage or o.storage, bool(o.warm_start_storage))
+              if o.warm_start and (o.warm_start_from or o.warm_start_storage) else None)
+    if source is not None and o.warm_start_from:
+        warmstart.check_source(source, o.warm_start_from)
     p = prepare(o, echo)
     try:
-        if o.warm_start and o.warm_start_from:
-            from tuner.warmstart import check_source
-
-            check_source(open_storage(o.warm_start_storage or o.storage, create=False), o.warm_start_from)
+        if source is not None and o.warm_start_from:
+            variants = [str(v) for v in (p.space["variant"].values if "variant" in p.space else ())]
+            warmstart.check_source(source, o.warm_start_from, p.model, variants)
         study, created = open_study(o, p, sampler_factory)
         searched = ", ".join(f"{x.name}[{len(x.values)}]" for x in p.space.searched) or "nothing (all fixed)"
         echo(printable(f"study '{study.study_name}' in {shown_url(o.storage)}"))

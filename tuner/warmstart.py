@@ -22,6 +22,7 @@ the new space and the output says what moved:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,6 +41,8 @@ SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES, CHOSEN = (
     "chosen with --warm-start-from")
 _TIERS = (SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
+#: A GGUF file name's quantization part: Q4_K_M, q8_0, IQ3_XS, F16, BF16, ... (and "-it-qat"-like tags stay).
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:i?q\d[a-z0-9_]*|f16|f32|bf16)$")
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,10 @@ class Machine:
         gpus = [g for g in env.get("gpus") or [] if isinstance(g, dict)]
         vram = sum(float(g.get("memory_total_mib") or 0) for g in gpus) or None
         return cls(hw, bool(off) if off is not None else (bool(hw.get("gpus")) or None), vram,
-                   _server_of(attrs))
+                   server_of(attrs))
 
 
-def _server_of(attrs: dict[str, Any]) -> str:
+def server_of(attrs: dict[str, Any]) -> str:
     if attrs.get("managed_server") or attrs.get("engine") != "ollama":
         return "local"
     host = str(attrs.get("host") or "").split("://")[-1].rsplit(":", 1)[0]
@@ -100,7 +103,13 @@ def family(model: str) -> str:
     file name without the quantization suffix."""
     if model.endswith(".gguf"):
         stem = model.rsplit("/", 1)[-1][:-len(".gguf")].lower()
-        return stem.rsplit("-", 1)[0] if "-" in stem else stem
+        # Strip the quantization suffix only ("llama-2-7b.Q4_K_M", "gemma-3-270m-q4_k_m"): the
+        # size stays, so a 13B study never seeds a 7B one.
+        while True:
+            shorter = _QUANT_SUFFIX.sub("", stem)
+            if shorter == stem:
+                return stem
+            stem = shorter
     name, _, tag = model.partition(":")
     return f"{name}:{(tag or 'latest').split('-')[0]}"
 
@@ -143,7 +152,8 @@ class WarmStart:
     def lines(self) -> list[str]:
         """What the terminal says about it."""
         if not self.sources:
-            return []
+            return ([f"warm start: no config to start from ({len(self.skipped)} skipped)"]
+                    + [f"  skipped {x}" for x in self.skipped]) if self.skipped else []
         names = ", ".join(f"'{s.study}' ({s.match})" for s in self.sources)
         out = [f"warm start: {len(self.seeds)} config(s) from {names}"]
         for s in self.seeds:
@@ -229,8 +239,10 @@ def map_config(r: TrialRecord, space: SearchSpace, source_space: dict[str, list[
         if p.name == "num_gpu":
             mapped = _offload(int(v), p.values, source_space.get("num_gpu") or [], offloads, same_hardware)
             if mapped != v:
-                why = "full offload: this server offloads to a GPU" if offloads and mapped == max(p.values) \
-                    else "this server runs on the CPU" if not offloads else "nearest allowed"
+                full = offloads and mapped == max(p.values) and (int(v) == 0 or not same_hardware
+                                                                 or int(v) >= max(source_space.get("num_gpu") or [0]))
+                why = ("full offload: this server offloads to a GPU" if full
+                       else "this server runs on the CPU" if not offloads else "nearest allowed")
                 notes.append(f"num_gpu {v} -> {mapped} ({why})")
             params[p.name] = mapped
             continue
@@ -273,14 +285,35 @@ def _nearest(v: Any, allowed: Sequence[Any]) -> Any:
     return min(nums, key=lambda x: abs(x - v))
 
 
-def check_source(source_storage: Any, name: str) -> None:
-    """Raise StudyError (before anything is created) when ``--warm-start-from`` names no study."""
+def open_source_storage(url: str | None, explicit: bool) -> Any:
+    """The storage warm-start sources are read from (``--warm-start-storage``, else --storage);
+    StudyError (exit 2, before anything is created) when it cannot be opened."""
+    from tuner.storage import open_storage, shown_url
+
+    try:
+        return open_storage(url, create=False)
+    except Exception as e:
+        reason = str(e).splitlines()[0].split(": pass ")[0] if str(e) else e.__class__.__name__
+        where = "--warm-start-storage" if explicit else "--warm-start-from"
+        raise StudyError(f"{where}: cannot read the storage {shown_url(url)} ({reason}): give the URL of the "
+                         "storage that holds the earlier study") from None
+
+
+def check_source(source_storage: Any, name: str, model: str | None = None, variants: Sequence[str] = ()) -> None:
+    """Raise StudyError (before anything is created) when ``--warm-start-from`` names no study,
+    or (given ``model``) a study of another model."""
     import optuna
 
     names = optuna.get_all_study_names(source_storage)
     if name not in names:
         known = ", ".join(sorted(names)) or "none"
         raise StudyError(f"--warm-start-from: no study named '{name}' in that storage (known studies: {known})")
+    if model is not None:
+        attrs = next(s.user_attrs for s in source_storage.get_all_studies() if s.study_name == name)
+        if not same_model(model, variants, attrs):
+            raise StudyError(
+                f"--warm-start-from: study '{name}' tuned {attrs.get('model') or 'another model'}, not {model} or a "
+                f"variant of it, so its settings do not carry over: pick a study of {model}, or leave the option out")
 
 
 def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, attrs: dict[str, Any],
