@@ -377,10 +377,9 @@ def _engine(o: CheckOptions, attrs: dict[str, Any], winner: TrialRecord, base_mo
                 "server applies: leave --host out to let tune check start one"
             )
         host = o.host or (None if managed else (attrs.get("host") or None))
-        engine = get_engine("ollama", host=host, timeout_s=o.timeout_s, manage_server=managed,
-                            ollama_bin=o.ollama_bin, models_dir=o.models_dir)
-        engine.host_hint = "--host"
-        return engine
+        # `tune check` reads no OLLAMA_HOST: it measures the study's server unless --host says otherwise.
+        return get_engine("ollama", host=host, timeout_s=o.timeout_s, manage_server=managed,
+                          ollama_bin=o.ollama_bin, models_dir=o.models_dir, host_hint="--host")
     if name == "llama-cpp":
         return get_engine("llama-cpp", models=list(dict.fromkeys(m for m in (base_model, winner.model) if m)))
     raise TunerError(f"the study was measured with the {name} engine: tune check re-measures ollama and "
@@ -682,7 +681,7 @@ class DriftSeries:
 
     @property
     def marked(self) -> list[DriftPoint]:
-        """The points where the environment changed (the first check that saw each change)."""
+        """The points whose environment differs from the previous point's."""
         return [p for p in self.points if p.new_changes]
 
 
@@ -699,10 +698,18 @@ def drift_series(attrs: dict[str, Any]) -> DriftSeries | None:
     if first.winner_stored is not None:
         points.append(DriftPoint(first.stored_at or first.at, "stored", first.winner_stored, None,
                                  first.defaults_stored, [], []))
-    seen: set[str] = set()
+    # Each check is compared with the point before it (the first with the stored environment),
+    # so a change marks every time the environment moves: an upgrade, a rollback, the upgrade again.
+    engine = str(attrs.get("engine", "ollama"))
+    before = environment_summary(dict(attrs.get("environment") or {}), attrs.get("server_version"))
+    previous: list[str] = []
     for c in mine:
-        new = [x for x in c.environment_changes if x not in seen]
-        seen.update(c.environment_changes)
+        if c.environment:
+            new = environment_changes(before, c.environment, engine)
+            before = {**before, **{k: v for k, v in c.environment.items() if v is not None}}
+        else:  # stored without its environment: only its changes since the stored one are known
+            new = [x for x in c.environment_changes if x not in previous]
+        previous = c.environment_changes
         points.append(DriftPoint(c.at, c.verdict, float(c.winner_now or 0.0), c.winner_now_ci95, c.defaults_now,
                                  list(c.environment_changes), new))
     return DriftSeries(first.objective, objectives.label(first.objective), int(trial or 0), points,

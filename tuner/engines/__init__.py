@@ -22,7 +22,8 @@ def get_engine(name: str, **kwargs: Any) -> Engine:
             server = ManagedServer(find_ollama(kwargs.get("ollama_bin")), kwargs.get("models_dir"))
             server.ensure({})
         try:
-            return OllamaEngine(host=kwargs.get("host"), timeout_s=kwargs.get("timeout_s", 600.0), server=server)
+            return OllamaEngine(host=kwargs.get("host"), timeout_s=kwargs.get("timeout_s", 600.0), server=server,
+                                **({"host_hint": kwargs["host_hint"]} if kwargs.get("host_hint") else {}))
         except BaseException:
             if server is not None:
                 server.stop()

@@ -112,7 +112,8 @@ class OllamaEngine(Engine):
     supported_params: tuple[str, ...] = REQUEST_PARAMS
     reports_server_memory = True
 
-    def __init__(self, host: str | None = None, timeout_s: float = 600.0, server: Any = None) -> None:
+    def __init__(self, host: str | None = None, timeout_s: float = 600.0, server: Any = None,
+                 host_hint: str = "--host / OLLAMA_HOST") -> None:
         import ollama
 
         #: A tuner-managed ``ollama serve`` (tuner.server.ManagedServer), or None for a running one.
@@ -123,7 +124,7 @@ class OllamaEngine(Engine):
         self.host = normalise_host(host)
         #: How the user points the tuner at another server, for error messages (``tune check``
         #: reads no OLLAMA_HOST: it measures the study's own server unless --host says otherwise).
-        self.host_hint = "--host / OLLAMA_HOST"
+        self.host_hint = host_hint
         self.local = server is not None or is_local(self.host)
         self._ollama = ollama
         self._timeout_s = timeout_s
