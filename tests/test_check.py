@@ -379,3 +379,13 @@ def test_ctrl_c_during_a_check_says_nothing_was_stored(monkeypatch: pytest.Monke
     r = invoke("check", "any", "--storage", "sqlite:///t.db")
     assert r.exit_code == 130
     assert r.output == "\nInterrupted: this check was not stored and the study is unchanged; run it again.\n"
+
+
+def test_another_server_given_with_host_is_an_environment_change(old: FakeOllama) -> None:
+    name = _study(old)
+    with FakeOllama(version="0.12.3") as other:
+        r = _check(name, "--host", other.url)
+    assert r.exit_code == 0, r.output
+    c = last_check(_attrs(name))
+    assert c is not None and c.environment_changes[0] == f"server: {old.url} -> {other.url}"
+    assert f"since server {old.url} -> {other.url}" in r.output.splitlines()[-1]

@@ -171,6 +171,7 @@ def test_run_json_is_one_document_on_stdout_and_progress_on_stderr(fake: FakeOll
     assert best["options"] and best["config"].startswith("gemma3:1b ")
     assert isinstance(best["metrics"]["decode_tps_mean"], float)
     assert best["values"][0] == pytest.approx(best["metrics"]["decode_tps_mean"])
+    assert best["datetime_start"].endswith("+00:00")  # UTC with its offset, as every JSON time
     assert doc["baseline"]["number"] == 0 and doc["baseline"]["baseline"] is True
     assert isinstance(doc["speedup"]["ratio"], float) and doc["speedup"]["ratio"] > 1
     assert doc["speedup"]["source"] == "revalidation" and len(doc["speedup"]["ci95"]) == 2

@@ -479,6 +479,13 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
 
         c.environment = environment_summary(environment(engine, server, info))
         c.environment_changes = environment_changes(stored_env, c.environment, engine_name)
+        if engine_name == "ollama" and o.host is not None:
+            from tuner.engines.ollama import normalise_host
+
+            then = str(attrs.get("host") or "")
+            if then and normalise_host(o.host) != normalise_host(then):
+                # Another server than the study's: a change in itself, whatever it reports.
+                c.environment_changes.insert(0, f"server: {then} -> {normalise_host(o.host)}")
         engine.snapshot_loaded()
         configs = [winner, *([defaults] if defaults is not None else [])]
         meter = Interleaved(engine, workload, base_model, _sampler_factory(engine))

@@ -61,21 +61,19 @@ def _revalidated_speedup(s: results.StudySummary) -> results.Speedup | None:
     return again if again is not None and s.best is not None and again.trial == s.best.number else None
 
 
-def speedup_text(s: results.StudySummary) -> str:
-    """The winner over the defaults in words, or "" when there is no such number."""
+def speedup_text(s: results.StudySummary, short: bool = False) -> str:
+    """The winner over the defaults in words, or "" when there is no such number; ``short``
+    for one-line contexts (the verdict)."""
     # The speedup re-measured in the same rounds as the winner compares like with like; the
-    # search's single measurements of each are the fallback.
+    # search's single measurements of each are the fallback, and say so.
     again = _revalidated_speedup(s)
     if again is not None:
         return again.describe(objectives.label(s.objectives[0]), results.defaults_name(s.engine))
     if s.speedup is not None and s.baseline is not None and s.best is not None:
-        obj = s.objectives[0]
-        return (
-            f"{s.speedup:.2f}x {objectives.label(obj)} vs {results.defaults_name(s.engine)} "
-            f"(baseline trial #{s.baseline.number}: {s.baseline.value:.2f}, best: {s.best.value:.2f}"
-            + ("; measured while other processes competed: not a number to rely on)"
-               if s.best.contended or s.baseline.contended else ")")
-        )
+        return results.search_speedup_text(
+            s.speedup, objectives.label(s.objectives[0]), results.defaults_name(s.engine),
+            (s.baseline.number, s.baseline.value), s.best.value,
+            contended=bool(s.best.contended or s.baseline.contended), short=short)
     return ""
 
 
@@ -94,7 +92,7 @@ def verdict(s: results.StudySummary) -> str:
     value = f" ({objectives.label(obj)} {s.best.value:.2f})" if s.best.value is not None else ""
     head = "Best" if s.best_is_feasible else "No feasible configuration; least-violating"
     line = f"{head}: #{s.best.number} {s.best.config_text()}{value}"
-    speedup = speedup_text(s)
+    speedup = speedup_text(s, short=True)
     if speedup:
         line += f"; {speedup}"
     if s.only_contended:
@@ -308,7 +306,8 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dt.datetime):
-        return x.isoformat()
+        # Optuna keeps naive local times; JSON readers get UTC with its offset, like `tune check`'s.
+        return x.astimezone(dt.timezone.utc).isoformat()
     if x is None or isinstance(x, (bool, int, str)):
         return x
     return str(x)

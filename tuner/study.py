@@ -801,6 +801,8 @@ class _Progress:
         if trial.state.name == "PRUNED":
             self.consecutive_failures = 0
             status = f"pruned (clearly worse; saved {v.pruned_saved_s or 0.0:.1f} s)"
+            if v.contended:
+                status += f" | CONTENDED: other processes used {v.interference_pct or 0:.0f}% of a core"
             metric = f"decode {v.stat('decode_tps') or 0:.1f} tok/s so far  "
         elif trial.state.name == "FAIL":
             self.consecutive_failures += 1
