@@ -91,6 +91,33 @@ def test_an_unchanged_server_passes_and_the_check_is_stored(old: FakeOllama) -> 
     assert quiet.exit_code == 0 and quiet.output == last_check(_attrs(name)).text + "\n"  # type: ignore[union-attr]
 
 
+def test_the_drift_figure_marks_every_change_of_the_environment(old: FakeOllama) -> None:
+    from tuner import report
+    from tuner.check import drift_series
+    from tuner.report.figures import drift_figure
+
+    name = _study(old, trials=2, validate=0)
+    for version in ("0.13.0", "0.12.3", "0.13.0"):  # an upgrade, a rollback, the upgrade again
+        old.version = version
+        assert _check(name).exit_code == 0
+    drift = drift_series(_attrs(name))
+    assert drift is not None and [p.kind for p in drift.points] == ["stored", "ok", "ok", "ok"]
+    # Each point against the one before: all three moves are marked, not only the first upgrade.
+    assert [p.new_changes for p in drift.marked] == [
+        ["Ollama: 0.12.3 -> 0.13.0"], ["Ollama: 0.13.0 -> 0.12.3"], ["Ollama: 0.12.3 -> 0.13.0"]]
+    assert drift.marked == drift.points[1:]
+    # What each check saw against the stored environment is kept as it was.
+    assert [p.changes for p in drift.points[1:]] == [["Ollama: 0.12.3 -> 0.13.0"], [], ["Ollama: 0.12.3 -> 0.13.0"]]
+    fig = drift_figure(report.build_data(results.load_study(open_storage(STORAGE), name)))
+    assert len(fig.layout.shapes) == 3
+    assert [a.text for a in fig.layout.annotations] == ["Ollama 0.12.3 -&gt; 0.13.0", "Ollama 0.13.0 -&gt; 0.12.3",
+                                                         "Ollama 0.12.3 -&gt; 0.13.0"]
+    # The same version checked again is no change.
+    assert _check(name).exit_code == 0
+    again = drift_series(_attrs(name))
+    assert again is not None and len(again.points) == 5 and again.marked == drift.marked
+
+
 def test_a_slower_server_after_an_upgrade_is_a_regression(old: FakeOllama) -> None:
     from tuner import report
     from tuner.report.figures import drift_figure
@@ -128,6 +155,13 @@ def test_a_slower_server_after_an_upgrade_is_a_regression(old: FakeOllama) -> No
     data = report.build_data(results.load_study(open_storage(STORAGE), name))
     drift = data.drift
     assert drift is not None and [p.kind for p in drift.points] == ["stored", "ok", "regression", "regression"]
+    # The first screen says it first: the winner slowed, since what, and what to do.
+    f = data.first
+    assert f is not None and f.check_regression
+    assert f.check_note == (f"Last `tune check` ({checks_of(attrs)[-1].at[:10]}): the winner is now 20% slower (95% CI "
+                            "20-20% slower) since Ollama 0.12.3 -> 0.13.0: the defaults slowed alike, so the "
+                            "server or machine changed, not the fit of the tuned settings; re-tuning is unlikely to "
+                            "win it back")
     assert drift.points[0].winner == pytest.approx(drift.points[1].winner, rel=1e-6)
     assert drift.points[2].winner == pytest.approx(0.8 * drift.points[1].winner, rel=1e-6)
     assert [p.new_changes for p in drift.marked] == [["Ollama: 0.12.3 -> 0.13.0"]]

@@ -215,6 +215,24 @@ def test_quiet_prints_only_the_verdict(fake: FakeOllama) -> None:
     assert lines[0].startswith("Best: #") and " num_ctx=" in lines[0] and "x decode tok/s vs Ollama defaults" in lines[0]
 
 
+def test_a_speedup_from_single_search_measurements_says_so(fake: FakeOllama) -> None:
+    def short(doc: dict[str, Any]) -> str:
+        return f"{doc['speedup']['ratio']:.2f}x decode tok/s vs Ollama defaults (single search measurements, no interval)"
+
+    quiet = _run(fake, "--validate", "0", "-q")
+    shown = json.loads(invoke("show", "--json").stdout)
+    assert shown["speedup"]["source"] == "search" and shown["verdict"] == quiet.stdout.strip()
+    assert shown["verdict"].endswith("; " + short(shown))
+    doc = json.loads(_run(fake, "--validate", "0", "--json").stdout)
+    assert doc["speedup"]["source"] == "search" and doc["verdict"].endswith("; " + short(doc))
+    r = _run(fake, "--validate", "0")  # the same study, three trials more
+    doc = json.loads(invoke("show", "--json").stdout)
+    base, best = doc["baseline"], doc["best"]
+    assert (f"\n{doc['speedup']['ratio']:.2f}x decode tok/s vs Ollama defaults (baseline trial #{base['number']}: "
+            f"{base['values'][0]:.2f}, best: {best['values'][0]:.2f}; each measured once in the search; no "
+            "interval: --validate 2 gives one)\n") in r.output
+
+
 def test_verbose_prints_a_line_per_request(fake: FakeOllama) -> None:
     r = _run(fake, "-v")
     assert r.exit_code == 0, r.output

@@ -136,7 +136,8 @@ def test_search_values_and_the_last_check(fake: FakeOllama, monkeypatch: pytest.
     assert r.output.splitlines()[3].endswith(f"  {today} regression (-20.0%)")
     doc = json.loads(invoke("studies", "--by-hardware", "--json", "--storage", STORAGE).output)
     assert doc["rows"][0]["last_check"] == {"at": c.at, "verdict": "regression", "change_pct": c.change_pct,
-                                            "change_ci95": list(c.change_ci95 or ()), "trial": best.number}
+                                            "change_ci95": list(c.change_ci95 or ()), "trial": best.number,
+                                            "study": "plain"}
 
 
 def test_machines_with_the_same_gpus_are_told_apart_by_their_cpu(fake: FakeOllama,
@@ -169,6 +170,86 @@ def test_a_study_without_a_feasible_trial_is_shown_only_alone(fake: FakeOllama,
     assert line.split()[-5:] == ["trial", "-", "-", "3", "-"]
 
 
+def test_a_remote_server_is_its_own_machine(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_on(fake, monkeypatch, "here")
+    for name, host in (("remote-a", "http://192.0.2.2:18440"), ("remote-b", "http://192.0.2.2:18441")):
+        run_on(fake, monkeypatch, name)
+        study, _ = _stored(name)
+        study.set_user_attr("host", host)  # as a study tuned with --host on another machine stores it
+    _, here = _stored("here")
+    rows = {r.study: r for r in fleet.read_fleet(STORAGE).rows}
+    # The same measuring machine, three servers: the two remote ones are not merged with it or each other.
+    assert sorted(rows) == ["here", "remote-a", "remote-b"]
+    assert all(r.studies == (r.study,) for r in rows.values())
+    assert rows["here"].server is None and rows["here"].fingerprint == here.attrs["hardware"]
+    assert rows["here"].hardware.startswith("GPU (server-reported): ")
+    for name, server in (("remote-a", "192.0.2.2:18440"), ("remote-b", "192.0.2.2:18441")):
+        r = rows[name]
+        assert r.hardware == f"server {server} (remote; hardware not seen by the tuner)"
+        assert (r.server, r.fingerprint, r.accelerator) == (server, None, fleet.SERVER_GPU)
+    doc = json.loads(invoke("studies", "--by-hardware", "--json", "--storage", STORAGE).output)
+    remote = next(d for d in doc["rows"] if d["study"] == "remote-a")
+    assert remote["hardware"] == {"label": "server 192.0.2.2:18440 (remote; hardware not seen by the tuner)",
+                                  "accelerator": "server-gpu", "fingerprint": None, "server": "192.0.2.2:18440"}
+
+
+def _lower_the_revalidation(name: str, factor: float) -> None:
+    """The stored re-validation of the winner, measured ``factor`` of its search value (as a lucky
+    search measurement re-measures lower)."""
+    study, st = _stored(name)
+    best = st.best()
+    assert best is not None
+    val = study.user_attrs["validation"]
+    for e in val["entries"]:
+        if e["number"] == best.number:
+            e["values"] = [v * factor for v in e["values"]]
+            e["mean"], e["ci95"] = e["mean"] * factor, [x * factor for x in e["ci95"]]
+    study.set_user_attr("validation", val)
+
+
+def test_the_best_study_is_picked_on_search_values_for_all(fake: FakeOllama,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    run_on(fake, monkeypatch, "revalidated")
+    _lower_the_revalidation("revalidated", 0.9)
+    fake.speed_factor = 0.95  # the same machine, a bit slower in a study measured only in its search
+    run_on(fake, monkeypatch, "searched", validate=0)
+    _, high = _stored("revalidated")
+    _, low = _stored("searched")
+    hb, lb = high.best(), low.best()
+    assert hb is not None and lb is not None and hb.values and lb.values
+    assert 0.9 * hb.values[0] < lb.values[0] < hb.values[0]
+    [row] = fleet.read_fleet(STORAGE).rows
+    # Search value against search value: "revalidated" found the faster config, though its
+    # re-validated mean is below the other's single search value; its re-validated value is shown.
+    assert row.study == "revalidated" and row.studies == ("revalidated", "searched")
+    assert row.value_source == "revalidation" and row.value == pytest.approx(0.9 * hb.values[0], rel=1e-6)
+
+
+def test_a_tie_goes_to_the_revalidated_study_and_the_last_check_is_the_pairs(
+        fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tuner.check
+
+    run_on(fake, monkeypatch, "checked")
+    _lower_the_revalidation("checked", 0.99)  # re-measured a little lower than its search value
+    run_on(fake, monkeypatch, "later", validate=0)  # the same speeds, measured later without an interval
+    _, a = _stored("checked")
+    _, b = _stored("later")
+    ab, bb = a.best(), b.best()
+    assert ab is not None and bb is not None and ab.values == bb.values
+    [row] = fleet.read_fleet(STORAGE).rows
+    assert row.study == "checked" and row.studies == ("checked", "later")
+    assert row.value_source == "revalidation" and row.speedup is not None and row.speedup.ci95 is not None
+    # A check of the study not shown is the pair's latest: shown, saying whose it is.
+    monkeypatch.setattr(tuner.check, "_sampler_factory", lambda engine: None)
+    assert invoke("check", "later", "--storage", STORAGE, "--rounds", "2").exit_code == 0
+    [row] = fleet.read_fleet(STORAGE).rows
+    c = row.last_check
+    assert row.study == "checked" and c is not None and (c.study, c.trial, c.verdict) == ("later", bb.number, "ok")
+    assert c.text(row.best_trial, row.study) == f"{c.at[:10]} ok (+0.0%, of later #{bb.number})"
+    line = invoke("studies", "--by-hardware", "--storage", STORAGE).output.splitlines()[3]
+    assert line.endswith(f"  {c.at[:10]} ok (+0.0%, of later #{bb.number})")
+
+
 @pytest.mark.parametrize(("attrs", "label"), [
     ({"hardware": {"cpu": "X", "cores": 8, "ram_gib": 64, "gpus": ["NVIDIA A100", "NVIDIA L4"]}},
      "NVIDIA A100 + NVIDIA L4"),
@@ -182,6 +263,13 @@ def test_a_study_without_a_feasible_trial_is_shown_only_alone(fake: FakeOllama,
       "environment": {"gpu_offload": {"offloads": True, "source": "--param num_gpu"}}}, "GPU not known: X, 8 cores"),
     ({"hardware": {"cpu": None, "cores": None, "ram_gib": None, "gpus": []}}, "GPU not known: unknown CPU, ? cores"),
     ({"model": "m"}, "hardware not recorded"),
+    # A server on another machine: the fingerprint is the measuring machine's, so it is not shown.
+    ({"hardware": {"cpu": "X", "cores": 8, "ram_gib": 64, "gpus": ["NVIDIA L4"]}, "engine": "ollama",
+      "host": "http://192.0.2.2:11434"}, "server 192.0.2.2:11434 (remote; hardware not seen by the tuner)"),
+    ({"hardware": {"cpu": "X", "cores": 8, "ram_gib": 64, "gpus": ["NVIDIA L4"]}, "engine": "ollama",
+      "host": "http://192.0.2.2:11434", "managed_server": True}, "NVIDIA L4"),
+    ({"hardware": {"cpu": "X", "cores": 8, "ram_gib": 64, "gpus": ["NVIDIA L4"]}, "engine": "ollama",
+      "host": "http://localhost:11434"}, "NVIDIA L4"),
 ])
 def test_the_hardware_label_says_only_what_was_recorded(attrs: dict[str, Any], label: str) -> None:
     assert fleet.hardware_label(attrs) == label
@@ -215,7 +303,8 @@ def test_studies_by_hardware_prints_a_table_and_json(fake: FakeOllama, monkeypat
     assert [d["study"] for d in doc["rows"]] == [row.study for row in rows]
     h200 = next(d for d in doc["rows"] if d["study"] == "h200")
     row = next(row for row in rows if row.study == "h200")
-    assert h200["hardware"] == {"label": "NVIDIA H200", "accelerator": "gpu", "fingerprint": row.fingerprint}
+    assert h200["hardware"] == {"label": "NVIDIA H200", "accelerator": "gpu", "fingerprint": row.fingerprint,
+                                "server": None}
     assert h200["value"] == row.value and h200["best_trial"] == row.best_trial and h200["studies"] == ["h200"]
     assert h200["changed"] == list(row.changed) and h200["value_source"] == "revalidation"
     assert row.speedup is not None

@@ -847,6 +847,134 @@ def test_first_screen_when_nothing_is_feasible_or_the_defaults_win() -> None:
     assert "\nFROM gemma3:1b\n" in g.modelfile and "PARAMETER" not in g.modelfile
 
 
+def _over_the_limit(r: Any) -> Any:
+    """``r`` as stored when it broke --max-vram-mib."""
+    import dataclasses
+
+    return dataclasses.replace(r, constraints={"max_vram_mib": 500.0}, violations=["VRAM peak 1500 MiB > 1000 MiB"])
+
+
+def test_when_only_the_defaults_are_feasible_the_report_says_tuned_ones_broke_limits() -> None:
+    from tuner.report.figures import draw
+
+    # Both tuned configs are faster than the defaults, and both broke the VRAM limit.
+    st = _stored([_rec(0, 50.0, baseline=True), _over_the_limit(_rec(1, 60.0, options={"num_ctx": 4096})),
+                  _over_the_limit(_rec(2, 55.0, options={"num_ctx": 2048}))], limits={"max_vram_mib": 1000.0})
+    data = report.build_data(st)
+    f = data.first
+    assert f is not None and f.number == 0 and f.speedup is None and f.speedup_text == ""
+    assert f.speedup_note == ("The Ollama defaults are the only feasible configuration: every tuned config broke a "
+                              "limit (see Failures); relax the limits or search other settings.")
+    assert [r.number for r in data.failures] == [1, 2]
+    # The parameter figures draw only the tuned trials, all infeasible: each caption says why.
+    assert [p.feasible for p in data.param_points] == [False, False]
+    assert data.param_note == ("Only the baseline was feasible, and it has no searched settings: every trial drawn "
+                               "here broke a limit (see Failures).")
+    captions = {fig.key: fig.caption for fig in draw(data)}
+    assert {"effects", "parallel", "slices"} <= set(captions)
+    for key in ("effects", "parallel", "slices"):
+        assert captions[key].endswith(" " + data.param_note), key
+    assert "history" in captions and data.param_note not in captions["history"]  # the baseline is drawn there
+    page = report.render_html(report.build_report(st))
+    assert html.escape(f.speedup_note) in page and "nothing to change" not in page
+    # Tuned configs every one of which failed to load: nothing to draw, and the reason says so.
+    failed = _stored([_rec(0, 50.0, baseline=True),
+                      dataclasses_replace(_rec(1, 60.0, options={"num_ctx": 4096}), error="model failed to load")])
+    g = report.build_data(failed)
+    assert g.first is not None and g.first.speedup_note == (
+        "The Ollama defaults are the only feasible configuration: every tuned config broke a limit or failed to "
+        "load (see Failures); relax the limits or search other settings.")
+    assert [(e.key, e.reason) for e in g.empty if e.key == "parameters"] == [(
+        "parameters", "Only the baseline (the engine's defaults) was feasible: every trial with searched settings "
+        "failed to load (see Failures).")]
+    # A tuned config that is feasible and slower: then no tuned one beat the defaults.
+    slower = report.build_data(_stored([_rec(0, 50.0, baseline=True), _rec(1, 40.0, options={"num_ctx": 4096}),
+                                        _over_the_limit(_rec(2, 60.0, options={"num_ctx": 2048}))]))
+    assert slower.first is not None and slower.first.speedup_note == (
+        "The Ollama defaults are the best configuration: no tuned one beat them, so there is nothing to change.")
+    assert slower.param_note == ""
+
+
+def dataclasses_replace(r: Any, **kw: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(r, **kw)
+
+
+def _check(verdict: str, pct: float, ci: tuple[float, float], changes: list[str], text: str = "") -> dict[str, Any]:
+    from tuner.check import Check
+
+    return Check(at="2026-12-01T08:00:00+00:00", verdict=verdict, exit_code=1 if verdict == "regression" else 0,
+                 objective="decode_tps", winner_trial=1, winner_now=60.0 * (1 + pct / 100), winner_stored=60.0,
+                 change_pct=pct, change_ci95=ci, environment_changes=changes, text=text).to_dict()
+
+
+def test_first_screen_names_the_last_check_and_a_regression_prominently() -> None:
+    from tuner.check import Check, verdict_text
+
+    records = [_rec(0, 50.0, baseline=True), _rec(1, 60.0, options={"num_ctx": 4096})]
+    ok = _check("ok", -0.8, (-2.0, 0.4), [])
+    g = report.build_data(_stored(records, checks=[ok])).first
+    assert g is not None and not g.check_regression
+    assert g.check_note == ("Last `tune check` (2026-12-01): ok, the winner measured -0.8%, 95% CI -2.0%..+0.4% vs "
+                            "stored (environment unchanged).")
+    stored = _check("regression", -17.0, (-19.0, -15.0), ["Ollama: 0.12.3 -> 0.13.0"])
+    stored["text"] = verdict_text(Check.from_dict(stored), retune="tune --model gemma3:1b --trials 20")
+    st = _stored(records, checks=[ok, stored])
+    data = report.build_data(st)
+    f = data.first
+    assert f is not None and f.check_regression
+    assert f.check_note == ("Last `tune check` (2026-12-01): the winner is now 17% slower (95% CI 15-19% slower) "
+                            "since Ollama 0.12.3 -> 0.13.0: re-tune with `tune --model gemma3:1b --trials 20`")
+    page = report.render_html(data)
+    first = page[page.index("<section id=\"what-to-run\""):page.index("</section>")]
+    assert f"<p class=\"warn\">{html.escape(f.check_note)}</p>" in first
+    assert first.index(html.escape(f.speedup_text)) < first.index(html.escape(f.check_note))
+    # A check of the trial that won then, since displaced, says so.
+    h = report.build_data(_stored([*records, _rec(2, 70.0, options={"num_ctx": 2048})], checks=[stored])).first
+    assert h is not None and h.check_note.startswith("Last `tune check` (2026-12-01): trial #1 (the winner then) is "
+                                                     "now 17% slower")
+    none = report.build_data(_stored(records)).first
+    assert none is not None and (none.check_note, none.check_regression) == ("", False)
+
+
+def test_the_empty_drift_figure_names_the_storage_as_the_export_command_does() -> None:
+    st = _stored([_rec(0, 50.0, baseline=True), _rec(1, 60.0, options={"num_ctx": 4096})])
+    data = report.build_data(st, "postgresql://tuner:s3cret@db/tuner")
+    assert data.first is not None
+    at = data.first.export_command.split(" --format ")[0].removeprefix("tune export bench ")
+    assert at.startswith("--storage ") and "s3cret" not in at
+    [drift] = [e for e in data.empty if e.key == "drift"]
+    assert drift.reason == (f"No `tune check` has run on this study yet: `tune check bench {at}` re-measures the "
+                            "winner and the defaults and keeps the result.")
+    plain = report.build_data(st)  # the default storage: no --storage in either
+    assert [e.reason for e in plain.empty if e.key == "drift"] == [
+        "No `tune check` has run on this study yet: `tune check bench` re-measures the winner and the defaults "
+        "and keeps the result."]
+
+
+def test_a_speedup_from_the_search_says_so_in_the_best_section_and_the_modelfile() -> None:
+    _, study = make_study(None)
+    data = report.build_report(study)
+    page = report.render_html(data)
+    best = page[page.index("Best feasible configuration"):]
+    assert ("<p class=\"speedup\">1.50x decode tok/s vs Ollama defaults (baseline trial #0: 40.00, best: 60.00; each "
+            "measured once in the search; no interval: --validate 2 gives one)</p>") in best
+    assert data.first is not None
+    assert ("# 1.50x the baseline (Ollama defaults) on decode_tps (each measured once in the search; no interval: "
+            "--validate 2 gives one)\n") in data.first.modelfile
+    # Re-validated with the defaults in the same rounds: the interval, in both places.
+    study.set_user_attr("validation", _speedup_validation())
+    data = report.build_report(study)
+    page = report.render_html(data)
+    best = page[page.index("Best feasible configuration"):]
+    assert "1.50x decode tok/s vs Ollama defaults (95% CI 1.41-1.60x, re-measured interleaved over 4 rounds)" in best
+    assert "each measured once" not in page
+    assert data.first is not None
+    assert ("# 1.50x the baseline (Ollama defaults) on decode_tps (95% CI 1.41-1.60x, re-measured interleaved over "
+            "4 rounds)\n") in data.first.modelfile
+
+
 def test_top_table_rows_backend_and_markdown() -> None:
     env = {"model": "gemma3:1b", "gpus": [{"index": 0, "name": "NVIDIA H200"}, {"index": 1, "name": "NVIDIA H200"}],
            "models": {"gemma3:1b": {"parameter_size": "999.89M", "quantization": "Q4_K_M", "size_bytes": 815 * 2**20},

@@ -24,6 +24,7 @@ from tuner.results import StoredStudy
 from tuner.show import _jsonable
 from tuner.storage import open_storage, shown_url
 from tuner.terminal import printable
+from tuner.warmstart import server_of
 
 #: Offload sources that are the engine's own word on where the model ran (see
 #: ``GpuOffload.source``); "unknown", "--param num_gpu" and test stand-ins are not evidence.
@@ -49,11 +50,16 @@ class LastCheck:
     change_ci95: tuple[float, float] | None = None
     #: The trial it re-measured: the best then, which later trials may have displaced.
     trial: int | None = None
+    #: The study it belongs to (one of the row's studies, not always the one shown).
+    study: str | None = None
 
-    def text(self, best_trial: int | None = None) -> str:
-        """e.g. "2026-12-01 ok (-0.8%)"; "of #4" when it checked another trial than ``best_trial``."""
+    def text(self, best_trial: int | None = None, study: str | None = None) -> str:
+        """e.g. "2026-12-01 ok (-0.8%)"; "of #4" when it checked another trial than ``best_trial``,
+        "of STUDY #4" when it belongs to another study than ``study`` (the one shown)."""
         notes = [] if self.change_pct is None else [f"{self.change_pct:+.1f}%"]
-        if best_trial is not None and self.trial is not None and self.trial != best_trial:
+        if study is not None and self.study is not None and self.study != study:
+            notes.append(f"of {self.study}" + (f" #{self.trial}" if self.trial is not None else ""))
+        elif best_trial is not None and self.trial is not None and self.trial != best_trial:
             notes.append(f"of #{self.trial}")
         return f"{self.at[:10]} {self.verdict}" + (f" ({', '.join(notes)})" if notes else "")
 
@@ -88,7 +94,8 @@ class FleetRow:
     model: str
     #: How the hardware is shown: GPU names, or "CPU-only: CPU, N cores", ...
     hardware: str
-    #: The study attribute ``hardware`` (cpu, cores, ram_gib, gpus); None when not recorded.
+    #: The study attribute ``hardware`` (cpu, cores, ram_gib, gpus); None when not recorded, or
+    #: when the server was remote (then it describes the measuring machine, not the server's).
     fingerprint: dict[str, Any] | None
     #: What ran the model: GPU, SERVER_GPU, CPU or UNKNOWN (module constants).
     accelerator: str
@@ -113,6 +120,9 @@ class FleetRow:
     last_check: LastCheck | None = None
     #: What makes a number here less certain than it looks.
     warnings: tuple[str, ...] = ()
+    #: A remote server's address (``host:port``) when the study measured one; None when the server
+    #: ran on the measuring machine.
+    server: str | None = None
 
     @property
     def config_text(self) -> str:
@@ -129,7 +139,11 @@ class _Candidate:
     st: StoredStudy
     row: FleetRow
     key: tuple[str, str, str, str]
+    #: The search value of the study's best trial (signed so higher is better): one basis for
+    #: every study, as a re-validated mean of one against single values of others would not be.
     score: float
+    #: Its best config was re-measured with an interval: preferred on a tie.
+    validated: bool = False
 
 
 def _model_label(model: str) -> str:
@@ -163,7 +177,8 @@ def accelerator(attrs: dict[str, Any]) -> str:
     offload = env.get("gpu_offload") if isinstance(env, dict) else None
     source = attrs.get("gpu_offload_source") or (offload.get("source") if isinstance(offload, dict) else None)
     offloads = offload.get("offloads") if isinstance(offload, dict) and source in _OFFLOAD_EVIDENCE else None
-    gpus = hw.get("gpus") if isinstance(hw, dict) else None
+    # NVML sees the measuring machine's GPUs, not a remote server's.
+    gpus = hw.get("gpus") if isinstance(hw, dict) and remote_server(attrs) is None else None
     if gpus:
         return CPU if offloads is False else GPU
     if offloads is True:
@@ -173,9 +188,25 @@ def accelerator(attrs: dict[str, Any]) -> str:
     return UNKNOWN
 
 
+def remote_server(attrs: dict[str, Any]) -> str | None:
+    """The ``host:port`` of the server a study measured when it is not on the measuring machine
+    (see :func:`tuner.warmstart.server_of`), else None."""
+    if server_of(attrs) == "local":
+        return None
+    return str(attrs.get("host") or "").split("://")[-1].rstrip("/")
+
+
+_KIND_TEXT = {SERVER_GPU: "GPU (server-reported)", CPU: "CPU-only", UNKNOWN: "GPU not known"}
+
+
 def hardware_label(attrs: dict[str, Any], detailed: bool = False) -> str:
     """How a study's hardware is shown; ``detailed`` adds the CPU and RAM to tell apart two
-    machines that would otherwise read the same."""
+    machines that would otherwise read the same (for a remote server: what the server said
+    about where the model ran)."""
+    server = remote_server(attrs)
+    if server is not None:
+        kind = f"{_KIND_TEXT[accelerator(attrs)]}; " if detailed else ""
+        return f"server {server} (remote; {kind}hardware not seen by the tuner)"
     hw = attrs.get("hardware")
     if not isinstance(hw, dict):
         return "hardware not recorded"
@@ -184,17 +215,17 @@ def hardware_label(attrs: dict[str, Any], detailed: bool = False) -> str:
     if kind == GPU:
         names = _gpu_names(gpus)
         return f"{names} ({_cpu_text(hw, ram=True)})" if detailed else names
-    head = {SERVER_GPU: "GPU (server-reported)", CPU: "CPU-only", UNKNOWN: "GPU not known"}[kind]
+    head = _KIND_TEXT[kind]
     text = f"{head}: {_cpu_text(hw, ram=detailed)}"
     return text + (f" (GPU not used: {_gpu_names(gpus)})" if gpus else "")
 
 
-def _last_check(attrs: dict[str, Any]) -> LastCheck | None:
+def _last_check(attrs: dict[str, Any], study: str | None = None) -> LastCheck | None:
     c = last_check(attrs)
     if c is None:
         return None
     return LastCheck(at=c.at, verdict=c.verdict, change_pct=c.change_pct, change_ci95=c.change_ci95,
-                     trial=c.winner_trial)
+                     trial=c.winner_trial, study=study)
 
 
 def _value(st: StoredStudy, best: TrialRecord, objective: str) -> tuple[float | None, tuple[float, float] | None, str]:
@@ -223,16 +254,19 @@ def _candidate(st: StoredStudy) -> _Candidate:
     names = list(attrs.get("objectives") or [])
     objective = str(names[0]) if names else "decode_tps"
     model = _model_label(str(attrs.get("model") or ""))
-    hw = attrs.get("hardware") if isinstance(attrs.get("hardware"), dict) else None
+    server = remote_server(attrs)
+    # A remote server is its own machine: the fingerprint describes the one that measured it.
+    hw = attrs.get("hardware") if isinstance(attrs.get("hardware"), dict) and server is None else None
     kind = accelerator(attrs)
     best = st.best()
     last = max((r.datetime_complete or r.datetime_start for r in st.records if r.datetime_start), default=None)
     row = FleetRow(
         model=model, hardware=hardware_label(attrs), fingerprint=hw, accelerator=kind,
         engine=str(attrs.get("engine", "ollama")), objective=objective, study=st.name, studies=(st.name,),
-        trials=len(st.records), last_update=last, last_check=_last_check(attrs),
+        trials=len(st.records), last_update=last, last_check=_last_check(attrs, st.name), server=server,
     )
-    key = (model, objective, json.dumps(hw, sort_keys=True, default=str), kind)
+    machine = f"server {server}" if server is not None else json.dumps(hw, sort_keys=True, default=str)
+    key = (model, objective, machine, kind)
     if best is None:
         return _Candidate(st, row, key, -math.inf)
     value, ci95, source = _value(st, best, objective)
@@ -251,13 +285,15 @@ def _candidate(st: StoredStudy) -> _Candidate:
         config=best.config_text(), value=value, value_ci95=ci95, value_source=source, speedup=speedup,
         warnings=tuple(warnings))
     sign = 1.0 if st.direction == "maximize" else -1.0
-    return _Candidate(st, row, key, sign * value if value is not None else -math.inf)
+    searched = best.values[0] if best.values else None
+    validated = source == "revalidation" or (speedup is not None and speedup.ci95 is not None)
+    return _Candidate(st, row, key, sign * searched if searched is not None else -math.inf, validated)
 
 
 def fleet_rows(studies: Sequence[StoredStudy]) -> list[FleetRow]:
-    """One row per model x hardware x objective: the study with the best feasible value
-    (ties: the most recently updated), naming every study of the group. Sorted by model,
-    then hardware."""
+    """One row per model x hardware x objective: the study whose best trial has the best search
+    value (ties: one with a re-validation, then the most recently updated), naming every study of
+    the group and the latest check among them. Sorted by model, then hardware."""
     groups: dict[tuple[str, str, str, str], list[_Candidate]] = {}
     for st in studies:
         c = _candidate(st)
@@ -265,9 +301,13 @@ def fleet_rows(studies: Sequence[StoredStudy]) -> list[FleetRow]:
     never = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     best: list[_Candidate] = []
     for members in groups.values():
-        members.sort(key=lambda c: (c.score, _aware(c.row.last_update) or never, c.st.name), reverse=True)
+        members.sort(key=lambda c: (c.score, c.validated, _aware(c.row.last_update) or never, c.st.name),
+                     reverse=True)
         best.append(members[0])
-        members[0].row = dataclasses.replace(members[0].row, studies=tuple(c.st.name for c in members))
+        checks = [c.row.last_check for c in members if c.row.last_check is not None]
+        latest = max(checks, key=lambda k: _aware(_parse(k.at)) or never, default=None)
+        members[0].row = dataclasses.replace(members[0].row, studies=tuple(c.st.name for c in members),
+                                             last_check=latest)
     # Two machines whose short labels read the same (same GPUs, another CPU) get the long label.
     hardware_of: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for c in best:
@@ -275,6 +315,13 @@ def fleet_rows(studies: Sequence[StoredStudy]) -> list[FleetRow]:
     rows = [dataclasses.replace(c.row, hardware=hardware_label(c.st.attrs, detailed=True))
             if len(hardware_of[(c.row.model, c.row.hardware)]) > 1 else c.row for c in best]
     return sorted(rows, key=lambda r: (r.model, r.hardware, r.objective, r.study))
+
+
+def _parse(at: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(at)
+    except (TypeError, ValueError):
+        return None
 
 
 def _aware(t: dt.datetime | None) -> dt.datetime | None:
@@ -325,7 +372,7 @@ def format_fleet(fleet: Fleet) -> str:
     cells = [(
         printable(r.hardware), printable(_study_text(r)), printable(r.config_text),
         _value_text(r, len(objs) > 1), r.speedup.text() if r.speedup else "-", str(r.trials),
-        printable(r.last_check.text(r.best_trial)) if r.last_check else "-",
+        printable(r.last_check.text(r.best_trial, r.study)) if r.last_check else "-",
     ) for r in fleet.rows]
     widths = [max(len(c[i]) for c in [head, *cells]) for i in range(len(head))]
     right = {3, 5}
@@ -356,7 +403,8 @@ def row_json(r: FleetRow) -> dict[str, Any]:
     s = r.speedup
     return _jsonable({
         "model": r.model,
-        "hardware": {"label": r.hardware, "accelerator": r.accelerator, "fingerprint": r.fingerprint},
+        "hardware": {"label": r.hardware, "accelerator": r.accelerator, "fingerprint": r.fingerprint,
+                     "server": r.server},
         "engine": r.engine,
         "objective": r.objective,
         "study": r.study,
@@ -373,7 +421,7 @@ def row_json(r: FleetRow) -> dict[str, Any]:
         "last_update": r.last_update,
         "last_check": None if r.last_check is None else {
             "at": r.last_check.at, "verdict": r.last_check.verdict, "change_pct": r.last_check.change_pct,
-            "change_ci95": r.last_check.change_ci95, "trial": r.last_check.trial},
+            "change_ci95": r.last_check.change_ci95, "trial": r.last_check.trial, "study": r.last_check.study},
         "warnings": list(r.warnings),
     })
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from tuner import objectives, results
-from tuner.check import DriftSeries, drift_series
+from tuner.check import Check, DriftSeries, change_text, drift_series, last_check
 from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES, Effects, compute as compute_effects
 from tuner.record import HOST_TELEMETRY_ROWS, METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
 from tuner.results import StoredStudy, paused_gc, read_study
@@ -289,6 +289,9 @@ class FirstScreen:
     speedup_note: str
     baseline_number: int | None
     costs: list[CostRow] = field(default_factory=list)
+    #: The latest ``tune check`` in a line ("" without one), and whether it found a regression.
+    check_note: str = ""
+    check_regression: bool = False
 
 
 @dataclass(frozen=True)
@@ -414,6 +417,8 @@ class ReportData:
     #: Measured trials with searched settings, and those settings.
     param_points: list[TrialPoint] = field(default_factory=list)
     params: list[ParamAxis] = field(default_factory=list)
+    #: Why the parameter figures show no feasible point ("" when they do, or nothing explains it).
+    param_note: str = ""
     #: How much each setting explains the objective (PED-ANOVA), largest first; only computed
     #: from ``MIN_TRIALS_FOR_IMPORTANCES`` measured trials (below, not a ranking to believe).
     importances: list[tuple[str, float]] = field(default_factory=list)
@@ -811,6 +816,9 @@ def _search(data: ReportData, s: StoredStudy) -> None:
         data.empty.append(EmptyFigure("parameters", "Parameter effects, importances, parallel coordinates, slices",
                                       _no_parameters(s)))
         return
+    if not any(p.feasible for p in data.param_points) and any(r.baseline and r.feasible for r in s.records):
+        data.param_note = ("Only the baseline was feasible, and it has no searched settings: every trial drawn "
+                           "here broke a limit (see Failures).")
     data.effects = compute_effects(s)
     if not data.effects.params:
         data.empty.append(EmptyFigure("effects", "Parameter effects",
@@ -871,6 +879,10 @@ def _no_parameters(s: StoredStudy) -> str:
     if not measured:
         return "No trial was measured yet (every trial failed or failed to load): no settings to plot."
     if all(r.baseline for r in measured):
+        if any(not r.baseline and r.state == "COMPLETE" for r in s.records):
+            how = "feasible" if any(r.feasible for r in measured) else "measured"
+            return (f"Only the baseline (the engine's defaults) was {how}: every trial with searched settings "
+                    "failed to load (see Failures).")
         return "Only the baseline (the engine's defaults) was measured: no trial with searched settings yet."
     return "No setting varied between the measured trials (fixed settings only): nothing to compare."
 
@@ -1064,14 +1076,30 @@ def tuned_name(r: TrialRecord) -> str:
     return (re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model") + "-tuned"
 
 
+def _defaults_won(s: StoredStudy, defaults: str) -> str:
+    """Why the defaults are the config to run: faster than every feasible tuned one, or the only
+    feasible one (tuned ones may be faster, but broke a limit)."""
+    tuned = [r for r in s.records if not r.baseline and r.state == "COMPLETE"]
+    feasible = [r for r in tuned if r.feasible and r.values]
+    if s.only_contended or any(not r.contended for r in feasible):
+        return f"The {defaults} are the best configuration: no tuned one beat them, so there is nothing to change."
+    if feasible:
+        return (f"The {defaults} are the best configuration measured on a quiet machine: every feasible tuned config "
+                "was measured while other processes competed, so none counts; re-run when the machine is quiet.")
+    if tuned:
+        broke = "broke a limit" if all(not r.error for r in tuned) else "broke a limit or failed to load"
+        return (f"The {defaults} are the only feasible configuration: every tuned config {broke} (see Failures); "
+                "relax the limits or search other settings.")
+    return f"The {defaults} are the only configuration measured so far: run more trials to compare tuned ones."
+
+
 def _speedup(s: StoredStudy, data: ReportData, win: TrialRecord,
              base: TrialRecord | None) -> tuple[float | None, tuple[float, float] | None, str, str]:
     """(ratio, 95% interval, text, note) of the winner over the defaults."""
     label = objectives.label(data.objective)
     defaults = results.defaults_name(data.header.engine)
     if win.baseline:
-        return None, None, "", (f"The {defaults} are the best configuration: no tuned one beat them, so there is "
-                                "nothing to change.")
+        return None, None, "", _defaults_won(s, defaults)
     again = data.validation_speedup
     if again is not None and data.winner_row is not None and again.trial == win.number:
         return again.ratio, (again.ci95[0], again.ci95[1]), again.describe(label, defaults), ""
@@ -1093,6 +1121,40 @@ def _speedup(s: StoredStudy, data: ReportData, win: TrialRecord,
                                "them interleaved and get a 95% interval.")
 
 
+def _storage_args(storage: str | None) -> tuple[str, ...]:
+    """``--storage URL`` for the commands the report prints (password masked); none for the default."""
+    return () if storage is None or storage == default_storage_url() else ("--storage", mask(storage))
+
+
+def _pct(p: float) -> str:
+    """A percentage as ``tune check`` prints it: whole from 10% up."""
+    return f"{p:.0f}" if abs(p) >= 9.95 else f"{p:.1f}"
+
+
+def _check_note(c: Check | None, winner: int) -> str:
+    """The latest ``tune check`` in one line, from its stored fields; a regression says to re-tune."""
+    if c is None:
+        return ""
+    date = c.at[:10]
+    if c.verdict == "unmeasured" or c.change_pct is None:
+        return f"Last `tune check` ({date}) could not measure: {c.error or 'no measurement'}."
+    what = "the winner" if c.winner_trial in (None, winner) else f"trial #{c.winner_trial} (the winner then)"
+    since = (" since " + ", ".join(x.replace(": ", " ", 1) for x in c.environment_changes)
+             if c.environment_changes else " (environment unchanged)")
+    pct, ci = c.change_pct, c.change_ci95
+    if c.verdict == "regression":
+        interval = f" (95% CI {_pct(-ci[1])}-{_pct(-ci[0])}% slower)" if ci is not None else ""
+        # The stored verdict's advice (re-tune with its command, or why re-tuning will not help) is
+        # what follows its "since ..." and "; defaults moved ..." parts.
+        at = c.text.find(since)
+        rest = c.text[at + len(since):] if at >= 0 else ""
+        if rest.startswith("; defaults moved"):
+            rest = rest[rest.find(":"):] if ":" in rest else ""
+        advice = rest if rest.startswith(": ") else ": re-tune"
+        return f"Last `tune check` ({date}): {what} is now {_pct(-pct)}% slower{interval}{since}{advice}"
+    return f"Last `tune check` ({date}): {c.verdict}, {what} measured {change_text(pct, ci)} vs stored{since}."
+
+
 def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, feasible: bool,
                   base: TrialRecord | None, storage: str | None) -> FirstScreen:
     """What to run, from the stored study alone."""
@@ -1109,18 +1171,21 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
         modelfile, missing = modelfile_text(best, s), ""
     except ExportError as e:
         modelfile, missing = "", f"No Modelfile for this winner: {e}."
-    at = () if storage is None or storage == default_storage_url() else ("--storage", mask(storage))
+    at = _storage_args(storage)
     name = tuned_name(best)
     env_command = (command("tune", "export", s.name, *at, "--format", "env", "-o", f"{name}.env")
                    if best.effective_server else "")
     ratio, ci, text, note = _speedup(s, data, best, base)
+    check = last_check(s.attrs)
     return FirstScreen(
         number=best.number, config=best.config_text(), modelfile=modelfile, missing=missing,
         export_command=command("tune", "export", s.name, *at, "--format", "modelfile", "-o", f"{name}.Modelfile")
         if modelfile else "",
         create_command=command("ollama", "create", name, "-f", f"{name}.Modelfile") if modelfile else "",
         env_command=env_command, speedup=ratio, speedup_ci=ci, speedup_text=text, speedup_note=note,
-        baseline_number=base.number if base is not None else None, costs=_costs(best, base, data))
+        baseline_number=base.number if base is not None else None, costs=_costs(best, base, data),
+        check_note=_check_note(check, best.number),
+        check_regression=check is not None and check.verdict == "regression")
 
 
 def build_data(source: Study | StoredStudy, storage: str | None = None) -> ReportData:
@@ -1184,7 +1249,8 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
             "drift", "The winner's speed over time",
             ("No `tune check` of this study measured anything yet (each stored check was unmeasured): "
              if checked else "No `tune check` has run on this study yet: ")
-            + f"`{command('tune', 'check', s.name)}` re-measures the winner and the defaults and keeps the result."))
+            + f"`{command('tune', 'check', s.name, *_storage_args(storage))}` re-measures the winner and the "
+            "defaults and keeps the result."))
     data.bench = _bench(s, ranked, env, data)
     data.first = _first_screen(s, data, best, feasible, base, storage)
     return data

@@ -459,6 +459,7 @@ def draw(data: ReportData) -> list[NamedFigure]:
                         "were stopped; they never count as best.")
         figs.append(NamedFigure("history", "Optimisation history", history_figure(data), caption))
     if data.params:
+        note = f" {data.param_note}" if data.param_note else ""
         eff = data.effects
         if eff is not None and eff.params:
             how = ("geometric mean and its 95% t interval on the log scale" if eff.log_scale
@@ -466,18 +467,18 @@ def draw(data: ReportData) -> list[NamedFigure]:
             figs.append(NamedFigure(
                 "effects", "Parameter effects", effects_figure(data),
                 f"{eff.n_trials} measured trials; per value, the {how} (open circles: measured once, no "
-                f"interval); the setting the verdict names is drawn in red. {MARGINAL}"))
+                f"interval); the setting the verdict names is drawn in red. {MARGINAL}" + note))
         if data.importances:
             figs.append(NamedFigure("importances", "Parameter importances", importances_figure(data),
                                     f"How much each setting explains the objective (PED-ANOVA) over "
                                     f"{len(data.param_points)} measured trials (shown from "
                                     f"{MIN_TRIALS_FOR_IMPORTANCES}); a ranking without intervals: "
-                                    "Parameter effects above says how sure each effect is."))
+                                    "Parameter effects above says how sure each effect is." + note))
         figs.append(NamedFigure("parallel", "Parallel coordinates", parallel_figure(data),
-                                "Each line is a measured trial, darker is better; infeasible ones are dotted."))
+                                "Each line is a measured trial, darker is better; infeasible ones are dotted." + note))
         figs.append(NamedFigure("slices", f"{data.objective_label} against each parameter", slice_figure(data),
                                 "Baseline and failed loads are left out (they have no parameters or no "
-                                "measurement)."))
+                                "measurement)." + note))
     if data.tradeoff:
         figs.append(NamedFigure(
             "tradeoff", "Throughput vs time to first token", tradeoff_figure(data),
@@ -516,7 +517,7 @@ def draw(data: ReportData) -> list[NamedFigure]:
 
 def drift_figure(data: ReportData) -> go.Figure:
     """The winner's value at the stored measurement and at each check, the defaults beside it, and
-    a marked line where a check first saw an environment change."""
+    a marked line at each check whose environment differs from the point before."""
     import plotly.graph_objects as go
 
     series = data.drift

@@ -55,7 +55,7 @@ def _row(r: FleetRow) -> list[tuple[str, bool]]:
     return [
         (_hardware_cell(r), False), (_study_cell(r), False), (_config_cell(r), False), (_value_cell(r), True),
         (_e(r.speedup.text()) if r.speedup else "-", True), (str(r.trials), True),
-        (_e(r.last_check.text(r.best_trial)) if r.last_check else "-", False),
+        (_e(r.last_check.text(r.best_trial, r.study)) if r.last_check else "-", False),
         (_e(r.last_update.strftime("%Y-%m-%d %H:%M")) if r.last_update else "-", False),
     ]
 
@@ -67,7 +67,8 @@ def render_fleet(fleet: Fleet, generated_at: str | None = None) -> str:
         "<h1>ollama-tuner fleet</h1>",
         f"<p class=\"caption\">Generated {_e(at)} from {_e(fleet.storage)}: {fleet.studies} studies, "
         f"{len(fleet.rows)} model x hardware pairs. Where several studies measured the same model on the same "
-        "hardware, the one with the best feasible value is shown.</p>",
+        "hardware, the one whose best trial has the best search value is shown (its re-validated value where it "
+        "has one).</p>",
     ]
     if not fleet.rows:
         body.append("<p class=\"note\">The storage holds no study.</p>")

@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from tuner import objectives
-from tuner.results import defaults_name
+from tuner.results import defaults_name, search_speedup_text
 from tuner.report.data import FIGURE_ORDER, TOP_N, EmptyFigure, NamedFigure, ReportData, ValidationRow
 
 if TYPE_CHECKING:
@@ -128,12 +128,10 @@ def _best_html(data: ReportData) -> str:
     again = data.validation_speedup
     if again is not None and data.winner_row is not None and again.trial == b.number:
         parts.append(f"<p class=\"speedup\">{_e(again.describe(objectives.label(b.objective), engine_defaults))}</p>")
-    elif b.speedup is not None:
-        parts.append(
-            f"<p class=\"speedup\">{b.speedup:.2f}&times; {_e(objectives.label(b.objective))} "
-            f"vs {_e(engine_defaults)} (baseline trial #{b.baseline_number}: {_f(b.baseline_value, 2)}, "
-            f"best: {_f(b.value, 2)})</p>"
-        )
+    elif b.speedup is not None and not b.baseline:  # the defaults over themselves: the first screen says why
+        base = (b.baseline_number, b.baseline_value) if b.baseline_number is not None else None
+        text = search_speedup_text(b.speedup, objectives.label(b.objective), engine_defaults, base, b.value)
+        parts.append(f"<p class=\"speedup\">{_e(text)}</p>")
     elif b.baseline_number is None:
         parts.append("<p class=\"caption\">No baseline trial (study run with --no-baseline): no speedup to show.</p>")
     parts.extend(_winner_html(data))
@@ -205,6 +203,8 @@ def _first_html(data: ReportData) -> str:
         parts.append(f"<p class=\"speedup\">{_e(f.speedup_text)}</p>")
     if f.speedup_note:
         parts.append(f"<p class=\"note\">{_e(f.speedup_note)}</p>")
+    if f.check_note:
+        parts.append(f"<p class=\"{'warn' if f.check_regression else 'note'}\">{_e(f.check_note)}</p>")
     if f.costs:
         base = f"defaults (#{f.baseline_number})" if f.baseline_number is not None else "defaults (not measured)"
         rows = [[(_e(c.label + (f" ({c.source})" if c.source else "")), False), (_f(c.winner, c.digits), True),
