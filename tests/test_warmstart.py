@@ -222,3 +222,10 @@ def test_a_partial_offload_moved_on_the_same_hardware_says_nearest() -> None:
     r = TrialRecord(model="gemma3:1b", options={"num_gpu": 22})
     params, notes, _ = warmstart.map_config(r, space, {"num_gpu": list(range(0, 28))}, True, True)
     assert params == {"num_gpu": 27} and notes == ["num_gpu 22 -> 27 (nearest allowed)"]
+
+
+def test_a_server_found_local_is_local_whatever_its_address() -> None:
+    # Reached through the machine's own hostname: the study recorded that the server ran here.
+    assert warmstart.server_of({"engine": "ollama", "host": "http://gpu-01:11434", "server_local": True}) == "local"
+    assert warmstart.server_of({"engine": "ollama", "host": "http://gpu-01:11434"}) == "gpu-01"
+    assert warmstart.server_of({"engine": "ollama", "host": "http://127.0.0.1:11434"}) == "local"

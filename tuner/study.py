@@ -404,6 +404,9 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
                 study.set_user_attr(k, v)
         study.set_user_attr("host", p.server.get("host", ""))
         study.set_user_attr("managed_server", bool(p.server.get("managed")))
+        # Whether the server runs on this machine (its address resolves here): the hardware
+        # fingerprint describes the server's machine only then.
+        study.set_user_attr("server_local", bool(p.engine.local))
         study.set_user_attr("server_version", p.server.get("version", ""))
         study.set_user_attr("space", p.space.to_dict())
         study.set_user_attr("workload", p.workload.to_dict())

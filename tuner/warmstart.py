@@ -70,7 +70,9 @@ class Machine:
 
 
 def server_of(attrs: dict[str, Any]) -> str:
-    if attrs.get("managed_server") or attrs.get("engine") != "ollama":
+    """"local" when a stored study's server ran on the measuring machine, else its host: what
+    the tuner saw then (``server_local``), else whether the stored host is a loopback address."""
+    if attrs.get("managed_server") or attrs.get("engine") != "ollama" or attrs.get("server_local") is True:
         return "local"
     host = str(attrs.get("host") or "").split("://")[-1].rsplit(":", 1)[0]
     return "local" if not host or host in _LOOPBACK else host
