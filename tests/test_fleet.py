@@ -175,7 +175,9 @@ def test_a_remote_server_is_its_own_machine(fake: FakeOllama, monkeypatch: pytes
     for name, host in (("remote-a", "http://192.0.2.2:18440"), ("remote-b", "http://192.0.2.2:18441")):
         run_on(fake, monkeypatch, name)
         study, _ = _stored(name)
-        study.set_user_attr("host", host)  # as a study tuned with --host on another machine stores it
+        # As a study tuned with --host on another machine stores it.
+        study.set_user_attr("host", host)
+        study.set_user_attr("server_local", False)
     _, here = _stored("here")
     rows = {r.study: r for r in fleet.read_fleet(STORAGE).rows}
     # The same measuring machine, three servers: the two remote ones are not merged with it or each other.
