@@ -247,3 +247,13 @@ def test_quiet_and_verbose_together_are_refused() -> None:
     r = invoke("--model", "gemma3:1b", "-q", "-v")
     assert r.exit_code == 2
     assert r.output == "Error: --quiet and --verbose contradict each other: pass one of them\n"
+
+
+def test_when_the_defaults_win_no_speedup_of_one_is_printed(fake: FakeOllama) -> None:
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--trials", "1", "--repeats", "1", "--num-predict", "4",
+               "--validate", "0", "--no-roofline", "-q")
+    assert r.exit_code == 0, r.output
+    assert r.output.endswith("; the Ollama defaults are the best configuration found: nothing to change\n"), r.output
+    assert "1.00x" not in r.output
+    r = invoke("show")
+    assert "\nThe Ollama defaults are the best configuration found: nothing to change\n" in r.output, r.output

@@ -69,6 +69,9 @@ def speedup_text(s: results.StudySummary, short: bool = False) -> str:
     again = _revalidated_speedup(s)
     if again is not None:
         return again.describe(objectives.label(s.objectives[0]), results.defaults_name(s.engine))
+    if s.best is not None and s.best.baseline and s.best_is_feasible:
+        # "1.00x vs the defaults" would read as a measured gain of nothing: say what it means.
+        return f"the {results.defaults_name(s.engine)} are the best configuration found: nothing to change"
     if s.speedup is not None and s.baseline is not None and s.best is not None:
         return results.search_speedup_text(
             s.speedup, objectives.label(s.objectives[0]), results.defaults_name(s.engine),
@@ -118,7 +121,7 @@ def format_summary(s: Any) -> str:
     val = results.Validation.from_dict(s.validation) if s.validation else None
     speedup = speedup_text(s)
     if speedup:
-        out.append(speedup)
+        out.append(speedup[:1].upper() + speedup[1:])
     if val is not None:
         out.extend(val.describe())
     if s.roofline:
