@@ -567,3 +567,21 @@ def test_a_machine_that_stays_busy_is_said_plainly(fake: FakeOllama, gpu: None, 
     assert sum(line.count("CONTENDED") for line in lines) == 3
     assert ("WARNING: every feasible trial was measured while other processes competed for the machine: "
             "the winner above is uncertain; re-run when the machine is quiet") in format_summary(summary)
+
+
+def test_defaults_that_win_only_under_contention_are_not_recommended(
+        fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from tuner.show import format_summary, verdict
+
+    _script(monkeypatch, interference=[95.0], busy=[90.0])
+    summary = run_study(opts(fake, trials=1, validate=0, roofline=False, quiet_wait_s=0.5))
+    assert summary.best is not None and summary.best.baseline and summary.only_contended
+    text = format_summary(summary)
+    assert ("\nThe Ollama defaults measured best, but every trial was measured while other processes competed: "
+            "no recommendation until a quiet re-run\n") in text
+    assert "nothing to change" not in text and "nothing to change" not in verdict(summary)
+    assert "1 trials still contended (all of them: see the warning below)" in text
+    quiet = dataclasses.replace(summary, only_contended=False)
+    assert "The Ollama defaults are the best configuration found: nothing to change" in format_summary(quiet)

@@ -71,6 +71,9 @@ def speedup_text(s: results.StudySummary, short: bool = False) -> str:
         return again.describe(objectives.label(s.objectives[0]), results.defaults_name(s.engine))
     if s.best is not None and s.best.baseline and s.best_is_feasible:
         # "1.00x vs the defaults" would read as a measured gain of nothing: say what it means.
+        if s.only_contended:
+            return (f"the {results.defaults_name(s.engine)} measured best, but every trial was measured while "
+                    "other processes competed: no recommendation until a quiet re-run")
         return f"the {results.defaults_name(s.engine)} are the best configuration found: nothing to change"
     if s.speedup is not None and s.baseline is not None and s.best is not None:
         return results.search_speedup_text(
@@ -130,8 +133,9 @@ def format_summary(s: Any) -> str:
         out.append(f"Pruning: {s.pruned} trials stopped early, saving about {s.pruned_saved_s:.1f} s of measurement")
     if s.contended or s.remeasured:
         out.append(f"Interference: {s.remeasured} measurements redone because other processes competed, "
-                   f"{s.contended} trials still contended (left out of the winner); "
-                   f"{s.contention_lost_s:.0f} s lost to contention")
+                   f"{s.contended} trials still contended "
+                   + ("(all of them: see the warning below); " if s.only_contended else "(left out of the winner); ")
+                   + f"{s.contention_lost_s:.0f} s lost to contention")
     if s.only_contended:
         out.append("WARNING: every feasible trial was measured while other processes competed for the machine: "
                    "the winner above is uncertain; re-run when the machine is quiet")
