@@ -229,3 +229,19 @@ def test_a_server_found_local_is_local_whatever_its_address() -> None:
     assert warmstart.server_of({"engine": "ollama", "host": "http://gpu-01:11434", "server_local": True}) == "local"
     assert warmstart.server_of({"engine": "ollama", "host": "http://gpu-01:11434"}) == "gpu-01"
     assert warmstart.server_of({"engine": "ollama", "host": "http://127.0.0.1:11434"}) == "local"
+
+
+def test_partial_offload_seeds_keep_the_full_offload_screen() -> None:
+    """Full offload did not fit the source's GPU: its winners are partial offloads, kept on the same
+    hardware; the new study still screens full offload (a seed at full offload would cover it)."""
+    with FakeOllama(memory_budget_mib=700) as small:
+        params = {"num_gpu": list(range(0, 28)), "num_thread": [1, 2], "variant": ["gemma3:1b"]}
+        run_study(opts(small, study_name="small", trials=8, params=params))
+        source = _study("small")
+        best = source.best()
+        assert best is not None and 0 < best.options["num_gpu"] < 27, [(r.options, r.error) for r in source.records]
+        run_study(opts(small, study_name="again", trials=4, num_predict=12, params=params))
+    again = _study("again")
+    stages = [(r.stage, r.options.get("num_gpu")) for r in sorted(again.records, key=lambda r: r.number)]
+    assert stages[0][0] == "baseline" and stages[1] == ("warm", best.options["num_gpu"])
+    assert ("screen", 27) in stages, stages

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 from tuner import objectives
 from tuner.record import TrialRecord
 from tuner.results import StoredStudy, searched_values
+from tuner.stats import overlaps, t_ci95, welch_ci95
 
 #: Below this many measured trials with searched settings, importances are not shown as a
 #: ranking. PED-ANOVA (the report's evaluator) contrasts the top 10% of trials with all of
@@ -125,53 +126,12 @@ class Effects:
         return out
 
 
-# ------------------------------------------------------------------------------ statistics
-
-
-def t975(df: float) -> float:
-    """The two-sided 95% Student t quantile for ``df`` degrees of freedom."""
-    from scipy.stats import t  # here: scipy takes a while to import
-
-    return float(t.ppf(0.975, df))
-
-
-def _interval(z: Sequence[float]) -> tuple[float, float, float] | None:
-    """(mean, low, high) of the mean of ``z`` (t interval), or None with fewer than 2 values."""
-    m = statistics.fmean(z)
-    if len(z) < MIN_PER_VALUE:
-        return None
-    half = t975(len(z) - 1) * statistics.stdev(z) / math.sqrt(len(z))
-    return m, m - half, m + half
-
-
-def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """mean(a) - mean(b) with its 95% Welch t interval (both have at least 2 values)."""
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, diff, diff
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = t975(df) * se
-    return diff, diff - half, diff + half
-
-
-def _overlap(a: tuple[float | None, float | None], b: tuple[float | None, float | None]) -> bool:
-    """Whether two intervals overlap; a missing bound counts as overlapping (nothing is shown)."""
-    (a_lo, a_hi), (b_lo, b_hi) = a, b
-    if a_lo is None or a_hi is None or b_lo is None or b_hi is None:
-        return True
-    return a_lo <= b_hi and b_lo <= a_hi
-
-
 # ------------------------------------------------------------------------------ compute
 
 
 def _trials(s: StoredStudy) -> tuple[list[TrialRecord], int, list[str]]:
     """The trials the effects use, how many contended ones were left out, and notes."""
-    # A reused measurement (a config proposed again) is no new evidence: counted once, as measured.
-    used = [r for r in s.records if r.measured and r.values and math.isfinite(r.values[0]) and r.params
-            and r.reused_from is None]
+    used = [r for r in s.records if r.measured and r.values and math.isfinite(r.values[0]) and r.params]
     notes: list[str] = []
     contended = [r for r in used if r.contended]
     if contended and any(r.contended is False for r in used):
@@ -195,7 +155,7 @@ def _param(name: str, values: list[Any], used: Sequence[TrialRecord], z: dict[in
         if not trials:
             continue
         zs = [z[r.number] for r in trials]
-        ci = _interval(zs)
+        ci = t_ci95(zs) if len(zs) >= MIN_PER_VALUE else None
         rows.append(ValueEffect(value, len(trials), back(statistics.fmean(zs)),
                                 back(ci[1]) if ci else None, back(ci[2]) if ci else None,
                                 tuple(r.number for r in trials)))
@@ -205,9 +165,9 @@ def _param(name: str, values: list[Any], used: Sequence[TrialRecord], z: dict[in
         return ParamEffect(name, rows)
     hi = max(groups, key=lambda i: statistics.fmean(groups[i]))
     lo = min(groups, key=lambda i: statistics.fmean(groups[i]))
-    d, d_lo, d_hi = _welch(groups[hi], groups[lo])
+    d, d_lo, d_hi = welch_ci95(groups[hi], groups[lo])
     effect = (back(d), back(d_lo), back(d_hi))
-    clear = not _overlap((rows[hi].ci_low, rows[hi].ci_high), (rows[lo].ci_low, rows[lo].ci_high))
+    clear = not overlaps((rows[hi].ci_low, rows[hi].ci_high), (rows[lo].ci_low, rows[lo].ci_high))
     return ParamEffect(name, rows, rows[hi].value, rows[lo].value, *effect, clear=clear)
 
 
@@ -225,7 +185,7 @@ def _verdict(params: Sequence[ParamEffect], label: str, maximize: bool, log_scal
     top = clear[0]
     best, worst = (top.high, top.low) if maximize else (top.low, top.high)
     said = f"{best} vs {worst} gives {top.effect_text(log_scale)}"
-    if len(clear) > 1 and _overlap((top.effect_low, top.effect_high), (clear[1].effect_low, clear[1].effect_high)):
+    if len(clear) > 1 and overlaps((top.effect_low, top.effect_high), (clear[1].effect_low, clear[1].effect_high)):
         other = clear[1]
         return None, (f"Not distinguishable which parameter moved {label} most: {top.name} "
                       f"({top.effect_text(log_scale)}) and {other.name} ({other.effect_text(log_scale)}) "

@@ -183,8 +183,9 @@ class TrialRecord:
 
     @property
     def measured(self) -> bool:
-        """Complete and measured (not a failed load)."""
-        return self.state == "COMPLETE" and not self.error
+        """Complete and measured here (not a failed load, and not a copy of an earlier trial's
+        measurement reused for a config proposed again: that is no new evidence)."""
+        return self.state == "COMPLETE" and not self.error and self.reused_from is None
 
     @property
     def duration_s(self) -> float | None:

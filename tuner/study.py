@@ -117,6 +117,8 @@ def validate_options(o: TuneOptions) -> None:
                          f"{o.validate_rounds}: raise --validate-max-rounds to {o.validate_rounds} or more")
     if o.sampler not in SAMPLERS:
         raise TunerError(f"unknown sampler '{o.sampler}': choose from {', '.join(SAMPLERS)}")
+    if (o.warm_start_from or o.warm_start_storage) and not o.warm_start:
+        raise TunerError("--warm-start-from and --warm-start-storage contradict --no-warm-start: pass one of them")
 
 
 def build_workload(o: TuneOptions) -> Workload:
@@ -439,7 +441,8 @@ def _hw_text(hw: dict[str, Any]) -> str:
     return f"{hw.get('cpu')}, {hw.get('cores')} cores, {hw.get('ram_gib')} GiB, {gpus}"
 
 
-def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo: Echo = lambda s: None) -> None:
+def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo: Echo = lambda s: None,
+                   source: Any = None) -> None:
     """Queue the warm start's configs (earlier studies' winners), then the informed starting
     point, or with the staged search its screen (one config per variant at full offload, less
     the variants the warm start's sources screened on this hardware), and tell the staged
@@ -451,7 +454,7 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo
         sampler.default_model, sampler.sizes = p.model, dict(p.sizes)
     if not (created and o.starting_points):
         return
-    warm = _warm_start(study, o, p, echo)
+    warm = _warm_start(study, o, p, echo, source)
     queue: list[tuple[dict[str, Any], dict[str, Any]]] = [
         (s.params, {record.STAGE: staged.WARM, record.SEEDED_FROM: s.origin}) for s in warm.seeds]
     points = starting_points(p.space, p.has_gpu, _physical_cores())
@@ -459,8 +462,12 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo
     if isinstance(sampler, staged.StagedSampler) and points and staged.screens(p.space):
         points, stage = staged.screen_points(p.space, points[0]), staged.SCREEN
         if warm.seeds:
-            points = [x for x in points if "variant" in x and x["variant"] not in warm.screened
-                      and x["variant"] not in {s.params.get("variant") for s in warm.seeds}]
+            # A variant is screened unless a seed runs it at full offload or a source on this
+            # hardware measured it there.
+            full = staged.full_offload(p.space)
+            covered = warm.screened | {s.params.get("variant", p.model) for s in warm.seeds
+                                       if full is None or s.params.get("num_gpu") == full}
+            points = [x for x in points if x.get("variant", p.model) not in covered]
     elif warm.seeds:
         points = []  # the seeds are better informed than the generic starting point
     queue += [(x, {record.STAGE: stage}) for x in points]
@@ -470,14 +477,15 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo
         study.enqueue_trial(point, user_attrs=attrs, skip_if_exists=True)
 
 
-def _warm_start(study: Any, o: TuneOptions, p: _Prepared, echo: Echo) -> Any:
-    """Plan the warm start of a new study, say what it found and keep it with the study."""
+def _warm_start(study: Any, o: TuneOptions, p: _Prepared, echo: Echo, source: Any = None) -> Any:
+    """Plan the warm start of a new study, say what it found and keep it with the study;
+    ``source``: the storage of the sources when the run opened (and checked) it already."""
     from tuner import warmstart
 
     if not o.warm_start:
         return warmstart.WarmStart()
     # The sources are read through a storage of their own (a "memory" storage has none).
-    storage = open_storage(o.warm_start_storage or o.storage, create=False)
+    storage = source if source is not None else open_storage(o.storage, create=False)
     ws = warmstart.plan(storage, study.study_name, p.model, p.space, study.user_attrs,
                         from_study=o.warm_start_from)
     for line in ws.lines():
@@ -863,8 +871,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # heartbeats and grouped TPE are marked experimental; users need not see that per run.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if (o.warm_start_from or o.warm_start_storage) and not o.warm_start:
-        raise TunerError("--warm-start-from and --warm-start-storage contradict --no-warm-start: pass one of them")
+    validate_options(o)
     from tuner import warmstart
 
     # Checked before anything is created or contacted: a bad source leaves the storage as it was.
@@ -905,7 +912,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         # baseline, so concurrent workers never measure it twice.
         if o.baseline and not any(record.is_baseline(t) for t in existing) and (created or existing):
             study.enqueue_trial({}, user_attrs={record.BASELINE: True})
-        _enqueue_start(study, o, p, created, echo)
+        _enqueue_start(study, o, p, created, echo, source)
         runner = _Runner(o, p, echo, on_sample, on_trial_start)
         progress = _Progress(o, echo, o.trials)
         study.optimize(runner, n_trials=o.trials, callbacks=[progress], catch=(TrialFailedError,))

@@ -304,14 +304,12 @@ def open_source_storage(url: str | None, explicit: bool) -> Any:
 def check_source(source_storage: Any, name: str, model: str | None = None, variants: Sequence[str] = ()) -> None:
     """Raise StudyError (before anything is created) when ``--warm-start-from`` names no study,
     or (given ``model``) a study of another model."""
-    import optuna
-
-    names = optuna.get_all_study_names(source_storage)
-    if name not in names:
-        known = ", ".join(sorted(names)) or "none"
+    studies = {s.study_name: s for s in source_storage.get_all_studies()}
+    if name not in studies:
+        known = ", ".join(sorted(studies)) or "none"
         raise StudyError(f"--warm-start-from: no study named '{name}' in that storage (known studies: {known})")
     if model is not None:
-        attrs = next(s.user_attrs for s in source_storage.get_all_studies() if s.study_name == name)
+        attrs = studies[name].user_attrs
         if not same_model(model, variants, attrs):
             raise StudyError(
                 f"--warm-start-from: study '{name}' tuned {attrs.get('model') or 'another model'}, not {model} or a "
@@ -327,8 +325,9 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
     machine = Machine.of(attrs)
     variants = [str(v) for v in (space["variant"].values if "variant" in space else ())]
     if from_study is not None:
-        check_source(source_storage, from_study)
         names = {s.study_name: s for s in source_storage.get_all_studies()}
+        if from_study not in names:
+            check_source(source_storage, from_study)  # raises, naming the studies there
         how = match(machine, Machine.of(names[from_study].user_attrs))
         found = [(from_study, how or CHOSEN)]
     else:
@@ -347,8 +346,10 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
             ws.sources.append(Source(name, how))
             ws.seeds += fresh[:room]
         if how in (SAME_HARDWARE, SAME_GPU) and fresh:
-            # Measured where the same variants fit as here: no need to screen them again.
+            # Ran at full offload on a GPU like this one: no need to screen it again. One that did
+            # not fit there is screened again: its failed load is what starts the offload stage.
             full = max((int(x) for x in (st.attrs.get("space") or {}).get("num_gpu") or [0]), default=0)
             ws.screened |= {r.model for r in st.records if r.state in ("COMPLETE", "PRUNED") and not r.baseline
+                            and not r.error and r.reused_from is None
                             and (not machine.offloads or int(r.options.get("num_gpu", full) or 0) >= full)}
     return ws
