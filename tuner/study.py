@@ -794,6 +794,12 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _contended_text(v: TrialRecord) -> str:
+    """' | CONTENDED: other processes used 81% of a core, GPU 30%' for a trial's line."""
+    return (f" | CONTENDED: other processes used {v.interference_pct or 0:.0f}% of a core"
+            + (f", GPU {v.gpu_interference_pct:.0f}%" if v.gpu_interference_pct else ""))
+
+
 class _Progress:
     """One line per finished trial, with the best feasible so far and an ETA."""
 
@@ -813,7 +819,7 @@ class _Progress:
             self.consecutive_failures = 0
             status = f"pruned (clearly worse; saved {v.pruned_saved_s or 0.0:.1f} s)"
             if v.contended:
-                status += f" | CONTENDED: other processes used {v.interference_pct or 0:.0f}% of a core"
+                status += _contended_text(v)
             metric = f"decode {v.stat('decode_tps') or 0:.1f} tok/s so far  "
         elif trial.state.name == "FAIL":
             self.consecutive_failures += 1
@@ -830,9 +836,7 @@ class _Progress:
             )
             status = "feasible" if v.feasible else "infeasible: " + "; ".join(v.violations)
             if v.contended:
-                status += (f" | CONTENDED: other processes used {v.interference_pct or 0:.0f}% of a core"
-                           + (f", GPU {v.gpu_interference_pct:.0f}%" if v.gpu_interference_pct else "")
-                           + " (not used for the winner)")
+                status += _contended_text(v) + " (not used for the winner)"
             elif v.remeasured:
                 status += f" | re-measured on a quiet machine ({v.contention_lost_s or 0:.0f} s lost to contention)"
             if v.reused_from is not None:
