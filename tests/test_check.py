@@ -17,10 +17,10 @@ from conftest import invoke
 from fake_ollama import FakeOllama, default_models, default_speed
 
 from tuner import results
-from tuner.check import Check, change_ci95, checks_of, environment_changes, last_check
+from tuner.check import Check, checks_of, environment_changes, last_check
+from tuner.stats import log_ratio_ci95, t975
 from tuner.storage import open_storage
 from tuner.study import TuneOptions, run_study
-from tuner.validate import t975
 
 STORAGE = "sqlite:///t.db"
 
@@ -347,17 +347,17 @@ def test_change_interval_is_welch_on_the_log_scale() -> None:
     df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
     d = statistics.fmean(a) - statistics.fmean(b)
     half = t975(df) * math.sqrt(va + vb)
-    ratio, lo, hi = change_ci95(now, stored)
+    ratio, lo, hi = log_ratio_ci95(now, stored)
     assert ratio == pytest.approx(math.exp(d)) == pytest.approx(statistics.geometric_mean(now)
                                                                 / statistics.geometric_mean(stored))
     assert (lo, hi) == (pytest.approx(math.exp(d - half)), pytest.approx(math.exp(d + half)))
     # No spread on either side (the deterministic fake): the interval is the point.
-    assert change_ci95([8.0, 8.0], [10.0, 10.0, 10.0]) == (pytest.approx(0.8),) * 3
+    assert log_ratio_ci95([8.0, 8.0], [10.0, 10.0, 10.0]) == (pytest.approx(0.8),) * 3
     # One stored value adds no spread: the interval is the spread measured now.
-    r1, lo1, hi1 = change_ci95([9.0, 11.0, 10.0], [10.0])
+    r1, lo1, hi1 = log_ratio_ci95([9.0, 11.0, 10.0], [10.0])
     assert lo1 < r1 < hi1
     with pytest.raises(ValueError):
-        change_ci95([], [1.0])
+        log_ratio_ci95([], [1.0])
 
 
 def test_environment_changes_name_what_changed() -> None:

@@ -194,7 +194,8 @@ def add_pruned(study: Any, searched: tuple[str, ...] = tuple(SPACE), objectives:
 def validation_attr(winner: int = 2, overlap: bool = True, trials_at: int = 7) -> dict[str, Any]:
     """``Validation.to_dict()`` of re-measuring trials 1-3 over 4 rounds: #2 ahead of #1 by a
     little (the intervals overlap), #3 failed to load."""
-    from tuner.validate import Validated, Validation, mean_ci95
+    from tuner.results import Validated, Validation
+    from tuner.stats import mean_ci95
 
     def entry(number: int, values: list[float]) -> Validated:
         m, sd, lo, hi = mean_ci95(values)
@@ -919,7 +920,8 @@ def test_first_screen_names_the_last_check_and_a_regression_prominently() -> Non
     assert g.check_note == ("Last `tune check` (2026-12-01): ok, the winner measured -0.8%, 95% CI -2.0%..+0.4% vs "
                             "stored (environment unchanged).")
     stored = _check("regression", -17.0, (-19.0, -15.0), ["Ollama: 0.12.3 -> 0.13.0"])
-    stored["text"] = verdict_text(Check.from_dict(stored), retune="tune --model gemma3:1b --trials 20")
+    stored["retune"] = "tune --model gemma3:1b --trials 20"
+    stored["text"] = verdict_text(Check.from_dict(stored))
     st = _stored(records, checks=[ok, stored])
     data = report.build_data(st)
     f = data.first

@@ -19,7 +19,8 @@ from tuner.errors import TunerError
 from tuner.record import Stats, TrialRecord
 from tuner.results import Speedup, Validated, Validation
 from tuner.roofline import Roofline, cpu_bandwidth_gbs
-from tuner.validate import changed_settings, decide, log_ci95, mean_ci95, paired_speedup, t975, validate_top
+from tuner.stats import log_ci95, mean_ci95, t975
+from tuner.validate import changed_settings, decide, paired_speedup, validate_top
 
 # ----------------------------------------------------------------------------- intervals
 

@@ -6,8 +6,9 @@ names are the fields of :class:`Check`, defined here only. Readers use :func:`ch
 :func:`last_check`. This module imports no engine at load time (``tune show`` and the report
 read checks); :func:`run_check` loads what it measures with.
 
-How "now vs stored" is compared (:func:`change_ci95`): the ratio of the geometric means of
-the values measured now and the values stored, with a 95% Welch interval on the log scale,
+How "now vs stored" is compared (:func:`tuner.stats.log_ratio_ci95`): the ratio of the
+geometric means of the values measured now and the values stored, with a 95% Welch interval
+on the log scale,
 ``exp(d +- t(0.975, df) * sqrt(s1^2/n1 + s2^2/n2))`` where ``d`` is the difference of the
 mean logs and ``df`` the Welch-Satterthwaite degrees of freedom. Rates are positive and their
 noise multiplies, as in the re-validation (:mod:`tuner.validate`); Welch because the two sides
@@ -31,10 +32,9 @@ from typing import Any, Callable, Sequence
 from tuner import objectives, results
 from tuner.errors import CheckUnmeasurable, StorageError, StudyError, TunerError, WorkloadError
 from tuner.record import TrialRecord
+from tuner.stats import log_ci95, log_ratio_ci95, overlaps
 from tuner.terminal import command, printable
 
-#: The address ``tune`` uses without --host or OLLAMA_HOST (tuner.engines.ollama.DEFAULT_HOST).
-DEFAULT_HOST = "http://127.0.0.1:11434"
 #: The study attribute that holds the checks, oldest first.
 CHECKS = "checks"
 #: At most this many checks are kept (the oldest go first): an hourly cron job for a month.
@@ -98,6 +98,9 @@ class Check:
     host: str | None = None
     #: Why it could not measure (verdict "unmeasured").
     error: str | None = None
+    #: The command that re-tunes the model in a new study (what a regression advises); "" in
+    #: checks stored before it was kept.
+    retune: str = ""
     #: The one-line verdict as printed.
     text: str = ""
 
@@ -187,35 +190,12 @@ def environment_changes(old: dict[str, Any], new: dict[str, Any], engine: str = 
         a, b = old.get(key), new.get(key)
         if a is None or b is None or a == b:
             continue
-        what = label or results.defaults_name(engine).replace(" defaults", "")
+        what = label or results.engine_name(engine)
         out.append(f"{what}: {_env_text(key, a)} -> {_env_text(key, b)}")
     return out
 
 
 # ---------------------------------------------------------------------------- statistics
-
-
-def change_ci95(now: Sequence[float], stored: Sequence[float]) -> tuple[float, float, float]:
-    """The ratio of geometric means now / stored and its 95% interval (Welch, log scale).
-
-    A side with one value adds no spread. Raises ValueError when a side is empty or not a rate.
-    """
-    from tuner.validate import t975
-
-    for side in (now, stored):
-        if not side or min(side) <= 0 or not all(math.isfinite(v) for v in side):
-            raise ValueError(f"a log-scale interval needs positive values (got {list(side)})")
-    a, b = [math.log(v) for v in now], [math.log(v) for v in stored]
-    d = statistics.fmean(a) - statistics.fmean(b)
-    va = statistics.variance(a) / len(a) if len(a) > 1 else 0.0
-    vb = statistics.variance(b) / len(b) if len(b) > 1 else 0.0
-    se2 = va + vb
-    denom = (va ** 2 / (len(a) - 1) if len(a) > 1 else 0.0) + (vb ** 2 / (len(b) - 1) if len(b) > 1 else 0.0)
-    if se2 <= 0 or denom <= 0:
-        # No spread on either side (a deterministic server): the interval is the point.
-        return math.exp(d), math.exp(d), math.exp(d)
-    half = t975(se2 ** 2 / denom) * math.sqrt(se2)
-    return math.exp(d), math.exp(d - half), math.exp(d + half)
 
 
 def _gmean(values: Sequence[float]) -> float:
@@ -245,7 +225,7 @@ def stored_values(st: results.StoredStudy, r: TrialRecord, objective: str) -> tu
                 return _positive(e.values), "rounds"
     per_request = objectives.get(objective).per_request if objective in objectives.OBJECTIVES else None
     if per_request is not None:
-        values = _positive(getattr(s, per_request) for s in r.request_samples())
+        values = _positive(r.per_request_values(per_request))
         if values:
             return values, "requests"
     return _positive([r.value]), "trial"
@@ -255,7 +235,7 @@ def _now_values(recs: Sequence[TrialRecord], objective: str, compared: str) -> l
     """The values measured now that compare with the stored ones of kind ``compared``."""
     per_request = objectives.get(objective).per_request
     if compared == "requests" and per_request is not None:
-        return _positive(getattr(s, per_request) for rec in recs for s in rec.request_samples())
+        return _positive(v for rec in recs for v in rec.per_request_values(per_request))
     return _positive(objectives.get(objective).value(rec) for rec in recs)
 
 
@@ -329,8 +309,9 @@ def _retune(attrs: dict[str, Any], name: str, host: str | None, storage: str | N
     """A command that tunes the same model on the same server, with the same limits, context and
     workload, in a new study in the same storage (the old one keeps its measurements, and the
     new one warm-starts from it)."""
+    from tuner.engines.ollama import DEFAULT_HOST
     from tuner.options import TuneOptions
-    from tuner.storage import shown_url
+    from tuner.storage import storage_args
 
     words: list[Any] = ["tune", "--model", attrs.get("model", "MODEL")]
     engine = str(attrs.get("engine", "ollama"))
@@ -358,8 +339,7 @@ def _retune(attrs: dict[str, Any], name: str, host: str | None, storage: str | N
         words += ["--context", attrs["context"]]
     for key, value in dict(attrs.get("limits") or {}).items():
         words += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else value]
-    if storage:
-        words += ["--storage", shown_url(storage)]
+    words += storage_args(storage)
     words += ["--trials", 20, "--study", f"{name}-{dt.date.today().isoformat()}"]
     return command(*words)
 
@@ -445,7 +425,7 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
               winner_trial=winner.number, winner_stored=round(_gmean(w_stored), 4) if w_stored else None,
               defaults_trial=defaults.number if defaults is not None else None,
               defaults_stored=round(_gmean(d_stored), 4) if d_stored else None,
-              tolerance_pct=o.tolerance_pct, compared=compared, host=host_shown,
+              tolerance_pct=o.tolerance_pct, compared=compared, host=host_shown, retune=retune,
               # Optuna keeps local times without a zone; checks are in UTC.
               stored_at=stored_at.astimezone(dt.timezone.utc).isoformat(timespec="seconds")
               if stored_at is not None else None)
@@ -513,7 +493,7 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
                    "re-run when it is quiet")
             raise unmeasured(why)
         _compare(c, w_now, w_stored, defaults, d_stored, d_compared, recs, meter.errors)
-        c.text = verdict_text(c, engine_name, retune)
+        c.text = verdict_text(c, engine_name)
         _append(study, c)
         return report
     finally:
@@ -530,16 +510,16 @@ def _compare(c: Check, w_now: list[float], w_stored: list[float], defaults: Tria
              d_stored: list[float], d_compared: str, recs: dict[int, list[TrialRecord]],
              errors: dict[int, str]) -> None:
     """Fill the numbers and the verdict of ``c`` from the values measured now and stored."""
-    g, lo, hi = _log_ci(w_now)
+    g, lo, hi = log_ci95(w_now)
     c.winner_now, c.winner_now_ci95 = round(g, 4), (round(lo, 4), round(hi, 4))
-    ratio, rlo, rhi = change_ci95(w_now, w_stored)
+    ratio, rlo, rhi = log_ratio_ci95(w_now, w_stored)
     c.change_pct, c.change_ci95 = _pct(ratio), (_pct(rlo), _pct(rhi))
     if defaults is not None and d_stored and defaults.number not in errors:
         d_now = _now_values(recs[defaults.number], c.objective, d_compared)
         c.defaults_values = [round(v, 4) for v in d_now]
         if d_now:
             c.defaults_now = round(_gmean(d_now), 4)
-            dr, dlo, dhi = change_ci95(d_now, d_stored)
+            dr, dlo, dhi = log_ratio_ci95(d_now, d_stored)
             c.defaults_change_pct, c.defaults_change_ci95 = _pct(dr), (_pct(dlo), _pct(dhi))
     maximize = objectives.get(c.objective).direction == "maximize"
     lo_pct, hi_pct = c.change_ci95
@@ -548,12 +528,6 @@ def _compare(c: Check, w_now: list[float], w_stored: list[float], defaults: Tria
     reaches = lo_pct < -c.tolerance_pct if maximize else hi_pct > c.tolerance_pct
     c.verdict = "regression" if worse else "faster" if better else "inconclusive" if reaches else "ok"
     c.exit_code = EXIT_CODES[c.verdict]
-
-
-def _log_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    from tuner.validate import log_ci95
-
-    return log_ci95(values)
 
 
 # ---------------------------------------------------------------------------- words
@@ -565,47 +539,63 @@ def _rate(v: float | None) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}"
 
 
-def _signed(p: float) -> str:
-    return f"{p:+.0f}%" if abs(p) >= 9.95 else f"{p:+.1f}%"
+def pct_text(p: float, signed: bool = True, unit: str = "%") -> str:
+    """A percentage as a check prints it, whole from 10% up: "-17%", "+4.2%"; ``signed=False``
+    for a size ("17%"), ``unit=""`` for the low end of a range ("15-19%")."""
+    return f"{p:{'+' if signed else ''}.{0 if abs(p) >= 9.95 else 1}f}{unit}"
 
 
 def change_text(pct: float | None, ci: Interval | None) -> str:
     """"-17%, 95% CI -19%..-15%"."""
     if pct is None:
         return "not measured"
-    return f"{_signed(pct)}, 95% CI {_signed(ci[0])}..{_signed(ci[1])}" if ci is not None else _signed(pct)
+    return f"{pct_text(pct)}, 95% CI {pct_text(ci[0])}..{pct_text(ci[1])}" if ci is not None else pct_text(pct)
 
 
-def verdict_text(c: Check, engine: str = "ollama", retune: str = "") -> str:
+def changes_text(changes: Sequence[str]) -> str:
+    """Environment changes ("what: old -> new") in words: "Ollama 0.12.3 -> 0.13.0, driver 550 -> 560"."""
+    return ", ".join(x.replace(": ", " ", 1) for x in changes)
+
+
+def since_text(changes: Sequence[str]) -> str:
+    """What a verdict says of the environment: " since Ollama 0.12.3 -> 0.13.0" or " (environment unchanged)"."""
+    return " since " + changes_text(changes) if changes else " (environment unchanged)"
+
+
+def advice(c: Check) -> str:
+    """What the verdict ends with: for a regression, re-tune (with :attr:`Check.retune`) or why
+    re-tuning will not help; otherwise what the interval shows. "" for an unmeasured check."""
+    tol = f"{c.tolerance_pct:g}%"
+    if c.verdict == "regression":
+        d = c.defaults_change_ci95
+        alike = (d is not None and c.change_ci95 is not None and d[1] < -c.tolerance_pct
+                 and overlaps(d, c.change_ci95))
+        if alike:
+            return (": the defaults slowed alike, so the server or machine changed, not the fit of the tuned "
+                    "settings; re-tuning is unlikely to win it back")
+        return f": re-tune with `{c.retune}`" if c.retune else ": re-tune"
+    if c.verdict == "faster":
+        return f": faster than stored by more than {tol}"
+    if c.verdict == "inconclusive":
+        return (f": no regression beyond {tol} shown, none ruled out either (the 95% interval reaches past "
+                f"{tol}; more --rounds narrows it)")
+    if c.verdict == "unmeasured":
+        return ""
+    return f": no regression beyond {tol} (the 95% interval rules one out)"
+
+
+def verdict_text(c: Check, engine: str = "ollama") -> str:
     """The one-line verdict, e.g. "REGRESSION: winner #4 412 tok/s now vs 498 stored (-17%, 95% CI
     -19%..-15%) since Ollama 0.12.3 -> 0.13.0; defaults moved -2%: re-tune with `tune ...`"."""
     if c.verdict == "unmeasured":
         return printable(f"UNMEASURED: {c.error or 'could not measure'}")
     unit = objectives.get(c.objective).unit
-    since = (" since " + ", ".join(x.replace(": ", " ", 1) for x in c.environment_changes)
-             if c.environment_changes else " (environment unchanged)")
     text = (f"{c.verdict.upper()}: winner #{c.winner_trial} {_rate(c.winner_now)} {unit} now vs "
-            f"{_rate(c.winner_stored)} stored ({change_text(c.change_pct, c.change_ci95)}){since}")
+            f"{_rate(c.winner_stored)} stored ({change_text(c.change_pct, c.change_ci95)})"
+            f"{since_text(c.environment_changes)}")
     if c.defaults_change_pct is not None:
-        text += f"; defaults moved {_signed(c.defaults_change_pct)}"
-    tol = f"{c.tolerance_pct:g}%"
-    if c.verdict == "regression":
-        d = c.defaults_change_ci95
-        alike = (d is not None and c.change_ci95 is not None and d[1] < -c.tolerance_pct
-                 and results.overlaps(d, c.change_ci95))
-        if alike:
-            text += (": the defaults slowed alike, so the server or machine changed, not the fit of the tuned "
-                     "settings; re-tuning is unlikely to win it back")
-        else:
-            text += f": re-tune with `{retune}`" if retune else ": re-tune"
-    elif c.verdict == "faster":
-        text += f": faster than stored by more than {tol}"
-    elif c.verdict == "inconclusive":
-        text += (f": no regression beyond {tol} shown, none ruled out either (the 95% interval reaches past "
-                 f"{tol}; more --rounds narrows it)")
-    else:
-        text += f": no regression beyond {tol} (the 95% interval rules one out)"
-    return printable(text)
+        text += f"; defaults moved {pct_text(c.defaults_change_pct)}"
+    return printable(text + advice(c))
 
 
 def format_check(r: CheckReport) -> str:
@@ -615,7 +605,7 @@ def format_check(r: CheckReport) -> str:
     lines = [printable(f"study '{r.study}' in {r.storage}")]
     lines.append("environment (stored -> now):")
     for key, what in ENV_LABELS.items():
-        what = what or results.defaults_name(r.engine).replace(" defaults", "")
+        what = what or results.engine_name(r.engine)
         old, new = r.stored_environment.get(key), c.environment.get(key)
         no_gpu = key == "driver" and r.stored_environment.get("gpus") == []
         shown = _env_text(key, old) if old is not None else "none" if no_gpu else "not recorded"

@@ -228,6 +228,10 @@ class TrialRecord:
     def request_samples(self) -> list[RequestSample]:
         return [RequestSample.from_dict(s) for s in self.samples]
 
+    def per_request_values(self, field: str) -> list[float]:
+        """One RequestSample field (e.g. ``decode_tps``) of every measured request, in order."""
+        return [float(getattr(s, field)) for s in self.request_samples()]
+
     def config_text(self) -> str:
         if self.baseline:
             extra = "".join(f" {k}={v}" for k, v in self.options.items())

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from tuner.errors import StudyError
 from tuner.record import TrialRecord, constraints, has_error, read_record
 from tuner.settings import SETTINGS
+from tuner.stats import overlaps
 from tuner.storage import lost_trial_key
 from tuner.terminal import command
 
@@ -23,10 +24,34 @@ if TYPE_CHECKING:
     from optuna import Study
     from optuna.trial import FrozenTrial
 
+#: Offload sources (``GpuOffload.source``) that observed where the model ran: the server's
+#: /api/ps, NVML, the llama.cpp build, a recorded grid. "unknown", "--param num_gpu" and test
+#: stand-ins decided nothing about it.
+OFFLOAD_EVIDENCE = frozenset({"ollama-ps", "nvml", "llama.cpp", "recorded grid"})
+
+
+def offloads(attrs_or_env: dict[str, Any]) -> bool | None:
+    """Whether a study's model ran with layers on a GPU (True) or on the CPU only (False), from
+    its attrs or their ``environment``; None when no source that observed it said."""
+    env = attrs_or_env.get("environment")
+    if not isinstance(env, dict):
+        env = attrs_or_env
+    off = env.get("gpu_offload")
+    if not isinstance(off, dict):
+        return None
+    source = attrs_or_env.get("gpu_offload_source") or off.get("source")
+    value = off.get("offloads")
+    return value if isinstance(value, bool) and source in OFFLOAD_EVIDENCE else None
+
+
+def engine_name(engine: str) -> str:
+    """The engine a study ran on as people call it: "Ollama", "llama.cpp", else "engine"."""
+    return {"ollama": "Ollama", "llama-cpp": "llama.cpp"}.get(engine, "engine")
+
 
 def defaults_name(engine: str) -> str:
     """What the baseline is called: the defaults of the engine a study ran on."""
-    return {"ollama": "Ollama defaults", "llama-cpp": "llama.cpp defaults"}.get(engine, "engine defaults")
+    return f"{engine_name(engine)} defaults"
 
 
 def _optuna() -> Any:
@@ -143,6 +168,23 @@ class StoredStudy:
         if base is None or not base.values or not r.values or self.direction != "maximize":
             return None
         return r.values[0] / base.values[0] if base.values[0] > 0 else None
+
+    def winner_speedup(self, r: TrialRecord) -> Speedup | SearchSpeedup | NoSpeedup:
+        """``r`` over the engine's defaults, as every view shows it: the re-validation's paired
+        :class:`Speedup` when it re-measured ``r`` with the defaults, else the search's single
+        measurements (:class:`SearchSpeedup`), else why there is none (:class:`NoSpeedup`)."""
+        if r.baseline:
+            return NoSpeedup(DEFAULTS_WON)
+        val = self.validation
+        if val is not None and val.speedup is not None and val.speedup.trial == r.number:
+            return val.speedup
+        base = self.baseline()
+        if base is None:
+            return NoSpeedup(NO_BASELINE)
+        ratio = self.speedup(r)
+        if ratio is None:
+            return NoSpeedup(NO_RATIO)
+        return SearchSpeedup(ratio, r.number, r.value, base.number, base.value, bool(r.contended or base.contended))
 
     def counts(self) -> dict[str, int]:
         """Trials by outcome (see :func:`outcome`)."""
@@ -369,6 +411,9 @@ class StudySummary:
     remeasured: int = 0
     contention_lost_s: float = 0.0
     only_contended: bool = False
+    #: The feasible winner over the defaults (:meth:`StoredStudy.winner_speedup`); None when
+    #: nothing is feasible.
+    winner_speedup: Speedup | SearchSpeedup | NoSpeedup | None = None
 
 
 def summarise_study(study: Study, objectives: list[str], storage: str, trials_run: int = 0,
@@ -405,12 +450,8 @@ def summarise_study(study: Study, objectives: list[str], storage: str, trials_ru
         trials=st.records,
         contended=contended, remeasured=remeasured, contention_lost_s=lost_s,
         only_contended=st.only_contended,
+        winner_speedup=st.winner_speedup(best) if best is not None and feasible else None,
     )
-
-
-def overlaps(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether two intervals (low, high) share a point."""
-    return a[0] <= b[1] and b[0] <= a[1]
 
 
 def _fields(cls: Any, d: dict[str, Any]) -> dict[str, Any]:
@@ -479,6 +520,34 @@ class Speedup:
         text = (f"{self.ratio:.2f}x {label} vs {defaults} (95% CI {self.ci95[0]:.2f}-{self.ci95[1]:.2f}x, "
                 f"re-measured interleaved over {_plural(len(self.ratios), 'round')})")
         return text if self.distinguishable else text + ": not distinguishable from the defaults"
+
+
+@dataclass(frozen=True)
+class SearchSpeedup:
+    """A trial over the defaults from the search's single measurement of each: no interval."""
+
+    ratio: float
+    #: The trial and the baseline trial, with their search values.
+    trial: int
+    value: float | None
+    baseline: int
+    baseline_value: float | None
+    #: Either was measured while other processes competed.
+    contended: bool = False
+
+
+#: Why a trial has no speedup over the defaults (:attr:`NoSpeedup.reason`): it is the defaults;
+#: the study has no baseline trial; no ratio exists (the objective is minimised, or a value is missing).
+DEFAULTS_WON = "defaults won"
+NO_BASELINE = "no baseline"
+NO_RATIO = "no ratio"
+
+
+@dataclass(frozen=True)
+class NoSpeedup:
+    """No speedup over the defaults, and why (``DEFAULTS_WON``, ``NO_BASELINE`` or ``NO_RATIO``)."""
+
+    reason: str
 
 
 #: How a speedup from the search's single measurements (not the re-validation's interleaved

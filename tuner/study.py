@@ -22,6 +22,7 @@ from tuner import objectives, record
 from tuner.pruning import make_pruner
 from tuner.record import TrialRecord
 from tuner.space import RUNNER_PARAMS, SERVER_PARAMS, SearchSpace, SpaceLimits, build_space, load_space_file
+from tuner.stats import log_ci95, overlaps
 from tuner.roofline import roofline
 from tuner.storage import mask, open_storage, shown_url, write_failure
 from tuner.terminal import printable
@@ -491,7 +492,7 @@ def _warm_start(study: Any, o: TuneOptions, p: _Prepared, echo: Echo, source: An
     for line in ws.lines():
         echo(printable(line))
     if ws.sources:
-        study.set_user_attr("warm_start", ws.to_dict())
+        study.set_user_attr(warmstart.ATTR, ws.to_dict())
     elif o.warm_start_from:
         echo(printable(f"warm start: study '{o.warm_start_from}' has no feasible config measured without "
                        "contention to start from"))
@@ -654,9 +655,13 @@ class _Runner:
             return None
         from optuna.trial import TrialState
 
-        from tuner.validate import log_ci95
-
-        done = [record.read_record(t) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        finished = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        params = trial.params
+        # Reading every record for every new trial is quadratic; the params alone say whether
+        # this config ran before (the usual answer: no).
+        if not any(t.params == params for t in finished):
+            return None
+        done = [record.read_record(t) for t in finished]
         same = [r for r in done if not r.baseline and r.reused_from is None and r.measured and r.contended is not True
                 and (r.model, r.options, r.server) == (rec.model, rec.options, rec.server) and len(r.samples) > 1]
         if not same:
@@ -665,11 +670,11 @@ class _Runner:
         if best is None or best.number == same[0].number or len(best.samples) < 2:
             return None
         try:
-            mine = log_ci95([float(s[field]) for s in same[0].samples])
-            theirs = log_ci95([float(s[field]) for s in best.samples])
-        except (ValueError, KeyError, TypeError):
+            mine = log_ci95(same[0].per_request_values(field))
+            theirs = log_ci95(best.per_request_values(field))
+        except (ValueError, TypeError):
             return None
-        return None if results.overlaps(mine[1:], theirs[1:]) else same[0]
+        return None if overlaps(mine[1:], theirs[1:]) else same[0]
 
     def _reuse(self, trial: Any, rec: TrialRecord, prior: TrialRecord) -> Any:
         """Record ``prior``'s measurement for this trial, measuring nothing."""

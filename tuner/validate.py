@@ -1,7 +1,7 @@
 """Winner re-validation: the top configs, and the defaults, re-measured in interleaved rounds.
 
-Every interval here is a Student t interval on the log scale. Rates are positive and their
-noise multiplies, so the centre is the geometric mean and the bounds,
+Every interval here is a Student t interval on the log scale (:mod:`tuner.stats`). Rates are
+positive and their noise multiplies, so the centre is the geometric mean and the bounds,
 ``exp(mean(log x) +- t * sd(log x) / sqrt(n))``, stay above 0 however noisy a small sample is
 (a t-interval on the raw values once printed "-35.02 .. 76.85 tok/s"; clamping it at 0 only
 hid that). The speedup over the defaults is the same interval on the per-round ratios
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from typing import Any, Callable, Sequence, TypeVar
 
 from tuner import objectives, results
@@ -20,41 +19,12 @@ from tuner.engines.base import Engine
 from tuner.errors import LoadError, ServerError
 from tuner.measure import config_key, measure_config
 from tuner.record import TrialRecord
-from tuner.results import Speedup, Validated, Validation, changed_settings, overlaps
+from tuner.results import Speedup, Validated, Validation, changed_settings
+from tuner.stats import log_ci95, mean_ci95, overlaps
 from tuner.workload import Workload
 
 #: How the intervals are computed, stored with the validation.
 INTERVAL = "log-t"
-
-
-def t975(df: float) -> float:
-    """The two-sided 95% Student t quantile for ``df`` degrees of freedom (Welch's may be fractional)."""
-    from scipy.stats import t  # here: scipy takes a while to import and only re-validation needs it
-
-    return float(t.ppf(0.975, df))
-
-
-def log_ci95(values: Sequence[float]) -> tuple[float, float, float]:
-    """The geometric mean of positive ``values`` and its 95% interval (t on the log scale).
-
-    Raises ValueError when there is no value or one is not positive (not a rate).
-    """
-    if not values or min(values) <= 0 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"a log-scale interval needs positive values (got {list(values)})")
-    logs = [math.log(v) for v in values]
-    centre = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(centre), math.exp(centre), math.exp(centre)
-    half = t975(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(centre), math.exp(centre - half), math.exp(centre + half)
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float, float, float]:
-    """A rate's centre, spread and 95% interval: the geometric mean, the sd of the values and
-    :func:`log_ci95`'s interval, which lies within (0, inf) by construction."""
-    g, lo, hi = log_ci95(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return g, sd, lo, hi
 
 
 def decide(entries: Sequence[Validated], maximize: bool = True) -> tuple[int | None, int | None, bool]:
@@ -136,9 +106,10 @@ Round = TypeVar("Round")
 
 def interleaved_rounds(measure: Callable[[], Round | None], rounds: int, max_rounds: int,
                        echo: Callable[[str], None], what: str,
-                       enough: Callable[[list[Round]], bool] = lambda counted: False) -> tuple[list[Round], int, int]:
+                       enough: Callable[[list[Round]], bool] | None = None) -> tuple[list[Round], int, int]:
     """Measure rounds (``measure`` returns one, or None when it was contended) until ``rounds``
-    counted and ``enough`` says so, or ``max_rounds`` were tried: (counted, contended, dropped).
+    counted and ``enough`` says so (without ``enough``: as soon as ``rounds`` counted), or
+    ``max_rounds`` were tried: (counted, contended, dropped).
 
     A contended round is measured again once, and dropped if it is contended again; after two
     dropped rounds with nothing counted the machine stays busy, and it stops.
@@ -160,7 +131,7 @@ def interleaved_rounds(measure: Callable[[], Round | None], rounds: int, max_rou
                     break
                 continue
         counted.append(got)
-        if len(counted) >= rounds and enough(counted):
+        if len(counted) >= rounds and (enough is None or enough(counted)):
             break
     return counted, contended, dropped
 
