@@ -186,6 +186,9 @@ def test_only_the_tuned_config_slowed_so_it_says_re_tune(old: FakeOllama) -> Non
     assert ("(-30%, 95% CI -30%..-30%) (environment unchanged); defaults moved +0.0%: re-tune with `tune --model "
             f"gemma3:1b --host {old.url} --repeats 2 --num-predict 16 --storage {STORAGE} --trials 20 "
             f"--study {name}-") in verdict
+    # The command is kept with the check, so the report advises it without reading the verdict's words.
+    stored = last_check(_attrs(name))
+    assert stored is not None and verdict.endswith(f": re-tune with `{stored.retune}`")
 
 
 def test_the_re_tune_keeps_the_limits_and_the_context(old: FakeOllama) -> None:
@@ -379,6 +382,40 @@ def test_last_check_reads_the_latest_entry() -> None:
     assert last_check(attrs) == b and checks_of(attrs) == [a, b]
     assert json.loads(json.dumps(a.to_dict()))["change_ci95"] == [-1.0, 2.0]
     assert Check.from_dict({**a.to_dict(), "added_later": 1}) == a
+
+
+def test_a_regression_advises_the_stored_re_tune_and_checks_stored_before_it_still_read() -> None:
+    from tuner.check import advice, since_text, verdict_text
+
+    c = Check(at="2026-12-01T10:00:00+00:00", verdict="regression", exit_code=1, objective="decode_tps",
+              winner_trial=4, winner_now=412.0, winner_stored=498.0, change_pct=-17.0, change_ci95=(-19.0, -15.0),
+              environment_changes=["Ollama: 0.12.3 -> 0.13.0", "driver: 550.1 -> 560.2"],
+              retune="tune --model gemma3:1b --trials 20")
+    assert since_text(c.environment_changes) == " since Ollama 0.12.3 -> 0.13.0, driver 550.1 -> 560.2"
+    assert advice(c) == ": re-tune with `tune --model gemma3:1b --trials 20`"
+    assert verdict_text(c) == ("REGRESSION: winner #4 412 tok/s now vs 498 stored (-17%, 95% CI -19%..-15%) since "
+                               "Ollama 0.12.3 -> 0.13.0, driver 550.1 -> 560.2: re-tune with `tune --model gemma3:1b "
+                               "--trials 20`")
+    stored = c.to_dict()
+    del stored["retune"]  # as checks were stored before the command was kept
+    assert advice(Check.from_dict(stored)) == ": re-tune"
+    # The defaults slowed as much: re-tuning will not win it back, whatever the command.
+    alike = Check.from_dict({**c.to_dict(), "defaults_change_pct": -16.0, "defaults_change_ci95": [-18.0, -14.0]})
+    assert advice(alike).startswith(": the defaults slowed alike")
+    assert verdict_text(alike).endswith("; defaults moved -16%" + advice(alike))
+
+
+def test_the_re_tune_names_the_storage_unless_it_is_the_default() -> None:
+    from tuner.check import _retune
+    from tuner.storage import default_storage_url, storage_args
+
+    attrs = {"model": "gemma3:1b", "host": "http://127.0.0.1:11434"}
+    assert storage_args(None) == storage_args(default_storage_url()) == ()
+    assert _retune(attrs, "s", None, default_storage_url()).startswith("tune --model gemma3:1b --trials 20 --study s-")
+    assert _retune(attrs, "s", None, None) == _retune(attrs, "s", None, default_storage_url())
+    url = "postgresql://bob:s3cret@db/t"
+    assert storage_args(url) == ("--storage", "postgresql://bob:***@db/t")
+    assert " --storage 'postgresql://bob:***@db/t' --trials 20 " in _retune(attrs, "s", None, url)
 
 
 def test_a_llama_cpp_study_is_checked_on_its_stored_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -257,3 +257,5 @@ def test_when_the_defaults_win_no_speedup_of_one_is_printed(fake: FakeOllama) ->
     assert "1.00x" not in r.output
     r = invoke("show")
     assert "\nThe Ollama defaults are the best configuration found: nothing to change\n" in r.output, r.output
+    doc = json.loads(invoke("show", "--json").output)
+    assert doc["best"]["baseline"] and doc["speedup"] is None

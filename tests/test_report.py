@@ -769,6 +769,41 @@ def _speedup_validation() -> dict[str, Any]:
     return v.to_dict()
 
 
+def test_the_speedup_over_the_defaults_is_decided_once_for_every_view() -> None:
+    import dataclasses
+
+    from tuner import fleet
+    from tuner.export import modelfile_text
+
+    records = [_rec(0, 40.0, baseline=True), _rec(1, 55.0, options={"num_ctx": 4096}),
+               _rec(2, 60.0, options={"num_ctx": 2048})]
+    st = _stored(records, validation=_speedup_validation())
+    assert st.best() == records[2]
+    # The winner was re-measured with the defaults: the paired speedup, with its interval.
+    paired = results.Speedup(2, 0, 1.5, (1.41, 1.6), [1.46, 1.49, 1.51, 1.54])
+    assert st.winner_speedup(records[2]) == paired
+    # A trial the re-validation did not pair with the defaults: the search's single measurements.
+    assert st.winner_speedup(records[1]) == results.SearchSpeedup(55.0 / 40.0, 1, 55.0, 0, 40.0)
+    busy = _stored([dataclasses.replace(records[0], contended=True), records[1]])
+    assert busy.winner_speedup(records[1]) == results.SearchSpeedup(55.0 / 40.0, 1, 55.0, 0, 40.0, contended=True)
+    # None, with why: the defaults themselves, no baseline trial, a minimised objective.
+    assert st.winner_speedup(records[0]) == results.NoSpeedup(results.DEFAULTS_WON)
+    assert _stored(records[1:]).winner_speedup(records[2]) == results.NoSpeedup(results.NO_BASELINE)
+    minimised = results.StoredStudy("bench", {"objectives": ["ttft_ms"]}, ["minimize"], records)
+    assert minimised.winner_speedup(records[2]) == results.NoSpeedup(results.NO_RATIO)
+    # Every view shows that one value.
+    data = report.build_data(st)
+    assert data.best is not None and data.best.winner_speedup == paired
+    assert data.first is not None and (data.first.speedup, data.first.speedup_ci) == (1.5, (1.41, 1.6))
+    [row] = fleet.fleet_rows([st])
+    assert row.speedup == fleet.FleetSpeedup(1.5, "revalidation", (1.41, 1.6), 4)
+    assert ("\n# 1.50x the baseline (Ollama defaults) on decode_tps (95% CI 1.41-1.60x, re-measured interleaved over "
+            "4 rounds)\n") in modelfile_text(records[2], st)
+    assert f"\n# {55.0 / 40.0:.2f}x the baseline (Ollama defaults) on decode_tps ({results.SEARCH_ONLY})\n" in (
+        modelfile_text(records[1], st))
+    assert "x the baseline" not in modelfile_text(records[0], st)
+
+
 def test_first_screen_says_what_to_run_with_the_speedup_interval_and_the_costs() -> None:
     _, study = make_study(None)
     study.set_user_attr("validation", _speedup_validation())

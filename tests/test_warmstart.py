@@ -245,3 +245,41 @@ def test_partial_offload_seeds_keep_the_full_offload_screen() -> None:
     stages = [(r.stage, r.options.get("num_gpu")) for r in sorted(again.records, key=lambda r: r.number)]
     assert stages[0][0] == "baseline" and stages[1] == ("warm", best.options["num_gpu"])
     assert ("screen", 27) in stages, stages
+
+
+def test_a_server_recorded_remote_is_remote_whatever_its_address() -> None:
+    # A tunnel to another machine reads as loopback: the study recorded that the server was not here.
+    assert warmstart.server_of({"engine": "ollama", "host": "http://127.0.0.1:11434", "server_local": False}) \
+        == "127.0.0.1"
+    # Studies that did not record it: a loopback address in any spelling is local (no name is resolved).
+    assert warmstart.server_of({"engine": "ollama", "host": "http://[::1]:11434"}) == "local"
+    assert warmstart.server_of({"engine": "ollama", "host": "LOCALHOST:11434"}) == "local"
+    assert warmstart.server_of({"engine": "ollama", "host": "gpu-01:11434"}) == "gpu-01"
+
+
+def test_only_a_source_that_observed_the_offload_tells_gpu_from_cpu() -> None:
+    def attrs(offloads: bool, source: str, gpus: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {"engine": "ollama", "host": "http://127.0.0.1:11434",
+                "hardware": {"cpu": "X", "cores": 8, "ram_gib": 32, "gpus": list(gpus)},
+                "environment": {"gpu_offload": {"offloads": offloads, "source": source}}}
+
+    assert results.offloads(attrs(False, "ollama-ps")) is False
+    assert results.offloads(attrs(False, "ollama-ps")["environment"]) is False
+    assert results.offloads(attrs(True, "--param num_gpu")) is None
+    cpu = warmstart.Machine.of(attrs(False, "ollama-ps"))
+    assert cpu.offloads is False
+    # num_gpu given on the command line decided nothing: not known, so it seeds and is seeded by either.
+    given = warmstart.Machine.of(attrs(True, "--param num_gpu"))
+    assert given.offloads is None
+    assert warmstart.match(given, cpu) == warmstart.match(cpu, given) == warmstart.SAME_HARDWARE
+    # Without the engine's word, GPUs NVML saw still say GPU.
+    assert warmstart.Machine.of(attrs(True, "unknown", ("NVIDIA L4",))).offloads is True
+
+
+def test_a_stored_warm_start_reads_back() -> None:
+    ws = warmstart.WarmStart([warmstart.Source("a", warmstart.SAME_GPU)],
+                             [warmstart.Seed({"num_gpu": 27}, "a#3", 41.5, ("num_gpu 20 -> 27 (nearest allowed)",))],
+                             ["a#4: variant x is not searched here"])
+    back = warmstart.WarmStart.from_dict(ws.to_dict())
+    assert back.to_dict() == ws.to_dict()
+    assert back.sources == ws.sources and back.seeds[0].value is None  # the value is not stored

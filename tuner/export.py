@@ -112,7 +112,9 @@ def _defaults(s: results.StoredStudy) -> str:
 
 def _engine_label(s: results.StoredStudy) -> str:
     """'Ollama', or 'llama.cpp (llama-cpp-python)' for a study of the llama-cpp engine."""
-    return "llama.cpp (llama-cpp-python)" if s.attrs.get("engine") == "llama-cpp" else "Ollama"
+    if s.attrs.get("engine") == "llama-cpp":
+        return f"{results.engine_name('llama-cpp')} (llama-cpp-python)"
+    return results.engine_name("ollama")
 
 
 def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list[str]:
@@ -133,14 +135,13 @@ def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list
             f"(p50 {_fmt(v.stat('decode_tps', 'p50'))}), prefill {_fmt(v.stat('prefill_tps'), 0)} tok/s, "
             f"TTFT p50 {_fmt(v.stat('ttft_ms', 'p50'), 0)} / p95 {_fmt(v.stat('ttft_ms', 'p95'), 0)} ms"
         )
-    again = s.validation.speedup if s.validation is not None else None
-    sp = s.speedup(v)
-    if again is not None and again.trial == v.number:
-        lines.append(f"# {again.ratio:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} (95% CI "
-                     f"{again.ci95[0]:.2f}-{again.ci95[1]:.2f}x, re-measured interleaved over "
-                     f"{len(again.ratios)} rounds)")
-    elif sp is not None and not v.baseline:
-        lines.append(f"# {sp:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} ({results.SEARCH_ONLY})")
+    w = s.winner_speedup(v)
+    if isinstance(w, results.Speedup):
+        lines.append(f"# {w.ratio:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} (95% CI "
+                     f"{w.ci95[0]:.2f}-{w.ci95[1]:.2f}x, re-measured interleaved over "
+                     f"{len(w.ratios)} rounds)")
+    elif isinstance(w, results.SearchSpeedup):
+        lines.append(f"# {w.ratio:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} ({results.SEARCH_ONLY})")
     if not v.feasible:
         why = v.error or "; ".join(v.violations) or v.state.lower()
         lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")

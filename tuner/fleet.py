@@ -16,19 +16,16 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 from tuner import objectives, results
 from tuner.check import last_check
 from tuner.record import TrialRecord
 from tuner.results import StoredStudy
-from tuner.show import _jsonable
+from tuner.show import jsonable
 from tuner.storage import open_storage, shown_url
 from tuner.terminal import printable
 from tuner.warmstart import server_of
-
-#: Offload sources that are the engine's own word on where the model ran (see
-#: ``GpuOffload.source``); "unknown", "--param num_gpu" and test stand-ins are not evidence.
-_OFFLOAD_EVIDENCE = frozenset({"ollama-ps", "llama.cpp", "nvml", "recorded grid"})
 
 #: What ran the model, as :attr:`FleetRow.accelerator` says it.
 GPU = "gpu"                 # GPUs NVML named, and the engine offloaded (or did not say otherwise)
@@ -169,14 +166,11 @@ def accelerator(attrs: dict[str, Any]) -> str:
     """What ran a study's model, from what the study recorded; UNKNOWN rather than a guess.
 
     NVML's GPU list (``hardware.gpus``) names the GPUs it sees; an empty list only means NVML
-    saw none, so where the model ran is the engine's word (``environment.gpu_offload``), taken
-    only from a source that asked the engine (``gpu_offload_source``).
+    saw none, so where the model ran is the engine's word (:func:`tuner.results.offloads`, taken
+    only from a source that observed it).
     """
     hw = attrs.get("hardware")
-    env = attrs.get("environment")
-    offload = env.get("gpu_offload") if isinstance(env, dict) else None
-    source = attrs.get("gpu_offload_source") or (offload.get("source") if isinstance(offload, dict) else None)
-    offloads = offload.get("offloads") if isinstance(offload, dict) and source in _OFFLOAD_EVIDENCE else None
+    offloads = results.offloads(attrs)
     # NVML sees the measuring machine's GPUs, not a remote server's.
     gpus = hw.get("gpus") if isinstance(hw, dict) and remote_server(attrs) is None else None
     if gpus:
@@ -193,7 +187,12 @@ def remote_server(attrs: dict[str, Any]) -> str | None:
     (see :func:`tuner.warmstart.server_of`), else None."""
     if server_of(attrs) == "local":
         return None
-    return str(attrs.get("host") or "").split("://")[-1].rstrip("/")
+    host = str(attrs.get("host") or "")
+    try:
+        parts = urlsplit(host if "://" in host else f"//{host}")
+    except ValueError:  # not a URL (a malformed IPv6 address): shown as stored
+        return host
+    return parts.netloc + parts.path.rstrip("/")
 
 
 _KIND_TEXT = {SERVER_GPU: "GPU (server-reported)", CPU: "CPU-only", UNKNOWN: "GPU not known"}
@@ -238,15 +237,11 @@ def _value(st: StoredStudy, best: TrialRecord, objective: str) -> tuple[float | 
     return (best.values[0] if best.values else None), None, "search"
 
 
-def _speedup(st: StoredStudy, best: TrialRecord) -> FleetSpeedup | None:
-    if best.baseline:  # the defaults won: nothing to compare them with
-        return None
-    val = st.validation
-    again = val.speedup if val is not None else None
-    if again is not None and again.trial == best.number:
-        return FleetSpeedup(again.ratio, "revalidation", (again.ci95[0], again.ci95[1]), len(again.ratios))
-    ratio = st.speedup(best)
-    return FleetSpeedup(ratio, "search") if ratio is not None else None
+def _speedup(w: results.Speedup | results.SearchSpeedup | results.NoSpeedup) -> FleetSpeedup | None:
+    """The column's form of ``StoredStudy.winner_speedup``; None when there is none (the defaults won, ...)."""
+    if isinstance(w, results.Speedup):
+        return FleetSpeedup(w.ratio, "revalidation", (w.ci95[0], w.ci95[1]), len(w.ratios))
+    return FleetSpeedup(w.ratio, "search") if isinstance(w, results.SearchSpeedup) else None
 
 
 def _candidate(st: StoredStudy) -> _Candidate:
@@ -276,8 +271,9 @@ def _candidate(st: StoredStudy) -> _Candidate:
     warnings = []
     if st.only_contended:
         warnings.append("every feasible trial was measured while other processes competed: the best is uncertain")
-    speedup = _speedup(st, best)
-    if speedup is not None and speedup.source == "search" and (best.contended or (base is not None and base.contended)):
+    w = st.winner_speedup(best)
+    speedup = _speedup(w)
+    if isinstance(w, results.SearchSpeedup) and w.contended:
         warnings.append("the speedup was measured while other processes competed: not a number to rely on")
     row = dataclasses.replace(
         row, best_trial=best.number,
@@ -401,7 +397,7 @@ def _plural(n: int, word: str, words: str | None = None) -> str:
 def row_json(r: FleetRow) -> dict[str, Any]:
     """One row as plain JSON (see README, Machine-readable output)."""
     s = r.speedup
-    return _jsonable({
+    return jsonable({
         "model": r.model,
         "hardware": {"label": r.hardware, "accelerator": r.accelerator, "fingerprint": r.fingerprint,
                      "server": r.server},

@@ -14,8 +14,9 @@ from tuner.effects import Effects, compute as compute_effects
 from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
 from tuner.errors import StudyError
 from tuner.metrics import RequestSample
-from tuner.storage import default_storage_url, open_storage, shown_url
+from tuner.storage import open_storage, shown_url, storage_args
 from tuner.terminal import command, printable
+from tuner.warmstart import ATTR as WARM_START, WarmStart
 
 def _num(v: Any, digits: int = 1) -> str:
     if v is None:
@@ -54,32 +55,23 @@ def format_trial(v: TrialRecord, title: str) -> str:
     return "\n".join(lines)
 
 
-def _revalidated_speedup(s: results.StudySummary) -> results.Speedup | None:
-    """The speedup re-measured in the same rounds as the winner, when it is the winner's."""
-    val = results.Validation.from_dict(s.validation) if s.validation else None
-    again = val.speedup if val is not None and s.best is not None and s.best_is_feasible else None
-    return again if again is not None and s.best is not None and again.trial == s.best.number else None
-
-
 def speedup_text(s: results.StudySummary, short: bool = False) -> str:
-    """The winner over the defaults in words, or "" when there is no such number; ``short``
-    for one-line contexts (the verdict)."""
-    # The speedup re-measured in the same rounds as the winner compares like with like; the
-    # search's single measurements of each are the fallback, and say so.
-    again = _revalidated_speedup(s)
-    if again is not None:
-        return again.describe(objectives.label(s.objectives[0]), results.defaults_name(s.engine))
-    if s.best is not None and s.best.baseline and s.best_is_feasible:
+    """The winner over the defaults in words (:attr:`~tuner.results.StudySummary.winner_speedup`),
+    or "" when there is no such number; ``short`` for one-line contexts (the verdict)."""
+    w = s.winner_speedup
+    defaults = results.defaults_name(s.engine)
+    if isinstance(w, results.Speedup):
+        return w.describe(objectives.label(s.objectives[0]), defaults)
+    if isinstance(w, results.NoSpeedup) and w.reason == results.DEFAULTS_WON:
         # "1.00x vs the defaults" would read as a measured gain of nothing: say what it means.
         if s.only_contended:
-            return (f"the {results.defaults_name(s.engine)} measured best, but every trial was measured while "
+            return (f"the {defaults} measured best, but every trial was measured while "
                     "other processes competed: no recommendation until a quiet re-run")
-        return f"the {results.defaults_name(s.engine)} are the best configuration found: nothing to change"
-    if s.speedup is not None and s.baseline is not None and s.best is not None:
-        return results.search_speedup_text(
-            s.speedup, objectives.label(s.objectives[0]), results.defaults_name(s.engine),
-            (s.baseline.number, s.baseline.value), s.best.value,
-            contended=bool(s.best.contended or s.baseline.contended), short=short)
+        return f"the {defaults} are the best configuration found: nothing to change"
+    if isinstance(w, results.SearchSpeedup):
+        return results.search_speedup_text(w.ratio, objectives.label(s.objectives[0]), defaults,
+                                           (w.baseline, w.baseline_value), w.value, contended=w.contended,
+                                           short=short)
     return ""
 
 
@@ -142,7 +134,7 @@ def format_summary(s: Any) -> str:
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
     out.append(printable(f"Stored in {s.storage} as study '{s.study_name}'"))
-    at = () if s.storage == default_storage_url() else ("--storage", s.storage)
+    at = storage_args(s.storage)
     out.append(f"Next: {command('tune', 'report', s.study_name, *at)}   "
                f"{command('tune', 'export', s.study_name, *at, '--format', 'modelfile')}")
     return "\n".join(out)
@@ -215,7 +207,7 @@ def format_studies(storage_url: str | None) -> str:
 
 def studies_json(storage_url: str | None) -> list[dict[str, Any]]:
     """``tune studies --json``: one object per study (see README, Machine-readable output)."""
-    return [_jsonable(dataclasses.asdict(r)) for r in study_rows(storage_url)]
+    return [jsonable(dataclasses.asdict(r)) for r in study_rows(storage_url)]
 
 
 @dataclass
@@ -246,7 +238,7 @@ def show_data(storage_url: str | None, name: str | None, top: int = 10) -> ShowD
     ranked = results.StoredStudy(s.study_name, {}, [objectives.get(names[0]).direction], s.trials).ranked()
     eff = compute_effects(results.StoredStudy(s.study_name, dict(study.user_attrs), results.directions(study), s.trials))
     failed = [v for v in s.trials if v.error or v.state == "FAIL"]
-    warm = study.user_attrs.get("warm_start")
+    warm = study.user_attrs.get(WARM_START)
     return ShowData(s, ranked[:max(top, 0)], eff, failed, checks_of(study.user_attrs),
                     warm if isinstance(warm, dict) else None)
 
@@ -255,7 +247,7 @@ def warm_start_line(d: ShowData) -> str | None:
     """'Warm start: from 'A' (same hardware): #1 (A#7), #2 (A#3)', or None without one."""
     if not d.warm_start:
         return None
-    sources = ", ".join(f"'{x.get('study')}' ({x.get('match')})" for x in d.warm_start.get("sources") or [])
+    sources = ", ".join(f"'{x.study}' ({x.match})" for x in WarmStart.from_dict(d.warm_start).sources)
     seeded = ", ".join(f"#{v.number} ({v.seeded_from})" for v in d.summary.trials if v.seeded_from)
     return f"Warm start: from {sources}: {seeded or 'no seeded trial ran'}"
 
@@ -294,22 +286,22 @@ def show_json(storage_url: str | None, name: str | None, top: int = 10) -> dict[
     return {
         **summary_json(d.summary),
         "top": [trial_json(v) for v in d.top],
-        "effects": _jsonable(dataclasses.asdict(d.effects)) if d.effects.params else None,
+        "effects": jsonable(dataclasses.asdict(d.effects)) if d.effects.params else None,
         "failed": [trial_json(v) for v in d.failed],
-        "checks": [_jsonable(c.to_dict()) for c in d.checks],
-        "warm_start": _jsonable(d.warm_start),
+        "checks": [jsonable(c.to_dict()) for c in d.checks],
+        "warm_start": jsonable(d.warm_start),
     }
 
 
 # ------------------------------------------------------------------------ machine-readable
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """``x`` as plain JSON: tuples as lists, datetimes as ISO 8601, non-finite floats as null."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dt.datetime):
@@ -323,7 +315,7 @@ def _jsonable(x: Any) -> Any:
 def trial_json(v: TrialRecord) -> dict[str, Any]:
     """One trial: what ran, its outcome, and every measured value under its stored name
     (``metrics``, the same names as ``tune export --format csv``)."""
-    return _jsonable({
+    return jsonable({
         "number": v.number,
         "state": v.state,
         "outcome": results.outcome(v),
@@ -348,16 +340,15 @@ def trial_json(v: TrialRecord) -> dict[str, Any]:
 def summary_json(s: results.StudySummary) -> dict[str, Any]:
     """The run summary as one JSON object (see README, Machine-readable output): the same
     data as :func:`format_summary`, numbers as numbers."""
-    again = _revalidated_speedup(s)
+    w = s.winner_speedup
     speedup: dict[str, Any] | None = None
-    if again is not None:
-        speedup = {"ratio": again.ratio, "ci95": list(again.ci95), "rounds": len(again.ratios),
-                   "distinguishable": again.distinguishable, "source": "revalidation",
-                   "baseline_trial": again.baseline}
-    elif s.speedup is not None and s.baseline is not None:
-        speedup = {"ratio": s.speedup, "ci95": None, "rounds": None, "distinguishable": None,
-                   "source": "search", "baseline_trial": s.baseline.number}
-    return _jsonable({
+    if isinstance(w, results.Speedup):
+        speedup = {"ratio": w.ratio, "ci95": list(w.ci95), "rounds": len(w.ratios),
+                   "distinguishable": w.distinguishable, "source": "revalidation", "baseline_trial": w.baseline}
+    elif isinstance(w, results.SearchSpeedup):
+        speedup = {"ratio": w.ratio, "ci95": None, "rounds": None, "distinguishable": None,
+                   "source": "search", "baseline_trial": w.baseline}
+    return jsonable({
         "study": s.study_name,
         "storage": s.storage,
         "engine": s.engine,

@@ -54,6 +54,11 @@ def shown_url(url: str | None) -> str:
     return mask(url or default_storage_url())
 
 
+def storage_args(url: str | None) -> tuple[str, ...]:
+    """``--storage URL`` for a printed command (password masked); none for the default storage."""
+    return () if url is None or url == default_storage_url() else ("--storage", mask(url))
+
+
 def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = True,
                  heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Any:
     """Open (creating when asked) the storage at ``url``.

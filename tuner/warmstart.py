@@ -28,7 +28,11 @@ from typing import Any, Sequence
 
 from tuner.errors import StudyError
 from tuner.record import TrialRecord
+from tuner.results import offloads
 from tuner.space import SearchSpace
+
+#: The study attribute a warm start is kept in (:meth:`WarmStart.to_dict`).
+ATTR = "warm_start"
 
 #: Configs taken from each source study, and from all sources together.
 PER_SOURCE = 3
@@ -40,7 +44,6 @@ SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES, CHOSEN = (
     "same hardware", "same GPU model", "same VRAM class", "same CPU model", "same core count",
     "chosen with --warm-start-from")
 _TIERS = (SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES)
-_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
 #: A GGUF file name's quantization part: Q4_K_M, q8_0, IQ3_XS, F16, BF16, ... (and "-it-qat"-like tags stay).
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:i?q\d[a-z0-9_]*|f16|f32|bf16)$")
 
@@ -50,7 +53,8 @@ class Machine:
     """What warm start compares between studies: the stored fingerprint and where the model ran."""
 
     hardware: dict[str, Any]
-    #: Whether the server offloads layers to a GPU (None: an old study that did not say).
+    #: Whether the server offloads layers to a GPU (None: not known, as when no source that
+    #: observed it said and NVML saw no GPU).
     offloads: bool | None
     vram_mib: float | None
     #: "local" for a server on the measuring machine, else its host (a remote server's
@@ -61,21 +65,25 @@ class Machine:
     def of(cls, attrs: dict[str, Any]) -> Machine:
         """The machine a stored study (its user attrs) was measured on."""
         env = attrs.get("environment") or {}
-        off = (env.get("gpu_offload") or {}).get("offloads")
+        off = offloads(attrs)
         hw = dict(attrs.get("hardware") or {})
         gpus = [g for g in env.get("gpus") or [] if isinstance(g, dict)]
         vram = sum(float(g.get("memory_total_mib") or 0) for g in gpus) or None
-        return cls(hw, bool(off) if off is not None else (bool(hw.get("gpus")) or None), vram,
-                   server_of(attrs))
+        return cls(hw, off if off is not None else (bool(hw.get("gpus")) or None), vram, server_of(attrs))
 
 
 def server_of(attrs: dict[str, Any]) -> str:
     """"local" when a stored study's server ran on the measuring machine, else its host: what
     the tuner saw then (``server_local``), else whether the stored host is a loopback address."""
-    if attrs.get("managed_server") or attrs.get("engine") != "ollama" or attrs.get("server_local") is True:
+    from tuner.engines.ollama import host_name, is_local
+
+    if attrs.get("managed_server") or attrs.get("engine") != "ollama":
         return "local"
-    host = str(attrs.get("host") or "").split("://")[-1].rsplit(":", 1)[0]
-    return "local" if not host or host in _LOOPBACK else host
+    host = str(attrs.get("host") or "")
+    local = attrs.get("server_local")
+    if local is True or (local is None and (not host or is_local(host))):
+        return "local"
+    return host_name(host) or host
 
 
 def match(new: Machine, old: Machine) -> str | None:
@@ -166,9 +174,21 @@ class WarmStart:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The stored form (the study attribute :data:`ATTR`)."""
         return {"sources": [{"study": s.study, "match": s.match} for s in self.sources],
                 "seeds": [{"from": s.origin, "params": s.params, "notes": list(s.notes)} for s in self.seeds],
                 "skipped": list(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WarmStart:
+        """Read back what :meth:`to_dict` stored (a seed's value is not stored: None)."""
+        def dicts(key: str) -> list[dict[str, Any]]:
+            return [x for x in d.get(key) or [] if isinstance(x, dict)]
+
+        return cls(sources=[Source(str(x.get("study")), str(x.get("match"))) for x in dicts("sources")],
+                   seeds=[Seed(dict(x.get("params") or {}), str(x.get("from")), None, tuple(x.get("notes") or ()))
+                          for x in dicts("seeds")],
+                   skipped=[str(x) for x in d.get("skipped") or []])
 
 
 def find_sources(storage: Any, exclude: str, model: str, variants: Sequence[str], machine: Machine,
@@ -323,6 +343,8 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
     from tuner import results
 
     machine = Machine.of(attrs)
+    # Not known (no source observed it) is searched as a GPU server: num_gpu stays in the space.
+    on_gpu = machine.offloads is not False
     variants = [str(v) for v in (space["variant"].values if "variant" in space else ())]
     if from_study is not None:
         names = {s.study_name: s for s in source_storage.get_all_studies()}
@@ -338,7 +360,7 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
 
     for name, how in found:
         st = results.read_study(optuna.load_study(study_name=name, storage=source_storage))
-        seeds, skipped = seeds_of(st, space, bool(machine.offloads), how == SAME_HARDWARE)
+        seeds, skipped = seeds_of(st, space, on_gpu, how == SAME_HARDWARE)
         ws.skipped += skipped
         fresh = [s for s in seeds if all(s.params != t.params for t in ws.seeds)]
         room = MAX_SEEDS - len(ws.seeds)
@@ -351,5 +373,5 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
             full = max((int(x) for x in (st.attrs.get("space") or {}).get("num_gpu") or [0]), default=0)
             ws.screened |= {r.model for r in st.records if r.state in ("COMPLETE", "PRUNED") and not r.baseline
                             and not r.error and r.reused_from is None
-                            and (not machine.offloads or int(r.options.get("num_gpu", full) or 0) >= full)}
+                            and (not on_gpu or int(r.options.get("num_gpu", full) or 0) >= full)}
     return ws

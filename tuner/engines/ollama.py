@@ -57,9 +57,20 @@ def normalise_host(host: str | None) -> str:
     return f"{parts.scheme}://{hostname}:{port}{path}"
 
 
+def host_name(url: str) -> str:
+    """The host of a base URL or a bare ``host:port``, lowercased, an IPv6 address without its
+    brackets; "" when there is none or it does not parse."""
+    try:
+        return urlsplit(url if "://" in url else f"//{url}").hostname or ""
+    except ValueError:  # a malformed IPv6 address
+        return ""
+
+
 def is_local(url: str) -> bool:
-    """Whether the server runs on this machine (so its hardware is ours to inspect)."""
-    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+    """Whether the server at ``url`` (a base URL or ``host:port``) runs on this machine, so its
+    hardware is ours to inspect: its host is a loopback name or address. A string test that
+    resolves no name, so it also judges hosts stored on another machine."""
+    return host_name(url) in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
 class _StreamClock:

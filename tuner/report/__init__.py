@@ -25,10 +25,19 @@ __all__ = [
     "EmptyFigure", "FailureRow", "FirstScreen", "Header", "MetricRow", "NamedFigure", "ParamAxis", "PrunedRow",
     "ReportData", "StoredStudy", "TelemetryPoint", "TelemetryView", "TimelineRow", "TopRow", "TradeoffPoint",
     "TrialPoint", "TrialSeries", "TrialValue", "ValidationRow", "best_so_far", "build_data", "build_report",
-    "log_axis", "pareto_front", "paused_gc", "read_study", "render_html", "write_report",
+    "log_axis", "output_path", "pareto_front", "paused_gc", "read_study", "render_html", "write_report",
 ]
 
 REPORTS_DIR = Path("reports")
+
+
+def output_path(output: str | None, default_name: str) -> Path:
+    """Where a report goes: ``output``, an existing folder's ``default_name``, or without
+    ``output`` ``reports/<default_name>``."""
+    if output is None:
+        return REPORTS_DIR / default_name
+    path = Path(output)
+    return path / default_name if path.is_dir() else path
 
 
 def build_report(source: Study | StoredStudy, storage: str | None = None) -> ReportData:
@@ -56,12 +65,6 @@ def write_report(storage_url: str | None, study_name: str | None, output: str | 
     study = load_study(storage, study_name)
     with paused_gc():  # the objects read stay alive until the page is written: nothing to collect
         text = render_html(build_report(study, storage_url))
-    default = f"{safe_name(study.study_name)}.html"
-    if output is None:
-        path = REPORTS_DIR / default
-    else:
-        path = Path(output)
-        if path.is_dir():
-            path = path / default
+    path = output_path(output, f"{safe_name(study.study_name)}.html")
     write_atomic(path, text.encode("utf-8"), "report")
     return path

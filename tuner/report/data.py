@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from tuner import objectives, results
-from tuner.check import Check, DriftSeries, change_text, drift_series, last_check
+from tuner.check import (CHECKS, Check, DriftSeries, advice, change_text, drift_series, last_check, pct_text,
+                         since_text)
 from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES, Effects, compute as compute_effects
 from tuner.record import HOST_TELEMETRY_ROWS, METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
 from tuner.results import StoredStudy, paused_gc, read_study
-from tuner.storage import default_storage_url, mask
+from tuner.storage import storage_args
 from tuner.terminal import command
 
 if TYPE_CHECKING:
@@ -78,7 +79,8 @@ class Header:
     contention_lost_s: float = 0.0
     only_contended: bool = False
     #: What the study's offload probe found: the server offloads layers to a GPU (True),
-    #: runs on the CPU only (False), or the study did not say (None).
+    #: runs on the CPU only (False), or no source that observed it said (None; see
+    #: ``results.offloads``).
     gpu_offloads: bool | None = None
 
     @property
@@ -116,6 +118,8 @@ class BestConfig:
     speedup: float | None
     baseline_number: int | None
     baseline_value: float | None
+    #: The winner over the defaults (``StoredStudy.winner_speedup``); None when nothing is feasible.
+    winner_speedup: results.Speedup | results.SearchSpeedup | results.NoSpeedup | None = None
 
 
 @dataclass(frozen=True)
@@ -525,13 +529,8 @@ def _header(s: StoredStudy) -> Header:
         load_failed=sum(1 for r in s.records if r.state == "COMPLETE" and r.error),
         contended=s.contention()[0], remeasured=s.contention()[1], contention_lost_s=s.contention()[2],
         only_contended=s.only_contended,
-        gpu_offloads=_offloads(env),
+        gpu_offloads=results.offloads(env),
     )
-
-
-def _offloads(env: dict[str, Any]) -> bool | None:
-    v = (env.get("gpu_offload") or {}).get("offloads")
-    return bool(v) if isinstance(v, bool) else None
 
 
 def _metric_rows(r: TrialRecord) -> list[MetricRow]:
@@ -568,6 +567,7 @@ def _best(s: StoredStudy, best: TrialRecord | None, feasible: bool, base: TrialR
         speedup=s.speedup(best) if feasible else None,
         baseline_number=base.number if base is not None else None,
         baseline_value=base.value if base is not None else None,
+        winner_speedup=s.winner_speedup(best) if feasible else None,
     )
 
 
@@ -939,18 +939,13 @@ def _gpu_names(env: dict[str, Any]) -> str:
     return ", ".join(f"{names.count(n)}x {n}" if names.count(n) > 1 else n for n in dict.fromkeys(names))
 
 
-#: What decided where the defaults ran, when it was the server or the runtime (not "unknown").
-_OFFLOAD_WITNESSES = ("ollama-ps", "nvml", "llama.cpp", "recorded grid")
-
-
 def _backend(r: TrialRecord, env: dict[str, Any], gpus: str) -> str:
     """Where a config ran, as the server reported it: VRAM in use is a GPU (by NVML's name),
     none is the CPU; without a report, only a study-wide "no offload" says CPU."""
     if r.server_vram_mib is not None:
         on_gpu = r.server_vram_mib > 0
     else:
-        off = env.get("gpu_offload") or {}
-        if off.get("offloads") is False and off.get("source") in _OFFLOAD_WITNESSES:
+        if results.offloads(env) is False:
             on_gpu = False
         else:
             return "not reported"
@@ -1093,24 +1088,25 @@ def _defaults_won(s: StoredStudy, defaults: str) -> str:
     return f"The {defaults} are the only configuration measured so far: run more trials to compare tuned ones."
 
 
-def _speedup(s: StoredStudy, data: ReportData, win: TrialRecord,
-             base: TrialRecord | None) -> tuple[float | None, tuple[float, float] | None, str, str]:
+def _speedup(s: StoredStudy, data: ReportData,
+             win: TrialRecord) -> tuple[float | None, tuple[float, float] | None, str, str]:
     """(ratio, 95% interval, text, note) of the winner over the defaults."""
     label = objectives.label(data.objective)
     defaults = results.defaults_name(data.header.engine)
-    if win.baseline:
-        return None, None, "", _defaults_won(s, defaults)
-    again = data.validation_speedup
-    if again is not None and data.winner_row is not None and again.trial == win.number:
-        return again.ratio, (again.ci95[0], again.ci95[1]), again.describe(label, defaults), ""
-    if base is None:
-        return None, None, "", ("No speedup: the study has no baseline trial (run with --no-baseline); a new study "
-                                "without it measures the defaults first, then --validate 2 gives an interval.")
-    ratio = s.speedup(win)
-    if ratio is None:
+    w = s.winner_speedup(win)
+    if isinstance(w, results.Speedup):
+        return w.ratio, (w.ci95[0], w.ci95[1]), w.describe(label, defaults), ""
+    if isinstance(w, results.NoSpeedup):
+        if w.reason == results.DEFAULTS_WON:
+            return None, None, "", _defaults_won(s, defaults)
+        if w.reason == results.NO_BASELINE:
+            return None, None, "", ("No speedup: the study has no baseline trial (run with --no-baseline); a new "
+                                    "study without it measures the defaults first, then --validate 2 gives an "
+                                    "interval.")
         return None, None, "", (f"No speedup: {label} is minimised, so there is no ratio over the defaults; "
                                 "compare the costs below.")
-    text = (f"{ratio:.2f}x {label} vs {defaults} (trial #{win.number} vs baseline #{base.number}, "
+    ratio = w.ratio
+    text = (f"{ratio:.2f}x {label} vs {defaults} (trial #{w.trial} vs baseline #{w.baseline}, "
             "each measured once during the search)")
     if data.validation:
         why = ("the re-validation does not cover the current winner" if data.winner_row is None else
@@ -1121,16 +1117,6 @@ def _speedup(s: StoredStudy, data: ReportData, win: TrialRecord,
                                "them interleaved and get a 95% interval.")
 
 
-def _storage_args(storage: str | None) -> tuple[str, ...]:
-    """``--storage URL`` for the commands the report prints (password masked); none for the default."""
-    return () if storage is None or storage == default_storage_url() else ("--storage", mask(storage))
-
-
-def _pct(p: float) -> str:
-    """A percentage as ``tune check`` prints it: whole from 10% up."""
-    return f"{p:.0f}" if abs(p) >= 9.95 else f"{p:.1f}"
-
-
 def _check_note(c: Check | None, winner: int) -> str:
     """The latest ``tune check`` in one line, from its stored fields; a regression says to re-tune."""
     if c is None:
@@ -1139,19 +1125,13 @@ def _check_note(c: Check | None, winner: int) -> str:
     if c.verdict == "unmeasured" or c.change_pct is None:
         return f"Last `tune check` ({date}) could not measure: {c.error or 'no measurement'}."
     what = "the winner" if c.winner_trial in (None, winner) else f"trial #{c.winner_trial} (the winner then)"
-    since = (" since " + ", ".join(x.replace(": ", " ", 1) for x in c.environment_changes)
-             if c.environment_changes else " (environment unchanged)")
+    since = since_text(c.environment_changes)
     pct, ci = c.change_pct, c.change_ci95
     if c.verdict == "regression":
-        interval = f" (95% CI {_pct(-ci[1])}-{_pct(-ci[0])}% slower)" if ci is not None else ""
-        # The stored verdict's advice (re-tune with its command, or why re-tuning will not help) is
-        # what follows its "since ..." and "; defaults moved ..." parts.
-        at = c.text.find(since)
-        rest = c.text[at + len(since):] if at >= 0 else ""
-        if rest.startswith("; defaults moved"):
-            rest = rest[rest.find(":"):] if ":" in rest else ""
-        advice = rest if rest.startswith(": ") else ": re-tune"
-        return f"Last `tune check` ({date}): {what} is now {_pct(-pct)}% slower{interval}{since}{advice}"
+        interval = (f" (95% CI {pct_text(-ci[1], signed=False, unit='')}-{pct_text(-ci[0], signed=False)} slower)"
+                    if ci is not None else "")
+        return (f"Last `tune check` ({date}): {what} is now {pct_text(-pct, signed=False)} slower{interval}{since}"
+                f"{advice(c)}")
     return f"Last `tune check` ({date}): {c.verdict}, {what} measured {change_text(pct, ci)} vs stored{since}."
 
 
@@ -1171,11 +1151,11 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
         modelfile, missing = modelfile_text(best, s), ""
     except ExportError as e:
         modelfile, missing = "", f"No Modelfile for this winner: {e}."
-    at = _storage_args(storage)
+    at = storage_args(storage)
     name = tuned_name(best)
     env_command = (command("tune", "export", s.name, *at, "--format", "env", "-o", f"{name}.env")
                    if best.effective_server else "")
-    ratio, ci, text, note = _speedup(s, data, best, base)
+    ratio, ci, text, note = _speedup(s, data, best)
     check = last_check(s.attrs)
     return FirstScreen(
         number=best.number, config=best.config_text(), modelfile=modelfile, missing=missing,
@@ -1244,12 +1224,12 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
         data.empty.append(EmptyFigure("timeline", "Timeline of trials", "No trial has finished yet."))
     _validation_empty(data)
     if data.drift is None:
-        checked = bool(s.attrs.get("checks"))
+        checked = bool(s.attrs.get(CHECKS))
         data.empty.append(EmptyFigure(
             "drift", "The winner's speed over time",
             ("No `tune check` of this study measured anything yet (each stored check was unmeasured): "
              if checked else "No `tune check` has run on this study yet: ")
-            + f"`{command('tune', 'check', s.name, *_storage_args(storage))}` re-measures the winner and the "
+            + f"`{command('tune', 'check', s.name, *storage_args(storage))}` re-measures the winner and the "
             "defaults and keeps the result."))
     data.bench = _bench(s, ranked, env, data)
     data.first = _first_screen(s, data, best, feasible, base, storage)

@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner import objectives
+from tuner.check import changes_text
 from tuner.effects import MARGINAL, MIN_TRIALS_FOR_IMPORTANCES
 from tuner.results import defaults_name
 from tuner.report.data import (
@@ -550,7 +551,7 @@ def drift_figure(data: ReportData) -> go.Figure:
         shapes=[{"type": "line", "xref": "x", "yref": "paper", "x0": p.at, "x1": p.at, "y0": 0, "y1": 1,
                  "line": {"color": "#ff7f0e", "dash": "dot"}} for p in series.marked],
         annotations=[{"x": p.at, "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom", "showarrow": False,
-                      "text": html.escape(", ".join(x.replace(": ", " ", 1) for x in p.new_changes)),
+                      "text": html.escape(changes_text(p.new_changes)),
                       "font": {"size": 10, "color": "#ff7f0e"}} for p in series.marked],
     )
     return fig

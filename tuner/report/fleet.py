@@ -12,51 +12,52 @@ from typing import Any
 
 from tuner import objectives
 from tuner.fleet import SPEEDUP_NOTE, Fleet, FleetRow, read_fleet
-from tuner.report.html import _CSS, _e, _f, _table
+from tuner.report import output_path
+from tuner.report.html import escape, number, page, table
 
-#: The default file of ``tune report --fleet``.
-FLEET_FILE = Path("reports") / "fleet.html"
+#: The default file name of ``tune report --fleet`` (in ``reports/``).
+FLEET_FILE = "fleet.html"
 
 
 def _hardware_cell(r: FleetRow) -> str:
     hw = r.fingerprint
     detail = ("" if hw is None else
               f"{hw.get('cpu') or 'unknown CPU'}, {hw.get('cores', '?')} cores, {hw.get('ram_gib', '?')} GiB RAM")
-    return _e(r.hardware) + (f"<br><span class=\"caption\">{_e(detail)}</span>" if detail else "")
+    return escape(r.hardware) + (f"<br><span class=\"caption\">{escape(detail)}</span>" if detail else "")
 
 
 def _study_cell(r: FleetRow) -> str:
-    text = f"<code>{_e(r.study)}</code>"
+    text = f"<code>{escape(r.study)}</code>"
     others = [s for s in r.studies if s != r.study]
     if others:
         text += (f"<br><span class=\"caption\">best of {len(r.studies)}; also "
-                 + ", ".join(f"<code>{_e(s)}</code>" for s in others) + "</span>")
+                 + ", ".join(f"<code>{escape(s)}</code>" for s in others) + "</span>")
     return text
 
 
 def _config_cell(r: FleetRow) -> str:
-    text = _e(r.config_text)
+    text = escape(r.config_text)
     if r.best_trial is not None:
-        text += f"<br><span class=\"caption\">trial #{r.best_trial}: {_e(r.config or '')}</span>"
+        text += f"<br><span class=\"caption\">trial #{r.best_trial}: {escape(r.config or '')}</span>"
     return text
 
 
 def _value_cell(r: FleetRow) -> str:
     if r.value is None:
         return "-"
-    text = f"{_f(r.value, 2)} {_e(objectives.label(r.objective))}"
+    text = f"{number(r.value, 2)} {escape(objectives.label(r.objective))}"
     if r.value_ci95 is not None:
-        text += f"<br><span class=\"caption\">95% CI {_f(r.value_ci95[0], 2)} .. {_f(r.value_ci95[1], 2)}</span>"
+        text += f"<br><span class=\"caption\">95% CI {number(r.value_ci95[0], 2)} .. {number(r.value_ci95[1], 2)}</span>"
     how = "re-validated" if r.value_source == "revalidation" else "search, single measurement"
-    return text + f"<br><span class=\"caption\">{_e(how)}</span>"
+    return text + f"<br><span class=\"caption\">{escape(how)}</span>"
 
 
 def _row(r: FleetRow) -> list[tuple[str, bool]]:
     return [
         (_hardware_cell(r), False), (_study_cell(r), False), (_config_cell(r), False), (_value_cell(r), True),
-        (_e(r.speedup.text()) if r.speedup else "-", True), (str(r.trials), True),
-        (_e(r.last_check.text(r.best_trial, r.study)) if r.last_check else "-", False),
-        (_e(r.last_update.strftime("%Y-%m-%d %H:%M")) if r.last_update else "-", False),
+        (escape(r.speedup.text()) if r.speedup else "-", True), (str(r.trials), True),
+        (escape(r.last_check.text(r.best_trial, r.study)) if r.last_check else "-", False),
+        (escape(r.last_update.strftime("%Y-%m-%d %H:%M")) if r.last_update else "-", False),
     ]
 
 
@@ -65,7 +66,7 @@ def render_fleet(fleet: Fleet, generated_at: str | None = None) -> str:
     at = generated_at or _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = [
         "<h1>ollama-tuner fleet</h1>",
-        f"<p class=\"caption\">Generated {_e(at)} from {_e(fleet.storage)}: {fleet.studies} studies, "
+        f"<p class=\"caption\">Generated {escape(at)} from {escape(fleet.storage)}: {fleet.studies} studies, "
         f"{len(fleet.rows)} model x hardware pairs. Where several studies measured the same model on the same "
         "hardware, the one whose best trial has the best search value is shown (its re-validated value where it "
         "has one).</p>",
@@ -78,22 +79,12 @@ def render_fleet(fleet: Fleet, generated_at: str | None = None) -> str:
     for r in fleet.rows:
         models.setdefault(r.model, []).append(r)
     for model, rows in models.items():
-        body.append(f"<h2>{_e(model or '(model not recorded)')}</h2>")
-        body.append(_table(head, [_row(r) for r in rows]))
-        body += [f"<p class=\"warn\">{_e(r.study)}: {_e(w)}</p>" for r in rows for w in r.warnings]
+        body.append(f"<h2>{escape(model or '(model not recorded)')}</h2>")
+        body.append(table(head, [_row(r) for r in rows]))
+        body += [f"<p class=\"warn\">{escape(r.study)}: {escape(w)}</p>" for r in rows for w in r.warnings]
     if fleet.rows:
-        body.append(f"<p class=\"caption\">{_e(SPEEDUP_NOTE[0].upper() + SPEEDUP_NOTE[1:])}.</p>")
-    return "\n".join([
-        "<!DOCTYPE html>",
-        "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-        "<title>ollama-tuner fleet</title>",
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
-        f"<style>{_CSS}</style>",
-        "</head><body>",
-        *body,
-        "</body></html>",
-        "",
-    ])
+        body.append(f"<p class=\"caption\">{escape(SPEEDUP_NOTE[0].upper() + SPEEDUP_NOTE[1:])}.</p>")
+    return page("ollama-tuner fleet", body)
 
 
 def write_fleet_report(storage_url: str | None, output: str | None) -> Path:
@@ -104,8 +95,6 @@ def write_fleet_report(storage_url: str | None, output: str | None) -> Path:
     from tuner.files import write_atomic
 
     text = render_fleet(read_fleet(storage_url))
-    path = FLEET_FILE if output is None else Path(output)
-    if path.is_dir():
-        path = path / FLEET_FILE.name
+    path = output_path(output, FLEET_FILE)
     write_atomic(path, text.encode("utf-8"), "fleet report")
     return path

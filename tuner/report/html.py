@@ -9,10 +9,10 @@ from __future__ import annotations
 import html
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner import objectives
-from tuner.results import defaults_name, search_speedup_text
+from tuner.results import SearchSpeedup, Speedup, defaults_name, search_speedup_text
 from tuner.report.data import FIGURE_ORDER, TOP_N, EmptyFigure, NamedFigure, ReportData, ValidationRow
 
 if TYPE_CHECKING:
@@ -51,21 +51,40 @@ _COPY_JS = (
 _OUTCOME_ORDER = ("feasible", "infeasible", "pruned", "failed", "running", "waiting")
 
 
-def _e(v: Any) -> str:
+def escape(v: Any) -> str:
+    """``v`` as text safe in HTML, quotes included (for attributes)."""
     return html.escape(str(v), quote=True)
 
 
-def _f(v: float | None, digits: int = 1) -> str:
+def number(v: float | None, digits: int = 1) -> str:
+    """``v`` with thousands separators and ``digits`` decimals; "-" for None."""
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
-def _table(head: list[str], rows: list[list[tuple[str, bool]]]) -> str:
+def table(head: list[str], rows: list[list[tuple[str, bool]]]) -> str:
     """An HTML table; each cell is (escaped html, is_number)."""
-    out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    out = ["<table><thead><tr>", *(f"<th>{escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for r in rows:
         out.append("<tr>" + "".join(f"<td class=\"n\">{c}</td>" if num else f"<td>{c}</td>" for c, num in r) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def page(title: str, body: Sequence[str], head: Sequence[str] = ()) -> str:
+    """One self-contained HTML page in the house style: ``head`` (scripts) and ``body`` (html
+    parts), one a line."""
+    return "\n".join([
+        "<!DOCTYPE html>",
+        "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f"<title>{escape(title)}</title>",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<style>{_CSS}</style>",
+        *head,
+        "</head><body>",
+        *body,
+        "</body></html>",
+        "",
+    ])
 
 
 def _values_text(values: list[Any]) -> str:
@@ -111,7 +130,7 @@ def _header_html(data: ReportData) -> str:
         facts.append(("Interference", f"{h.remeasured} measurement(s) redone because other processes competed; "
                                       f"{h.contended} trial(s) still contended, left out of the winner; "
                                       f"{h.contention_lost_s:.0f} s lost to contention"))
-    html = "<dl class=\"facts\">" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts) + "</dl>"
+    html = "<dl class=\"facts\">" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in facts) + "</dl>"
     if h.only_contended:
         html += ("<p class=\"warn\">Every feasible trial was measured while other processes competed for the "
                  "machine: the best configuration below is uncertain; re-run when the machine is quiet.</p>")
@@ -124,43 +143,43 @@ def _best_html(data: ReportData) -> str:
         return "<h2>Best configuration</h2><p class=\"note\">No trial has completed yet: nothing to report.</p>"
     engine_defaults = defaults_name(data.header.engine)
     title = "Best feasible configuration" if b.feasible else "Least-violating configuration (nothing is feasible)"
-    parts = [f"<h2>{_e(title)} &mdash; trial #{b.number}</h2>"]
-    again = data.validation_speedup
-    if again is not None and data.winner_row is not None and again.trial == b.number:
-        parts.append(f"<p class=\"speedup\">{_e(again.describe(objectives.label(b.objective), engine_defaults))}</p>")
-    elif b.speedup is not None and not b.baseline:  # the defaults over themselves: the first screen says why
-        base = (b.baseline_number, b.baseline_value) if b.baseline_number is not None else None
-        text = search_speedup_text(b.speedup, objectives.label(b.objective), engine_defaults, base, b.value)
-        parts.append(f"<p class=\"speedup\">{_e(text)}</p>")
+    parts = [f"<h2>{escape(title)} &mdash; trial #{b.number}</h2>"]
+    w = b.winner_speedup  # none shown when the defaults won: the first screen says why
+    if isinstance(w, Speedup):
+        parts.append(f"<p class=\"speedup\">{escape(w.describe(objectives.label(b.objective), engine_defaults))}</p>")
+    elif isinstance(w, SearchSpeedup):
+        text = search_speedup_text(w.ratio, objectives.label(b.objective), engine_defaults,
+                                   (w.baseline, w.baseline_value), w.value)
+        parts.append(f"<p class=\"speedup\">{escape(text)}</p>")
     elif b.baseline_number is None:
         parts.append("<p class=\"caption\">No baseline trial (study run with --no-baseline): no speedup to show.</p>")
     parts.extend(_winner_html(data))
     r = data.roofline
     if r is not None:
         of = "" if r.get("trial") in (None, b.number) else f" (measured on trial #{r.get('trial')})"
-        parts.append(f"<p class=\"roofline\">Roofline: {_e(r['text'])}{_e(of)}</p>")
+        parts.append(f"<p class=\"roofline\">Roofline: {escape(r['text'])}{escape(of)}</p>")
     if not b.feasible and b.violations:
-        parts.append(f"<p class=\"warn\">Violates: {_e('; '.join(b.violations))}</p>")
+        parts.append(f"<p class=\"warn\">Violates: {escape('; '.join(b.violations))}</p>")
     cfg: list[tuple[str, Any]] = [("model", b.model)]
     if b.baseline:
         cfg.append(("options", f"none ({engine_defaults})"))
     cfg += [(k, v) for k, v in b.options.items()]
     cfg += [(f"{k} (server)", v) for k, v in b.server.items()]
-    parts.append(_table(["setting", "value"], [[(_e(k), False), (_e(v), False)] for k, v in cfg]))
+    parts.append(table(["setting", "value"], [[(escape(k), False), (escape(v), False)] for k, v in cfg]))
     if b.metrics:
-        parts.append(_table(
+        parts.append(table(
             ["metric", "mean", "± sd", "p50", "p95"],
-            [[(_e(m.label), False), (_f(m.mean), True), (_f(m.sd), True), (_f(m.p50), True), (_f(m.p95), True)]
+            [[(escape(m.label), False), (number(m.mean), True), (number(m.sd), True), (number(m.p50), True), (number(m.p95), True)]
              for m in b.metrics],
         ))
     if b.telemetry:
-        parts.append(_table(["telemetry (measured requests)", "value"], [[(_e(k), False), (_f(v, 2), True)] for k, v in b.telemetry]))
+        parts.append(table(["telemetry (measured requests)", "value"], [[(escape(k), False), (number(v, 2), True)] for k, v in b.telemetry]))
     return "".join(parts)
 
 
 def _validated(r: ValidationRow, digits: int = 2) -> str:
-    return (f"{_f(r.mean, digits)} (95% CI {_f(r.ci_low, digits)} .. {_f(r.ci_high, digits)}, "
-            f"sd {_f(r.sd, digits)}, {_plural(r.n, 'round')})")
+    return (f"{number(r.mean, digits)} (95% CI {number(r.ci_low, digits)} .. {number(r.ci_high, digits)}, "
+            f"sd {number(r.sd, digits)}, {_plural(r.n, 'round')})")
 
 
 def _winner_html(data: ReportData) -> list[str]:
@@ -170,12 +189,12 @@ def _winner_html(data: ReportData) -> list[str]:
         return []
     label = objectives.label(data.validation_objective)
     out = [f"<p class=\"validated\">Re-validated winner over {data.validation_rounds} interleaved rounds: "
-           f"{_e(label)} {_e(_validated(win))}.</p>"]
+           f"{escape(label)} {escape(_validated(win))}.</p>"]
     if data.top and data.top[0].number != win.number:
         out.append(f"<p class=\"caption\">Chosen over trial #{data.top[0].number}, which scored higher in its single "
                    "measurement during the search.</p>")
     if data.overlap_with_best and data.validation_interval:
-        out.append(f"<p class=\"warn\">{_e(data.validation_verdict)}</p>")
+        out.append(f"<p class=\"warn\">{escape(data.validation_verdict)}</p>")
     elif data.overlap_with_best:
         ok = [r for r in data.validation if r.mean is not None]
         out.append(f"<p class=\"warn\">The top two 95% intervals overlap (#{ok[0].number} and #{ok[1].number}): "
@@ -185,8 +204,8 @@ def _winner_html(data: ReportData) -> list[str]:
 
 
 def _copy_button(target: str, label: str) -> str:
-    return (f"<button type=\"button\" class=\"copy\" data-copy=\"{_e(target)}\" onclick=\"copyText(this)\">"
-            f"{_e(label)}</button>")
+    return (f"<button type=\"button\" class=\"copy\" data-copy=\"{escape(target)}\" onclick=\"copyText(this)\">"
+            f"{escape(label)}</button>")
 
 
 def _first_html(data: ReportData) -> str:
@@ -196,31 +215,31 @@ def _first_html(data: ReportData) -> str:
         return ""
     if f.number is None:
         return (f"<section id=\"what-to-run\" class=\"first\"><h2>What to run</h2>"
-                f"<p class=\"warn\">{_e(f.missing)}</p></section>")
+                f"<p class=\"warn\">{escape(f.missing)}</p></section>")
     parts = ["<section id=\"what-to-run\" class=\"first\">", f"<h2>What to run: trial #{f.number}</h2>",
-             f"<p><code>{_e(f.config)}</code></p>"]
+             f"<p><code>{escape(f.config)}</code></p>"]
     if f.speedup_text:
-        parts.append(f"<p class=\"speedup\">{_e(f.speedup_text)}</p>")
+        parts.append(f"<p class=\"speedup\">{escape(f.speedup_text)}</p>")
     if f.speedup_note:
-        parts.append(f"<p class=\"note\">{_e(f.speedup_note)}</p>")
+        parts.append(f"<p class=\"note\">{escape(f.speedup_note)}</p>")
     if f.check_note:
-        parts.append(f"<p class=\"{'warn' if f.check_regression else 'note'}\">{_e(f.check_note)}</p>")
+        parts.append(f"<p class=\"{'warn' if f.check_regression else 'note'}\">{escape(f.check_note)}</p>")
     if f.costs:
         base = f"defaults (#{f.baseline_number})" if f.baseline_number is not None else "defaults (not measured)"
-        rows = [[(_e(c.label + (f" ({c.source})" if c.source else "")), False), (_f(c.winner, c.digits), True),
-                 (_f(c.defaults, c.digits), True)] for c in f.costs]
-        parts.append(_table(["what it costs", f"winner (#{f.number})", base], rows))
+        rows = [[(escape(c.label + (f" ({c.source})" if c.source else "")), False), (number(c.winner, c.digits), True),
+                 (number(c.defaults, c.digits), True)] for c in f.costs]
+        parts.append(table(["what it costs", f"winner (#{f.number})", base], rows))
     if f.modelfile:
         parts += ["<h3>Modelfile</h3>", _copy_button("modelfile", "Copy Modelfile"),
-                  f"<pre id=\"modelfile\" class=\"paste\">{_e(f.modelfile)}</pre>",
+                  f"<pre id=\"modelfile\" class=\"paste\">{escape(f.modelfile)}</pre>",
                   "<p>Or write it from the study and create the model:</p>",
                   _copy_button("create-commands", "Copy commands"),
-                  f"<pre id=\"create-commands\" class=\"paste\">{_e(f.export_command)}\n{_e(f.create_command)}</pre>"]
+                  f"<pre id=\"create-commands\" class=\"paste\">{escape(f.export_command)}\n{escape(f.create_command)}</pre>"]
     else:
-        parts.append(f"<p class=\"warn\">{_e(f.missing)}</p>")
+        parts.append(f"<p class=\"warn\">{escape(f.missing)}</p>")
     if f.env_command:
         parts.append("<p>The winner also sets server-level settings, which a Modelfile cannot carry; write them "
-                     f"for <code>ollama serve</code> with:</p><pre class=\"paste\">{_e(f.env_command)}</pre>")
+                     f"for <code>ollama serve</code> with:</p><pre class=\"paste\">{escape(f.env_command)}</pre>")
     parts.append("</section>")
     return "".join(parts)
 
@@ -230,7 +249,7 @@ def _validation_html(data: ReportData, figure: str) -> str:
         return figure  # the reason there is none, in the section's place
     label = objectives.label(data.validation_objective)
     parts = [f"<h2>Re-validation of the top {len(data.validation)} configurations</h2>",
-             f"<p class=\"caption\">{_e(label)} re-measured in {data.validation_rounds} interleaved rounds "
+             f"<p class=\"caption\">{escape(label)} re-measured in {data.validation_rounds} interleaved rounds "
              f"after {data.validation_trials_at} trials, "
              + ("geometric mean and 95% confidence interval (Student t on the log scale, so it stays above 0)."
                 if data.validation_interval else "mean and 95% confidence interval.") + "</p>"]
@@ -246,20 +265,20 @@ def _validation_html(data: ReportData, figure: str) -> str:
         else:
             note = ""
         rows.append([
-            (str(r.rank or "-"), True), (f"#{r.number}", True), (_e(r.config), False), (str(r.n), True),
-            (_f(r.mean, 2), True), (_f(r.sd, 2), True), (f"{_f(r.ci_low, 2)} .. {_f(r.ci_high, 2)}", True),
-            (_f(r.search_value, 2), True), (_e(note), False),
+            (str(r.rank or "-"), True), (f"#{r.number}", True), (escape(r.config), False), (str(r.n), True),
+            (number(r.mean, 2), True), (number(r.sd, 2), True), (f"{number(r.ci_low, 2)} .. {number(r.ci_high, 2)}", True),
+            (number(r.search_value, 2), True), (escape(note), False),
         ])
-    parts.append(_table(["rank", "trial", "configuration", "rounds", "mean", "± sd", "95% CI", "during search", ""], rows))
+    parts.append(table(["rank", "trial", "configuration", "rounds", "mean", "± sd", "95% CI", "during search", ""], rows))
     if data.validation_overlap and not data.overlap_with_best and data.validation_interval:
-        parts.append(f"<p class=\"warn\">{_e(data.validation_verdict)}</p>")
+        parts.append(f"<p class=\"warn\">{escape(data.validation_verdict)}</p>")
     elif data.validation_overlap and not data.overlap_with_best:
         parts.append("<p class=\"warn\">The top two intervals overlap: they are not distinguishable at this "
                      "precision (more --validate-rounds narrows the intervals).</p>")
     elif data.validation_verdict and not data.validation_overlap:
-        parts.append(f"<p class=\"note\">{_e(data.validation_verdict)}</p>")
+        parts.append(f"<p class=\"note\">{escape(data.validation_verdict)}</p>")
     if data.validation_contended:
-        parts.append(f"<p class=\"warn\">{_e(data.validation_contended)}</p>")
+        parts.append(f"<p class=\"warn\">{escape(data.validation_contended)}</p>")
     return "".join(parts) + figure
 
 
@@ -269,21 +288,21 @@ def _effects_html(data: ReportData) -> str:
     if eff is None:
         return ""
     cls = "validated" if eff.top is not None else "warn"
-    return (f"<p class=\"{cls} verdict\">{_e(eff.verdict)}</p>"
-            + "".join(f"<p class=\"note\">{_e(n)}</p>" for n in eff.notes))
+    return (f"<p class=\"{cls} verdict\">{escape(eff.verdict)}</p>"
+            + "".join(f"<p class=\"note\">{escape(n)}</p>" for n in eff.notes))
 
 
 def _pruned_html(data: ReportData) -> str:
     if not data.pruned:
         return ""
     rows = [[
-        (f"#{r.number}", True), (_e(r.config), False),
+        (f"#{r.number}", True), (escape(r.config), False),
         (f"{r.requests} of {r.planned}" if r.planned else str(r.requests), True),
-        (_f(r.decode_tps_mean), True), (_f(r.last_value, 2), True), (_f(r.saved_s), True),
+        (number(r.decode_tps_mean), True), (number(r.last_value, 2), True), (number(r.saved_s), True),
     ] for r in data.pruned]
-    return (f"<h2>Pruned trials</h2><p>{_e(_pruned_text(data))}: each was stopped once it was clearly worse "
+    return (f"<h2>Pruned trials</h2><p>{escape(_pruned_text(data))}: each was stopped once it was clearly worse "
             "than the best trial on the same requests.</p>"
-            + _table(["trial", "configuration", "requests measured", "decode tok/s so far", "last request value",
+            + table(["trial", "configuration", "requests measured", "decode tok/s so far", "last request value",
                       "saved s"], rows))
 
 
@@ -297,30 +316,30 @@ def _top_html(data: ReportData) -> str:
                      "over the measured requests; the backend is where the server reported the model ran; "
                      "\"default\" is a setting the config left to the engine.</p>")
         parts.append("<div class=\"wide\">"
-                     + _table(b.columns, [[(_e(c), n) for c, n in zip(line, b.numeric)] for line in b.cells])
+                     + table(b.columns, [[(escape(c), n) for c, n in zip(line, b.numeric)] for line in b.cells])
                      + "</div>")
         parts.append(_copy_button("top-markdown", "Copy as markdown"))
-        parts.append(f"<details><summary>Markdown</summary><pre id=\"top-markdown\" class=\"paste\">{_e(b.markdown)}"
+        parts.append(f"<details><summary>Markdown</summary><pre id=\"top-markdown\" class=\"paste\">{escape(b.markdown)}"
                      "</pre></details>")
         return "".join(parts)
     head = ["rank", "trial", "search stage", "objective", "configuration", f"{data.tps_label} mean ± sd",
             "p95 TTFT ms", "p95 latency ms", "VRAM peak MiB", "power W", "tokens/J", "speedup"]
     rows = [[
-        (str(r.rank), True), (f"#{r.number}", True), (_e(r.stage or "-"), False), (_f(r.value, 2), True),
-        (_e(r.config), False),
-        (f"{_f(r.tps_mean)} ± {_f(r.tps_sd)}", True), (_f(r.ttft_ms_p95, 0), True), (_f(r.latency_ms_p95, 0), True),
-        (_f(r.vram_mib, 0), True), (_f(r.power_w), True), (_f(r.tokens_per_joule, 2), True),
+        (str(r.rank), True), (f"#{r.number}", True), (escape(r.stage or "-"), False), (number(r.value, 2), True),
+        (escape(r.config), False),
+        (f"{number(r.tps_mean)} ± {number(r.tps_sd)}", True), (number(r.ttft_ms_p95, 0), True), (number(r.latency_ms_p95, 0), True),
+        (number(r.vram_mib, 0), True), (number(r.power_w), True), (number(r.tokens_per_joule, 2), True),
         ("-" if r.speedup is None else f"{r.speedup:.2f}×", True),
     ] for r in data.top]
-    return "".join(parts) + _table(head, rows)
+    return "".join(parts) + table(head, rows)
 
 
 def _failures_html(data: ReportData) -> str:
     if not data.failures:
         return "<h2>Failures</h2><p>No trial failed or broke a limit.</p>"
-    rows = [[(f"#{f.number}", True), (_e(f.kind), False), (_e(f.config), False), (_e(f.message), False)]
+    rows = [[(f"#{f.number}", True), (escape(f.kind), False), (escape(f.config), False), (escape(f.message), False)]
             for f in data.failures]
-    return "<h2>Failures and infeasible trials</h2>" + _table(["trial", "kind", "configuration", "error or violation"], rows)
+    return "<h2>Failures and infeasible trials</h2>" + table(["trial", "kind", "configuration", "error or violation"], rows)
 
 
 def _in_order(data: ReportData) -> list[NamedFigure | EmptyFigure]:
@@ -338,8 +357,8 @@ def _in_order(data: ReportData) -> list[NamedFigure | EmptyFigure]:
 
 
 def _empty_html(data: ReportData, e: EmptyFigure) -> str:
-    head = "" if e.key == "validation" and data.validation else f"<h2>{_e(e.title)}</h2>"
-    return f"{head}<p class=\"empty\" data-figure=\"{_e(e.key)}\">{_e(e.reason)}</p>"
+    head = "" if e.key == "validation" and data.validation else f"<h2>{escape(e.title)}</h2>"
+    return f"{head}<p class=\"empty\" data-figure=\"{escape(e.key)}\">{escape(e.reason)}</p>"
 
 
 def _figure_json(fig: go.Figure) -> str:
@@ -365,9 +384,9 @@ def render_html(data: ReportData) -> str:
         div = f"fig-{drawn}-{re.sub(r'[^a-z0-9_-]', '', nf.key.lower())}"
         drawn += 1
         # The re-validation figure sits in its own section, under its table.
-        part = "" if nf.key == "validation" else f"<h2>{_e(nf.title)}</h2>"
+        part = "" if nf.key == "validation" else f"<h2>{escape(nf.title)}</h2>"
         if nf.caption:
-            part += f"<p class=\"caption\">{_e(nf.caption)}</p>"
+            part += f"<p class=\"caption\">{escape(nf.caption)}</p>"
         if nf.key == "effects":
             part += _effects_html(data)
         cls = "figure small" if nf.key == "validation" else "figure"
@@ -375,24 +394,20 @@ def render_html(data: ReportData) -> str:
         figures.append((nf.key, part))
         scripts.append(f"drawFigure({json.dumps(div)}, {_figure_json(nf.figure)});")
     body = [
-        f"<h1>ollama-tuner report: {_e(h.study_name)}</h1>",
-        f"<p class=\"caption\">Generated {_e(data.generated_at)}</p>",
+        f"<h1>ollama-tuner report: {escape(h.study_name)}</h1>",
+        f"<p class=\"caption\">Generated {escape(data.generated_at)}</p>",
         _first_html(data),
         _header_html(data),
         _best_html(data),
         _validation_html(data, "".join(p for k, p in figures if k == "validation")),
         _top_html(data),
     ]
-    body += [f"<p class=\"note\">{_e(n)}</p>" for n in data.notes]
+    body += [f"<p class=\"note\">{escape(n)}</p>" for n in data.notes]
     body += [p for k, p in figures if k != "validation"]
     body.append(_pruned_html(data))
     body.append(_failures_html(data))
-    return "\n".join([
-        "<!DOCTYPE html>",
-        "<html lang=\"en\"><head><meta charset=\"utf-8\">",
-        f"<title>{_e('ollama-tuner report: ' + h.study_name)}</title>",
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
-        f"<style>{_CSS}</style>",
+    body.append("<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>")
+    return page("ollama-tuner report: " + h.study_name, body, head=[
         f"<script type=\"text/javascript\">{get_plotlyjs()}</script>",
         # One figure failing to draw must not stop the others; the error stays visible.
         "<script type=\"text/javascript\">function drawFigure(id, fig){"
@@ -400,9 +415,4 @@ def render_html(data: ReportData) -> str:
         "document.getElementById(id).textContent = 'This figure could not be drawn: ' + e;}"
         "try {Plotly.newPlot(id, fig.data, fig.layout, {responsive: true, displaylogo: false}).catch(fail);}"
         " catch (e) {fail(e);}}" + _COPY_JS + "</script>",
-        "</head><body>",
-        *body,
-        "<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>",
-        "</body></html>",
-        "",
     ])
