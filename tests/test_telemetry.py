@@ -390,7 +390,7 @@ def test_nvml_init_failure_gives_reason_and_host_only(
     probe = probe_gpus()
     assert not probe.available and probe.reason.startswith(expected) and probe.gpus == []
     with TelemetrySampler(interval_s=0.01) as sampler:
-        time.sleep(0.03)
+        _until(sampler, 2)
     summary = sampler.summary
     assert summary is not None and summary.gpus == []
     assert summary.host.samples >= 2 and summary.host.mem_used_peak_mib is not None
@@ -425,13 +425,20 @@ def test_gpus_false_never_touches_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sampler.summary is not None and sampler.summary.gpus == []
 
 
+def _until(sampler: TelemetrySampler, n: int) -> None:
+    """Wait until ``n`` samples are in: a busy machine slows each one down, so no fixed sleep."""
+    deadline = time.monotonic() + 30
+    while len(sampler.samples()[1]) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def test_sampler_end_to_end_with_fake(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeNvml([constant_gpu(), constant_gpu(name=["Second"], power_mw=[50_000])])
     fake.install(monkeypatch)
     sampler = TelemetrySampler(interval_s=0.01)
     sampler.start()
     assert sampler.is_running
-    time.sleep(0.15)
+    _until(sampler, 5)
     summary = sampler.stop()
     assert not sampler.is_running
     assert len(summary.gpus) == 2
@@ -464,7 +471,7 @@ def test_sampler_survives_gpu_lost_and_counter_reset(monkeypatch: pytest.MonkeyP
         temp=[RuntimeError("unexpected driver failure")],
     )]).install(monkeypatch)
     with TelemetrySampler(interval_s=0.005) as sampler:
-        time.sleep(0.08)
+        _until(sampler, 6)
     summary = sampler.summary
     assert summary is not None and not sampler.is_running
     g = summary.gpus[0]
@@ -597,7 +604,7 @@ def test_interference_off_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(psutil, "process_iter", no_scan)
     with TelemetrySampler(interval_s=0.05, interference=False) as sampler:
-        time.sleep(0.3)
+        _until(sampler, 2)
     summary = sampler.summary
     assert summary is not None
     h = summary.host
@@ -614,7 +621,7 @@ def test_sampler_stops_and_joins_when_body_raises(monkeypatch: pytest.MonkeyPatc
     sampler = TelemetrySampler(interval_s=0.01)
     with pytest.raises(ZeroDivisionError):
         with sampler:
-            time.sleep(0.02)
+            _until(sampler, 2)
             1 / 0
     assert not sampler.is_running
     assert sampler._thread is not None and not sampler._thread.is_alive()
