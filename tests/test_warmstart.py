@@ -102,6 +102,12 @@ def test_a_second_study_starts_from_the_first_ones_winners(fake: FakeOllama) -> 
     assert all(r.stage != "warm" for r in _study("third").records)
 
 
+def _new_study(fake: FakeOllama, *args: str) -> Any:
+    """``tune run`` of a new one-trial study 'new' of gemma3:1b in STORAGE, with ``args``."""
+    return invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "new",
+                  "--trials", "1", *args)
+
+
 def test_warm_start_from_another_storage_and_bad_sources(fake: FakeOllama) -> None:
     run_study(opts(fake, study_name="elsewhere", storage="sqlite:///other.db", trials=5))
     lines: list[str] = []
@@ -109,8 +115,7 @@ def test_warm_start_from_another_storage_and_bad_sources(fake: FakeOllama) -> No
                    warm_start_storage="sqlite:///other.db"), echo=lines.append)
     assert any("from 'elsewhere' (same hardware)" in x for x in lines), lines
     assert any(r.seeded_from and r.seeded_from.startswith("elsewhere#") for r in _study("here").records)
-    r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "new",
-               "--warm-start-from", "nope", "--trials", "1")
+    r = _new_study(fake, "--warm-start-from", "nope")
     assert r.exit_code == 2
     assert r.output == ("Error: --warm-start-from: no study named 'nope' in that storage "
                         "(known studies: here)\n")
@@ -123,14 +128,12 @@ def test_warm_start_from_another_storage_and_bad_sources(fake: FakeOllama) -> No
                         "of them\n")
     # A storage that cannot be read, or a study of another model, is refused before anything is created.
     for bad in ("sqlite:///nowhere/none.db", "bogus://x"):
-        r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "new",
-                   "--warm-start-storage", bad, "--trials", "1")
+        r = _new_study(fake, "--warm-start-storage", bad)
         assert r.exit_code == 2, r.output
         assert r.output.startswith(f"Error: --warm-start-storage: cannot read the storage {bad} ("), r.output
         assert r.output.endswith("): give the URL of the storage that holds the earlier study\n"), r.output
     run_study(opts(fake, study_name="llama", model=["llama3.2:3b"], trials=2))
-    r = invoke("run", "--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "new",
-               "--warm-start-from", "llama", "--trials", "1")
+    r = _new_study(fake, "--warm-start-from", "llama")
     assert r.exit_code == 2
     assert r.output == ("Error: --warm-start-from: study 'llama' tuned llama3.2:3b, not gemma3:1b or a variant of "
                         "it, so its settings do not carry over: pick a study of gemma3:1b, or leave the option out\n")
