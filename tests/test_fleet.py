@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -339,6 +340,9 @@ def test_report_fleet_writes_one_escaped_page(fake: FakeOllama, monkeypatch: pyt
     for row in fleet.read_fleet(STORAGE).rows:
         assert row.speedup is not None
         assert f">{row.speedup.text()}<" in page and f"trial #{row.best_trial}: " in page
+        # Times in UTC, as in the single-study report (Optuna stores naive local times).
+        assert row.last_update is not None
+        assert row.last_update.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") in page
 
     r = invoke("report", "--fleet", "--storage", STORAGE, "-o", "out")
     assert r.exit_code == 0 and (tmp_path / "out").is_file()

@@ -57,13 +57,15 @@ def _row(r: FleetRow) -> list[tuple[str, bool]]:
         (_hardware_cell(r), False), (_study_cell(r), False), (_config_cell(r), False), (_value_cell(r), True),
         (escape(r.speedup.text()) if r.speedup else "-", True), (str(r.trials), True),
         (escape(r.last_check.text(r.best_trial, r.study)) if r.last_check else "-", False),
-        (escape(r.last_update.strftime("%Y-%m-%d %H:%M")) if r.last_update else "-", False),
+        # Optuna's naive local time, shown in UTC like the single-study report.
+        (escape(r.last_update.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")) if r.last_update
+         else "-", False),
     ]
 
 
 def render_fleet(fleet: Fleet, generated_at: str | None = None) -> str:
     """The fleet as one HTML page: a section per model, a row per hardware."""
-    at = generated_at or _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    at = generated_at or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
         "<h1>ollama-tuner fleet</h1>",
         f"<p class=\"caption\">Generated {escape(at)} from {escape(fleet.storage)}: {fleet.studies} studies, "
