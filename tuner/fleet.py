@@ -254,7 +254,7 @@ def _candidate(st: StoredStudy) -> _Candidate:
     hw = attrs.get("hardware") if isinstance(attrs.get("hardware"), dict) and server is None else None
     kind = accelerator(attrs)
     best = st.best()
-    last = max((r.datetime_complete or r.datetime_start for r in st.records if r.datetime_start), default=None)
+    last = st.last_update
     row = FleetRow(
         model=model, hardware=hardware_label(attrs), fingerprint=hw, accelerator=kind,
         engine=str(attrs.get("engine", "ollama")), objective=objective, study=st.name, studies=(st.name,),

@@ -129,6 +129,11 @@ class StoredStudy:
         return sorted(quiet or feasible, key=self._score, reverse=True)
 
     @property
+    def last_update(self) -> Any:
+        """When a trial last started or finished (Optuna's naive local time), or None."""
+        return max((r.datetime_complete or r.datetime_start for r in self.records if r.datetime_start), default=None)
+
+    @property
     def only_contended(self) -> bool:
         """Every feasible trial was measured while other processes competed."""
         feasible = [r for r in self.records if r.feasible and r.values]

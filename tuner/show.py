@@ -167,23 +167,17 @@ class StudyRow:
 
 def study_rows(storage_url: str | None) -> list[StudyRow]:
     """Every study in a storage, as rows."""
-    import optuna
-
-    storage = open_storage(storage_url, create=False)
     rows = []
-    for name in optuna.get_all_study_names(storage):
-        study = optuna.load_study(study_name=name, storage=storage)
-        st = results.read_study(study)
+    for st in results.read_all_studies(open_storage(storage_url, create=False)):
         best = st.best()
-        last = max((r.datetime_complete or r.datetime_start for r in st.records if r.datetime_start), default=None)
         rows.append(StudyRow(
-            study=name,
+            study=st.name,
             model=str(st.attrs.get("model", "")),
             trials=len(st.records),
             objective=str(list(st.attrs.get("objectives", ["decode_tps"]))[0]),
             best_value=best.value if best is not None else None,
             best_trial=best.number if best is not None else None,
-            last_update=last,
+            last_update=st.last_update,
         ))
     return rows
 
