@@ -783,7 +783,8 @@ def test_the_speedup_over_the_defaults_is_decided_once_for_every_view() -> None:
     paired = results.Speedup(2, 0, 1.5, (1.41, 1.6), [1.46, 1.49, 1.51, 1.54])
     assert st.winner_speedup(records[2]) == paired
     # A trial the re-validation did not pair with the defaults: the search's single measurements.
-    assert st.winner_speedup(records[1]) == results.SearchSpeedup(55.0 / 40.0, 1, 55.0, 0, 40.0)
+    assert st.winner_speedup(records[1]) == results.SearchSpeedup(55.0 / 40.0, 1, 55.0, 0, 40.0,
+                                                                  no_interval=results.NOT_PAIRED)
     busy = _stored([dataclasses.replace(records[0], contended=True), records[1]])
     assert busy.winner_speedup(records[1]) == results.SearchSpeedup(55.0 / 40.0, 1, 55.0, 0, 40.0, contended=True)
     # None, with why: the defaults themselves, no baseline trial, a minimised objective.
@@ -799,7 +800,7 @@ def test_the_speedup_over_the_defaults_is_decided_once_for_every_view() -> None:
     assert row.speedup == fleet.FleetSpeedup(1.5, "revalidation", (1.41, 1.6), 4)
     assert ("\n# 1.50x the baseline (Ollama defaults) on decode_tps (95% CI 1.41-1.60x, re-measured interleaved over "
             "4 rounds)\n") in modelfile_text(records[2], st)
-    assert f"\n# {55.0 / 40.0:.2f}x the baseline (Ollama defaults) on decode_tps ({results.SEARCH_ONLY})\n" in (
+    assert f"\n# {55.0 / 40.0:.2f}x the baseline (Ollama defaults) on decode_tps ({results.search_only(results.NOT_PAIRED)})\n" in (
         modelfile_text(records[1], st))
     assert "x the baseline" not in modelfile_text(records[0], st)
     # A search-only speedup measured under contention says so on the page, as in the terminal.
@@ -862,9 +863,8 @@ def test_first_screen_without_an_interval_says_how_to_get_one() -> None:
     assert f is not None and f.number == 1 and f.speedup == pytest.approx(1.5) and f.speedup_ci is None
     assert f.speedup_text == ("1.50x decode tok/s vs Ollama defaults (trial #1 vs baseline #0, each measured once "
                               "during the search)")
-    assert f.speedup_note == ("No interval: the winner and the defaults were never re-measured together. Run the "
-                              "study with --validate 2 (or more) to re-measure them interleaved and get a 95% "
-                              "interval.")
+    assert f.speedup_note == ("No interval: the winner and the defaults were never re-measured together; "
+                              "--validate 2 (or more) re-measures them interleaved and gives a 95% interval.")
     assert f.export_command == "tune export gemma3:1b@127.0.0.1:11434 --format modelfile -o gemma3-1b-tuned.Modelfile"
     # A password in the storage URL stays out of the page.
     masked = report.build_data(study, "postgresql://tuner:s3cret@db/tuner").first
@@ -1209,3 +1209,24 @@ def test_a_cpu_only_study_costs_no_vram() -> None:
     # Without the probe's word, nothing is claimed.
     g = report.build_data(_stored([_rec(0, 40.0, baseline=True), _rec(1, 50.0, options={"num_thread": 2})])).first
     assert g is not None and ("VRAM MiB", None, None) in [(c.label, c.winner, c.defaults) for c in g.costs]
+
+
+def test_no_interval_after_a_re_validation_the_machine_kept_busy_says_so_not_validate_2() -> None:
+    """The demo on a busy machine: the re-validation ran, every round was contended and dropped.
+    Advising --validate 2 (which it already had) would rest on nothing it checked."""
+    from tuner.export import modelfile_text
+
+    records = [_rec(0, 40.0, baseline=True), _rec(1, 55.0, options={"num_ctx": 4096})]
+    busy = results.Validation("decode_tps", 0, [results.Validated(1, []), results.Validated(0, [])], None, False, 2,
+                              contended=2, dropped=2, interval="log-t")
+    st = _stored(records, validation=busy.to_dict())
+    w = st.winner_speedup(records[1])
+    assert isinstance(w, results.SearchSpeedup) and w.no_interval == results.NO_QUIET_ROUNDS
+    f = report.build_data(st).first
+    assert f is not None and f.speedup_note == (
+        "No interval: the re-validation found no round free of other processes' load; re-run when the machine is "
+        "quiet to re-measure them interleaved.")
+    assert "--validate 2" not in results.search_only(w.no_interval)
+    assert modelfile_text(records[1], st).count("no round free of other processes' load") == 1
+    # Without any re-validation the advice stays --validate 2.
+    assert _stored(records).winner_speedup(records[1]).no_interval == results.NOT_REVALIDATED

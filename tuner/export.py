@@ -141,7 +141,7 @@ def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list
                      f"{w.ci95[0]:.2f}-{w.ci95[1]:.2f}x, re-measured interleaved over "
                      f"{len(w.ratios)} rounds)")
     elif isinstance(w, results.SearchSpeedup):
-        lines.append(f"# {w.ratio:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} ({results.SEARCH_ONLY})")
+        lines.append(f"# {w.ratio:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} ({results.search_only(w.no_interval)})")
     if not v.feasible:
         why = v.error or "; ".join(v.violations) or v.state.lower()
         lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")

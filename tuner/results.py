@@ -189,7 +189,14 @@ class StoredStudy:
         ratio = self.speedup(r)
         if ratio is None:
             return NoSpeedup(NO_RATIO)
-        return SearchSpeedup(ratio, r.number, r.value, base.number, base.value, bool(r.contended or base.contended))
+        if val is None:
+            why = NOT_REVALIDATED
+        elif val.rounds < 2 and (val.contended or val.dropped):
+            why = NO_QUIET_ROUNDS
+        else:
+            why = NOT_PAIRED
+        return SearchSpeedup(ratio, r.number, r.value, base.number, base.value, bool(r.contended or base.contended),
+                             why)
 
     def counts(self) -> dict[str, int]:
         """Trials by outcome (see :func:`outcome`)."""
@@ -539,6 +546,22 @@ class SearchSpeedup:
     baseline_value: float | None
     #: Either was measured while other processes competed.
     contended: bool = False
+    #: Why there is no interval: NOT_REVALIDATED, NO_QUIET_ROUNDS or NOT_PAIRED.
+    no_interval: str = "not revalidated"
+
+
+#: Why a speedup has no interval (:attr:`SearchSpeedup.no_interval`): no re-validation ran; it ran
+#: but every round was contended; it ran but did not re-measure this trial with the defaults.
+NOT_REVALIDATED, NO_QUIET_ROUNDS, NOT_PAIRED = "not revalidated", "no quiet rounds", "not paired"
+#: Each reason in words, and what to do about it.
+NO_INTERVAL_TEXT = {
+    NOT_REVALIDATED: ("the winner and the defaults were never re-measured together",
+                      "--validate 2 (or more) re-measures them interleaved and gives a 95% interval"),
+    NO_QUIET_ROUNDS: ("the re-validation found no round free of other processes' load",
+                      "re-run when the machine is quiet to re-measure them interleaved"),
+    NOT_PAIRED: ("the stored re-validation did not re-measure this trial together with the defaults",
+                 "a resumed run with --validate 2 (or more) re-measures the current top with the defaults"),
+}
 
 
 #: Why a trial has no speedup over the defaults (:attr:`NoSpeedup.reason`): it is the defaults;
@@ -561,14 +584,23 @@ SEARCH_ONLY = "each measured once in the search; no interval: --validate 2 gives
 SEARCH_ONLY_SHORT = "single search measurements, no interval"
 
 
+def search_only(no_interval: str = NOT_REVALIDATED) -> str:
+    """:data:`SEARCH_ONLY`, with the reason when a re-validation ran and still gave no interval."""
+    if no_interval == NOT_REVALIDATED:
+        return SEARCH_ONLY
+    why, todo = NO_INTERVAL_TEXT[no_interval]
+    return f"each measured once in the search; no interval: {why}; {todo}"
+
+
 def search_speedup_text(ratio: float, label: str, defaults: str, baseline: tuple[int, float | None] | None = None,
-                        best: float | None = None, contended: bool = False, short: bool = False) -> str:
+                        best: float | None = None, contended: bool = False, short: bool = False,
+                        no_interval: str = NOT_REVALIDATED) -> str:
     """A speedup from the search's single measurements, saying so: e.g. "1.85x decode tok/s vs
     Ollama defaults (baseline trial #0: 160.49, best: 297.30; each measured once in the search;
     no interval: --validate 2 gives one)"; ``short``: "(single search measurements, no interval)"."""
     notes = [] if short or baseline is None else [
         f"baseline trial #{baseline[0]}: {_two(baseline[1])}, best: {_two(best)}"]
-    notes.append(SEARCH_ONLY_SHORT if short else SEARCH_ONLY)
+    notes.append(SEARCH_ONLY_SHORT if short else search_only(no_interval))
     if contended:
         notes.append("measured while other processes competed: not a number to rely on")
     return f"{ratio:.2f}x {label} vs {defaults} ({'; '.join(notes)})"

@@ -71,7 +71,7 @@ def speedup_text(s: results.StudySummary, short: bool = False) -> str:
     if isinstance(w, results.SearchSpeedup):
         return results.search_speedup_text(w.ratio, objectives.label(s.objectives[0]), defaults,
                                            (w.baseline, w.baseline_value), w.value, contended=w.contended,
-                                           short=short)
+                                           short=short, no_interval=w.no_interval)
     return ""
 
 

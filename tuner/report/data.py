@@ -1108,13 +1108,8 @@ def _speedup(s: StoredStudy, data: ReportData,
     ratio = w.ratio
     text = (f"{ratio:.2f}x {label} vs {defaults} (trial #{w.trial} vs baseline #{w.baseline}, "
             "each measured once during the search)")
-    if data.validation:
-        why = ("the re-validation does not cover the current winner" if data.winner_row is None else
-               "the stored re-validation did not re-measure the defaults")
-    else:
-        why = "the winner and the defaults were never re-measured together"
-    return ratio, None, text, (f"No interval: {why}. Run the study with --validate 2 (or more) to re-measure "
-                               "them interleaved and get a 95% interval.")
+    why, todo = results.NO_INTERVAL_TEXT[w.no_interval]
+    return ratio, None, text, f"No interval: {why}; {todo}."
 
 
 def _check_note(c: Check | None, winner: int) -> str:

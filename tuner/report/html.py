@@ -149,7 +149,8 @@ def _best_html(data: ReportData) -> str:
         parts.append(f"<p class=\"speedup\">{escape(w.describe(objectives.label(b.objective), engine_defaults))}</p>")
     elif isinstance(w, SearchSpeedup):
         text = search_speedup_text(w.ratio, objectives.label(b.objective), engine_defaults,
-                                   (w.baseline, w.baseline_value), w.value, contended=w.contended)
+                                   (w.baseline, w.baseline_value), w.value, contended=w.contended,
+                                   no_interval=w.no_interval)
         parts.append(f"<p class=\"speedup\">{escape(text)}</p>")
     elif b.baseline_number is None:
         parts.append("<p class=\"caption\">No baseline trial (study run with --no-baseline): no speedup to show.</p>")
