@@ -54,7 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from fake_ollama import FakeModel, FakeOllama, memory_usage  # noqa: E402
+from fake_ollama import FakeModel, FakeOllama, GpuSettings, memory_usage  # noqa: E402
 
 MEMORY_BUDGET_MIB = 7600.0
 SYSTEM_MEMORY_MIB = 32768.0
@@ -86,7 +86,8 @@ def models() -> list[FakeModel]:
     """The four variants as the fake serves them (one weights blob each)."""
     return [FakeModel(name=name, size=mib * MIB, quantization_level=quant, parameter_size="4.3B",
                       parameter_count=4_300_079_472, block_count=BLOCKS, context_length=32768,
-                      embedding_length=2560, kv_bytes_per_token=139_264)
+                      embedding_length=2560, head_count=8, head_count_kv=4, key_length=256,
+                      feed_forward_length=10240, vocab_size=262144, sliding_window=1024, swa_period=6)
             for name, (quant, mib, _, _) in VARIANTS.items()]
 
 
@@ -99,11 +100,11 @@ def _eff(threads: int) -> float:
     return e * 0.85 if t > 8 else e
 
 
-def speed(name: str, opts: dict[str, Any]) -> tuple[float, float]:
+def speed(name: str, opts: dict[str, Any], budget_mib: float = MEMORY_BUDGET_MIB) -> tuple[float, float]:
     """(prefill, decode) tok/s of ``name`` with resolved runner options ``opts``."""
     m = _BY_NAME[name]
     _, _, read_gb, full_rate = VARIANTS[name]
-    layers = memory_usage(m, opts, MEMORY_BUDGET_MIB, SYSTEM_MEMORY_MIB)["gpu_layers"]
+    layers = memory_usage(m, opts, budget_mib, SYSTEM_MEMORY_MIB)["gpu_layers"]
     f = layers / m.gpu_layers_total
     threads = int(opts.get("num_thread") or 0)
     t_ms = f * 1000 / full_rate + (1 - f) * read_gb / (CPU_GBPS * _eff(threads)) * 1000
@@ -114,30 +115,47 @@ def speed(name: str, opts: dict[str, Any]) -> tuple[float, float]:
     return 20 * decode * (min(batch, 512) / 512) ** 0.4, decode
 
 
-def server() -> FakeOllama:
-    """A fake Ollama serving the GPU box (start it with ``with``)."""
-    return FakeOllama(models=models(), pullable=[], time_scale=0, memory_budget_mib=MEMORY_BUDGET_MIB,
-                      system_memory_mib=SYSTEM_MEMORY_MIB, speed_fn=speed)
+def server(budget_mib: float = MEMORY_BUDGET_MIB, gpu: GpuSettings | None = None) -> FakeOllama:
+    """A fake Ollama serving the GPU box with ``budget_mib`` of GPU memory (start it with ``with``)."""
+    return FakeOllama(models=models(), pullable=[], time_scale=0, memory_budget_mib=budget_mib,
+                      system_memory_mib=SYSTEM_MEMORY_MIB, default_num_ctx=None, gpu=gpu,
+                      speed_fn=lambda name, opts: speed(name, opts, budget_mib))
 
 
-def truth(variant: str, config: dict[str, Any]) -> float | None:
+def resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """A config with the server's defaults for what it leaves unset (batch by the context)."""
+    opts = {"num_ctx": 4096, "num_gpu": -1, "num_thread": 0, **config}
+    if "num_batch" not in opts:
+        opts["num_batch"] = 512 if opts["num_ctx"] <= 8192 else 1024
+    return opts
+
+
+def truth(variant: str, config: dict[str, Any], budget_mib: float = MEMORY_BUDGET_MIB,
+          gpu: GpuSettings | None = None) -> float | None:
     """True decode tok/s of a config, None when it does not load."""
     m = _BY_NAME[variant]
-    opts = {"num_ctx": 4096, "num_batch": 512, "num_gpu": -1, "num_thread": 0, **config}
-    if memory_usage(m, opts, MEMORY_BUDGET_MIB, SYSTEM_MEMORY_MIB)["error"]:
+    opts = resolved(config)
+    if memory_usage(m, opts, budget_mib, SYSTEM_MEMORY_MIB, gpu)["error"]:
         return None
-    return speed(variant, opts)[1]
+    return speed(variant, opts, budget_mib)[1]
 
 
-def optimum() -> tuple[float, dict[str, Any], int, int]:
-    """(best decode tok/s, its config, configs that load, configs within 97%) over SPACE."""
+def optimum(budget_mib: float = MEMORY_BUDGET_MIB, space: dict[str, list[Any]] | None = None,
+            gpu: GpuSettings | None = None) -> tuple[float, dict[str, Any], int, int]:
+    """(best decode tok/s, its config, configs that load, configs within 97%) over the space.
+
+    Threads do not change memory: each (variant, ctx, batch, gpu) is checked once."""
+    sp = space or SPACE
     best, arg, loads = -1.0, {}, []
-    for variant, *values in itertools.product(VARIANTS, *SPACE.values()):
-        cfg = dict(zip(SPACE, values))
-        v = truth(variant, cfg)
-        if v is None:
+    mem_axes = {k: v for k, v in sp.items() if k != "num_thread"}
+    for variant, *values in itertools.product(VARIANTS, *mem_axes.values()):
+        cfg = dict(zip(mem_axes, values))
+        m = _BY_NAME[variant]
+        if memory_usage(m, resolved(cfg), budget_mib, SYSTEM_MEMORY_MIB, gpu)["error"]:
             continue
-        loads.append(v)
-        if v > best:
-            best, arg = v, {"variant": variant, **cfg}
+        for t in sp.get("num_thread", [0]):
+            v = speed(variant, resolved({**cfg, "num_thread": t}), budget_mib)[1]
+            loads.append(v)
+            if v > best:
+                best, arg = v, {"variant": variant, **cfg, "num_thread": t}
     return best, arg, len(loads), sum(1 for v in loads if v >= 0.97 * best)

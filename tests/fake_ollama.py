@@ -229,7 +229,18 @@ class FakeModel:
     architecture: str = "gemma3"
     parameter_count: int = 999_885_952
     embedding_length: int = 1152
-    kv_bytes_per_token: int = 131072
+    #: Attention shape (/api/show model_info): KV heads, key/value length, query heads, FFN
+    #: width, vocabulary; sliding-window layers keep ``sliding_window`` tokens, every
+    #: ``swa_period``-th layer is global (0: no sliding window).
+    head_count: int = 4
+    head_count_kv: int = 1
+    key_length: int = 256
+    feed_forward_length: int = 6912
+    vocab_size: int = 262144
+    sliding_window: int = 512
+    swa_period: int = 6
+    #: Bytes per weight of the output layer (the token embedding, tied): None = size / params.
+    output_bytes_per_weight: float | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     template: str = GEMMA_TEMPLATE
     system: str = ""
@@ -249,6 +260,11 @@ class FakeModel:
     def gpu_layers_total(self) -> int:
         """Layers for a full offload: repeating blocks plus the output layer."""
         return self.block_count + 1
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """f16 K+V bytes per token over all layers, as if every layer were global."""
+        return self.block_count * 2 * self.head_count_kv * self.key_length * 2
 
     def details(self) -> dict[str, Any]:
         """The ``details`` object of /api/tags, /api/show and /api/ps."""
@@ -304,7 +320,13 @@ def default_models() -> list[FakeModel]:
             architecture="llama",
             parameter_count=3_212_749_888,
             embedding_length=3072,
-            kv_bytes_per_token=114_688,
+            head_count=24,
+            head_count_kv=8,
+            key_length=128,
+            feed_forward_length=8192,
+            vocab_size=128256,
+            sliding_window=0,
+            swa_period=0,
             parameters={"stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]},
             template=LLAMA_TEMPLATE,
             license="LLAMA 3.2 COMMUNITY LICENSE AGREEMENT",
@@ -322,46 +344,131 @@ def _int_opt(opts: dict[str, Any], key: str) -> int:
     return int(value) if value is not None else 0
 
 
+@dataclass(frozen=True)
+class GpuSettings:
+    """Server-level settings that change memory (``ollama serve`` environment), and how the
+    fake places layers and words a failed load."""
+
+    kv_cache_type: str = "f16"
+    num_parallel: int = 1
+    flash_attention: bool = False
+    #: Auto placement (num_gpu unset or -1) keeps this much of the GPU free (llama.cpp's fit target).
+    fit_margin_mib: float = 512.0
+    #: CUDA context and small buffers, counted in size_vram.
+    overhead_mib: float = 150.0
+    #: How a load that does not fit on the GPU fails: "layout" (Ollama's scheduler: "memory
+    #: layout cannot be allocated with num_gpu = N"), "cuda" (llama-server's log with the
+    #: buffer it could not allocate), "terminated" (no numbers), "rotate" (by config).
+    oom_style: str = "layout"
+
+
+#: Bytes per element of the KV cache types (ggml blocks: q8_0 34 bytes per 32, q4_0 18 per 32).
+KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def _pad256(n: int) -> int:
+    return (max(1, n) + 255) // 256 * 256
+
+
+def memory_parts(model: FakeModel, opts: dict[str, Any], layers: int,
+                 gpu: GpuSettings | None = None) -> dict[str, float]:
+    """GPU and CPU MiB of ``model`` with ``layers`` offloaded, by part (llama.cpp's allocations).
+
+    Weights: the token embedding stays on the CPU and a copy of it is the output layer, the
+    last one offloaded; the blocks share the rest. KV cache: per block, a global layer keeps
+    ``num_ctx x num_parallel`` cells (padded to 256), a sliding-window layer the window per
+    sequence plus one micro-batch. Compute buffer (on the GPU when any layer is): the largest
+    stage of one micro-batch (``num_batch``): attention scores over the cache (none with flash
+    attention), the feed-forward activations, the logits (when the output layer is on the GPU).
+    """
+    g = gpu or GpuSettings()
+    total = model.gpu_layers_total
+    blocks = model.block_count
+    layers = max(0, min(layers, total))
+    num_ctx = max(1, min(_int_opt(opts, "num_ctx"), model.context_length))
+    ub = max(1, _int_opt(opts, "num_batch"))
+    par = max(1, g.num_parallel)
+    bpw = model.output_bytes_per_weight or model.size / max(1, model.parameter_count)
+    emb = model.vocab_size * model.embedding_length * bpw / MIB
+    block_w = (model.size / MIB - emb) / blocks
+    gpu_blocks = min(layers, blocks)
+    width = KV_TYPE_BYTES.get(g.kv_cache_type, 2.0)
+    per_cell = 2 * model.head_count_kv * model.key_length * width / MIB
+    full_cells = _pad256(num_ctx * par)
+    swa_cells = min(full_cells, _pad256(model.sliding_window * par + ub)) if model.sliding_window else full_cells
+    kv_layers = [(swa_cells if model.swa_period and (i + 1) % model.swa_period else full_cells) * per_cell
+                 for i in range(blocks)]
+    # The last blocks are offloaded first.
+    kv_gpu = sum(kv_layers[blocks - gpu_blocks:]) if gpu_blocks else 0.0
+    kv_cpu = sum(kv_layers) - kv_gpu
+    attn = 0.0 if g.flash_attention else ub * full_cells * model.head_count * 4 / MIB
+    ffn = ub * model.feed_forward_length * 4 * 2 / MIB
+    logits = ub * model.vocab_size * 4 / MIB if layers >= total else 0.0
+    act = ub * model.embedding_length * 4 * 3 / MIB
+    compute = max(attn, ffn, logits) + act if layers > 0 else 0.0
+    cpu_compute = ub * model.embedding_length * 4 * 4 / MIB + (ub * model.vocab_size * 4 / MIB if layers < total else 0.0)
+    weights_gpu = block_w * gpu_blocks + (emb if layers >= total else 0.0)
+    gpu_mib = weights_gpu + kv_gpu + compute + (g.overhead_mib if layers > 0 else 0.0)
+    cpu_mib = emb + block_w * (blocks - gpu_blocks) + kv_cpu + cpu_compute
+    return {"gpu_mib": gpu_mib, "cpu_mib": cpu_mib, "weights_gpu_mib": weights_gpu, "kv_gpu_mib": kv_gpu,
+            "compute_gpu_mib": compute, "kv_mib": sum(kv_layers)}
+
+
 def memory_usage(
     model: FakeModel,
     opts: dict[str, Any],
     memory_budget_mib: float = 6000,
     system_memory_mib: float = 16000,
+    gpu: GpuSettings | None = None,
 ) -> dict[str, Any]:
-    """Memory needed for ``opts``: gpu/cpu MiB, GPU layers used and the OOM error (or None)."""
+    """Memory needed for ``opts``: gpu/cpu MiB, GPU layers used and the OOM error (or None).
+
+    num_gpu unset or -1: the server places as many layers as fit in the GPU less the fit margin
+    (current Ollama hands placement to llama.cpp's fit logic); an explicit num_gpu that does
+    not fit fails the load instead of spilling.
+    """
+    g = gpu or GpuSettings()
     total_layers = model.gpu_layers_total
-    num_ctx = max(1, min(_int_opt(opts, "num_ctx"), model.context_length))
-    num_batch = max(1, _int_opt(opts, "num_batch"))
     num_gpu = _int_opt(opts, "num_gpu")
-    weights = model.size / MIB
-    kv = num_ctx * model.kv_bytes_per_token / MIB
-    compute = num_batch * 0.25 * (1 + num_ctx / 16384)
 
     def split(layers: int) -> tuple[float, float]:
-        frac = layers / total_layers
-        gpu = (weights + kv) * frac + (compute if layers > 0 else 0.0)
-        cpu = (weights + kv) * (1 - frac) + (compute if layers == 0 else 0.0)
-        return gpu, cpu
+        parts = memory_parts(model, opts, layers, g)
+        return parts["gpu_mib"], parts["cpu_mib"]
 
     if memory_budget_mib <= 0:
         # No GPU: Ollama runs every layer on the CPU whatever num_gpu asks.
         layers = 0
     elif num_gpu < 0:
-        layers = min(AUTO_GPU_LAYERS, total_layers)
-        while layers > 0 and split(layers)[0] > memory_budget_mib:
+        layers = total_layers
+        while layers > 0 and split(layers)[0] > memory_budget_mib - g.fit_margin_mib:
             layers -= 1
     else:
         layers = min(num_gpu, total_layers)
-    gpu, cpu = split(layers)
+    gpu_mib, cpu = split(layers)
     error: str | None = None
-    if num_gpu >= 0 and layers > 0 and gpu > memory_budget_mib:
-        error = f"memory layout cannot be allocated with num_gpu = {num_gpu}"
+    if num_gpu >= 0 and layers > 0 and gpu_mib > memory_budget_mib:
+        error = _gpu_oom(g.oom_style, num_gpu, gpu_mib, memory_budget_mib, opts)
     elif cpu > system_memory_mib:
         error = (
             f"model requires more system memory ({_human_bytes(cpu * MIB)}) "
             f"than is available ({_human_bytes(system_memory_mib * MIB)})"
         )
-    return {"gpu_mib": gpu, "cpu_mib": cpu, "gpu_layers": layers, "error": error}
+    return {"gpu_mib": gpu_mib, "cpu_mib": cpu, "gpu_layers": layers, "error": error}
+
+
+def _gpu_oom(style: str, num_gpu: int, need_mib: float, budget_mib: float, opts: dict[str, Any]) -> str:
+    """The text of a load that did not fit on the GPU, in one of the forms Ollama gives."""
+    forms = ("layout", "cuda", "terminated")
+    if style == "rotate":
+        style = forms[zlib.crc32(json.dumps(opts, sort_keys=True, default=str).encode()) % len(forms)]
+    if style == "cuda":
+        # llama.cpp names the buffer it failed to allocate: what was left, not the whole need.
+        short = max(1.0, need_mib - budget_mib)
+        return ("llama-server process has terminated: ggml_backend_cuda_buffer_type_alloc_buffer: allocating "
+                f"{short + 64:.2f} MiB on device 0: cudaMalloc failed: out of memory")
+    if style == "terminated":
+        return "llama-server process has terminated: error loading model: unable to allocate CUDA0 buffer"
+    return f"memory layout cannot be allocated with num_gpu = {num_gpu}"
 
 
 def _human_bytes(b: float) -> str:
@@ -386,9 +493,10 @@ def default_speed(
     opts: dict[str, Any],
     memory_budget_mib: float = 6000,
     system_memory_mib: float = 16000,
+    gpu: GpuSettings | None = None,
 ) -> tuple[float, float]:
     """(prefill_tps, decode_tps) of the documented speed model for resolved runner options."""
-    layers = memory_usage(model, opts, memory_budget_mib, system_memory_mib)["gpu_layers"]
+    layers = memory_usage(model, opts, memory_budget_mib, system_memory_mib, gpu)["gpu_layers"]
     frac = layers / model.gpu_layers_total
     eff = thread_efficiency(_int_opt(opts, "num_thread"))
     num_ctx = max(1, min(_int_opt(opts, "num_ctx"), model.context_length))
@@ -640,7 +748,8 @@ class FakeOllama:
         time_scale: float = 0.002,
         memory_budget_mib: float = 6000,
         system_memory_mib: float = 16000,
-        default_num_ctx: int = 4096,
+        default_num_ctx: int | None = 4096,
+        gpu: GpuSettings | None = None,
         max_loaded_models: int = 1,
         default_predict: int = 128,
         max_predict: int = 4096,
@@ -658,7 +767,9 @@ class FakeOllama:
         self.time_scale = time_scale
         self.memory_budget_mib = memory_budget_mib
         self.system_memory_mib = system_memory_mib
+        #: None: current Ollama's VRAM tiers (4096 below 24 GiB, 32768 below 48 GiB, else 262144).
         self.default_num_ctx = default_num_ctx
+        self.gpu = gpu or GpuSettings()
         self.max_loaded_models = max_loaded_models
         self.default_predict = default_predict
         self.max_predict = max_predict
@@ -836,14 +947,28 @@ class FakeOllama:
     ) -> dict[str, Any]:
         """Full options: defaults < Modelfile parameters < ``options`` (raises ValueError)."""
         m = model if isinstance(model, FakeModel) else self._require(model)
-        merged: dict[str, Any] = {**RUNNER_DEFAULTS, "num_ctx": self.default_num_ctx}
+        merged: dict[str, Any] = {**RUNNER_DEFAULTS, "num_ctx": self.context_default(m)}
         merged.update(PREDICT_DEFAULTS)
+        batch_given = False
         for source in (m.parameters, options):
             checked, err = check_options(source)
             if err:
                 raise ValueError(err)
             merged.update(checked)
+            batch_given = batch_given or "num_batch" in checked
+        if not batch_given:
+            # v0.30+: an unset num_batch grows with the context.
+            ctx = int(merged["num_ctx"])
+            merged["num_batch"] = 512 if ctx <= 8192 else 1024 if ctx <= 32768 else 2048
         return merged
+
+    def context_default(self, m: FakeModel) -> int:
+        """num_ctx when nothing sets it: the server's, else the VRAM tier (capped at the model's)."""
+        if self.default_num_ctx is not None:
+            return self.default_num_ctx
+        gib = self.memory_budget_mib / 1024
+        tier = 4096 if gib < 24 else 32768 if gib < 48 else 262144
+        return min(tier, m.context_length)
 
     def runner_options(self, model: str | FakeModel, options: dict[str, Any] | None = None) -> dict[str, Any]:
         """Only the runner (load-time) part of :meth:`resolve_options`."""
@@ -857,7 +982,7 @@ class FakeOllama:
         if self.speed_fn is not None:
             prefill, decode = self.speed_fn(m.name, opts)
         else:
-            prefill, decode = default_speed(m, opts, self.memory_budget_mib, self.system_memory_mib)
+            prefill, decode = default_speed(m, opts, self.memory_budget_mib, self.system_memory_mib, self.gpu)
         return prefill * self.speed_factor, decode * self.speed_factor
 
     def fits(self, model: str, options: dict[str, Any] | None = None) -> bool:
@@ -868,7 +993,7 @@ class FakeOllama:
         """Memory usage of the default memory model (see :func:`memory_usage`)."""
         m = self._require(model)
         return memory_usage(
-            m, self.runner_options(m, options), self.memory_budget_mib, self.system_memory_mib
+            m, self.runner_options(m, options), self.memory_budget_mib, self.system_memory_mib, self.gpu
         )
 
     @staticmethod
@@ -925,7 +1050,7 @@ class FakeOllama:
         return model
 
     def _oom_error(self, model: FakeModel, opts: dict[str, Any]) -> str | None:
-        usage = memory_usage(model, opts, self.memory_budget_mib, self.system_memory_mib)
+        usage = memory_usage(model, opts, self.memory_budget_mib, self.system_memory_mib, self.gpu)
         error: str | None = usage["error"]
         if self.fits_fn is None:
             return error
@@ -1037,7 +1162,7 @@ class FakeOllama:
             runners = sorted(self._runners.values(), key=lambda r: r.expires_ns, reverse=True)
             out = []
             for r in runners:
-                usage = memory_usage(r.model, r.options, self.memory_budget_mib, self.system_memory_mib)
+                usage = memory_usage(r.model, r.options, self.memory_budget_mib, self.system_memory_mib, self.gpu)
                 gpu = int(usage["gpu_mib"] * MIB)
                 out.append(
                     {
@@ -1074,12 +1199,17 @@ class FakeOllama:
             f"{arch}.block_count": m.block_count,
             f"{arch}.context_length": m.context_length,
             f"{arch}.embedding_length": m.embedding_length,
-            f"{arch}.attention.head_count": 4 if arch == "gemma3" else 24,
-            f"{arch}.attention.head_count_kv": 1 if arch == "gemma3" else 8,
-            f"{arch}.attention.key_length": 256 if arch == "gemma3" else 128,
-            f"{arch}.attention.value_length": 256 if arch == "gemma3" else 128,
+            f"{arch}.attention.head_count": m.head_count,
+            f"{arch}.attention.head_count_kv": m.head_count_kv,
+            f"{arch}.attention.key_length": m.key_length,
+            f"{arch}.attention.value_length": m.key_length,
+            f"{arch}.feed_forward_length": m.feed_forward_length,
             "tokenizer.ggml.model": "llama" if arch == "gemma3" else "gpt2",
+            # Like Ollama: the token list only with "verbose": true (else null).
+            "tokenizer.ggml.tokens": [f"t{i}" for i in range(m.vocab_size)] if body.get("verbose") else None,
         }
+        if m.sliding_window:
+            info[f"{arch}.attention.sliding_window"] = m.sliding_window
         params = format_parameters(m.parameters)
         modelfile = (
             '# Modelfile generated by "ollama show"\n'

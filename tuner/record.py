@@ -60,6 +60,9 @@ STAGE = "stage"
 #: A warm-start trial's source ("STUDY#N"), and the trial whose measurement a config proposed
 #: again reuses instead of being measured again (tuner/warmstart.py).
 SEEDED_FROM, REUSED_FROM = "seeded_from", "reused_from"
+#: The memory model's prediction for the trial beside what the server then reported
+#: (tuner/memory.py): predicted_mib, prior_mib, verdict, the capacity bounds, skipped.
+MEMORY = "memory"
 
 #: (label, metric) of the request metrics shown with their spread.
 METRIC_ROWS = (
@@ -156,6 +159,9 @@ class TrialRecord:
     #: The trial of this study whose measurement this one reuses (the same config, proposed
     #: again and clearly not the best): nothing was measured for it.
     reused_from: int | None = None
+    #: The memory model's prediction made before the trial ran, and what the server then
+    #: reported (MEMORY); ``skipped`` in it: not loaded, predicted not to fit.
+    memory: dict[str, Any] | None = None
     # -- from Optuna, on read --
     number: int = -1
     state: str = ""
@@ -186,6 +192,16 @@ class TrialRecord:
         """Complete and measured here (not a failed load, and not a copy of an earlier trial's
         measurement reused for a config proposed again: that is no new evidence)."""
         return self.state == "COMPLETE" and not self.error and self.reused_from is None
+
+    @property
+    def skipped(self) -> bool:
+        """Not loaded: the memory model predicted it would not fit (no server was asked)."""
+        return bool(self.memory and self.memory.get("skipped"))
+
+    @property
+    def failed_load(self) -> bool:
+        """Loaded and refused by the server (not a config skipped on the prediction)."""
+        return self.state == "COMPLETE" and self.error is not None and not self.skipped and not self.samples
 
     @property
     def duration_s(self) -> float | None:
@@ -364,6 +380,8 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
         attrs[SEEDED_FROM] = r.seeded_from
     if r.reused_from is not None:
         attrs[REUSED_FROM] = r.reused_from
+    if r.memory is not None:
+        attrs[MEMORY] = r.memory
     if not r.samples:
         if r.violations:
             attrs[VIOLATIONS] = r.violations
@@ -427,7 +445,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
              _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
-             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM}
+             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
@@ -464,6 +482,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
         stage=str(ua[STAGE]) if ua.get(STAGE) else None,
         seeded_from=str(ua[SEEDED_FROM]) if ua.get(SEEDED_FROM) else None,
         reused_from=int(ua[REUSED_FROM]) if isinstance(ua.get(REUSED_FROM), int) else None,
+        memory=dict(ua[MEMORY]) if isinstance(ua.get(MEMORY), dict) else None,
         number=t.number,
         state=t.state.name,
         values=list(t.values) if t.values is not None else None,

@@ -85,6 +85,13 @@ class SearchSpace:
                 config[p.name] = trial.suggest_categorical(p.name, list(p.values))
         return config
 
+    def distributions(self) -> dict[str, Any]:
+        """The Optuna distribution of every searched parameter, as ``suggest`` asks for it."""
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        return {p.name: IntDistribution(p.values[0], p.values[-1]) if p.is_int_range()
+                else CategoricalDistribution(list(p.values)) for p in self.searched}
+
     def grid(self) -> dict[str, list[Any]]:
         """Every searched parameter with all its values (for GridSampler)."""
         return {p.name: list(p.values) for p in self.searched}

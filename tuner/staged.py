@@ -13,6 +13,19 @@ So the search runs in stages, each an ordinary Optuna trial:
   the count the measured VRAM says fits; the tune stage then keeps the largest count that
   loaded.
 
+With a GPU memory model (tuner/memory.py; every GPU server), fitting is a property of the
+whole config, not of the variant: the screen is planned trial by trial instead of queued.
+Each variant is screened at full offload with the largest num_batch (then a quantized KV
+cache, then a smaller context down to the floor) predicted to fit; when only a config the
+evidence cannot vouch for could fit, the smallest of them is tried, variants in order of
+that need, so one failed load rules out every larger one. A variant that failed is retried
+whenever the model predicts a config of it fits. TPE's proposals are repaired before they
+are measured: a config predicted not to fit is moved to the nearest one predicted to fit
+(smaller batch, then quantized KV, then smaller context, then fewer layers), and partial
+offload takes the most layers predicted to fit for the batch and context. After the screen,
+the leader's batch climbs one step while the next step up is not known not to fit. Nothing
+predicted not to fit is loaded (tuner/study.py skips it).
+
 With one variant and no offload to search (a CPU-only server) there is nothing to screen:
 the stages reduce to today's TPE set-up (the starting point, then TPE over the whole space).
 """
@@ -25,7 +38,9 @@ from typing import Any, Sequence
 
 from optuna.samplers import BaseSampler
 
+from tuner import memory as mem
 from tuner import record
+from tuner.memory import Calibration, StudyMemory
 from tuner.record import TrialRecord
 from tuner.space import Param, SearchSpace
 
@@ -105,8 +120,11 @@ def _score(r: TrialRecord) -> float:
 
 
 def plan(space: SearchSpace, done: Sequence[TrialRecord], default_model: str,
-         sizes: dict[str, int] | None = None) -> Plan:
+         sizes: dict[str, int] | None = None, memory: StudyMemory | None = None,
+         start: dict[str, Any] | None = None) -> Plan:
     """The next sampled trial's stage, from the finished trials ``done``."""
+    if memory is not None and start is not None and full_offload(space) is not None:
+        return _memory_plan(space, done, default_model, sizes or {}, memory, start)
     full = full_offload(space)
     names = [str(v) for v in variants(space)] or [default_model]
     mine = [r for r in done if not r.baseline and r.state in ("COMPLETE", "PRUNED")]
@@ -198,6 +216,182 @@ def _estimate(done: Sequence[TrialRecord], target: str, full: int, file_bytes: i
     return int(full * budget / max(sizes))
 
 
+# ----------------------------------------------------------------------------- with a memory model
+
+
+def _key(model: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    return (model, tuple(sorted((k, v) for k, v in params.items() if k != "variant")))
+
+
+def _config(model: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(runner options, server settings) of a params dict, as the study sends them."""
+    from tuner.settings import SERVER_PARAMS
+
+    runner = {k: v for k, v in params.items() if k not in SERVER_PARAMS and k != "variant"}
+    server = {k: v for k, v in params.items() if k in SERVER_PARAMS}
+    return runner, server
+
+
+def prior_mib(memory: StudyMemory, model: str, params: dict[str, Any]) -> float:
+    runner, server = _config(model, params)
+    p = memory.predict(model, runner, server)
+    return p.total_mib if p is not None else 0.0
+
+
+def verdict(memory: StudyMemory, cal: Calibration, model: str, params: dict[str, Any]) -> str:
+    gpu = params.get("num_gpu")
+    if gpu is not None and int(gpu) < 0:
+        return mem.FITS  # the server places what fits
+    return cal.verdict(prior_mib(memory, model, params))
+
+
+def _down(space: SearchSpace, name: str, value: Any) -> list[Any]:
+    """The space's values of ``name`` from ``value`` down (smaller first for numbers: nearest first)."""
+    if name not in space:
+        return [value]
+    vals = list(space[name].values)
+    if name == "kv_cache_type":
+        order = [v for v in ("f16", "q8_0", "q4_0") if v in vals]
+        i = order.index(value) if value in order else 0
+        return order[i:] or [value]
+    lower = sorted((v for v in vals if isinstance(v, int) and v <= value), reverse=True)
+    return lower if lower and lower[0] == value else [value] + lower
+
+
+def alternatives(space: SearchSpace, params: dict[str, Any], move_gpu: bool) -> list[dict[str, Any]]:
+    """Configs near ``params`` that need less memory, in the order worth trying: a smaller
+    batch, a quantized KV cache, a smaller context (down to the floor), then fewer layers."""
+    out: list[dict[str, Any]] = []
+    gpus = [params.get("num_gpu")]
+    if move_gpu and isinstance(params.get("num_gpu"), int) and params["num_gpu"] > 0:
+        gpus = [g for g in _down(space, "num_gpu", params["num_gpu"]) if g >= 0]
+    for gpu in gpus:
+        for ctx in _down(space, "num_ctx", params.get("num_ctx")) if "num_ctx" in params else [None]:
+            for kv in _down(space, "kv_cache_type", params.get("kv_cache_type")) if "kv_cache_type" in params else [None]:
+                for batch in _down(space, "num_batch", params.get("num_batch")) if "num_batch" in params else [None]:
+                    c = dict(params)
+                    for k, v in (("num_gpu", gpu), ("num_ctx", ctx), ("kv_cache_type", kv), ("num_batch", batch)):
+                        if v is not None:
+                            c[k] = v
+                    out.append(c)
+    return out
+
+
+def most_layers(space: SearchSpace, memory: StudyMemory, cal: Calibration, model: str,
+                params: dict[str, Any], allow: tuple[str, ...] = (mem.FITS,)) -> int | None:
+    """The most layers (num_gpu) predicted to fit with the rest of ``params``."""
+    if "num_gpu" not in space:
+        return None
+    for g in sorted((v for v in space["num_gpu"].values if isinstance(v, int) and v >= 0), reverse=True):
+        if verdict(memory, cal, model, {**params, "num_gpu": g}) in allow:
+            return g
+    return None
+
+
+def repair(space: SearchSpace, memory: StudyMemory, cal: Calibration, model: str, params: dict[str, Any],
+           move_gpu: bool) -> dict[str, Any]:
+    """``params`` if predicted to fit, else the nearest config predicted to fit; with
+    ``move_gpu`` (partial offload) the most layers predicted to fit for its batch and context."""
+    if move_gpu and isinstance(params.get("num_gpu"), int) and params["num_gpu"] >= 0:
+        top = most_layers(space, memory, cal, model, params)
+        if top is not None and top > params["num_gpu"]:
+            params = {**params, "num_gpu": top}
+    if verdict(memory, cal, model, params) == mem.FITS:
+        return params
+    for c in alternatives(space, params, move_gpu):
+        if verdict(memory, cal, model, c) == mem.FITS:
+            return c
+    return params
+
+
+def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model: str, sizes: dict[str, int],
+                 memory: StudyMemory, start: dict[str, Any]) -> Plan:
+    full = full_offload(space)
+    assert full is not None
+    names = [str(v) for v in variants(space)] or [default_model]
+    cal = memory.calibrate(done)
+    mine = [r for r in done if not r.baseline and r.state in ("COMPLETE", "PRUNED")]
+    tried = {_key(r.model, {**r.options, **r.server}) for r in mine}
+    at_full = [r for r in mine if _gpu(r) == full]
+    fitting = {r.model for r in at_full if _fits(r)}
+    base = {k: v for k, v in start.items() if k != "variant"}
+    base["num_gpu"] = full
+
+    def with_variant(v: str, c: dict[str, Any]) -> dict[str, Any]:
+        return {**c, "variant": v} if variants(space) else dict(c)
+
+    # Screen: each variant at full offload, variants by their smallest need first.
+    screen: list[tuple[float, int, str, dict[str, Any]]] = []
+    for i, v in enumerate(names):
+        if v in fitting:
+            continue
+        cands = [c for c in alternatives(space, base, move_gpu=False) if _key(v, c) not in tried]
+        if not cands:
+            continue
+        smallest = min(cands, key=lambda c: prior_mib(memory, v, c))
+        vs = verdict(memory, cal, v, smallest)
+        if vs == mem.NO:
+            continue
+        pick = next((c for c in cands if verdict(memory, cal, v, c) == mem.FITS), smallest)
+        screen.append((prior_mib(memory, v, smallest), i, v, pick))
+    if screen:
+        _, _, v, pick = min(screen)
+        return Plan(SCREEN, with_variant(v, pick))
+    if fitting:
+        ranked = _ranked({v: [r for r in at_full if r.model == v and _fits(r)] for v in names if v in fitting})
+        leader = _pick(ranked, mine, full)
+        climb = _climb_batch(space, memory, cal, leader, [r for r in at_full if r.model == leader and _fits(r)], tried)
+        if climb is not None:
+            return Plan(TUNE, with_variant(leader, climb))
+        return Plan(TUNE, {**({"variant": leader} if variants(space) else {}), "num_gpu": full})
+    # Nothing fits fully: partial offload of the smallest variant, the most layers predicted to fit.
+    target = min(names, key=lambda v: (sizes.get(v, 0), names.index(v)))
+    fixed_variant = {"variant": target} if variants(space) else {}
+    probe = {**base, **fixed_variant}
+    small = {**probe, "num_batch": min(space["num_batch"].values)} if "num_batch" in space and not space["num_batch"].fixed else probe
+    if "num_ctx" in space:
+        small["num_ctx"] = min(space["num_ctx"].values)
+    for kv in (_down(space, "kv_cache_type", small["kv_cache_type"])[-1:] if "kv_cache_type" in small else []):
+        small["kv_cache_type"] = kv
+    sure = most_layers(space, memory, cal, target, small)
+    maybe = most_layers(space, memory, cal, target, small, allow=(mem.FITS, mem.UNKNOWN))
+    ok_layers = [int(_gpu(r)) for r in mine if r.model == target and _fits(r) and isinstance(_gpu(r), int) and _gpu(r) >= 0]
+    for layers in (maybe, sure):
+        if layers is None or layers <= max(ok_layers, default=-1):
+            continue
+        c = {**small, "num_gpu": layers}
+        if _key(target, c) not in tried:
+            if layers == maybe and layers != sure and sure is not None:
+                # Unknown ground between what loaded and what did not: bisect it.
+                layers = (sure + maybe + 1) // 2
+                c = {**small, "num_gpu": layers}
+                if _key(target, c) in tried:
+                    continue
+            return Plan(OFFLOAD, c)
+    return Plan(TUNE, fixed_variant)
+
+
+def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, leader: str,
+                 trials: list[TrialRecord], tried: set[tuple[Any, ...]]) -> dict[str, Any] | None:
+    """One batch step up from the leader's best config when that step is not known not to fit
+    (the screen may have had to start small); None when there is nothing to climb."""
+    if "num_batch" not in space or space["num_batch"].fixed or not trials:
+        return None
+    best = max(trials, key=_score)
+    params = {k: v for k, v in best.params.items() if k != "variant"}
+    params.update({k: v for k, v in {**best.options, **best.server}.items() if k in space})
+    batch = params.get("num_batch")
+    if not isinstance(batch, int):
+        return None
+    ups = sorted(v for v in space["num_batch"].values if v > batch and v <= 512)
+    if not ups:
+        return None
+    c = {**params, "num_batch": ups[0]}
+    if _key(leader, c) in tried or verdict(memory, cal, leader, c) == mem.NO:
+        return None
+    return c
+
+
 class StagedSampler(BaseSampler):
     """An Optuna sampler that runs the stages: a ``PartialFixedSampler`` over ``tpe`` per trial.
 
@@ -212,7 +406,11 @@ class StagedSampler(BaseSampler):
         #: variant is the one partial offload is searched for. Set by the study.
         self.default_model = ""
         self.sizes: dict[str, int] = {}
+        #: The study's memory model and starting point (None: plan without predicting memory).
+        self.memory: StudyMemory | None = None
+        self.start: dict[str, Any] | None = None
         self._fixed: dict[int, dict[str, Any]] = {}
+        self._cal: dict[int, tuple[Calibration, str]] = {}
 
     def _inner(self, trial: Any) -> Any:
         from optuna.samplers import PartialFixedSampler
@@ -231,17 +429,43 @@ class StagedSampler(BaseSampler):
 
         done = [record.read_record(t) for t in study.get_trials(deepcopy=False,
                                                                   states=(TrialState.COMPLETE, TrialState.PRUNED))]
-        p = plan(self.space, done, self.default_model, self.sizes)
+        p = plan(self.space, done, self.default_model, self.sizes, self.memory, self.start)
         self._fixed[trial._trial_id] = p.fixed
+        if self.memory is not None:
+            self._cal[trial._trial_id] = (self.memory.calibrate(done), p.stage)
         study._storage.set_trial_user_attr(trial._trial_id, record.STAGE, p.stage)
 
+    def _repairs(self, trial: Any) -> bool:
+        return (self.memory is not None and trial._trial_id in self._cal
+                and "fixed_params" not in trial.system_attrs)
+
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        if self._repairs(trial):
+            # Every parameter at once, so the config can be repaired as a whole.
+            return dict(self.space.distributions())
         space: dict[str, Any] = self._inner(trial).infer_relative_search_space(study, trial)
         return space
 
     def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = self._inner(trial).sample_relative(study, trial, search_space)
-        return out
+        inner = self._inner(trial)
+        if not (self._repairs(trial) and search_space):
+            out: dict[str, Any] = inner.sample_relative(study, trial, search_space)
+            return out
+        own = inner.infer_relative_search_space(study, trial)
+        vals: dict[str, Any] = dict(inner.sample_relative(study, trial, own)) if own else {}
+        for name, dist in search_space.items():
+            if name not in vals:
+                vals[name] = inner.sample_independent(study, trial, name, dist)
+        cal, stage = self._cal[trial._trial_id]
+        model = str(vals.get("variant", self.space.fixed.get("variant", self.default_model)))
+        fixed = self._fixed.get(trial._trial_id) or {}
+        move_gpu = "num_gpu" not in fixed
+        full = {**self.space.fixed, **vals}
+        fixed_pinned = {k: v for k, v in fixed.items()}
+        if len(fixed_pinned) >= len(self.space.searched):
+            return {k: v for k, v in full.items() if k in search_space}
+        out = repair(self.space, self.memory, cal, model, full, move_gpu)  # type: ignore[arg-type]
+        return {k: v for k, v in out.items() if k in search_space}
 
     def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
         return self._inner(trial).sample_independent(study, trial, param_name, param_distribution)
@@ -249,3 +473,4 @@ class StagedSampler(BaseSampler):
     def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
         self._inner(trial).after_trial(study, trial, state, values)
         self._fixed.pop(trial._trial_id, None)
+        self._cal.pop(trial._trial_id, None)

@@ -17,6 +17,7 @@ from tuner.engines import Engine, GpuOffload, get_engine
 from tuner.errors import (LoadError, ServerError, SpaceError, StoppedError, StorageError, StudyError,
                           TrialFailedError, TunerError)
 from tuner.measure import config_key, measure_config
+from tuner.memory import MEMORY_MODEL, Architecture, StudyMemory
 from tuner.options import SAMPLERS, TuneOptions
 from tuner import objectives, record
 from tuner.pruning import make_pruner
@@ -53,6 +54,8 @@ class _Prepared:
     offload: GpuOffload | None = None
     #: Each variant's file size in bytes (0 where the engine cannot tell).
     sizes: dict[str, int] = field(default_factory=dict)
+    #: What the memory model knows of the variants and the GPU (None: no GPU offload).
+    memory: StudyMemory | None = None
 
 
 def _physical_cores() -> int:
@@ -219,8 +222,15 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
                                 "size_bytes": i.size_bytes} for name, i in infos.items()}
         if not gpu_telemetry:
             warnings.append(f"no NVIDIA GPU telemetry: {no_telemetry}")
+        memory = None
+        if has_gpu:
+            totals = [g.get("memory_total_mib") for g in probe.gpus] if gpu_telemetry else []
+            memory = StudyMemory(
+                archs={n: Architecture.from_dict(i.arch) for n, i in infos.items() if i.arch},
+                file_bytes=dict(sizes), default_ctx=o.context or 4096,
+                total_mib=float(sum(totals)) if totals and all(totals) else None)
         return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, gpu_telemetry, offload,
-                         sizes)
+                         sizes, memory)
     except BaseException:
         engine.close()
         raise
@@ -417,6 +427,8 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
         study.set_user_attr("hardware", hardware_fingerprint(p.environment))
         if p.offload is not None:
             study.set_user_attr("gpu_offload_source", p.offload.source)
+        if p.memory is not None:
+            study.set_user_attr(MEMORY_MODEL, p.memory.to_dict())
         study.set_user_attr("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
         if o.context is not None:
             # The context the application needs: `tune check` repeats it in the re-tune it suggests.
@@ -451,16 +463,22 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo
     from tuner import staged
 
     sampler = study.sampler
+    points = starting_points(p.space, p.has_gpu, _physical_cores())
+    planned = False
     if isinstance(sampler, staged.StagedSampler):
         sampler.default_model, sampler.sizes = p.model, dict(p.sizes)
+        if p.memory is not None and points and staged.full_offload(p.space) is not None:
+            # The screen is planned trial by trial from what the memory model predicts fits.
+            sampler.memory, sampler.start, planned = p.memory, dict(points[0]), True
     if not (created and o.starting_points):
         return
     warm = _warm_start(study, o, p, echo, source)
     queue: list[tuple[dict[str, Any], dict[str, Any]]] = [
         (s.params, {record.STAGE: staged.WARM, record.SEEDED_FROM: s.origin}) for s in warm.seeds]
-    points = starting_points(p.space, p.has_gpu, _physical_cores())
     stage = staged.START
-    if isinstance(sampler, staged.StagedSampler) and points and staged.screens(p.space):
+    if planned:
+        points = []
+    elif isinstance(sampler, staged.StagedSampler) and points and staged.screens(p.space):
         points, stage = staged.screen_points(p.space, points[0]), staged.SCREEN
         if warm.seeds:
             # A variant is screened unless a seed runs it at full offload or a source on this
@@ -562,7 +580,10 @@ class _Runner:
         stage = record.BASELINE if baseline else trial.user_attrs.get(record.STAGE)
         rec = TrialRecord(model=model, options=runner or {}, server=server, baseline=baseline, worker=self.worker,
                           stage=stage, seeded_from=trial.user_attrs.get(record.SEEDED_FROM))
+        rec.memory = self._predict(trial, rec)
         record.write_record(trial, rec)
+        if rec.skipped:
+            return self._skip(trial, rec)
         prior = None if baseline else self._settled(trial, rec)
         if prior is not None:
             return self._reuse(trial, rec, prior)
@@ -613,8 +634,11 @@ class _Runner:
             record.write_record(trial, rec)
             raise
         self.loaded_key = key
+        predicted = rec.memory
+        server_memory = p.engine.server_memory(model)
         rec = m.record(model, runner, server, server_effective=rec.server_effective, baseline=baseline,
-                       worker=self.worker, server_memory=p.engine.server_memory(model))
+                       worker=self.worker, server_memory=server_memory)
+        rec.memory = _observed(predicted, server_memory)
         rec.remeasured, rec.contention_lost_s = tries, round(lost_s, 2) if tries else None
         rec.stage = stage
         rec.constraints, rec.violations = self._limits(rec, load_failed=False)
@@ -728,6 +752,44 @@ class _Runner:
                 out.append(f"{label} {value:.0f} {unit} > {limit:g} {unit}")
         return values, out
 
+    def _predict(self, trial: Any, rec: TrialRecord) -> dict[str, Any] | None:
+        """The memory model's prediction for this config from the evidence so far (None
+        without a GPU); ``skipped`` when a config at least as large did not load."""
+        mem = self.p.memory
+        if mem is None:
+            return None
+        pred = mem.predict(rec.model, rec.options, rec.server)
+        if pred is None:
+            return None
+        from optuna.trial import TrialState
+
+        done = [record.read_record(t) for t in trial.study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
+        cal = mem.calibrate(done)
+        auto = rec.options.get("num_gpu") is None or int(rec.options["num_gpu"]) < 0
+        out: dict[str, Any] = {"prior_mib": round(pred.total_mib, 1), "predicted_mib": round(cal.need(pred.total_mib), 1),
+                               "layers": None if auto else pred.layers, "weights_mib": round(pred.weights_mib, 1),
+                               "kv_mib": round(pred.kv_mib, 1), "compute_mib": round(pred.compute_mib, 1),
+                               "verdict": cal.verdict(pred.total_mib), "capacity": cal.to_dict()}
+        # Auto placement never fails for lack of GPU memory: the server places what fits.
+        if not auto and not rec.baseline and cal.skip(pred.total_mib):
+            out["skipped"] = True
+        return out
+
+    def _skip(self, trial: Any, rec: TrialRecord) -> Any:
+        """Store a config predicted not to fit as infeasible without loading it."""
+        m = rec.memory or {}
+        cap = m.get("capacity") or {}
+        which = (f"#{cap['fails_trial']} needing {cap['fails_mib']:,.0f} MiB did not load"
+                 if cap.get("fails_trial") is not None else f"the GPU has {cap.get('total_mib') or 0:,.0f} MiB")
+        rec.error = (f"skipped: predicted to need {m.get('predicted_mib', 0):,.0f} MiB of GPU memory, "
+                     f"and {which}")
+        rec.constraints, _ = self._limits(rec, load_failed=True)
+        rec.violations = [rec.error]
+        record.write_record(trial, rec)
+        vals = [FAILED_SCORE[d] for d in self.directions]
+        return vals[0] if len(vals) == 1 else vals
+
     def _failed_load(self, trial: Any, rec: TrialRecord, error: str) -> Any:
         rec.error = error
         rec.constraints, _ = self._limits(rec, load_failed=True)
@@ -768,6 +830,20 @@ class _Runner:
                     self.echo(f"  server not answering; waiting up to {self.o.server_wait_s:.0f} s for it ...")
                     first = False
                 time.sleep(1.0)
+
+
+def _observed(predicted: dict[str, Any] | None, mem: Any) -> dict[str, Any] | None:
+    """The prediction with what the server reported beside it (size_vram, its error)."""
+    if predicted is None:
+        return None
+    out = dict(predicted)
+    if mem is not None:
+        out["observed_mib"] = mem.vram_mib
+        if mem.context_length:
+            out["context_length"] = mem.context_length
+        if out.get("predicted_mib") and mem.vram_mib and out.get("layers") is not None:
+            out["error_pct"] = round(100.0 * (out["predicted_mib"] - mem.vram_mib) / mem.vram_mib, 1)
+    return out
 
 
 def _busy_text(busy: Any) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tuner.metrics import RequestSample
@@ -24,6 +24,8 @@ class ModelInfo:
     quantization: str = ""
     digest: str = ""
     size_bytes: int = 0
+    #: The architecture numbers the memory model needs (tuner.memory.Architecture.to_dict()).
+    arch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class ServerMemory:
 
     vram_mib: float
     size_mib: float
+    #: The context the server allocated (/api/ps context_length), when it says.
+    context_length: int | None = None
 
 
 class Engine(ABC):

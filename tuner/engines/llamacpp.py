@@ -29,7 +29,7 @@ import re
 import struct
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,6 +38,7 @@ from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo
 from tuner import settings
 from tuner.errors import LoadError, ModelNotFoundError, SpaceError, TunerError
 from tuner.metrics import RequestSample
+from tuner.memory import Architecture
 
 #: The baseline configuration: llama-cpp-python's defaults, except the context, which is
 #: llama-server's (and Ollama's) 4096 (or the trained context if smaller) because the
@@ -97,11 +98,14 @@ class GgufHeader:
     version: int
     metadata: dict[str, Any]
     n_params: int
+    #: The length of each array too long to keep in ``metadata`` (the token list: the vocabulary).
+    array_lengths: dict[str, int] = field(default_factory=dict)
 
 
 class _Reader:
     def __init__(self, buf: Any) -> None:
         self.buf, self.pos = buf, 0
+        self.skipped_len = 0
 
     def scalar(self, fmt: str) -> Any:
         v = struct.unpack_from(fmt, self.buf, self.pos)[0]
@@ -135,6 +139,7 @@ class _Reader:
                     self.value(item)
             if self.pos > len(self.buf):
                 raise ValueError("array runs past the end of the file")
+            self.skipped_len = n
             return None
         raise ValueError(f"unknown metadata value type {kind}")
 
@@ -168,11 +173,15 @@ def _parse(buf: Any) -> GgufHeader:
     if n_kv > 1 << 20 or n_tensors > 1 << 24:
         raise ValueError(f"implausible header ({n_kv} keys, {n_tensors} tensors)")
     meta: dict[str, Any] = {}
+    lengths: dict[str, int] = {}
     for _ in range(n_kv):
         key = r.string()
+        r.skipped_len = 0
         value = r.value(r.scalar("<I"))
         if value is not None:
             meta[key] = value
+        elif r.skipped_len:
+            lengths[key] = r.skipped_len
     n_params = 0
     for _ in range(n_tensors):
         r.string()
@@ -182,7 +191,7 @@ def _parse(buf: Any) -> GgufHeader:
         for d in dims:
             count *= d
         n_params += count
-    return GgufHeader(version, meta, n_params)
+    return GgufHeader(version, meta, n_params, lengths)
 
 
 def file_type_names(lib: Any = None) -> dict[int, str]:
@@ -361,6 +370,10 @@ class LlamaCppEngine(Engine):
             quantization=quantization_name(meta, path, file_type_names(self._lib)),
             digest=file_digest(path),
             size_bytes=os.path.getsize(path),
+            arch=Architecture.from_model_info(
+                {**meta, "general.parameter_count": meta.get("general.parameter_count") or h.n_params,
+                 f"{arch}.vocab_size": meta.get(f"{arch}.vocab_size") or h.array_lengths.get("tokenizer.ggml.tokens", 0)}
+            ).to_dict(),
         )
 
     def variants(self, model: str) -> list[str]:

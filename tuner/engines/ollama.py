@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo, ServerMemory
-from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerSetupError
+from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerSetupError, TunerError
 from tuner.metrics import RequestSample
 from tuner.server import KEEP_ALIVE
 from tuner.settings import REQUEST_PARAMS, SERVER_PARAMS
@@ -273,6 +273,13 @@ class OllamaEngine(Engine):
             )
         tag = next((t for t in self._list_tags() if t["name"] in (model, f"{model}:latest")), {})
         details = resp.details
+        from tuner.memory import Architecture
+
+        shape = Architecture.from_model_info(info)
+        if not shape.vocab_size:
+            # /api/show leaves the token list out unless asked verbosely: its length is the
+            # vocabulary, which sizes the logits and the output layer.
+            shape = Architecture.from_model_info({**info, **self._verbose_tokens(model)})
         return ModelInfo(
             name=model,
             architecture=arch,
@@ -283,7 +290,18 @@ class OllamaEngine(Engine):
             quantization=(details.quantization_level if details else "") or tag.get("quantization", ""),
             digest=tag.get("digest", ""),
             size_bytes=int(tag.get("size", 0)),
+            arch=shape.to_dict(),
         )
+
+    def _verbose_tokens(self, model: str) -> dict[str, Any]:
+        """The token list of ``model`` from a verbose /api/show ({} when the server gives none)."""
+        try:
+            raw = self._call("/api/show", lambda: self._client._request_raw(
+                "POST", "/api/show", json={"model": model, "verbose": True}), model=model)
+            tokens = (raw.json().get("model_info") or {}).get("tokenizer.ggml.tokens")
+        except (TunerError, ValueError, AttributeError):
+            return {}
+        return {"tokenizer.ggml.tokens": tokens} if isinstance(tokens, list) else {}
 
     def variants(self, model: str) -> list[str]:
         tags = self._list_tags(refresh=True)
@@ -378,7 +396,9 @@ class OllamaEngine(Engine):
             return None
         if entry is None:
             return None
-        return ServerMemory(round(entry["size_vram"] / MIB, 1), round(entry["size"] / MIB, 1))
+        ctx = entry.get("context_length")
+        return ServerMemory(round(entry["size_vram"] / MIB, 1), round(entry["size"] / MIB, 1),
+                            int(ctx) if isinstance(ctx, int) and ctx > 0 else None)
 
     def snapshot_loaded(self) -> None:
         self._loaded_before = {m["name"] for m in self.loaded()}
