@@ -401,11 +401,14 @@ def memory_parts(model: FakeModel, opts: dict[str, Any], layers: int,
     # The last blocks are offloaded first.
     kv_gpu = sum(kv_layers[blocks - gpu_blocks:]) if gpu_blocks else 0.0
     kv_cpu = sum(kv_layers) - kv_gpu
-    attn = 0.0 if g.flash_attention else ub * full_cells * model.head_count * 4 / MIB
-    ffn = ub * model.feed_forward_length * 4 * 2 / MIB
-    logits = ub * model.vocab_size * 4 / MIB if layers >= total else 0.0
-    act = ub * model.embedding_length * 4 * 3 / MIB
-    compute = max(attn, ffn, logits) + act if layers > 0 else 0.0
+    # The peak of the graph's stages (llama.cpp's allocator reuses memory between them).
+    ff, embd = model.feed_forward_length, model.embedding_length
+    if g.flash_attention:
+        attn = ub * (2 * (full_cells + swa_cells) + 16 * ff + 4 * embd + 1100) / MIB
+    else:
+        attn = ub * (4 * model.head_count * full_cells + 4 * (full_cells + swa_cells) + 8 * ff + 4 * embd + 1100) / MIB
+    logits = ub * (model.vocab_size * 4 + 8 * embd) / MIB if layers >= total else 0.0
+    compute = max(attn, logits) if layers > 0 else 0.0
     cpu_compute = ub * model.embedding_length * 4 * 4 / MIB + (ub * model.vocab_size * 4 / MIB if layers < total else 0.0)
     weights_gpu = block_w * gpu_blocks + (emb if layers >= total else 0.0)
     gpu_mib = weights_gpu + kv_gpu + compute + (g.overhead_mib if layers > 0 else 0.0)

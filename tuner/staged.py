@@ -242,7 +242,30 @@ def verdict(memory: StudyMemory, cal: Calibration, model: str, params: dict[str,
     gpu = params.get("num_gpu")
     if gpu is not None and int(gpu) < 0:
         return mem.FITS  # the server places what fits
+    known = cal.outcomes.get(mem.config_key(model, *_config(model, params)))
+    if known is not None:
+        return mem.FITS if known else mem.NO
     return cal.verdict(prior_mib(memory, model, params))
+
+
+def step_up(space: SearchSpace, memory: StudyMemory, cal: Calibration, model: str, params: dict[str, Any],
+            name: str, values: list[Any], tried: set[tuple[Any, ...]]) -> dict[str, Any] | None:
+    """The next value of ``name`` above the config's worth trying, bisecting what is not known:
+    the largest predicted to fit; else the largest in the lower half of the ground between what
+    loaded and what did not; else the smallest not known not to fit. None: nothing to try."""
+    cands = [{**params, name: v} for v in sorted(values)]
+    cands = [c for c in cands if _key(model, c) not in tried]
+    verdicts = [verdict(memory, cal, model, c) for c in cands]
+    fits = [c for c, v in zip(cands, verdicts) if v == mem.FITS]
+    unknown = [c for c, v in zip(cands, verdicts) if v == mem.UNKNOWN]
+    half = [c for c in unknown if cal.between(prior_mib(memory, model, c))]
+    for group in (half, fits):
+        if group:
+            best = group[-1]
+            if group is half and fits and fits[-1][name] > best[name]:
+                best = fits[-1]
+            return best
+    return unknown[0] if unknown else None
 
 
 def _down(space: SearchSpace, name: str, value: Any) -> list[Any]:
@@ -353,27 +376,29 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
         small["num_ctx"] = min(space["num_ctx"].values)
     for kv in (_down(space, "kv_cache_type", small["kv_cache_type"])[-1:] if "kv_cache_type" in small else []):
         small["kv_cache_type"] = kv
-    sure = most_layers(space, memory, cal, target, small)
-    maybe = most_layers(space, memory, cal, target, small, allow=(mem.FITS, mem.UNKNOWN))
-    ok_layers = [int(_gpu(r)) for r in mine if r.model == target and _fits(r) and isinstance(_gpu(r), int) and _gpu(r) >= 0]
-    for layers in (maybe, sure):
-        if layers is None or layers <= max(ok_layers, default=-1):
-            continue
-        c = {**small, "num_gpu": layers}
+    layer_ok = [r for r in mine if r.model == target and _fits(r) and isinstance(_gpu(r), int) and _gpu(r) >= 0]
+    if not layer_ok:
+        sure = most_layers(space, memory, cal, target, small)
+        c = {**small, "num_gpu": sure if sure is not None else 0}
         if _key(target, c) not in tried:
-            if layers == maybe and layers != sure and sure is not None:
-                # Unknown ground between what loaded and what did not: bisect it.
-                layers = (sure + maybe + 1) // 2
-                c = {**small, "num_gpu": layers}
-                if _key(target, c) in tried:
-                    continue
             return Plan(OFFLOAD, c)
+    best = max(layer_ok, key=lambda r: (int(_gpu(r)), _score(r))) if layer_ok else None
+    if best is not None:
+        params = {k: v for k, v in {**small, **best.options, **best.server}.items() if k in space}
+        params.update(fixed_variant)
+        layers = [g for g in space["num_gpu"].values if isinstance(g, int) and int(_gpu(best)) < g < full]
+        up = step_up(space, memory, cal, target, params, "num_gpu", layers, tried)
+        if up is not None:
+            return Plan(OFFLOAD, up)
+        climb = _climb_batch(space, memory, cal, target, [r for r in layer_ok if _gpu(r) == _gpu(best)], tried)
+        if climb is not None:
+            return Plan(OFFLOAD, {**climb, **fixed_variant})
     return Plan(TUNE, fixed_variant)
 
 
 def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, leader: str,
                  trials: list[TrialRecord], tried: set[tuple[Any, ...]]) -> dict[str, Any] | None:
-    """One batch step up from the leader's best config when that step is not known not to fit
+    """A larger batch (up to 512) for the leader's best config when one is not known not to fit
     (the screen may have had to start small); None when there is nothing to climb."""
     if "num_batch" not in space or space["num_batch"].fixed or not trials:
         return None
@@ -383,13 +408,8 @@ def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, lead
     batch = params.get("num_batch")
     if not isinstance(batch, int):
         return None
-    ups = sorted(v for v in space["num_batch"].values if v > batch and v <= 512)
-    if not ups:
-        return None
-    c = {**params, "num_batch": ups[0]}
-    if _key(leader, c) in tried or verdict(memory, cal, leader, c) == mem.NO:
-        return None
-    return c
+    ups = [v for v in space["num_batch"].values if batch < v <= 512]
+    return step_up(space, memory, cal, leader, params, "num_batch", ups, tried) if ups else None
 
 
 class StagedSampler(BaseSampler):

@@ -227,7 +227,7 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
             totals = [g.get("memory_total_mib") for g in probe.gpus] if gpu_telemetry else []
             memory = StudyMemory(
                 archs={n: Architecture.from_dict(i.arch) for n, i in infos.items() if i.arch},
-                file_bytes=dict(sizes), default_ctx=o.context or 4096,
+                file_bytes=dict(sizes), default_ctx=o.context or 4096, swa_full=engine.swa_full_cache,
                 total_mib=float(sum(totals)) if totals and all(totals) else None)
         return _Prepared(engine, workload, space, model, server, env, has_gpu, warnings, gpu_telemetry, offload,
                          sizes, memory)
@@ -525,7 +525,9 @@ def starting_points(space: SearchSpace, has_gpu: bool, cores: int) -> list[dict[
         "num_ctx": [min(space["num_ctx"].values)] if "num_ctx" in space else [],
         "num_batch": [512, 256, 1024],
         "num_gpu": [max(space["num_gpu"].values)] if "num_gpu" in space and has_gpu else [0],
-        "num_thread": [cores, max(1, cores // 2)],
+        # A GPU server's own thread count (0: the runtime decides) is the safe start: this
+        # machine's cores need not be the server's, and offloaded layers hardly use them.
+        "num_thread": ([0] if has_gpu else []) + [cores, max(1, cores // 2)],
     }
     point: dict[str, Any] = {}
     for p in space.searched:

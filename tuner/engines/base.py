@@ -60,6 +60,9 @@ class Engine(ABC):
     reports_server_memory: bool = False
     #: Parameters of the search space this engine can apply.
     supported_params: tuple[str, ...] = ()
+    #: Whether sliding-window layers keep the whole context (llama-cpp-python's default;
+    #: llama-server, which Ollama runs, keeps only the window): the memory model's KV cache.
+    swa_full_cache: bool = False
 
     @abstractmethod
     def server_info(self) -> dict[str, Any]:

@@ -304,6 +304,7 @@ class LlamaCppEngine(Engine):
 
     name = "llama-cpp"
     supported_params = settings.LLAMA_CPP_PARAMS
+    swa_full_cache = True
 
     def __init__(self, models: list[str]) -> None:
         if not models:
