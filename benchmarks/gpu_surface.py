@@ -104,7 +104,7 @@ def speed(name: str, opts: dict[str, Any], budget_mib: float = MEMORY_BUDGET_MIB
     """(prefill, decode) tok/s of ``name`` with resolved runner options ``opts``."""
     m = _BY_NAME[name]
     _, _, read_gb, full_rate = VARIANTS[name]
-    layers = memory_usage(m, opts, budget_mib, SYSTEM_MEMORY_MIB)["gpu_layers"]
+    layers = memory_usage(m, opts, budget_mib, SYSTEM_MEMORY_MIB, CURRENT)["gpu_layers"]
     f = layers / m.gpu_layers_total
     threads = int(opts.get("num_thread") or 0)
     t_ms = f * 1000 / full_rate + (1 - f) * read_gb / (CPU_GBPS * _eff(threads)) * 1000
@@ -115,7 +115,11 @@ def speed(name: str, opts: dict[str, Any], budget_mib: float = MEMORY_BUDGET_MIB
     return 20 * decode * (min(batch, 512) / 512) ** 0.4, decode
 
 
-def server(budget_mib: float = MEMORY_BUDGET_MIB, gpu: GpuSettings | None = None) -> FakeOllama:
+#: Current Ollama's placement: num_gpu unset fits as many layers as memory allows.
+CURRENT = GpuSettings(auto_max_layers=None)
+
+
+def server(budget_mib: float = MEMORY_BUDGET_MIB, gpu: GpuSettings | None = CURRENT) -> FakeOllama:
     """A fake Ollama serving the GPU box with ``budget_mib`` of GPU memory (start it with ``with``)."""
     return FakeOllama(models=models(), pullable=[], time_scale=0, memory_budget_mib=budget_mib,
                       system_memory_mib=SYSTEM_MEMORY_MIB, default_num_ctx=None, gpu=gpu,
@@ -131,7 +135,7 @@ def resolved(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def truth(variant: str, config: dict[str, Any], budget_mib: float = MEMORY_BUDGET_MIB,
-          gpu: GpuSettings | None = None) -> float | None:
+          gpu: GpuSettings | None = CURRENT) -> float | None:
     """True decode tok/s of a config, None when it does not load."""
     m = _BY_NAME[variant]
     opts = resolved(config)
@@ -141,7 +145,7 @@ def truth(variant: str, config: dict[str, Any], budget_mib: float = MEMORY_BUDGE
 
 
 def optimum(budget_mib: float = MEMORY_BUDGET_MIB, space: dict[str, list[Any]] | None = None,
-            gpu: GpuSettings | None = None) -> tuple[float, dict[str, Any], int, int]:
+            gpu: GpuSettings | None = CURRENT) -> tuple[float, dict[str, Any], int, int]:
     """(best decode tok/s, its config, configs that load, configs within 97%) over the space.
 
     Threads do not change memory: each (variant, ctx, batch, gpu) is checked once."""

@@ -354,6 +354,10 @@ class GpuSettings:
     flash_attention: bool = False
     #: Auto placement (num_gpu unset or -1) keeps this much of the GPU free (llama.cpp's fit target).
     fit_margin_mib: float = 512.0
+    #: Auto placement puts at most this many layers on the GPU: older Ollama's conservative
+    #: estimate, kept as the default so the defaults leave room to tune. None: as many as fit
+    #: (current Ollama, v0.30+: llama.cpp's fit logic), as the memory-tight tests and benchmark use.
+    auto_max_layers: int | None = AUTO_GPU_LAYERS
     #: CUDA context and small buffers, counted in size_vram.
     overhead_mib: float = 150.0
     #: How a load that does not fit on the GPU fails: "layout" (Ollama's scheduler: "memory
@@ -442,7 +446,7 @@ def memory_usage(
         # No GPU: Ollama runs every layer on the CPU whatever num_gpu asks.
         layers = 0
     elif num_gpu < 0:
-        layers = total_layers
+        layers = total_layers if g.auto_max_layers is None else min(g.auto_max_layers, total_layers)
         while layers > 0 and split(layers)[0] > memory_budget_mib - g.fit_margin_mib:
             layers -= 1
     else:

@@ -33,8 +33,8 @@ def study_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
     """A finished study with feasible, TTFT-infeasible and failed-load trials."""
     url = f"sqlite:///{tmp_path_factory.mktemp('dash') / 't.db'}"
     # At this time scale fp16 on the CPU misses a 40 ms p95 TTFT, the q4 model on the GPU
-    # meets it, and fp16 at 32k context with every layer on the GPU does not load.
-    with FakeOllama(time_scale=0.01) as fake:
+    # meets it, and fp16 at 32k context with every layer on the GPU does not load on a 2.7 GB GPU.
+    with FakeOllama(time_scale=0.01, memory_budget_mib=2700) as fake:
         summary = run_study(TuneOptions(
             model=["gemma3:1b"], host=fake.url, trials=9, repeats=1, num_predict=16, storage=url,
             seed=1, sampler="grid", objectives=OBJECTIVES, max_ttft_ms=40.0, validate=0,

@@ -358,7 +358,9 @@ def calibrate(points: Iterable[Point], total_mib: float | None = None) -> Calibr
         ys = [float(p.observed_mib) for p in known]  # type: ignore[arg-type]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
-        if sxx > 1.0:
+        # A slope only from points far apart (a partial offload beside a full one): close
+        # together, their noise would tilt it and extrapolate badly; else a fixed offset.
+        if len(known) >= 3 and max(xs) >= 1.5 * min(xs) and sxx > 1.0:
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
             slope = min(max(slope, SLOPE_RANGE[0]), SLOPE_RANGE[1])
         offset = my - slope * mx

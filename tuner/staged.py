@@ -363,7 +363,8 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
     if fitting:
         ranked = _ranked({v: [r for r in at_full if r.model == v and _fits(r)] for v in names if v in fitting})
         leader = _pick(ranked, mine, full)
-        climb = _climb_batch(space, memory, cal, leader, [r for r in at_full if r.model == leader and _fits(r)], tried)
+        climb = _climb_batch(space, memory, cal, leader, [r for r in at_full if r.model == leader and _fits(r)], tried,
+                             mine)
         if climb is not None:
             return Plan(TUNE, with_variant(leader, climb))
         return Plan(TUNE, {**({"variant": leader} if variants(space) else {}), "num_gpu": full})
@@ -390,14 +391,15 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
         up = step_up(space, memory, cal, target, params, "num_gpu", layers, tried)
         if up is not None:
             return Plan(OFFLOAD, up)
-        climb = _climb_batch(space, memory, cal, target, [r for r in layer_ok if _gpu(r) == _gpu(best)], tried)
+        climb = _climb_batch(space, memory, cal, target, [r for r in layer_ok if _gpu(r) == _gpu(best)], tried, mine)
         if climb is not None:
             return Plan(OFFLOAD, {**climb, **fixed_variant})
     return Plan(TUNE, fixed_variant)
 
 
 def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, leader: str,
-                 trials: list[TrialRecord], tried: set[tuple[Any, ...]]) -> dict[str, Any] | None:
+                 trials: list[TrialRecord], tried: set[tuple[Any, ...]],
+                 trials_all: Sequence[TrialRecord] = ()) -> dict[str, Any] | None:
     """A larger batch (up to 512) for the leader's best config when one is not known not to fit
     (the screen may have had to start small); None when there is nothing to climb."""
     if "num_batch" not in space or space["num_batch"].fixed or not trials:
@@ -409,6 +411,13 @@ def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, lead
     if not isinstance(batch, int):
         return None
     ups = [v for v in space["num_batch"].values if batch < v <= 512]
+    # A larger batch is worth a few percent at most: one failed load ends the climb.
+    others = {k: v for k, v in params.items() if k != "num_batch"}
+    for r in trials_all:
+        p = {k: v for k, v in {**r.options, **r.server}.items() if k in space and k != "num_batch"}
+        if r.model == leader and r.failed_load and p == {k: v for k, v in others.items() if k in p} \
+                and isinstance(r.options.get("num_batch"), int) and r.options["num_batch"] > batch:
+            return None
     return step_up(space, memory, cal, leader, params, "num_batch", ups, tried) if ups else None
 
 
