@@ -416,7 +416,8 @@ def memory_parts(model: FakeModel, opts: dict[str, Any], layers: int,
     cpu_compute = ub * model.embedding_length * 4 * 4 / MIB + (ub * model.vocab_size * 4 / MIB if layers < total else 0.0)
     weights_gpu = block_w * gpu_blocks + (emb if layers >= total else 0.0)
     gpu_mib = weights_gpu + kv_gpu + compute + (g.overhead_mib if layers > 0 else 0.0)
-    cpu_mib = emb + block_w * (blocks - gpu_blocks) + kv_cpu + cpu_compute
+    # Fully offloaded, Ollama counts everything on the GPU (size == size_vram, "100% GPU").
+    cpu_mib = 0.0 if layers >= total else emb + block_w * (blocks - gpu_blocks) + kv_cpu + cpu_compute
     return {"gpu_mib": gpu_mib, "cpu_mib": cpu_mib, "weights_gpu_mib": weights_gpu, "kv_gpu_mib": kv_gpu,
             "compute_gpu_mib": compute, "kv_mib": sum(kv_layers)}
 

@@ -321,11 +321,12 @@ def test_unknown_model_is_404(client: ollama.Client) -> None:
 
 
 def test_oom_gpu_and_system_memory(fake: FakeOllama, client: ollama.Client) -> None:
-    opts = {"num_ctx": 32768, "num_gpu": 27}
+    fake.memory_budget_mib = 4000  # a 4 GB GPU: fp16 at 32k with batch 2048 needs 4.2 GB
+    opts = {"num_ctx": 32768, "num_gpu": 27, "num_batch": 2048}
     assert not fake.fits("gemma3:1b-it-fp16", opts)
     assert fake.fits("gemma3:1b-it-q8_0", opts)
-    assert fake.fits("gemma3:1b-it-fp16", {"num_ctx": 32768, "num_gpu": 20})
-    assert fake.fits("gemma3:1b-it-fp16", {"num_ctx": 32768, "num_gpu": -1})  # auto reduces layers
+    assert fake.fits("gemma3:1b-it-fp16", {"num_ctx": 32768, "num_gpu": 20, "num_batch": 2048})
+    assert fake.fits("gemma3:1b-it-fp16", {**opts, "num_gpu": -1})  # auto reduces layers
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="gemma3:1b-it-fp16", prompt="x", options=opts)
     assert err.value.status_code == 500

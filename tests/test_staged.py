@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fake_ollama import FakeOllama
+from fake_ollama import FakeOllama, GpuSettings
 
 from tuner import staged
 from tuner.record import TrialRecord
 from tuner.study import TuneOptions, run_study
 
 THREADS = [1, 2, 4, 8]
+#: Current Ollama's placement: num_gpu unset fits as many layers as memory allows.
+CURRENT = GpuSettings(auto_max_layers=None)
 
 
 def opts(fake: FakeOllama, **kw: Any) -> TuneOptions:
@@ -51,20 +53,54 @@ def test_screens_every_variant_at_full_offload_then_tunes_in_the_best(gpu: None)
 
 
 def test_partial_offload_is_searched_only_after_full_offload_fails(gpu: None) -> None:
-    with FakeOllama(time_scale=0, memory_budget_mib=1000) as fake:
+    # 800 MiB: no variant fits fully even at the smallest batch; the server's auto placement fits.
+    with FakeOllama(time_scale=0, memory_budget_mib=800, gpu=CURRENT) as fake:
         summary = run_study(opts(fake))
+        best_layers = max(g for g in range(28) if fake.fits("gemma3:1b", {"num_ctx": 2048, "num_batch": 32, "num_gpu": g}))
     trials = sorted(summary.trials, key=lambda t: t.number)
     screen = [t for t in trials if t.stage == staged.SCREEN]
     offload = [t for t in trials if t.stage == staged.OFFLOAD]
-    assert len(screen) == 4 and all(t.error and "memory" in t.error for t in screen)
+    # One failed screen of the smallest need rules out every larger variant: they are not loaded.
+    assert len(screen) == 1 and screen[0].failed_load
     assert offload and min(t.number for t in offload) > max(t.number for t in screen)
-    # The bisection holds the screen's other settings and ends at the largest count that loads.
-    first = [t for t in offload if t.options["num_ctx"] == 2048 and t.options["num_batch"] == 512]
-    loaded = [t.options["num_gpu"] for t in first if not t.error]
-    failed = [t.options["num_gpu"] for t in first if t.error]
-    assert loaded and failed and max(loaded) + 1 == min(failed) < 27
+    assert sum(1 for t in trials if t.failed_load) <= 2
+    loaded = [t.options["num_gpu"] for t in offload if not t.error]
+    assert max(loaded) == best_layers < 27
     assert summary.best is not None and not summary.best.baseline
-    assert summary.best.options["num_gpu"] >= max(loaded)
+    assert summary.best.options["num_gpu"] == best_layers
+
+
+def test_a_memory_tight_gpu_gets_full_offload_with_a_smaller_batch(gpu: None) -> None:
+    """1.3 GB: every variant's full offload fails at batch 512; gemma3:1b fits fully at a small batch."""
+    with FakeOllama(time_scale=0, memory_budget_mib=1300, gpu=CURRENT) as fake:
+        summary = run_study(opts(fake, params={"num_thread": [4]}))
+        space = [(v, c, b, g) for v in ("gemma3:1b", "gemma3:1b-it-qat", "gemma3:1b-it-q8_0", "gemma3:1b-it-fp16")
+                 for c in (2048, 4096, 8192, 16384, 32768) for b in (32, 64, 128, 256, 512, 1024, 2048)
+                 for g in range(-1, 28)]
+        ok = [(fake.speed(v, {"num_ctx": c, "num_batch": b, "num_gpu": g, "num_thread": 4})[1], v, c, b, g)
+              for v, c, b, g in space if fake.fits(v, {"num_ctx": c, "num_batch": b, "num_gpu": g})]
+        optimum = max(ok)
+        assert not fake.fits("gemma3:1b", {"num_ctx": 2048, "num_batch": 512, "num_gpu": 27})
+    trials = summary.trials
+    assert sum(1 for t in trials if t.failed_load) <= 2
+    assert summary.best is not None and summary.best.values is not None
+    assert summary.best.values[0] >= 0.97 * optimum[0], (summary.best.config_text(), optimum)
+    assert summary.best.options["num_gpu"] == 27
+    # The prediction is stored beside what the server reported, within 10% where layers are known.
+    errors = [abs(t.memory["error_pct"]) for t in trials if t.memory and t.memory.get("error_pct") is not None]
+    assert errors and max(errors) <= 10.0
+    # Nothing predicted not to fit reached the server.
+    assert all(not t.samples for t in trials if t.skipped)
+
+
+def test_tpe_skips_what_is_predicted_not_to_fit(gpu: None) -> None:
+    with FakeOllama(time_scale=0, memory_budget_mib=1300, gpu=CURRENT) as fake:
+        summary = run_study(opts(fake, sampler="tpe", trials=20, seed=3))
+        tried = [(f["model"], f["options"]) for f in fake.failed_loads]
+    skipped = [t for t in summary.trials if t.skipped]
+    assert skipped and all(t.error and t.error.startswith("skipped: predicted to need") for t in skipped)
+    assert all((t.model, t.options) not in [(m, {k: o[k] for k in t.options}) for m, o in tried] for t in skipped)
+    assert all(t.constraints["load"] == 1.0 for t in skipped)
 
 
 def test_cpu_only_server_with_one_variant_has_no_screen() -> None:

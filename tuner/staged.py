@@ -411,14 +411,16 @@ def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, lead
     if not isinstance(batch, int):
         return None
     ups = [v for v in space["num_batch"].values if batch < v <= 512]
-    # A larger batch is worth a few percent at most: one failed load ends the climb.
-    others = {k: v for k, v in params.items() if k != "num_batch"}
-    for r in trials_all:
-        p = {k: v for k, v in {**r.options, **r.server}.items() if k in space and k != "num_batch"}
-        if r.model == leader and r.failed_load and p == {k: v for k, v in others.items() if k in p} \
-                and isinstance(r.options.get("num_batch"), int) and r.options["num_batch"] > batch:
-            return None
-    return step_up(space, memory, cal, leader, params, "num_batch", ups, tried) if ups else None
+    if not ups:
+        return None
+    # A larger batch is worth a few percent at most: after one failed load, only steps
+    # predicted to fit are taken.
+    if any(r.model == leader and r.failed_load and isinstance(r.options.get("num_batch"), int)
+           and r.options["num_batch"] > batch for r in trials_all):
+        safe = [v for v in ups if _key(leader, {**params, "num_batch": v}) not in tried
+                and verdict(memory, cal, leader, {**params, "num_batch": v}) == mem.FITS]
+        return {**params, "num_batch": safe[-1]} if safe else None
+    return step_up(space, memory, cal, leader, params, "num_batch", ups, tried)
 
 
 class StagedSampler(BaseSampler):
