@@ -203,6 +203,9 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
 @click.option("--max-ttft-ms", type=float, help="Limit on p95 time to first token (ms).")
 @click.option("--max-latency-ms", type=float, help="Limit on p95 request latency (ms).")
 @click.option("--max-vram-mib", type=float, help="Limit on peak GPU memory used (MiB).")
+@click.option("--vram-headroom-mib", type=float,
+              help="GPU memory the winner should leave free (MiB); a winner with less is flagged "
+                   "[default: 5% of the GPU, at least 256 MiB].")
 @click.option("--max-power-w", type=float, help="Limit on mean GPU power (W).")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=default("sampler"), show_default=True,
               help="staged: screen every variant at full GPU offload, then TPE inside the best "

@@ -18,6 +18,7 @@ from tuner.record import TrialRecord
 from tuner import settings
 from tuner.errors import ExportError, SpaceError
 from tuner.terminal import command
+from tuner.memory import fit_of
 
 FORMATS = ("modelfile", "json", "env", "csv", "parquet")
 #: Ollama's Options (api/types.go Options + Runner) with the JSON type each one takes.
@@ -142,6 +143,9 @@ def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list
                      f"{len(w.ratios)} rounds)")
     elif isinstance(w, results.SearchSpeedup):
         lines.append(f"# {w.ratio:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} ({results.search_only(w.no_interval)})")
+    fit = fit_of(v, s.attrs, s.records)
+    if fit is not None:
+        lines += [f"# {_one_line(line)}" for line in fit.lines()]
     if not v.feasible:
         why = v.error or "; ".join(v.violations) or v.state.lower()
         lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")

@@ -475,8 +475,60 @@ class StudyMemory:
                    total_mib=d.get("total_mib"), ubatch_cap=d.get("ubatch_cap"), swa_full=bool(d.get("swa_full")))
 
 
-def headroom(cal: Calibration, vram_mib: float | None) -> float | None:
-    """GPU memory left beside a loaded config (MiB), from the best-known capacity; None unknown."""
-    if vram_mib is None or not math.isfinite(cal.upper_mib):
+def default_headroom_mib(capacity_mib: float) -> float:
+    """GPU memory a winner should leave free: 5% of the GPU, at least 256 MiB (another
+    program's window, a browser tab or a driver update takes that much without asking)."""
+    return max(256.0, 0.05 * capacity_mib)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a loaded config fits the GPU, for the winner's summary and export."""
+
+    observed_mib: float | None
+    predicted_mib: float | None
+    #: GPU memory left beside it: at most this much (the capacity's upper bound); None unknown.
+    spare_mib: float | None
+    #: What bounds the capacity: "NVML total" or the failed trial ("#N did not load").
+    bound: str
+    headroom_mib: float | None
+
+    @property
+    def tight(self) -> bool:
+        return self.spare_mib is not None and self.headroom_mib is not None and self.spare_mib < self.headroom_mib
+
+    def lines(self) -> list[str]:
+        if self.observed_mib is None and self.predicted_mib is None:
+            return []
+        seen = f"{self.observed_mib:,.0f} MiB reported by the server" if self.observed_mib is not None else "not reported"
+        pred = f" (predicted {self.predicted_mib:,.0f} MiB)" if self.predicted_mib is not None else ""
+        out = [f"GPU memory: {seen}{pred}"]
+        if self.spare_mib is not None:
+            out[0] += f"; fits with at most {max(0.0, self.spare_mib):,.0f} MiB to spare ({self.bound})"
+        else:
+            out[0] += "; headroom unknown (no config failed to load and NVML does not see the GPU)"
+        if self.tight:
+            out.append(f"WARNING: less than {self.headroom_mib:,.0f} MiB of GPU memory to spare: another program "
+                       "that takes a little GPU memory would make this config fail to load "
+                       "(--vram-headroom-mib sets the margin)")
+        return out
+
+
+def fit_of(trial: Any, attrs: Mapping[str, Any], records: Sequence[Any]) -> Fit | None:
+    """The fit of a stored trial from the study's memory model and every trial's evidence."""
+    d = attrs.get(MEMORY_MODEL)
+    if not isinstance(d, Mapping) or trial.memory is None:
         return None
-    return cal.upper_mib - vram_mib
+    sm = StudyMemory.from_dict(d)
+    cal = sm.calibrate(records)
+    observed = trial.server_vram_mib if trial.server_vram_mib is not None else trial.memory.get("observed_mib")
+    spare = None if observed is None or not math.isfinite(cal.upper_mib) else cal.upper_mib - float(observed)
+    if cal.total_mib <= cal.fails_mib and math.isfinite(cal.total_mib):
+        bound = f"of {cal.total_mib:,.0f} MiB"
+    else:
+        bound = f"#{cal.fails_trial} needing {cal.fails_mib:,.0f} MiB did not load"
+    floor = d.get("headroom_mib")
+    cap = cal.upper_mib if math.isfinite(cal.upper_mib) else None
+    head = float(floor) if floor is not None else (default_headroom_mib(cap) if cap else None)
+    return Fit(observed_mib=float(observed) if observed is not None else None,
+               predicted_mib=trial.memory.get("predicted_mib"), spare_mib=spare, bound=bound, headroom_mib=head)

@@ -31,6 +31,8 @@ class TuneOptions:
     max_ttft_ms: float | None = None
     max_latency_ms: float | None = None
     max_vram_mib: float | None = None
+    #: GPU memory a winner should leave free (MiB); None: tuner.memory.default_headroom_mib.
+    vram_headroom_mib: float | None = None
     max_power_w: float | None = None
     sampler: str = "staged"
     seed: int | None = None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from tuner.errors import StudyError
 from tuner.record import TrialRecord, constraints, has_error, read_record
 from tuner.settings import SETTINGS
+from tuner.memory import fit_of
 from tuner.stats import overlaps
 from tuner.storage import lost_trial_key
 from tuner.terminal import command
@@ -426,6 +427,8 @@ class StudySummary:
     #: The feasible winner over the defaults (:meth:`StoredStudy.winner_speedup`); None when
     #: nothing is feasible.
     winner_speedup: Speedup | SearchSpeedup | NoSpeedup | None = None
+    #: How the winner fits the GPU (reported and predicted memory, what is left); None without a model.
+    fit: Any = None
 
 
 def summarise_study(study: Study, objectives: list[str], storage: str, trials_run: int = 0,
@@ -463,6 +466,7 @@ def summarise_study(study: Study, objectives: list[str], storage: str, trials_ru
         contended=contended, remeasured=remeasured, contention_lost_s=lost_s,
         only_contended=st.only_contended,
         winner_speedup=st.winner_speedup(best) if best is not None and feasible else None,
+        fit=fit_of(best, st.attrs, st.records) if best is not None and feasible else None,
     )
 
 

@@ -48,6 +48,13 @@ def format_trial(v: TrialRecord, title: str) -> str:
         value = v.telemetry_value(name)
         if value is not None:
             lines.append(f"  {label:<24} {_num(value, 2):>10}")
+    m = v.memory or {}
+    if m.get("predicted_mib") is not None:
+        seen = m.get("observed_mib", v.server_vram_mib)
+        text = f"{_num(m['predicted_mib'], 0):>10}" + (f"  (server reported {_num(seen, 0)}" if seen is not None else "")
+        if m.get("error_pct") is not None:
+            text += f", error {m['error_pct']:+.1f}%"
+        lines.append(f"  {'GPU MiB predicted':<24} {text}{')' if seen is not None else ''}")
     if v.n_requests:
         lines.append(f"  {'requests measured':<24} {v.n_requests:>10}")
     if v.violations:
@@ -119,6 +126,8 @@ def format_summary(s: Any) -> str:
         out.append(speedup[:1].upper() + speedup[1:])
     if val is not None:
         out.extend(val.describe())
+    if s.fit is not None:
+        out.extend(printable(line) for line in s.fit.lines())
     if s.roofline:
         out.append(f"Roofline: {s.roofline['text']}")
     if s.pruned:

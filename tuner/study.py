@@ -428,7 +428,7 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
         if p.offload is not None:
             study.set_user_attr("gpu_offload_source", p.offload.source)
         if p.memory is not None:
-            study.set_user_attr(MEMORY_MODEL, p.memory.to_dict())
+            study.set_user_attr(MEMORY_MODEL, {**p.memory.to_dict(), "headroom_mib": o.vram_headroom_mib})
         study.set_user_attr("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
         if o.context is not None:
             # The context the application needs: `tune check` repeats it in the re-tune it suggests.
