@@ -58,12 +58,23 @@ Unique optimum under the default models (decode and prefill agree): quantization
 the same), num_thread = 4, num_batch = 512, and the smallest num_ctx allowed; at num_ctx 2048
 that is decode ~312.8 tok/s and prefill ~3150 tok/s (:meth:`FakeOllama.optimum`).
 
-Memory model (:func:`memory_usage`): weights = size, kv = num_ctx * kv_bytes_per_token
-(gemma3 models: 128 KiB/token), compute = num_batch * 0.25 MiB * (1 + num_ctx/16384).
-GPU use = (weights + kv) * f + compute (if L > 0) must be <= ``memory_budget_mib`` (else
-500 "memory layout cannot be allocated with num_gpu = N"); the CPU part must be <=
-``system_memory_mib`` (else 500 "model requires more system memory (X GiB) than is available
-(Y GiB)"). E.g. gemma3:1b-it-fp16 at num_ctx 32768 with full offload does not fit 6000 MiB.
+Memory model (:func:`memory_usage`, :func:`memory_parts`; llama.cpp's allocations, which every
+GGUF model runs on in current Ollama): the token embedding stays on the CPU and a copy of it is
+the output layer, the last offloaded; the blocks share the rest of the file. KV cache per block:
+a global layer keeps ``num_ctx x num_parallel`` cells padded to 256, a sliding-window layer (every
+layer but each ``swa_period``-th) the window plus one micro-batch; bytes per element by
+``GpuSettings.kv_cache_type`` (f16 2, q8_0 34/32, q4_0 18/32). Compute buffer: the larger of the
+logits (``num_batch x vocab x 4``, when the output layer is on the GPU) and one layer's attention
+(scores ``heads x cells x 4`` per token without flash attention, masks, feed-forward). Plus a
+fixed overhead. ``size_vram`` is the GPU part; fully offloaded, ``size == size_vram``.
+Unset ``num_ctx``: ``default_num_ctx`` (None: Ollama's VRAM tiers); unset ``num_batch``: 512 up to
+8k context, 1024 to 32k, else 2048. ``num_gpu`` -1 (auto): as many layers as fit in the GPU less
+``fit_margin_mib`` (capped at ``auto_max_layers``, 20 by default: older Ollama's conservative
+estimate; ``GpuSettings(auto_max_layers=None)`` is current Ollama). An explicit ``num_gpu`` that
+does not fit fails the load with 500 in the form ``oom_style`` picks ("memory layout cannot be
+allocated with num_gpu = N", llama-server's cudaMalloc log with the buffer size, or a bare
+"llama-server process has terminated"); a CPU part over ``system_memory_mib`` fails with "model
+requires more system memory (X GiB) than is available (Y GiB)".
 """
 
 from __future__ import annotations
