@@ -100,12 +100,13 @@ def test_reload_cost_is_recorded_separately(fake: FakeOllama) -> None:
 
 
 def test_oom_trials_are_recorded_as_infeasible(fake: FakeOllama, gpu: None) -> None:
-    o = opts(fake, trials=2, params={"variant": ["gemma3:1b-it-fp16"], "num_ctx": [32768],
+    fake.memory_budget_mib = 4000  # fp16 at 32k with batch 2048 needs 4.2 GB
+    o = opts(fake, trials=2, params={"variant": ["gemma3:1b-it-fp16"], "num_ctx": [32768], "num_batch": [2048],
                                      "num_gpu": [27], "num_thread": [2]})
     summary = run_study(o)
     study = _load()
     failed = [t for t in study.trials if t.user_attrs.get("error")]
-    assert failed, "the fp16 / 32k / full-offload config must not fit the fake's 6 GB"
+    assert failed, "the fp16 / 32k / full-offload config must not fit the fake's 4 GB"
     for t in failed:
         assert t.state == optuna.trial.TrialState.COMPLETE
         assert record.constraints(t)["load"] == 1.0

@@ -251,7 +251,7 @@ _SYSTEM = re.compile(r"system memory|\bRAM\b|host memory", re.I)
 _AVAILABLE = re.compile(
     r"requires more (?:gpu |vram |video )?memory \(([\d.]+)\s*([KMG]i?B)\) than is available \(([\d.]+)\s*([KMG]i?B)\)",
     re.I)
-_OOM = re.compile(r"out of memory|cudaMalloc|cannot be allocated|failed to allocate|insufficient|"
+_OOM = re.compile(r"out of memory|cudaMalloc|cannot be allocated|(?:failed|unable) to allocate|insufficient|"
                   r"memory layout|ErrorOutOfDeviceMemory|hipMalloc|MTLBuffer|requires more", re.I)
 _UNITS = {"KB": 1 / 1024, "KIB": 1 / 1024, "MB": 1.0, "MIB": 1.0, "GB": 1024.0, "GIB": 1024.0}
 
@@ -262,8 +262,9 @@ def is_memory_failure(error: str | None) -> bool:
 
 
 def is_gpu_failure(error: str | None) -> bool:
-    """A failed load that says nothing about system RAM counts as not fitting on the GPU."""
-    return bool(error) and not _SYSTEM.search(error or "")
+    """A failed load that ran out of memory and says nothing about system RAM did not fit on the
+    GPU (a server that failed to start, or a bare exit status, is no evidence of memory)."""
+    return is_memory_failure(error) and not _SYSTEM.search(error or "")
 
 
 def available_mib(error: str | None) -> float | None:

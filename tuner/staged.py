@@ -351,7 +351,11 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
         cands = [c for c in alternatives(space, base, move_gpu=False) if _key(v, c) not in tried]
         if not cands:
             continue
-        smallest = min(cands, key=lambda c: prior_mib(memory, v, c))
+        # A quantized KV cache only when nothing fits with the starting point's (it may be slower).
+        same_kv = [c for c in cands if c.get("kv_cache_type") == base.get("kv_cache_type")]
+        smallest = min(same_kv or cands, key=lambda c: prior_mib(memory, v, c))
+        if same_kv and verdict(memory, cal, v, smallest) == mem.NO:
+            smallest = min(cands, key=lambda c: prior_mib(memory, v, c))
         vs = verdict(memory, cal, v, smallest)
         if vs == mem.NO:
             continue
