@@ -41,8 +41,6 @@ SWA_PERIOD = {"gemma3": 6, "gemma3n": 5, "gemma2": 2, "cohere2": 4}
 OVERHEAD_MIB = 64.0
 #: The calibrated slope stays within these bounds: a few points cannot be trusted further.
 SLOPE_RANGE = (0.8, 1.25)
-#: A config predicted to need this share more than a config that did not load is clearly out.
-CLEAR_MARGIN = 0.0
 
 FITS, UNKNOWN, NO = "fits", "unknown", "no"
 #: A config is skipped (not loaded) when predicted to need this share more than the capacity's
@@ -325,7 +323,7 @@ class Calibration:
         need = self.need(prior_mib)
         if need <= self.fits_mib or prior_mib <= 0:
             return FITS
-        if need >= self.upper_mib * (1 + CLEAR_MARGIN):
+        if need >= self.upper_mib:
             return NO
         return UNKNOWN
 
@@ -343,7 +341,7 @@ class Calibration:
 
 def config_key(model: str, options: Mapping[str, Any], server: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
     """One config's identity for the evidence: the model and every setting sent."""
-    return (model, tuple(sorted((str(k), str(v)) for k, v in {**options, **(server or {})}.items())))
+    return (model, tuple(sorted({**options, **(server or {})}.items())))
 
 
 def calibrate(points: Iterable[Point], total_mib: float | None = None) -> Calibration:
@@ -431,7 +429,7 @@ class StudyMemory:
         if r.state not in ("COMPLETE", "PRUNED") or r.reused_from is not None:
             return None
         failed = r.error is not None
-        if failed and (getattr(r, "skipped", False) or not is_gpu_failure(r.error)):
+        if failed and (r.skipped or not is_gpu_failure(r.error)):
             return None
         options = dict(r.options)
         if r.baseline and "num_ctx" not in options and r.memory and r.memory.get("context_length"):

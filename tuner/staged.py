@@ -121,10 +121,12 @@ def _score(r: TrialRecord) -> float:
 
 def plan(space: SearchSpace, done: Sequence[TrialRecord], default_model: str,
          sizes: dict[str, int] | None = None, memory: StudyMemory | None = None,
-         start: dict[str, Any] | None = None) -> Plan:
-    """The next sampled trial's stage, from the finished trials ``done``."""
+         start: dict[str, Any] | None = None, cal: Calibration | None = None) -> Plan:
+    """The next sampled trial's stage, from the finished trials ``done`` (and, with a memory
+    model, the calibration ``cal`` they make)."""
     if memory is not None and start is not None and full_offload(space) is not None:
-        return _memory_plan(space, done, default_model, sizes or {}, memory, start)
+        return _memory_plan(space, done, default_model, sizes or {}, memory, start,
+                            cal if cal is not None else memory.calibrate(done))
     full = full_offload(space)
     names = [str(v) for v in variants(space)] or [default_model]
     mine = [r for r in done if not r.baseline and r.state in ("COMPLETE", "PRUNED")]
@@ -220,7 +222,8 @@ def _estimate(done: Sequence[TrialRecord], target: str, full: int, file_bytes: i
 
 
 def _key(model: str, params: dict[str, Any]) -> tuple[Any, ...]:
-    return (model, tuple(sorted((k, v) for k, v in params.items() if k != "variant")))
+    """The evidence key (tuner.memory.config_key) of a params dict."""
+    return mem.config_key(model, *_config(model, params))
 
 
 def _config(model: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -242,7 +245,7 @@ def verdict(memory: StudyMemory, cal: Calibration, model: str, params: dict[str,
     gpu = params.get("num_gpu")
     if gpu is not None and int(gpu) < 0:
         return mem.FITS  # the server places what fits
-    known = cal.outcomes.get(mem.config_key(model, *_config(model, params)))
+    known = cal.outcomes.get(_key(model, params))
     if known is not None:
         return mem.FITS if known else mem.NO
     return cal.verdict(prior_mib(memory, model, params))
@@ -328,16 +331,16 @@ def repair(space: SearchSpace, memory: StudyMemory, cal: Calibration, model: str
 
 
 def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model: str, sizes: dict[str, int],
-                 memory: StudyMemory, start: dict[str, Any]) -> Plan:
+                 memory: StudyMemory, start: dict[str, Any], cal: Calibration) -> Plan:
     full = full_offload(space)
     assert full is not None
     names = [str(v) for v in variants(space)] or [default_model]
-    cal = memory.calibrate(done)
     mine = [r for r in done if not r.baseline and r.state in ("COMPLETE", "PRUNED")]
-    tried = {_key(r.model, {**r.options, **r.server}) for r in mine}
+    tried = {mem.config_key(r.model, r.options, r.server) for r in mine}
     at_full = [r for r in mine if _gpu(r) == full]
     fitting = {r.model for r in at_full if _fits(r)}
-    base = {k: v for k, v in start.items() if k != "variant"}
+    # Every setting the trial will send (the fixed ones too), so configs compare with trials.
+    base = {k: v for k, v in {**space.fixed, **start}.items() if k != "variant"}
     base["num_gpu"] = full
 
     def with_variant(v: str, c: dict[str, Any]) -> dict[str, Any]:
@@ -445,7 +448,7 @@ class StagedSampler(BaseSampler):
         self.memory: StudyMemory | None = None
         self.start: dict[str, Any] | None = None
         self._fixed: dict[int, dict[str, Any]] = {}
-        self._cal: dict[int, tuple[Calibration, str]] = {}
+        self._cal: dict[int, Calibration] = {}
 
     def _inner(self, trial: Any) -> Any:
         from optuna.samplers import PartialFixedSampler
@@ -464,10 +467,11 @@ class StagedSampler(BaseSampler):
 
         done = [record.read_record(t) for t in study.get_trials(deepcopy=False,
                                                                   states=(TrialState.COMPLETE, TrialState.PRUNED))]
-        p = plan(self.space, done, self.default_model, self.sizes, self.memory, self.start)
+        cal = self.memory.calibrate(done) if self.memory is not None else None
+        p = plan(self.space, done, self.default_model, self.sizes, self.memory, self.start, cal)
         self._fixed[trial._trial_id] = p.fixed
-        if self.memory is not None:
-            self._cal[trial._trial_id] = (self.memory.calibrate(done), p.stage)
+        if cal is not None:
+            self._cal[trial._trial_id] = cal
         study._storage.set_trial_user_attr(trial._trial_id, record.STAGE, p.stage)
 
     def _repairs(self, trial: Any) -> bool:
@@ -491,15 +495,13 @@ class StagedSampler(BaseSampler):
         for name, dist in search_space.items():
             if name not in vals:
                 vals[name] = inner.sample_independent(study, trial, name, dist)
-        cal, stage = self._cal[trial._trial_id]
-        model = str(vals.get("variant", self.space.fixed.get("variant", self.default_model)))
         fixed = self._fixed.get(trial._trial_id) or {}
-        move_gpu = "num_gpu" not in fixed
-        full = {**self.space.fixed, **vals}
-        fixed_pinned = {k: v for k, v in fixed.items()}
-        if len(fixed_pinned) >= len(self.space.searched):
-            return {k: v for k, v in full.items() if k in search_space}
-        out = repair(self.space, self.memory, cal, model, full, move_gpu)  # type: ignore[arg-type]
+        if len(fixed) >= len(self.space.searched):
+            return vals  # the stage chose the whole config
+        model = str(vals.get("variant", self.space.fixed.get("variant", self.default_model)))
+        # Partial offload (num_gpu not fixed by the stage) takes the most layers that fit.
+        out = repair(self.space, self.memory, self._cal[trial._trial_id], model,  # type: ignore[arg-type]
+                     {**self.space.fixed, **vals}, move_gpu="num_gpu" not in fixed)
         return {k: v for k, v in out.items() if k in search_space}
 
     def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
