@@ -342,6 +342,39 @@ def test_oom_gpu_and_system_memory(fake: FakeOllama, client: ollama.Client) -> N
     )
 
 
+def test_current_ollama_memory_behaviour() -> None:
+    """Current Ollama (GpuSettings(auto_max_layers=None)): auto places as many layers as fit,
+    num_batch drives the compute buffer, unset num_batch and num_ctx take the adaptive defaults,
+    the KV cache type changes KV bytes, and failed loads come in Ollama's forms."""
+    from fake_ollama import GpuSettings, memory_parts
+
+    current = GpuSettings(auto_max_layers=None)
+    with FakeOllama(time_scale=0, memory_budget_mib=1600, gpu=current, default_num_ctx=None) as f:
+        m = f.get_model("gemma3:1b")
+        assert m is not None
+        # Auto fits every layer that fits the GPU less the fit margin; capped at 20 in the old mode.
+        assert f.memory("gemma3:1b", {"num_ctx": 2048, "num_batch": 32})["gpu_layers"] == 27
+        assert f.memory("gemma3:1b-it-fp16", {"num_ctx": 2048, "num_batch": 32})["gpu_layers"] < 27
+        # Unset: the VRAM tier's context (4096 under 24 GiB) and 512 up to 8k, 1024 to 32k.
+        assert f.runner_options("gemma3:1b")["num_ctx"] == 4096 and f.runner_options("gemma3:1b")["num_batch"] == 512
+        assert f.runner_options("gemma3:1b", {"num_ctx": 16384})["num_batch"] == 1024
+        small = f.memory("gemma3:1b", {"num_ctx": 2048, "num_batch": 32, "num_gpu": 27})["gpu_mib"]
+        big = f.memory("gemma3:1b", {"num_ctx": 2048, "num_batch": 512, "num_gpu": 27})["gpu_mib"]
+        assert big - small > 400  # the logits of a 512-token micro-batch over a 262k vocabulary
+    opts = {"num_ctx": 32768, "num_batch": 512}
+    f16 = memory_parts(m, opts, 27, GpuSettings())["kv_mib"]
+    q8 = memory_parts(m, opts, 27, GpuSettings(kv_cache_type="q8_0"))["kv_mib"]
+    q4 = memory_parts(m, opts, 27, GpuSettings(kv_cache_type="q4_0"))["kv_mib"]
+    assert q4 < q8 < f16 and abs(q8 / f16 - 34 / 64) < 1e-9
+    forms = set()
+    for batch in (512, 1024, 2048, 256, 128, 64):
+        with FakeOllama(time_scale=0, memory_budget_mib=600, gpu=GpuSettings(oom_style="rotate")) as f:
+            err = f.memory("gemma3:1b", {"num_ctx": 2048, "num_batch": batch, "num_gpu": 27})["error"]
+            assert err is not None
+            forms.add(err.split(":")[0])
+    assert {"memory layout cannot be allocated with num_gpu = 27", "llama-server process has terminated"} <= forms
+
+
 def test_fail_next_then_recovers(fake: FakeOllama, client: ollama.Client) -> None:
     client.generate(model="gemma3:1b", prompt="x", options={"num_predict": 1})
     fake.fail_next(2)

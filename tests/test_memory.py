@@ -74,13 +74,21 @@ def test_the_prediction_matches_a_live_llama_cpp_load() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import llamacpp_buffers
 
-    path = gguf.default_output_path() if Path(gguf.default_output_path()).exists() else gguf.assemble()
-    a = _arch(_real())
+    from tuner.engines import get_engine
+
+    path = str(gguf.default_output_path() if Path(gguf.default_output_path()).exists() else gguf.assemble())
+    # The architecture as the llama-cpp engine reads it from the GGUF header, as a study does.
+    engine = get_engine("llama-cpp", models=[path])
+    sm = StudyMemory(archs={path: Architecture.from_dict(engine.model_info(path).arch)},
+                     swa_full=engine.swa_full_cache)
+    a = sm.archs[path]
+    assert (a.vocab_size, a.block_count, sum(a.swa_layers)) == (262144, 18, 15)
     for ctx, batch, kv, fa in ((2048, 512, "f16", "off"), (8192, 128, "q8_0", "on"), (32768, 32, "f16", "off")):
-        got = llamacpp_buffers.measure(str(path), n_ctx=ctx, n_batch=batch, n_ubatch=batch, type_k=kv, type_v=kv,
+        got = llamacpp_buffers.measure(path, n_ctx=ctx, n_batch=batch, n_ubatch=batch, type_k=kv, type_v=kv,
                                        flash_attn=fa)
         assert got["ok"], got.get("errors")
-        st = Setting(ctx, batch, None, kv_cache_type=kv, flash_attention=fa == "on", swa_full=bool(got["swa_full"]))
+        st = sm.setting({"num_ctx": ctx, "num_batch": batch},
+                        {"kv_cache_type": kv, "flash_attention": fa})
         assert abs(memory.kv_mib(a, st) - got["kv_total_mib"]) <= 0.1 * got["kv_total_mib"]
         cpu = got["compute_buffers_mib"]["CPU"]
         assert abs(memory.compute_mib(a, st) - cpu) <= 0.1 * cpu
