@@ -400,3 +400,27 @@ def test_server_info_and_gpu(fake_lib: SimpleNamespace, gguf: str) -> None:
     assert (off.offloads, off.source) == (False, "llama.cpp")
     fake_lib.llama_supports_gpu_offload = lambda: True
     assert engine.gpu_offload(gguf, None).offloads is True
+
+
+def test_extra_cpu_buffers_are_checked_where_the_build_has_amx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An AMX build decodes a test prompt in a child first; a crash there turns the repacked
+    buffers off (and says so) instead of killing the study in its first trial."""
+    from tuner.engines import llamacpp
+
+    class Lib:
+        def __init__(self, info: bytes) -> None:
+            self.info = info
+
+        def llama_print_system_info(self) -> bytes:
+            return self.info
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    assert llamacpp.extra_buffers_ok(Lib(b"CPU : AVX2 = 1 | REPACK = 1 |"), str(model)) == (True, "")
+    monkeypatch.setattr(llamacpp, "_EXTRA_BUFFERS_OK", {})
+    monkeypatch.setattr(llamacpp, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    ok, why = llamacpp.extra_buffers_ok(Lib(b"CPU : AMX_INT8 = 1 |"), str(model))
+    assert not ok and why.startswith("llama.cpp's AMX build crashed decoding a test prompt (signal 11)")
+    monkeypatch.setattr(llamacpp, "_EXTRA_BUFFERS_OK", {})
+    monkeypatch.setattr(llamacpp, "_PROBE", "pass")
+    assert llamacpp.extra_buffers_ok(Lib(b"CPU : AMX_INT8 = 1 |"), str(model)) == (True, "")

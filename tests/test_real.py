@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tuner.engines.llamacpp import LlamaCppEngine
+from tuner.engines.llamacpp import LlamaCppEngine, new_llama
 from tuner.errors import LoadError
 from tuner.measure import measure_config
 from tuner.workload import Prompt, Workload
@@ -215,8 +215,8 @@ def _direct_thread_ratio(gguf: str, rounds: int = 3, attempts: int = 8) -> float
     rounds within ``attempts`` (None when no round was quiet)."""
     import llama_cpp
 
-    llms = {n: llama_cpp.Llama(model_path=gguf, n_ctx=1024, n_batch=512, n_gpu_layers=0, n_threads=n,
-                               n_threads_batch=n, verbose=False) for n in (1, 2)}
+    llms = {n: new_llama(llama_cpp, gguf, n_ctx=1024, n_batch=512, n_gpu_layers=0, n_threads=n,
+                         n_threads_batch=n, verbose=False) for n in (1, 2)}
     rates: dict[int, list[float]] = {1: [], 2: []}
     try:
         for llm in llms.values():
@@ -265,8 +265,8 @@ def test_the_tuner_measures_what_plain_llama_cpp_measures(gguf: str) -> None:
     options = {"num_ctx": 1024, "num_batch": 512, "num_gpu": 0, "num_thread": 2}
     workload = Workload(prompts=(Prompt("document", DOCUMENT),), repeats=1, num_predict=num_predict)
     engine = LlamaCppEngine(models=[gguf])
-    direct = llama_cpp.Llama(
-        model_path=gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_gpu_layers=0,
+    direct = new_llama(
+        llama_cpp, gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_gpu_layers=0,
         n_threads=2, n_threads_batch=2, verbose=False,
     )
     pairs: list[tuple[float, float, float]] = []  # (tuner, plain, plain wall clock), quiet ones only

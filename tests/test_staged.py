@@ -130,3 +130,28 @@ def test_the_report_shows_each_top_trial_stage(gpu: None) -> None:
     assert any(r.stage == staged.SCREEN for r in data.top)
     assert data.bench is not None and "stage" in data.bench.columns
     assert "<th>stage</th>" in render_html(data)
+
+
+def test_the_report_and_show_print_the_prediction_beside_the_reported_value(gpu: None) -> None:
+    from tuner import results
+    from tuner.report.data import build_data
+    from tuner.report.html import render_html
+    from tuner.show import format_summary, format_trial
+    from tuner.storage import open_storage
+
+    with FakeOllama(time_scale=0, memory_budget_mib=1300, gpu=CURRENT) as fake:
+        summary = run_study(opts(fake, trials=8, params={"num_thread": [4]}, storage="sqlite:///t.db"))
+    data = build_data(results.load_study(open_storage("sqlite:///t.db"), summary.study_name))
+    loaded = [m for m in data.memory if m.observed_mib is not None and m.error_pct is not None]
+    assert loaded and all(abs(m.error_pct) <= 10.0 for m in loaded)
+    assert any(m.failed for m in data.memory)  # a failed load keeps its prediction too
+    assert data.memory_note.startswith("The memory model's error against the server's size_vram: median")
+    assert data.first is not None and data.first.memory_lines[0].startswith("GPU memory: ")
+    assert "MiB to spare (#" in data.first.memory_lines[0]
+    page = render_html(data)
+    assert "GPU memory: predicted and reported" in page and data.first.memory_lines[0].replace(",", "") in \
+        page.replace(",", "")
+    # The terminal: the winner's block and the summary say the same.
+    assert summary.best is not None
+    assert "GPU MiB predicted" in format_trial(summary.best, "Best") and "server reported" in format_trial(summary.best, "Best")
+    assert "GPU memory: " in format_summary(summary) and "to spare" in format_summary(summary)

@@ -222,6 +222,8 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
                                 "size_bytes": i.size_bytes} for name, i in infos.items()}
         if not gpu_telemetry:
             warnings.append(f"no NVIDIA GPU telemetry: {no_telemetry}")
+        if server.get("cpu_extra_buffers"):
+            warnings.append(str(server["cpu_extra_buffers"]))
         memory = None
         if has_gpu:
             totals = [g.get("memory_total_mib") for g in probe.gpus] if gpu_telemetry else []

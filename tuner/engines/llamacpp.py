@@ -74,6 +74,69 @@ def _lib() -> Any:
     return require("llama_cpp", "the llama-cpp engine")
 
 
+#: A child process that loads a model with llama.cpp's defaults and decodes a few tokens.
+_PROBE = ("import sys; from llama_cpp import Llama; "
+          "Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False)"
+          ".create_completion('The sky is', max_tokens=4, temperature=0)")
+#: path -> whether llama.cpp's repacked CPU weight buffers decode without crashing (per process).
+_EXTRA_BUFFERS_OK: dict[str, tuple[bool, str]] = {}
+
+
+def extra_buffers_ok(lib: Any, path: str) -> tuple[bool, str]:
+    """Whether llama.cpp's extra CPU weight buffers (the AMX and REPACK copies) decode here, and
+    what said so. A build with AMX is checked in a child process first: its AMX matrix kernel
+    crashed the process (SIGSEGV in ggml_backend_amx_mul_mat) on a virtual machine whose CPU
+    reports AMX, so a tuner that trusted it would die in the first trial instead of measuring."""
+    raw = lib.llama_print_system_info()
+    info = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    if "AMX_INT8 = 1" not in info:
+        return True, ""
+    real = os.path.realpath(path)
+    if real not in _EXTRA_BUFFERS_OK:
+        import subprocess
+        import sys
+
+        try:
+            rc = subprocess.run([sys.executable, "-c", _PROBE, real], capture_output=True, timeout=300).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+        _EXTRA_BUFFERS_OK[real] = (True, "") if rc == 0 else (
+            False, "llama.cpp's AMX build crashed decoding a test prompt ("
+            + (f"signal {-rc}" if rc is not None and rc < 0 else f"exit status {rc}" if rc is not None else "no answer in 300 s")
+            + "): measuring without its repacked CPU weight buffers (use_extra_bufts off)")
+    return _EXTRA_BUFFERS_OK[real]
+
+
+def new_llama(lib: Any, path: str, **kwargs: Any) -> Any:
+    """``llama_cpp.Llama`` as the engine loads it (without the extra buffers where they crash):
+    tests that measure llama-cpp-python directly load it the same way."""
+    ok, _ = extra_buffers_ok(lib, path)
+    with _without_extra_buffers(lib, not ok):
+        return lib.Llama(model_path=path, **kwargs)
+
+
+@contextmanager
+def _without_extra_buffers(lib: Any, off: bool) -> Iterator[None]:
+    """Load with ``use_extra_bufts`` off: Llama() has no keyword for it, so the defaults it
+    starts from are changed while it loads."""
+    low = getattr(lib, "llama_cpp", None)
+    default = getattr(low, "llama_model_default_params", None)
+    if not off or default is None or "use_extra_bufts" not in dict(getattr(default(), "_fields_", [])):
+        yield
+        return
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 # -- GGUF header ---------------------------------------------------------------------------
 #: llama_ftype (llama.h) -> the quantization name Ollama shows.
 FILE_TYPES = {
@@ -343,12 +406,17 @@ class LlamaCppEngine(Engine):
     def server_info(self) -> dict[str, Any]:
         raw = self._lib.llama_print_system_info()
         text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-        return {
+        out = {
             "engine": "llama-cpp",
             "host": "in-process",
             "version": str(getattr(self._lib, "__version__", "unknown")),
             "system_info": text.strip(),
         }
+        ok, why = extra_buffers_ok(self._lib, self.resolve(self.models[0])) if self.models else (True, "")
+        if not ok:
+            # Kept with the study: its numbers were measured without the repacked buffers.
+            out["cpu_extra_buffers"] = why
+        return out
 
     def model_info(self, model: str) -> ModelInfo:
         path = self.resolve(model)
@@ -450,7 +518,7 @@ class LlamaCppEngine(Engine):
         start = time.perf_counter()
         with _llama_errors(self._lib) as errors:
             try:
-                llm = self._lib.Llama(model_path=path, verbose=False, **kwargs)
+                llm = new_llama(self._lib, path, verbose=False, **kwargs)
             except (ValueError, RuntimeError, OSError) as e:
                 reason = "; ".join(dict.fromkeys(errors))
                 shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)

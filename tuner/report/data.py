@@ -12,11 +12,14 @@ import datetime as _dt
 import gc
 import math
 import re
+import statistics
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from tuner import objectives, results
+from tuner import objectives
+from tuner import results
+from tuner.memory import fit_of
 from tuner.check import (CHECKS, Check, DriftSeries, advice, change_text, drift_series, last_check, pct_text,
                          since_text)
 from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES, Effects, compute as compute_effects
@@ -270,6 +273,21 @@ class CostRow:
 
 
 @dataclass(frozen=True)
+class MemoryRow:
+    """One trial's GPU memory: the model's prediction (made before it ran) beside the server's report."""
+
+    number: int
+    config: str
+    predicted_mib: float | None
+    observed_mib: float | None
+    #: (predicted - reported) / reported, where the layer count is known (None otherwise).
+    error_pct: float | None
+    verdict: str
+    skipped: bool
+    failed: bool
+
+
+@dataclass(frozen=True)
 class FirstScreen:
     """What to run: the winner ready to paste, its speedup over the defaults, what it costs."""
 
@@ -296,6 +314,9 @@ class FirstScreen:
     #: The latest ``tune check`` in a line ("" without one), and whether it found a regression.
     check_note: str = ""
     check_regression: bool = False
+    #: How the winner fits the GPU (tuner.memory.Fit.lines), and whether it leaves too little.
+    memory_lines: list[str] = field(default_factory=list)
+    memory_tight: bool = False
 
 
 @dataclass(frozen=True)
@@ -443,6 +464,23 @@ class ReportData:
     timeline: list[TimelineRow] = field(default_factory=list)
     #: The figures with no data, each with why, in report order.
     empty: list[EmptyFigure] = field(default_factory=list)
+    #: Every trial the memory model predicted (tuner/memory.py), by number; empty without a GPU.
+    memory: list[MemoryRow] = field(default_factory=list)
+
+    @property
+    def memory_errors(self) -> list[float]:
+        """|prediction - size_vram| / size_vram (%) of every loaded trial with a known layer count."""
+        return [abs(m.error_pct) for m in self.memory if m.error_pct is not None]
+
+    @property
+    def memory_note(self) -> str:
+        """The memory model's error in a sentence."""
+        errs = self.memory_errors
+        if not errs:
+            return "No loaded trial with a known layer count to compare the prediction with yet."
+        return (f"The memory model's error against the server's size_vram: median {statistics.median(errs):.1f}%, "
+                f"max {max(errs):.1f}% over {len(errs)} loaded trial{'s' if len(errs) != 1 else ''} with a known "
+                "layer count (each prediction made before its trial ran, from the trials before it).")
 
     @property
     def pareto(self) -> list[TradeoffPoint]:
@@ -1148,6 +1186,7 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
         modelfile, missing = "", f"No Modelfile for this winner: {e}."
     at = storage_args(storage)
     name = tuned_name(best)
+    fit = fit_of(best, s.attrs, s.records)
     env_command = (command("tune", "export", s.name, *at, "--format", "env", "-o", f"{name}.env")
                    if best.effective_server else "")
     ratio, ci, text, note = _speedup(s, data, best)
@@ -1160,7 +1199,8 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
         env_command=env_command, speedup=ratio, speedup_ci=ci, speedup_text=text, speedup_note=note,
         baseline_number=base.number if base is not None else None, costs=_costs(best, base, data),
         check_note=_check_note(check, best.number),
-        check_regression=check is not None and check.verdict == "regression")
+        check_regression=check is not None and check.verdict == "regression",
+        memory_lines=fit.lines() if fit is not None else [], memory_tight=fit is not None and fit.tight)
 
 
 def build_data(source: Study | StoredStudy, storage: str | None = None) -> ReportData:
@@ -1227,5 +1267,13 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
             + f"`{command('tune', 'check', s.name, *storage_args(storage))}` re-measures the winner and the "
             "defaults and keeps the result."))
     data.bench = _bench(s, ranked, env, data)
+    data.memory = _memory(s.records)
     data.first = _first_screen(s, data, best, feasible, base, storage)
     return data
+
+
+def _memory(records: Sequence[TrialRecord]) -> list[MemoryRow]:
+    return [MemoryRow(r.number, r.config_text(), _num(r.memory.get("predicted_mib")),
+                      _num(r.memory.get("observed_mib", r.server_vram_mib)), _num(r.memory.get("error_pct")),
+                      str(r.memory.get("verdict") or ""), r.skipped, r.failed_load)
+            for r in records if r.memory and r.memory.get("predicted_mib") is not None]

@@ -230,6 +230,8 @@ def _first_html(data: ReportData) -> str:
         rows = [[(escape(c.label + (f" ({c.source})" if c.source else "")), False), (number(c.winner, c.digits), True),
                  (number(c.defaults, c.digits), True)] for c in f.costs]
         parts.append(table(["what it costs", f"winner (#{f.number})", base], rows))
+    for i, line in enumerate(f.memory_lines):
+        parts.append(f"<p class=\"{'warn' if f.memory_tight and i else 'note'}\">{escape(line)}</p>")
     if f.modelfile:
         parts += ["<h3>Modelfile</h3>", _copy_button("modelfile", "Copy Modelfile"),
                   f"<pre id=\"modelfile\" class=\"paste\">{escape(f.modelfile)}</pre>",
@@ -335,6 +337,20 @@ def _top_html(data: ReportData) -> str:
     return "".join(parts) + table(head, rows)
 
 
+def _memory_html(data: ReportData) -> str:
+    """Every trial's predicted GPU memory beside what the server reported, and the model's error."""
+    if not data.memory:
+        return ""
+    rows = [[(f"#{m.number}", True), (escape(m.config), False), (number(m.predicted_mib, 0), True),
+             (number(m.observed_mib, 0) if m.observed_mib is not None else
+              ("skipped (predicted not to fit)" if m.skipped else "did not load" if m.failed else "-"), True),
+             (f"{m.error_pct:+.1f}%" if m.error_pct is not None else "-", True), (escape(m.verdict), False)]
+            for m in data.memory]
+    return ("<h2 id=\"gpu-memory\">GPU memory: predicted and reported</h2>"
+            f"<p class=\"note\">{escape(data.memory_note)}</p>"
+            + table(["trial", "configuration", "predicted MiB", "reported MiB", "error", "verdict before"], rows))
+
+
 def _failures_html(data: ReportData) -> str:
     if not data.failures:
         return "<h2>Failures</h2><p>No trial failed or broke a limit.</p>"
@@ -406,6 +422,7 @@ def render_html(data: ReportData) -> str:
     body += [f"<p class=\"note\">{escape(n)}</p>" for n in data.notes]
     body += [p for k, p in figures if k != "validation"]
     body.append(_pruned_html(data))
+    body.append(_memory_html(data))
     body.append(_failures_html(data))
     body.append("<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>")
     return page("ollama-tuner report: " + h.study_name, body, head=[
