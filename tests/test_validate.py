@@ -243,6 +243,33 @@ def test_indistinguishable_configs_get_the_max_rounds_and_the_simpler_one_wins(m
     assert results.pick_trial(study, None).number == 3
 
 
+def test_a_winner_no_faster_than_the_defaults_recommends_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, study = make_study(None)
+    # #1 leads the tuned configs, but round by round it is no faster than the defaults (#0).
+    _stub(monkeypatch, {1: [60, 62, 59, 61, 60], 2: [40], 3: [30], 0: [61, 60, 60, 62, 59]})
+    val, lines = _validate(study, rounds=3, max_rounds=5)
+    assert val is not None and val.leader == 1 and val.defaults_won and val.winner == 0
+    assert val.speedup is not None and val.speedup.trial == 1 and val.speedup.ci95[0] <= 1.0 <= val.speedup.ci95[1]
+    assert lines[-1].startswith("re-validation: #1 is not distinguishable from the defaults (paired ")
+    assert lines[-1].endswith("): recommending the defaults")
+    assert val.verdict().endswith("recommending the defaults, which change nothing.")
+    assert any(line.startswith("  #0 (defaults): ") and line.endswith("<- winner") for line in val.describe())
+    # Stored, the defaults are the best config: what show, report and export use.
+    study.set_user_attr("validation", val.to_dict())
+    st = results.read_study(study)
+    best = st.best()
+    assert best is not None and best.baseline
+    assert isinstance(st.winner_speedup(best), results.NoSpeedup)
+
+
+def test_what_the_defaults_ran_is_no_change() -> None:
+    """The engine's report of what the baseline ran (llama.cpp's 4096 context, batch 512, one
+    thread) makes those values no change: a config that only sets them changes nothing."""
+    base = TrialRecord(model="m.gguf", baseline=True, ran={"num_ctx": 4096, "num_batch": 512, "num_thread": 1})
+    same = TrialRecord(model="m.gguf", options={"num_ctx": 4096, "num_batch": 512, "num_thread": 2})
+    assert changed_settings(same, base, "m.gguf") == ["num_thread=2"]
+
+
 def test_contended_rounds_are_redone_once_then_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     _, study = make_study(None)
     # 4 configs a round. Round 2's first try is contended at its 2nd measurement (call 5), its

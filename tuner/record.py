@@ -54,6 +54,9 @@ CONTENDED_PCT = 25.0
 DETAIL, TELEMETRY = "detail", "telemetry"
 _N_REQUESTS, _CONCURRENCY, _UNEXPECTED, _DONE = "n_requests", "concurrency", "unexpected_reloads", "done_reasons"
 _PRUNED_SAVED = "pruned_saved_s"
+#: The runner options the engine reports it ran (resolved defaults included: the context
+#: /api/ps allocated, llama.cpp's batch and threads), by tuner name.
+_RAN = "ran"
 _REMEASURED, _CONTENTION_LOST = "remeasured", "contention_lost_s"
 #: The search stage a trial belongs to (tuner/staged.py: baseline, start, warm, screen, tune, offload).
 STAGE = "stage"
@@ -162,6 +165,8 @@ class TrialRecord:
     #: The memory model's prediction made before the trial ran, and what the server then
     #: reported (MEMORY); ``skipped`` in it: not loaded, predicted not to fit.
     memory: dict[str, Any] | None = None
+    #: What the engine reports it ran, by setting name (e.g. the baseline's num_ctx and threads).
+    ran: dict[str, Any] = field(default_factory=dict)
     # -- from Optuna, on read --
     number: int = -1
     state: str = ""
@@ -404,6 +409,8 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
     if r.gpu_interference_pct is not None:
         attrs[GPU_INTERFERENCE_PCT] = r.gpu_interference_pct
     detail.update({_N_REQUESTS: r.n_requests, _UNEXPECTED: r.unexpected_reloads, _DONE: r.done_reasons})
+    if r.ran:
+        detail[_RAN] = r.ran
     for k, v in ((_CONCURRENCY, r.concurrency), (SERVER_SIZE_MIB, r.server_size_mib),
                  (_PRUNED_SAVED, r.pruned_saved_s), (_REMEASURED, r.remeasured or None),
                  (_CONTENTION_LOST, r.contention_lost_s)):
@@ -445,7 +452,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
              _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
-             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY}
+             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY, _RAN}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
@@ -483,6 +490,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
         seeded_from=str(ua[SEEDED_FROM]) if ua.get(SEEDED_FROM) else None,
         reused_from=int(ua[REUSED_FROM]) if isinstance(ua.get(REUSED_FROM), int) else None,
         memory=dict(ua[MEMORY]) if isinstance(ua.get(MEMORY), dict) else None,
+        ran=dict(flat[_RAN]) if isinstance(flat.get(_RAN), dict) else {},
         number=t.number,
         state=t.state.name,
         values=list(t.values) if t.values is not None else None,

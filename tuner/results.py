@@ -157,6 +157,11 @@ class StoredStudy:
             for r in ranked:
                 if r.number == val.winner:
                     return r
+            if val.defaults_won:
+                # Re-measured in the same quiet rounds as the winner, whatever its search measurement.
+                base = self.baseline()
+                if base is not None and base.number == val.winner and base.feasible:
+                    return base
         return ranked[0]
 
     def least_violating(self) -> TrialRecord | None:
@@ -235,14 +240,16 @@ def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: s
                      fixed: frozenset[str] = frozenset()) -> list[str]:
     """The settings ``r`` sets away from the engine's defaults, as ``name=value``.
 
-    The baseline sends none. A value the baseline also ran (a server setting it reported, the
-    ``--context`` it sent) or a setting's "runtime decides" value (``num_thread=0``,
+    The baseline sends none. A value the baseline also ran (as the engine reported it: a server
+    setting, the context, llama.cpp's batch and threads; or the ``--context`` it sent) or a setting's "runtime decides" value (``num_thread=0``,
     ``num_gpu=-1``, ``flash_attention=auto``) is the default, so it does not count; neither does
     a setting the study fixed (``fixed``: every config sends the same value, it is no choice).
     """
     if r.baseline:
         return []
-    base_opts = defaults.options if defaults is not None else {}
+    # What the defaults ran as the engine reported it (llama.cpp's context, batch, threads; the
+    # context /api/ps allocated), with what the baseline sent on top.
+    base_opts = {**defaults.ran, **defaults.options} if defaults is not None else {}
     base_server = defaults.effective_server if defaults is not None else {}
     out = []
     model = defaults.model if defaults is not None and defaults.model else base_model
@@ -651,6 +658,11 @@ class Validation:
         speedup = Speedup.from_dict(d["speedup"]) if d.get("speedup") else None
         return cls(**{**_fields(cls, d), "entries": entries, "baseline": base, "speedup": speedup})
 
+    @property
+    def defaults_won(self) -> bool:
+        """The recommendation is the defaults: the leader was not faster, paired round by round."""
+        return self.baseline is not None and self.winner == self.baseline.number and self.speedup is not None
+
     def tied(self) -> list[Validated]:
         """The leader, then every measured config whose interval overlaps it, best first."""
         lead = next((e for e in self.entries if e.number == (self.leader if self.leader is not None
@@ -668,6 +680,11 @@ class Validation:
                 return (f"Too few uncontended rounds ({self.rounds}) to compare the top configs: "
                         "the best configuration is the search's leader.")
             return ""
+        if self.defaults_won and self.speedup is not None:
+            sp = self.speedup
+            return (f"#{sp.trial} is not distinguishable from the defaults (paired {sp.ratio:.2f}x, 95% CI "
+                    f"{sp.ci95[0]:.2f}-{sp.ci95[1]:.2f}x over {len(sp.ratios)} rounds): recommending the defaults, "
+                    "which change nothing.")
         if not self.interval:
             return ("The top two intervals overlap: they are not distinguishable at this precision "
                     "(more --validate-rounds narrows the intervals)." if self.overlap else "")
@@ -694,7 +711,8 @@ class Validation:
             mark = "  <- winner" if e.number == self.winner else ""
             lines.append(f"  #{e.number}: {e.text()}{mark}")
         if self.baseline is not None and self.baseline.number not in {e.number for e in self.entries}:
-            lines.append(f"  #{self.baseline.number} (defaults): {self.baseline.text()}")
+            mark = "  <- winner" if self.defaults_won else ""
+            lines.append(f"  #{self.baseline.number} (defaults): {self.baseline.text()}{mark}")
         verdict = self.verdict()
         if verdict:
             lines.append(f"  {verdict}")

@@ -74,6 +74,12 @@ def speedup_text(s: results.StudySummary, short: bool = False) -> str:
         if s.only_contended:
             return (f"the {defaults} measured best, but every trial was measured while "
                     "other processes competed: no recommendation until a quiet re-run")
+        val = results.Validation.from_dict(s.validation) if s.validation else None
+        if val is not None and val.defaults_won and val.speedup is not None:
+            sp = val.speedup
+            return (f"the {defaults} are as fast as the best tuned config (#{sp.trial}: {sp.ratio:.2f}x, 95% CI "
+                    f"{sp.ci95[0]:.2f}-{sp.ci95[1]:.2f}x, re-measured interleaved over {len(sp.ratios)} rounds): "
+                    "nothing to change")
         return f"the {defaults} are the best configuration found: nothing to change"
     if isinstance(w, results.SearchSpeedup):
         return results.search_speedup_text(w.ratio, objectives.label(s.objectives[0]), defaults,

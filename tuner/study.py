@@ -643,6 +643,7 @@ class _Runner:
         rec = m.record(model, runner, server, server_effective=rec.server_effective, baseline=baseline,
                        worker=self.worker, server_memory=server_memory)
         rec.memory = _observed(predicted, server_memory)
+        rec.ran = p.engine.ran_options(model)
         rec.remeasured, rec.contention_lost_s = tries, round(lost_s, 2) if tries else None
         rec.stage = stage
         rec.constraints, rec.violations = self._limits(rec, load_failed=False)

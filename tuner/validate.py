@@ -223,6 +223,12 @@ def validate_top(
     speedup = None
     if base is not None and winner is not None and winner != base.number and not base.error:
         speedup = paired_speedup(counted, winner, base.number)
+        if speedup is not None and speedup.ci95[0] <= 1.0:
+            # Paired round by round, the winner is not faster than the defaults: the simplest
+            # config is no change at all (a tuned one would pin settings worth nothing measured).
+            echo(f"re-validation: #{winner} is not distinguishable from the defaults (paired {speedup.ratio:.2f}x, "
+                 f"95% CI {speedup.ci95[0]:.2f}-{speedup.ci95[1]:.2f}x): recommending the defaults")
+            winner = base.number
     return Validation(objective, len(counted), chosen, winner, overlap, len(study.get_trials(deepcopy=False)),
                       max_rounds=max_rounds, leader=leader, contended=contended, dropped=dropped,
                       interval=INTERVAL, baseline=base, speedup=speedup)

@@ -95,6 +95,11 @@ class Engine(ABC):
         """Memory the server reports for the loaded ``model``; None when the engine cannot tell."""
         return None
 
+    def ran_options(self, model: str) -> dict[str, Any]:
+        """The runner options the loaded ``model`` runs with, as the engine reports them (the
+        defaults resolved), by setting name; {} when the engine cannot tell."""
+        return {}
+
     def snapshot_loaded(self) -> None:
         """Remember what the server has loaded now, so ``restore_loaded`` can leave it so."""
 

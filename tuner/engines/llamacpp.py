@@ -528,6 +528,23 @@ class LlamaCppEngine(Engine):
         self._pending_load_ms = (time.perf_counter() - start) * 1e3
         self._llm, self._key = llm, key
 
+    def ran_options(self, model: str) -> dict[str, Any]:
+        """What the loaded Llama runs with: its context, batch, threads and GPU layers."""
+        llm = self._llm
+        if llm is None:
+            return {}
+        out: dict[str, Any] = {}
+        for name, get in (("num_ctx", lambda: llm.n_ctx()), ("num_batch", lambda: llm.n_batch),
+                          ("num_thread", lambda: llm.n_threads),
+                          ("num_gpu", lambda: llm.model_params.n_gpu_layers)):
+            try:
+                value = get()
+            except (AttributeError, TypeError):
+                continue
+            if isinstance(value, int):
+                out[name] = value
+        return out
+
     def generate(
         self,
         model: str,

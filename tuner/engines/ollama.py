@@ -400,6 +400,15 @@ class OllamaEngine(Engine):
         return ServerMemory(round(entry["size_vram"] / MIB, 1), round(entry["size"] / MIB, 1),
                             int(ctx) if isinstance(ctx, int) and ctx > 0 else None)
 
+    def ran_options(self, model: str) -> dict[str, Any]:
+        """The context /api/ps says the server allocated (the rest it does not report)."""
+        try:
+            entry = self._loaded_entry(model)
+        except (ServerError, LoadError):
+            return {}
+        ctx = entry.get("context_length") if entry else None
+        return {"num_ctx": int(ctx)} if isinstance(ctx, int) and ctx > 0 else {}
+
     def snapshot_loaded(self) -> None:
         self._loaded_before = {m["name"] for m in self.loaded()}
 
