@@ -155,3 +155,8 @@ def test_the_report_and_show_print_the_prediction_beside_the_reported_value(gpu:
     assert summary.best is not None
     assert "GPU MiB predicted" in format_trial(summary.best, "Best") and "server reported" in format_trial(summary.best, "Best")
     assert "GPU memory: " in format_summary(summary) and "to spare" in format_summary(summary)
+    from tuner.show import summary_json
+
+    doc = summary_json(summary)
+    assert doc["gpu_fit"]["spare_at_most_mib"] is not None and doc["gpu_fit"]["tight"] is False
+    assert doc["best"]["memory"]["predicted_mib"] is not None and doc["best"]["memory"]["observed_mib"] is not None

@@ -340,6 +340,9 @@ def trial_json(v: TrialRecord) -> dict[str, Any]:
         "values": v.values,
         "violations": v.violations,
         "error": v.error,
+        # The memory model's prediction (made before the trial) beside what the server reported.
+        "memory": v.memory,
+        "ran": v.ran or None,
         "datetime_start": v.datetime_start,
         "datetime_complete": v.datetime_complete,
         "metrics": v.flat(),
@@ -375,5 +378,9 @@ def summary_json(s: results.StudySummary) -> dict[str, Any]:
         "pruned": {"trials": s.pruned, "saved_s": s.pruned_saved_s},
         "contention": {"trials": s.contended, "redone": s.remeasured, "lost_s": s.contention_lost_s,
                        "only_contended": s.only_contended},
+        "gpu_fit": None if s.fit is None else {
+            "observed_mib": s.fit.observed_mib, "predicted_mib": s.fit.predicted_mib,
+            "spare_at_most_mib": s.fit.spare_mib, "bound": s.fit.bound, "headroom_mib": s.fit.headroom_mib,
+            "tight": s.fit.tight},
         "warnings": s.warnings,
     })
