@@ -126,22 +126,14 @@ def server(budget_mib: float = MEMORY_BUDGET_MIB, gpu: GpuSettings | None = CURR
                       speed_fn=lambda name, opts: speed(name, opts, budget_mib))
 
 
-def resolved(config: dict[str, Any]) -> dict[str, Any]:
-    """A config with the server's defaults for what it leaves unset (batch by the context)."""
-    opts = {"num_ctx": 4096, "num_gpu": -1, "num_thread": 0, **config}
-    if "num_batch" not in opts:
-        opts["num_batch"] = 512 if opts["num_ctx"] <= 8192 else 1024
-    return opts
-
-
 def truth(variant: str, config: dict[str, Any], budget_mib: float = MEMORY_BUDGET_MIB,
           gpu: GpuSettings | None = CURRENT) -> float | None:
-    """True decode tok/s of a config, None when it does not load."""
-    m = _BY_NAME[variant]
-    opts = resolved(config)
-    if memory_usage(m, opts, budget_mib, SYSTEM_MEMORY_MIB, gpu)["error"]:
+    """True decode tok/s of a config, None when it does not load: the server's own resolution
+    of what the config leaves unset (the fake's, not started) and its memory model."""
+    box = server(budget_mib, gpu)
+    if not box.fits(variant, config):
         return None
-    return speed(variant, opts, budget_mib)[1]
+    return speed(variant, box.runner_options(variant, config), budget_mib)[1]
 
 
 def optimum(budget_mib: float = MEMORY_BUDGET_MIB, space: dict[str, list[Any]] | None = None,
@@ -150,15 +142,15 @@ def optimum(budget_mib: float = MEMORY_BUDGET_MIB, space: dict[str, list[Any]] |
 
     Threads do not change memory: each (variant, ctx, batch, gpu) is checked once."""
     sp = space or SPACE
+    box = server(budget_mib, gpu)
     best, arg, loads = -1.0, {}, []
     mem_axes = {k: v for k, v in sp.items() if k != "num_thread"}
     for variant, *values in itertools.product(VARIANTS, *mem_axes.values()):
         cfg = dict(zip(mem_axes, values))
-        m = _BY_NAME[variant]
-        if memory_usage(m, resolved(cfg), budget_mib, SYSTEM_MEMORY_MIB, gpu)["error"]:
+        if not box.fits(variant, cfg):
             continue
         for t in sp.get("num_thread", [0]):
-            v = speed(variant, resolved({**cfg, "num_thread": t}), budget_mib)[1]
+            v = speed(variant, box.runner_options(variant, {**cfg, "num_thread": t}), budget_mib)[1]
             loads.append(v)
             if v > best:
                 best, arg = v, {"variant": variant, **cfg, "num_thread": t}

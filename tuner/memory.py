@@ -431,9 +431,8 @@ class StudyMemory:
         failed = r.error is not None
         if failed and (r.skipped or not is_gpu_failure(r.error)):
             return None
-        options = dict(r.options)
-        if r.baseline and "num_ctx" not in options and r.memory and r.memory.get("context_length"):
-            options["num_ctx"] = r.memory["context_length"]
+        # What the engine reported it ran (the defaults' context from /api/ps) under what was sent.
+        options = {**{k: v for k, v in r.ran.items() if k in ("num_ctx", "num_batch")}, **r.options}
         pred = self.predict(r.model, options, r.server, r.server_effective)
         if pred is None:
             return None

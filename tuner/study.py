@@ -787,18 +787,17 @@ class _Runner:
         cap = m.get("capacity") or {}
         which = (f"#{cap['fails_trial']} needing {cap['fails_mib']:,.0f} MiB did not load"
                  if cap.get("fails_trial") is not None else f"the GPU has {cap.get('total_mib') or 0:,.0f} MiB")
-        rec.error = (f"skipped: predicted to need {m.get('predicted_mib', 0):,.0f} MiB of GPU memory, "
-                     f"and {which}")
-        rec.constraints, _ = self._limits(rec, load_failed=True)
-        rec.violations = [rec.error]
-        record.write_record(trial, rec)
-        vals = [FAILED_SCORE[d] for d in self.directions]
-        return vals[0] if len(vals) == 1 else vals
+        error = f"skipped: predicted to need {m.get('predicted_mib', 0):,.0f} MiB of GPU memory, and {which}"
+        return self._not_loaded(trial, rec, error, error)
 
     def _failed_load(self, trial: Any, rec: TrialRecord, error: str) -> Any:
+        return self._not_loaded(trial, rec, error, f"failed to load: {error}")
+
+    def _not_loaded(self, trial: Any, rec: TrialRecord, error: str, violation: str) -> Any:
+        """Store a config that did not run (it failed to load, or was skipped) as infeasible."""
         rec.error = error
         rec.constraints, _ = self._limits(rec, load_failed=True)
-        rec.violations = [f"failed to load: {error}"]
+        rec.violations = [violation]
         record.write_record(trial, rec)
         vals = [FAILED_SCORE[d] for d in self.directions]
         return vals[0] if len(vals) == 1 else vals
@@ -844,8 +843,6 @@ def _observed(predicted: dict[str, Any] | None, mem: Any) -> dict[str, Any] | No
     out = dict(predicted)
     if mem is not None:
         out["observed_mib"] = mem.vram_mib
-        if mem.context_length:
-            out["context_length"] = mem.context_length
         if out.get("predicted_mib") and mem.vram_mib and out.get("layers") is not None:
             out["error_pct"] = round(100.0 * (out["predicted_mib"] - mem.vram_mib) / mem.vram_mib, 1)
     return out

@@ -46,8 +46,6 @@ class ServerMemory:
 
     vram_mib: float
     size_mib: float
-    #: The context the server allocated (/api/ps context_length), when it says.
-    context_length: int | None = None
 
 
 class Engine(ABC):

@@ -396,9 +396,7 @@ class OllamaEngine(Engine):
             return None
         if entry is None:
             return None
-        ctx = entry.get("context_length")
-        return ServerMemory(round(entry["size_vram"] / MIB, 1), round(entry["size"] / MIB, 1),
-                            int(ctx) if isinstance(ctx, int) and ctx > 0 else None)
+        return ServerMemory(round(entry["size_vram"] / MIB, 1), round(entry["size"] / MIB, 1))
 
     def ran_options(self, model: str) -> dict[str, Any]:
         """The context /api/ps says the server allocated (the rest it does not report)."""
