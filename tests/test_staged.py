@@ -93,14 +93,20 @@ def test_a_memory_tight_gpu_gets_full_offload_with_a_smaller_batch(gpu: None) ->
     assert all(not t.samples for t in trials if t.skipped)
 
 
-def test_tpe_skips_what_is_predicted_not_to_fit(gpu: None) -> None:
+def test_random_skips_what_is_predicted_not_to_fit_and_tpe_is_repaired(gpu: None) -> None:
     with FakeOllama(time_scale=0, memory_budget_mib=1300, gpu=CURRENT) as fake:
-        summary = run_study(opts(fake, sampler="tpe", trials=20, seed=3))
+        summary = run_study(opts(fake, sampler="random", trials=20, seed=3))
         tried = [(f["model"], f["options"]) for f in fake.failed_loads]
     skipped = [t for t in summary.trials if t.skipped]
     assert skipped and all(t.error and t.error.startswith("skipped: predicted to need") for t in skipped)
     assert all((t.model, t.options) not in [(m, {k: o[k] for k in t.options}) for m, o in tried] for t in skipped)
     assert all(t.constraints["load"] == 1.0 for t in skipped)
+    # TPE's proposals are moved to configs predicted to fit before they are measured.
+    with FakeOllama(time_scale=0, memory_budget_mib=1300, gpu=CURRENT) as fake:
+        tpe = run_study(opts(fake, sampler="tpe", trials=20, seed=3))
+    assert not any(t.skipped for t in tpe.trials)
+    assert sum(1 for t in tpe.trials if t.failed_load) < sum(1 for t in summary.trials if t.failed_load or t.skipped)
+    assert all(t.memory and t.memory["verdict"] in ("fits", "unknown") for t in tpe.trials if not t.baseline)
 
 
 def test_cpu_only_server_with_one_variant_has_no_screen() -> None:

@@ -163,8 +163,8 @@ def test_a_config_proposed_again_is_not_measured_again_when_clearly_behind(fake:
     assert reused, "\n".join(lines)
     for r in reused:
         prior = next(x for x in st.records if x.number == r.reused_from)
-        assert (prior.options, prior.values) == (r.options, r.values)
-        assert prior.options != best.options  # the best is always measured again
+        assert (prior.model, prior.options, prior.values) == (r.model, r.options, r.values)
+        assert (prior.model, prior.options) != (best.model, best.options)  # the best is always measured again
     assert any("measurement reused (clearly behind the best)" in x for x in lines)
     # Requests sent: only the measured trials (each one warm-up on reload plus two prompts).
     measured = [r for r in st.records if r.reused_from is None]

@@ -420,6 +420,19 @@ class StudyMemory:
             return None
         return predict(arch, self.file_bytes.get(model, 0), self.setting(options, server, effective), layers)
 
+    def verdict(self, cal: Calibration, model: str, options: Mapping[str, Any],
+                server: Mapping[str, Any] | None = None) -> str:
+        """fits / unknown / no for a config: the server's own placement (num_gpu unset or -1)
+        always fits, a config already tried is what it did, else the calibrated prediction."""
+        gpu = options.get("num_gpu")
+        if gpu is None or int(gpu) < 0:
+            return FITS
+        known = cal.outcomes.get(config_key(model, options, server))
+        if known is not None:
+            return FITS if known else NO
+        pred = self.predict(model, options, server)
+        return cal.verdict(pred.total_mib if pred is not None else 0.0)
+
     def full_layers(self, model: str) -> int | None:
         arch = self.archs.get(model)
         return arch.block_count + 1 if arch and arch.block_count else None

@@ -242,13 +242,7 @@ def prior_mib(memory: StudyMemory, model: str, params: dict[str, Any]) -> float:
 
 
 def verdict(memory: StudyMemory, cal: Calibration, model: str, params: dict[str, Any]) -> str:
-    gpu = params.get("num_gpu")
-    if gpu is not None and int(gpu) < 0:
-        return mem.FITS  # the server places what fits
-    known = cal.outcomes.get(_key(model, params))
-    if known is not None:
-        return mem.FITS if known else mem.NO
-    return cal.verdict(prior_mib(memory, model, params))
+    return memory.verdict(cal, model, *_config(model, params))
 
 
 def step_up(space: SearchSpace, memory: StudyMemory, cal: Calibration, model: str, params: dict[str, Any],
@@ -430,49 +424,39 @@ def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, lead
     return step_up(space, memory, cal, leader, params, "num_batch", ups, tried)
 
 
-class StagedSampler(BaseSampler):
-    """An Optuna sampler that runs the stages: a ``PartialFixedSampler`` over ``tpe`` per trial.
-
-    Enqueued trials (the baseline, the screen) keep their params; every other trial asks
-    :func:`plan` which stage it is and what it fixes, and stores the stage on the trial.
-    """
+class FitSampler(BaseSampler):
+    """TPE whose proposals are repaired by the study's memory model before they are measured
+    (``--sampler tpe`` on a GPU server): a config predicted not to fit moves to the nearest one
+    predicted to fit, and an explicit ``num_gpu`` rises to the most layers predicted to fit."""
 
     def __init__(self, space: SearchSpace, tpe: Any) -> None:
         self.space = space
         self.tpe = tpe
-        #: The model the baseline runs, and each variant's file size (bytes): the smallest
-        #: variant is the one partial offload is searched for. Set by the study.
+        #: The model the baseline runs. Set by the study.
         self.default_model = ""
-        self.sizes: dict[str, int] = {}
-        #: The study's memory model and starting point (None: plan without predicting memory).
+        #: The study's memory model (None: nothing is repaired). Set by the study.
         self.memory: StudyMemory | None = None
-        self.start: dict[str, Any] | None = None
-        self._fixed: dict[int, dict[str, Any]] = {}
         self._cal: dict[int, Calibration] = {}
 
     def _inner(self, trial: Any) -> Any:
-        from optuna.samplers import PartialFixedSampler
+        return self.tpe
 
-        fixed = self._fixed.get(trial._trial_id)
-        return PartialFixedSampler(fixed, self.tpe) if fixed else self.tpe
+    def _fixed_by_stage(self, trial: Any) -> dict[str, Any]:
+        return {}
 
     def reseed_rng(self) -> None:
         self.tpe.reseed_rng()
 
-    def before_trial(self, study: Any, trial: Any) -> None:
-        self.tpe.before_trial(study, trial)
-        if "fixed_params" in trial.system_attrs:
-            return  # enqueued: the baseline or a screen, already labelled
+    def _done(self, study: Any) -> list[TrialRecord]:
         from optuna.trial import TrialState
 
-        done = [record.read_record(t) for t in study.get_trials(deepcopy=False,
+        return [record.read_record(t) for t in study.get_trials(deepcopy=False,
                                                                   states=(TrialState.COMPLETE, TrialState.PRUNED))]
-        cal = self.memory.calibrate(done) if self.memory is not None else None
-        p = plan(self.space, done, self.default_model, self.sizes, self.memory, self.start, cal)
-        self._fixed[trial._trial_id] = p.fixed
-        if cal is not None:
-            self._cal[trial._trial_id] = cal
-        study._storage.set_trial_user_attr(trial._trial_id, record.STAGE, p.stage)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.tpe.before_trial(study, trial)
+        if self.memory is not None and "fixed_params" not in trial.system_attrs:
+            self._cal[trial._trial_id] = self.memory.calibrate(self._done(study))
 
     def _repairs(self, trial: Any) -> bool:
         return (self.memory is not None and trial._trial_id in self._cal
@@ -495,11 +479,11 @@ class StagedSampler(BaseSampler):
         for name, dist in search_space.items():
             if name not in vals:
                 vals[name] = inner.sample_independent(study, trial, name, dist)
-        fixed = self._fixed.get(trial._trial_id) or {}
+        fixed = self._fixed_by_stage(trial)
         if len(fixed) >= len(self.space.searched):
             return vals  # the stage chose the whole config
         model = str(vals.get("variant", self.space.fixed.get("variant", self.default_model)))
-        # Partial offload (num_gpu not fixed by the stage) takes the most layers that fit.
+        # Unless a stage fixed num_gpu (full offload), it takes the most layers that fit.
         out = repair(self.space, self.memory, self._cal[trial._trial_id], model,  # type: ignore[arg-type]
                      {**self.space.fixed, **vals}, move_gpu="num_gpu" not in fixed)
         return {k: v for k, v in out.items() if k in search_space}
@@ -509,5 +493,45 @@ class StagedSampler(BaseSampler):
 
     def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
         self._inner(trial).after_trial(study, trial, state, values)
-        self._fixed.pop(trial._trial_id, None)
         self._cal.pop(trial._trial_id, None)
+
+
+class StagedSampler(FitSampler):
+    """An Optuna sampler that runs the stages: a ``PartialFixedSampler`` over ``tpe`` per trial.
+
+    Enqueued trials (the baseline, the screen) keep their params; every other trial asks
+    :func:`plan` which stage it is and what it fixes, and stores the stage on the trial.
+    """
+
+    def __init__(self, space: SearchSpace, tpe: Any) -> None:
+        super().__init__(space, tpe)
+        #: Each variant's file size (bytes): the smallest variant is the one partial offload is
+        #: searched for; and the starting point the memory-planned screen starts from. Set by the study.
+        self.sizes: dict[str, int] = {}
+        self.start: dict[str, Any] | None = None
+        self._fixed: dict[int, dict[str, Any]] = {}
+
+    def _inner(self, trial: Any) -> Any:
+        from optuna.samplers import PartialFixedSampler
+
+        fixed = self._fixed.get(trial._trial_id)
+        return PartialFixedSampler(fixed, self.tpe) if fixed else self.tpe
+
+    def _fixed_by_stage(self, trial: Any) -> dict[str, Any]:
+        return self._fixed.get(trial._trial_id) or {}
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self.tpe.before_trial(study, trial)
+        if "fixed_params" in trial.system_attrs:
+            return  # enqueued: the baseline or a screen, already labelled
+        done = self._done(study)
+        cal = self.memory.calibrate(done) if self.memory is not None else None
+        p = plan(self.space, done, self.default_model, self.sizes, self.memory, self.start, cal)
+        self._fixed[trial._trial_id] = p.fixed
+        if cal is not None:
+            self._cal[trial._trial_id] = cal
+        study._storage.set_trial_user_attr(trial._trial_id, record.STAGE, p.stage)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
+        super().after_trial(study, trial, state, values)
+        self._fixed.pop(trial._trial_id, None)

@@ -338,7 +338,10 @@ def make_sampler(name: str, space: SearchSpace, seed: int | None, n_objectives: 
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if n_objectives > 1:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, space.size())))
-    return optuna.samplers.TPESampler(**tpe_options(space, seed))
+    from tuner.staged import FitSampler
+
+    # TPE's proposals repaired by the memory model on a GPU server (plain TPE without one).
+    return FitSampler(space, optuna.samplers.TPESampler(**tpe_options(space, seed)))
 
 
 def _study_identity(o: TuneOptions, p: _Prepared) -> dict[str, Any]:
@@ -467,11 +470,15 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo
     sampler = study.sampler
     points = starting_points(p.space, p.has_gpu, _physical_cores())
     planned = False
+    if isinstance(sampler, staged.FitSampler):
+        sampler.default_model, sampler.memory = p.model, p.memory
     if isinstance(sampler, staged.StagedSampler):
-        sampler.default_model, sampler.sizes = p.model, dict(p.sizes)
+        sampler.sizes = dict(p.sizes)
         if p.memory is not None and points and staged.full_offload(p.space) is not None:
             # The screen is planned trial by trial from what the memory model predicts fits.
-            sampler.memory, sampler.start, planned = p.memory, dict(points[0]), True
+            sampler.start, planned = dict(points[0]), True
+        else:
+            sampler.memory = None  # the stages as before: nothing to offload
     if not (created and o.starting_points):
         return
     warm = _warm_start(study, o, p, echo, source)
@@ -775,7 +782,8 @@ class _Runner:
         out: dict[str, Any] = {"prior_mib": round(pred.total_mib, 1), "predicted_mib": round(cal.need(pred.total_mib), 1),
                                "layers": None if auto else pred.layers, "weights_mib": round(pred.weights_mib, 1),
                                "kv_mib": round(pred.kv_mib, 1), "compute_mib": round(pred.compute_mib, 1),
-                               "verdict": cal.verdict(pred.total_mib), "capacity": cal.to_dict()}
+                               "verdict": mem.verdict(cal, rec.model, rec.options, rec.server),
+                               "capacity": cal.to_dict()}
         # Auto placement never fails for lack of GPU memory: the server places what fits.
         if not auto and not rec.baseline and cal.skip(pred.total_mib):
             out["skipped"] = True
