@@ -57,7 +57,7 @@ CASES: list[tuple[str, list[str], str, bool, int]] = [
     ("unknown-model", ["--model", "mistral:7b", "--host", "{fake}"],
      "Error: model 'mistral:7b' is not installed on {fake}: pull it with `ollama pull mistral:7b`", False, 2),
     ("malformed-host", ["--model", "gemma3:1b", "--host", "http://:abc"],
-     "Error: invalid Ollama host 'http://:abc': write it as http://HOST:PORT, e.g. http://127.0.0.1:11434", False, 2),
+     "Error: invalid Ollama host 'http://:abc' (--host / OLLAMA_HOST): write it as http://HOST:PORT, e.g. http://127.0.0.1:11434", False, 2),
     ("malformed-json-server", ["--model", "gemma3:1b", "--host", "{garbage}"],
      "Error: Ollama at {garbage} sent a malformed response to /api/version", False, 1),
     ("trials-zero", [*M, "--trials", "0"], "Error: --trials must be at least 1 (got 0)", False, 2),
@@ -67,7 +67,7 @@ CASES: list[tuple[str, list[str], str, bool, int]] = [
      "Error: unknown parameter 'num_cores': known parameters are variant, num_ctx, num_batch, num_gpu, "
      "num_thread, flash_attention, kv_cache_type, num_parallel", False, 2),
     ("empty-value-list", [*M, "--param", "num_ctx="],
-     "Error: --param num_ctx has no values: give at least one, e.g. num_ctx=512", False, 2),
+     "Error: --param num_ctx has no values: give at least one, e.g. num_ctx=2048,4096", False, 2),
     ("param-without-equals", [*M, "--param", "num_ctx"],
      "Error: invalid --param 'num_ctx': write it as name=value or name=v1,v2 (e.g. num_ctx=2048,4096)", False, 2),
     ("param-not-a-number", [*M, "--param", "num_ctx=big"], "Error: invalid value 'big' for num_ctx: expected an integer", False, 2),

@@ -103,7 +103,7 @@ def test_rejected_input_exits_2_runtime_failure_exits_1() -> None:
 
     r = invoke("--model", "gemma3:1b", "--host", "http://:abc")
     assert (r.exit_code, r.output) == (
-        2, "Error: invalid Ollama host 'http://:abc': write it as http://HOST:PORT, e.g. http://127.0.0.1:11434\n")
+        2, "Error: invalid Ollama host 'http://:abc' (--host / OLLAMA_HOST): write it as http://HOST:PORT, e.g. http://127.0.0.1:11434\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -16,7 +16,7 @@ from conftest import invoke
 from fake_ollama import FakeOllama
 
 from tuner import record, results
-from tuner.errors import TunerError
+from tuner.errors import ServerError, StoppedError, TunerError
 from tuner.record import read_record
 from tuner.study import TuneOptions, run_study
 
@@ -413,12 +413,20 @@ def test_busy_server_is_a_failed_trial_not_an_infeasible_config(fake: FakeOllama
     assert t0.state.name == "FAIL" and "busy (503)" in t0.user_attrs["error"]
 
 
-def test_a_config_that_times_out_is_infeasible() -> None:
-    with FakeOllama(time_scale=1.0) as slow:  # a real 1.2 s+ load
-        run_study(opts(slow, trials=1, timeout_s=0.5, num_predict=4))
-    t = _load().trials[0]
-    assert t.state.name == "COMPLETE" and record.constraints(t)["load"] == 1.0
-    assert "no answer within --timeout 0.5 s" in t.user_attrs["error"]
+def test_a_server_that_never_generates_stops_the_run() -> None:
+    # /api/version answers at once; after the first load, /api/generate never answers.
+    with FakeOllama() as fake:
+        fake.hang(120, paths=["/api/generate"], after_generates=2)
+        with pytest.raises(StoppedError) as e:
+            run_study(opts(fake, trials=3, timeout_s=0.5, num_predict=4))
+    assert str(e.value) == (
+        "the server is not generating: none of the 2 trials run got an answer within --timeout 0.5 s, though "
+        "it answers /api/version; check the server's log (a hung runner, a stuck GPU), then run the same "
+        "command again to resume")
+    trials = _load().trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert all(t.user_attrs["error"].startswith("server did not answer in 0.5 s (") for t in trials)
+    assert not any("load" in record.constraints(t) for t in trials)
 
 
 def test_a_hung_server_fails_trials_and_never_makes_a_config_infeasible(fake: FakeOllama, gpu: None) -> None:
@@ -437,12 +445,24 @@ def test_a_hung_server_fails_trials_and_never_makes_a_config_infeasible(fake: Fa
         assert "the server is hung or overloaded" in t.user_attrs["error"]
 
 
-def test_a_config_too_slow_for_a_live_server_is_infeasible(fake: FakeOllama, gpu: None) -> None:
+def test_a_server_that_hangs_from_the_start_is_named_before_any_trial() -> None:
+    with FakeOllama() as fake:
+        fake.hang(120, paths=["/api/generate"])
+        with pytest.raises(ServerError) as e:
+            run_study(opts(fake, trials=3, timeout_s=0.5, num_predict=4))
+    assert str(e.value) == (
+        "the server is not generating: loading gemma3:1b with its defaults got no answer within --timeout 0.5 s, "
+        "though it answers /api/version; check the server's log (a hung runner, a stuck GPU), or raise --timeout "
+        "if loads are this slow")
+
+
+def test_a_request_with_no_answer_is_a_failed_trial_not_an_infeasible_config(fake: FakeOllama, gpu: None) -> None:
     fake.hang(120, paths=["/api/generate"], after_generates=3)  # /api/version still answers
     run_study(opts(fake, trials=2, repeats=1, timeout_s=1, validate=0, roofline=False))
     t = _load().trials[1]
-    assert t.state.name == "COMPLETE" and not results.is_feasible(t)
-    assert "no answer within --timeout 1 s" in t.user_attrs["error"]
+    assert t.state.name == "FAIL"
+    assert t.user_attrs["error"] == ("server did not answer in 1 s (a generate request; it answers /api/version): "
+                                     "check the server's log, or raise --timeout if loads are this slow")
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
@@ -586,3 +606,31 @@ def test_defaults_that_win_only_under_contention_are_not_recommended(
     assert "1 trials still contended (all of them: see the warning below)" in text
     quiet = dataclasses.replace(summary, only_contended=False)
     assert "The Ollama defaults are the best configuration found: nothing to change" in format_summary(quiet)
+
+
+def test_a_baseline_interrupted_is_measured_first_on_resume(fake: FakeOllama) -> None:
+    def interrupt(number: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    o = opts(fake, trials=4, repeats=1, validate=0, roofline=False, sampler="random")
+    with pytest.raises(KeyboardInterrupt):
+        run_study(o, on_trial_start=interrupt)
+    study = _load()
+    assert [(t.state.name, record.is_baseline(t)) for t in study.trials] == [("FAIL", True)]
+    assert study.user_attrs["start_queue"]  # the start waits for the baseline, kept with the study
+    lines: list[str] = []
+    summary = run_study(o, echo=lines.append)
+    assert "the defaults (baseline) were not measured yet: measuring them first" in lines
+    trials = _load().trials
+    # The resumed run measures the baseline before the start it had planned.
+    assert record.is_baseline(trials[1]) and trials[1].state.name == "COMPLETE"
+    assert trials[2].user_attrs.get("stage") == "start"
+    assert _load().user_attrs["start_queue"] == []
+    assert summary.winner_speedup is not None
+
+
+def test_no_baseline_means_none_on_resume_either(fake: FakeOllama) -> None:
+    o = opts(fake, trials=2, repeats=1, validate=0, roofline=False, baseline=False)
+    run_study(o)
+    run_study(o)
+    assert not any(record.is_baseline(t) for t in _load().trials)

@@ -33,7 +33,7 @@ from tuner import objectives, results
 from tuner.errors import CheckUnmeasurable, StorageError, StudyError, TunerError, WorkloadError
 from tuner.record import TrialRecord
 from tuner.stats import log_ci95, log_ratio_ci95, overlaps
-from tuner.terminal import command, printable
+from tuner.terminal import command, printable, tune_command
 
 #: The study attribute that holds the checks, oldest first.
 CHECKS = "checks"
@@ -340,7 +340,7 @@ def _retune(attrs: dict[str, Any], name: str, host: str | None, storage: str | N
     for key, value in dict(attrs.get("limits") or {}).items():
         words += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else value]
     words += storage_args(storage)
-    words += ["--trials", 20, "--study", f"{name}-{dt.date.today().isoformat()}"]
+    words += ["--trials", 20, f"--study={name}-{dt.date.today().isoformat()}"]
     return command(*words)
 
 
@@ -397,7 +397,7 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
     storing an "unmeasured" check) when the server, the model or the winner cannot be measured.
     """
     from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerSetupError
-    from tuner.storage import open_storage, shown_url
+    from tuner.storage import open_storage, shown_url, storage_args
 
     _validate(o)
     study = results.load_study(open_storage(o.storage, create=False), o.study)
@@ -407,7 +407,7 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
     winner = st.best()
     if winner is None:
         raise StudyError(f"study '{st.name}' has no feasible trial to check: run more trials first "
-                         f"(`{command('tune', 'show', st.name)}` says why)")
+                         f"(`{tune_command('show', st.name, *storage_args(o.storage))}` says why)")
     defaults = st.baseline()
     if defaults is not None and defaults.number == winner.number:
         defaults = None

@@ -17,6 +17,13 @@ class ServerError(TunerError):
     exit_code = 1
 
 
+class ServerHungError(ServerError):
+    """The server answers /api/version but not a generate or load request within --timeout.
+
+    Not the config's fault as far as anyone can tell: the trial is failed, not infeasible.
+    """
+
+
 class ServerSetupError(ServerError):
     """The server cannot be addressed or started as asked (bad --host, --ollama-bin, setting)."""
 

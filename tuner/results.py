@@ -19,7 +19,7 @@ from tuner.settings import SETTINGS
 from tuner.memory import fit_of
 from tuner.stats import overlaps
 from tuner.storage import lost_trial_key
-from tuner.terminal import command
+from tuner.terminal import tune_command
 
 if TYPE_CHECKING:
     from optuna import Study
@@ -218,7 +218,7 @@ class StoredStudy:
             r = next((r for r in self.records if r.number == number), None)
             if r is None:
                 raise StudyError(f"study '{self.name}' has no trial {number}: "
-                                 f"see `{command('tune', 'show', self.name)}`")
+                                 f"see `{tune_command('show', self.name)}`")
             if not r.feasible and not allow_infeasible:
                 raise StudyError(
                     f"trial {number} is not feasible ({r.state.lower()}{': ' + r.error if r.error else ''}): "

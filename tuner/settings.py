@@ -50,6 +50,8 @@ class Setting:
     llama_cpp: tuple[str, ...] = ()
     #: llama.cpp's value where it differs from ours (GGML type ids, enums, None = not passed).
     llama_cpp_values: Mapping[Any, Any] = field(default_factory=dict)
+    #: Values shown in messages as an example of what to write after ``name=``.
+    example: str = ""
 
     @property
     def words(self) -> dict[str, int]:
@@ -62,23 +64,23 @@ SETTINGS: dict[str, Setting] = {
     for s in (
         # The variant is the Modelfile's FROM line, not a PARAMETER.
         Setting("variant", "model", str, "quantization variant (Ollama tag or GGUF path)",
-                llama_cpp=("model_path",)),
+                llama_cpp=("model_path",), example="gemma3:1b-it-q4_K_M,gemma3:1b-it-q8_0"),
         Setting("num_ctx", "runner", int, "context window in tokens",
                 minimum=1, too_low="it must be a positive number of tokens",
-                modelfile="num_ctx", llama_cpp=("n_ctx",)),
+                modelfile="num_ctx", llama_cpp=("n_ctx",), example="2048,4096"),
         # n_ubatch follows n_batch, as in Ollama's runner: with n_ubatch capped at 512 every
         # num_batch >= 512 would run the same physical batch.
         Setting("num_batch", "runner", int, "prompt-processing batch size",
                 minimum=1, too_low="it must be at least 1",
-                modelfile="num_batch", llama_cpp=("n_batch", "n_ubatch")),
+                modelfile="num_batch", llama_cpp=("n_batch", "n_ubatch"), example="256,512"),
         Setting("num_gpu", "runner", int, "layers offloaded to the GPU (-1 = auto, 0 = CPU only)",
                 auto=-1, minimum=-1, too_low="use -1 (auto), 0 (CPU) or a layer count",
-                modelfile="num_gpu", llama_cpp=("n_gpu_layers",)),
+                modelfile="num_gpu", llama_cpp=("n_gpu_layers",), example="-1,20"),
         # 0 passes nothing to llama.cpp, so the binding picks its own thread counts.
         Setting("num_thread", "runner", int, "CPU threads (0 = runtime decides)",
                 auto=0, minimum=0, too_low="use 0 (auto) or a thread count",
                 modelfile="num_thread", llama_cpp=("n_threads", "n_threads_batch"),
-                llama_cpp_values={0: None}),
+                llama_cpp_values={0: None}, example="2..8"),
         # Unset means auto (Ollama >= 0.12.5); the enum is llama.h's llama_flash_attn_type.
         Setting("flash_attention", "server", str, "flash attention: auto, on or off",
                 choices=("auto", "on", "off"),
@@ -89,7 +91,7 @@ SETTINGS: dict[str, Setting] = {
                 choices=("f16", "q8_0", "q4_0"), env="OLLAMA_KV_CACHE_TYPE",
                 llama_cpp=("type_k", "type_v"), llama_cpp_values={"f16": 1, "q8_0": 8, "q4_0": 2}),
         Setting("num_parallel", "server", int, "parallel request slots",
-                minimum=1, too_low="it must be at least 1", env="OLLAMA_NUM_PARALLEL"),
+                minimum=1, too_low="it must be at least 1", env="OLLAMA_NUM_PARALLEL", example="1,2"),
     )
 }
 
@@ -177,6 +179,12 @@ def expected(name: str) -> str:
         text = "a whole number" + ("" if s.minimum is None else f" >= {s.minimum}")
         return text + (" or 'auto'" if s.words else "")
     return "a model tag or GGUF path" if name == "variant" else s.kind.__name__
+
+
+def example(name: str) -> str:
+    """``name=...`` with example values, for messages."""
+    s = SETTINGS[name]
+    return f"{name}={s.example or ','.join(s.choices)}"
 
 
 def env_value(name: str, value: Any) -> str | None:

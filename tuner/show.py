@@ -15,7 +15,7 @@ from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
 from tuner.errors import StudyError
 from tuner.metrics import RequestSample
 from tuner.storage import open_storage, shown_url, storage_args
-from tuner.terminal import command, printable
+from tuner.terminal import printable, tune_command
 from tuner.warmstart import ATTR as WARM_START, WarmStart
 
 def _num(v: Any, digits: int = 1) -> str:
@@ -150,8 +150,17 @@ def format_summary(s: Any) -> str:
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
     out.append(printable(f"Stored in {s.storage} as study '{s.study_name}'"))
     at = storage_args(s.storage)
-    out.append(f"Next: {command('tune', 'report', s.study_name, *at)}   "
-               f"{command('tune', 'export', s.study_name, *at, '--format', 'modelfile')}")
+    report = tune_command('report', s.study_name, *at)
+    if s.best is not None and (s.best_is_feasible or s.pareto):
+        out.append(f"Next: {report}   {tune_command('export', s.study_name, *at, '--format', 'modelfile')}")
+    elif s.best is not None:
+        # An export hint here would only fail: say what would make one possible.
+        out.append(f"Next: {report}; nothing met the limits, so there is nothing to export: relax them and "
+                   f"run more trials, or export the least-violating config knowingly with "
+                   f"`{tune_command('export', s.study_name, *at, '--allow-infeasible')}`")
+    else:
+        out.append(f"Next: `{tune_command('show', s.study_name, *at)}` says why each trial failed; fix that "
+                   "and run the same command again")
     return "\n".join(out)
 
 

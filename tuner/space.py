@@ -166,7 +166,7 @@ def parse_param_option(text: str) -> tuple[str, list[Any]]:
     settings.get(name)  # an unknown name fails before its values
     values = _expand(name, raw)
     if not values:
-        raise SpaceError(f"--param {name} has no values: give at least one, e.g. {name}=512")
+        raise SpaceError(f"--param {name} has no values: give at least one, e.g. {settings.example(name)}")
     return name, values
 
 

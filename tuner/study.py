@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from tuner import __version__
 from tuner.engines import Engine, GpuOffload, get_engine
-from tuner.errors import (LoadError, ServerError, SpaceError, StoppedError, StorageError, StudyError,
-                          TrialFailedError, TunerError)
+from tuner.errors import (LoadError, ServerError, ServerHungError, SpaceError, StoppedError, StorageError,
+                          StudyError, TrialFailedError, TunerError)
 from tuner.measure import config_key, measure_config
 from tuner.memory import MEMORY_MODEL, Architecture, StudyMemory
 from tuner.options import SAMPLERS, TuneOptions
@@ -459,12 +459,45 @@ def _hw_text(hw: dict[str, Any]) -> str:
     return f"{hw.get('cpu')}, {hw.get('cores')} cores, {hw.get('ram_gib')} GiB, {gpus}"
 
 
+class _StartQueue:
+    """The study's start (warm-start seeds, starting point or screen), queued once no baseline
+    waits: trials are taken from the queue in order, so the baseline always runs first. The
+    plan is kept on the study until queued, so a run stopped during the baseline queues it on
+    resume."""
+
+    def __init__(self, o: TuneOptions, progress: _Progress) -> None:
+        self.o, self.progress, self.pending = o, progress, True
+
+    def __call__(self, study: Any, trial: Any = None) -> None:
+        if not self.pending:
+            return
+        trials = study.get_trials(deepcopy=False)
+        if any(record.is_baseline(t) and t.state.name in ("WAITING", "RUNNING") for t in trials):
+            return
+        queue = study.user_attrs.get(_START_QUEUE)
+        self.pending = False
+        if not queue:
+            return
+        # Never queue more than this run measures: a leftover waiting trial is a config with no record.
+        room = (self.o.trials - self.progress.done) - sum(1 for t in trials if t.state.name == "WAITING")
+        for point, attrs in queue[:max(0, room)]:
+            study.enqueue_trial(point, user_attrs=attrs, skip_if_exists=True)
+        study.set_user_attr(_START_QUEUE, [])
+
+
+#: A baseline in one of these states is measured, or about to be: no second one is queued.
+_BASELINE_DONE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+#: Study attribute: the start's configs not queued yet (params, user attrs).
+_START_QUEUE = "start_queue"
+
+
 def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo: Echo = lambda s: None,
-                   source: Any = None) -> None:
-    """Queue the warm start's configs (earlier studies' winners), then the informed starting
+                   source: Any = None, progress: _Progress | None = None) -> _StartQueue:
+    """Plan the warm start's configs (earlier studies' winners), then the informed starting
     point, or with the staged search its screen (one config per variant at full offload, less
     the variants the warm start's sources screened on this hardware), and tell the staged
-    sampler what it cannot read from trials."""
+    sampler what it cannot read from trials. The plan is queued now, or after the baseline
+    when one waits (:class:`_StartQueue`)."""
     from tuner import staged
 
     sampler = study.sampler
@@ -479,8 +512,10 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo
             sampler.start, planned = dict(points[0]), True
         else:
             sampler.memory = None  # the stages as before: nothing to offload
+    start = _StartQueue(o, progress or _Progress(o, echo, o.trials))
     if not (created and o.starting_points):
-        return
+        start(study)  # a plan kept from a run stopped during its baseline
+        return start
     warm = _warm_start(study, o, p, echo, source)
     queue: list[tuple[dict[str, Any], dict[str, Any]]] = [
         (s.params, {record.STAGE: staged.WARM, record.SEEDED_FROM: s.origin}) for s in warm.seeds]
@@ -499,10 +534,9 @@ def _enqueue_start(study: Any, o: TuneOptions, p: _Prepared, created: bool, echo
     elif warm.seeds:
         points = []  # the seeds are better informed than the generic starting point
     queue += [(x, {record.STAGE: stage}) for x in points]
-    # Never queue more than this run measures: a leftover waiting trial is a config with no record.
-    room = o.trials - sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "WAITING")
-    for point, attrs in queue[:max(0, room)]:
-        study.enqueue_trial(point, user_attrs=attrs, skip_if_exists=True)
+    study.set_user_attr(_START_QUEUE, [[point, attrs] for point, attrs in queue])
+    start(study)
+    return start
 
 
 def _warm_start(study: Any, o: TuneOptions, p: _Prepared, echo: Echo, source: Any = None) -> Any:
@@ -555,6 +589,8 @@ class _Runner:
         self.loaded_key: Any = None
         #: The machine stayed busy through a whole --quiet-wait: flag without waiting.
         self.stays_busy = False
+        #: Trials of this run whose requests got no answer in --timeout, and those answered.
+        self.hung, self.answered = 0, 0
         hw = hardware_fingerprint(p.environment)
         self.worker = {"hostname": platform.node(), "pid": os.getpid(), "gpus": hw["gpus"],
                        "server": p.server.get("host", "")}
@@ -632,11 +668,20 @@ class _Runner:
                 self.stays_busy = False
         except LoadError as e:
             self.loaded_key = None
+            self.answered += 1
             return self._failed_load(trial, rec, str(e))
         except ServerError as e:
             self.loaded_key = None
             rec.error = str(e)
             record.write_record(trial, rec)
+            if isinstance(e, ServerHungError):
+                self.hung += 1
+                if not self.answered and self.hung >= min(2, o.trials):
+                    raise StoppedError(
+                        f"the server is not generating: none of the {self.hung} trials run got an answer "
+                        f"within --timeout {o.timeout_s:g} s, though it answers /api/version; check the "
+                        "server's log (a hung runner, a stuck GPU), then run the same command again to resume"
+                    ) from None
             self._wait_for_server()
             raise TrialFailedError(str(e)) from None
         except KeyboardInterrupt:
@@ -645,6 +690,7 @@ class _Runner:
             record.write_record(trial, rec)
             raise
         self.loaded_key = key
+        self.answered += 1
         predicted = rec.memory
         server_memory = p.engine.server_memory(model)
         rec = m.record(model, runner, server, server_effective=rec.server_effective, baseline=baseline,
@@ -1002,15 +1048,20 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
             echo(f"GPU offload ({p.offload.source}): {p.offload.detail}")
         if not p.has_gpu and "num_gpu" in p.space and p.space["num_gpu"].values == (0,):
             echo("no GPU offload: num_gpu fixed to 0 and left out of the search")
+        # A killed worker's running baseline is failed now, so that it counts as not measured.
+        optuna.storages.fail_stale_trials(study)
         existing = study.get_trials(deepcopy=False)
-        # Only the worker that created the study (or a resumed study lacking one) queues the
-        # baseline, so concurrent workers never measure it twice.
-        if o.baseline and not any(record.is_baseline(t) for t in existing) and (created or existing):
+        # The baseline is part of the study's plan: until one is measured (or queued or running
+        # on another worker), it is queued first, on creation and on every resume.
+        if o.baseline and (created or existing) and not any(
+                record.is_baseline(t) and t.state.name in _BASELINE_DONE for t in existing):
+            if existing:
+                echo("the defaults (baseline) were not measured yet: measuring them first")
             study.enqueue_trial({}, user_attrs={record.BASELINE: True})
-        _enqueue_start(study, o, p, created, echo, source)
-        runner = _Runner(o, p, echo, on_sample, on_trial_start)
         progress = _Progress(o, echo, o.trials)
-        study.optimize(runner, n_trials=o.trials, callbacks=[progress], catch=(TrialFailedError,))
+        start = _enqueue_start(study, o, p, created, echo, source, progress)
+        runner = _Runner(o, p, echo, on_sample, on_trial_start)
+        study.optimize(runner, n_trials=o.trials, callbacks=[progress, start], catch=(TrialFailedError,))
         if progress.stopped_for_failures:
             raise StoppedError(
                 f"stopped after {progress.consecutive_failures} consecutive failed trials "

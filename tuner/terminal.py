@@ -21,3 +21,10 @@ def printable(text: Any) -> str:
 def command(*words: Any) -> str:
     """A command line for the user to paste: each word shell-quoted, then made printable."""
     return printable(" ".join(shlex.quote(str(w)) for w in words))
+
+
+def tune_command(sub: str, study: str, *options: Any) -> str:
+    """``tune SUB [OPTIONS] STUDY`` to paste: the options first and ``--`` before a study name
+    that starts with '-', so the shell-quoted name is never read as an option."""
+    guard = ("--",) if str(study).startswith("-") else ()
+    return command("tune", sub, *options, *guard, study)

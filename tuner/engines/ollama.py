@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo, ServerMemory
-from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerSetupError, TunerError
+from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerHungError, ServerSetupError, TunerError
 from tuner.metrics import RequestSample
 from tuner.server import KEEP_ALIVE
 from tuner.settings import REQUEST_PARAMS, SERVER_PARAMS
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from tuner.export import CreatePlan
 
 
-def normalise_host(host: str | None) -> str:
+def normalise_host(host: str | None, hint: str = "--host / OLLAMA_HOST") -> str:
     """Turn OLLAMA_HOST-style values into a base URL, the way Ollama reads them.
 
     ``host`` or ``host:port`` without a scheme is http on port 11434 by default; an explicit
@@ -46,7 +46,7 @@ def normalise_host(host: str | None) -> str:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ServerSetupError(
-            f"invalid Ollama host '{raw}': write it as http://HOST:PORT, e.g. {DEFAULT_HOST}"
+            f"invalid Ollama host '{raw}' ({hint}): write it as http://HOST:PORT, e.g. {DEFAULT_HOST}"
         )
     if port is None:
         port = (443 if parts.scheme == "https" else 80) if has_scheme else 11434
@@ -55,6 +55,22 @@ def normalise_host(host: str | None) -> str:
         hostname = f"[{hostname}]"
     path = parts.path.rstrip("/")
     return f"{parts.scheme}://{hostname}:{port}{path}"
+
+
+def _import_ollama() -> Any:
+    """The ``ollama`` package. Its import builds a default client from $OLLAMA_HOST, which we
+    never use: a malformed value must not fail the import before our own check names it."""
+    import sys
+
+    if "ollama" in sys.modules:
+        return sys.modules["ollama"]
+    saved = os.environ.pop("OLLAMA_HOST", None)
+    try:
+        import ollama
+    finally:
+        if saved is not None:
+            os.environ["OLLAMA_HOST"] = saved
+    return ollama
 
 
 def host_name(url: str) -> str:
@@ -125,14 +141,13 @@ class OllamaEngine(Engine):
 
     def __init__(self, host: str | None = None, timeout_s: float = 600.0, server: Any = None,
                  host_hint: str = "--host / OLLAMA_HOST") -> None:
-        import ollama
-
         #: A tuner-managed ``ollama serve`` (tuner.server.ManagedServer), or None for a running one.
         self.server = server
         if server is not None:
             self.supported_params = self.supported_params + SERVER_PARAMS
             host = server.url
-        self.host = normalise_host(host)
+        self.host = normalise_host(host, host_hint)
+        ollama = _import_ollama()
         #: How the user points the tuner at another server, for error messages (``tune check``
         #: reads no OLLAMA_HOST: it measures the study's own server unless --host says otherwise).
         self.host_hint = host_hint
@@ -177,9 +192,10 @@ class OllamaEngine(Engine):
                         f"{self._timeout_s:g} s, nor to /api/version within {VERSION_TIMEOUT_S:g} s; "
                         "the server is hung or overloaded: check it (restart `ollama serve`) and re-run to resume"
                     ) from None
-                # The server is alive, so this config did not load or answer in time.
-                raise LoadError(
-                    f"no answer within --timeout {self._timeout_s:g} s (load or generation too slow)"
+                # It answers, but not this: a hung runner or a load slower than --timeout.
+                raise ServerHungError(
+                    f"server did not answer in {self._timeout_s:g} s ({what}; it answers /api/version): "
+                    "check the server's log, or raise --timeout if loads are this slow"
                 ) from None
             raise ServerError(
                 f"Ollama at {self.host} did not answer {what} in time: check the server, "
@@ -379,6 +395,12 @@ class OllamaEngine(Engine):
                 self.unload(model)
         except LoadError as e:
             return GpuOffload(True, "unknown", f"the defaults failed to load ({e}): num_gpu stays in the search")
+        except ServerHungError:
+            raise ServerError(
+                f"the server is not generating: loading {model} with its defaults got no answer within --timeout "
+                f"{self._timeout_s:g} s, though it answers /api/version; check the server's log (a hung runner, "
+                "a stuck GPU), or raise --timeout if loads are this slow"
+            ) from None
         if entry is None:
             return GpuOffload(True, "unknown", "/api/ps does not list the model after loading it: "
                                                "num_gpu stays in the search")

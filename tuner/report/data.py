@@ -26,7 +26,7 @@ from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES, Effects, compute as comput
 from tuner.record import HOST_TELEMETRY_ROWS, METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
 from tuner.results import StoredStudy, paused_gc, read_study
 from tuner.storage import storage_args
-from tuner.terminal import command
+from tuner.terminal import command, tune_command
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -1187,13 +1187,13 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
     at = storage_args(storage)
     name = tuned_name(best)
     fit = fit_of(best, s.attrs, s.records)
-    env_command = (command("tune", "export", s.name, *at, "--format", "env", "-o", f"{name}.env")
+    env_command = (tune_command("export", s.name, *at, "--format", "env", "-o", f"{name}.env")
                    if best.effective_server else "")
     ratio, ci, text, note = _speedup(s, data, best)
     check = last_check(s.attrs)
     return FirstScreen(
         number=best.number, config=best.config_text(), modelfile=modelfile, missing=missing,
-        export_command=command("tune", "export", s.name, *at, "--format", "modelfile", "-o", f"{name}.Modelfile")
+        export_command=tune_command("export", s.name, *at, "--format", "modelfile", "-o", f"{name}.Modelfile")
         if modelfile else "",
         create_command=command("ollama", "create", name, "-f", f"{name}.Modelfile") if modelfile else "",
         env_command=env_command, speedup=ratio, speedup_ci=ci, speedup_text=text, speedup_note=note,
@@ -1264,7 +1264,7 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
             "drift", "The winner's speed over time",
             ("No `tune check` of this study measured anything yet (each stored check was unmeasured): "
              if checked else "No `tune check` has run on this study yet: ")
-            + f"`{command('tune', 'check', s.name, *storage_args(storage))}` re-measures the winner and the "
+            + f"`{tune_command('check', s.name, *storage_args(storage))}` re-measures the winner and the "
             "defaults and keeps the result."))
     data.bench = _bench(s, ranked, env, data)
     data.memory = _memory(s.records)
