@@ -39,6 +39,9 @@ def _files(tmp: Path) -> None:
     (tmp / "huge.toml").write_text(f"[params]\nnum_batch = {list(range(1, 5001))}\n")
     (tmp / "noparams.toml").write_text("# num_ctx = [2048]\n")
     (tmp / "extratable.toml").write_text("[params]\nnum_ctx = [2048]\n\n[limits]\nmax_ttft_ms = 500\n")
+    (tmp / "latin1.toml").write_bytes("# caf\u00e9\n[params]\nnum_ctx = [2048]\n".encode("latin-1"))
+    (tmp / "big.toml").write_bytes(b"#" * (2 << 20))
+    (tmp / "adir").mkdir(exist_ok=True)
 
 
 def _seed_study(url: str) -> None:
@@ -85,7 +88,17 @@ CASES: list[tuple[str, list[str], str, bool, int]] = [
     ("prompts-empty", [*M, "--prompts", "empty.txt"],
      "Error: prompts file empty.txt holds no prompt: write prompts separated by '---' lines", False, 2),
     ("prompts-missing", [*M, "--prompts", "nope.txt"], "Error: cannot read prompts file nope.txt: No such file or directory", False, 2),
-    ("prompts-unreadable", [*M, "--prompts", "binary.txt"], "Error: cannot read prompts file binary.txt: ", False, 2),
+    ("prompts-unreadable", [*M, "--prompts", "binary.txt"], "Error: prompts file binary.txt is not UTF-8 text: byte 0xff at offset 0 cannot be read; save it as UTF-8 and pass it to --prompts again", False, 2),
+    ("prompts-endless", [*M, "--prompts", "/dev/zero"],
+     "Error: prompts file /dev/zero is larger than the 16 MiB limit: pass a smaller file to --prompts", False, 2),
+    ("space-not-utf8", [*M, "--space", "latin1.toml"],
+     "Error: space file latin1.toml is not UTF-8 text: byte 0xe9 at offset 5 cannot be read; save it as UTF-8 "
+     "and pass it to --space again", False, 2),
+    ("space-too-large", [*M, "--space", "big.toml"],
+     "Error: space file big.toml is larger than the 1 MiB limit: pass a smaller file to --space", False, 2),
+    ("variant-no-values", [*M, "--param", "variant="],
+     "Error: --param variant has no values: give at least one, e.g. variant=gemma3:1b-it-q4_K_M,gemma3:1b-it-q8_0",
+     False, 2),
     ("prompt-longer-than-every-ctx", [*M, "--prompts", "long.txt"],
      "Error: the longest prompt plus --num-predict needs about ", False, 2),
     ("contradictory-limits", [*M, "--max-ttft-ms", "500", "--max-latency-ms", "100"],

@@ -218,11 +218,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
+    from tuner.inputs import MAX_SPACE_BYTES, read_text
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpaceError(f"cannot read space file {p}: {e.strerror or e}") from None
+    text = read_text(p, "space file", MAX_SPACE_BYTES, SpaceError, "--space")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -123,12 +123,10 @@ def load_prompts(path: str | Path) -> tuple[Prompt, ...]:
     ``.jsonl``: one ``{"name": ..., "prompt": ...}`` per line. Any other file: prompts
     separated by lines holding only ``---``.
     """
+    from tuner.inputs import MAX_PROMPTS_BYTES, read_text
+
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise WorkloadError(f"cannot read prompts file {p}: {reason}") from None
+    text = read_text(p, "prompts file", MAX_PROMPTS_BYTES, WorkloadError, "--prompts")
     prompts: list[Prompt] = []
     if p.suffix == ".jsonl":
         for i, line in enumerate(text.splitlines(), 1):

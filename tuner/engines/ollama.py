@@ -92,17 +92,36 @@ def is_local(url: str) -> bool:
 class _StreamClock:
     """Client-side timing of one streamed request: first non-empty chunk, and the final one."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, num_predict: int | None = None, timeout_s: float | None = None) -> None:
         self.host = host
         self.start = time.perf_counter()
         self.first: float | None = None
         self.final: Any = None
+        self.chunks = 0
+        # A stream is read within bounds: a server that ignores num_predict, or trickles a chunk
+        # just inside the read timeout, must not keep the trial (and its memory) forever.
+        self.max_chunks = None if num_predict is None or num_predict < 0 else max_stream_chunks(num_predict)
+        self.timeout_s = timeout_s
+        self.num_predict = num_predict
 
     def see(self, chunk: Any) -> None:
+        now = time.perf_counter()
         if self.first is None and (chunk.response or getattr(chunk, "thinking", None)):
-            self.first = time.perf_counter()
+            self.first = now
         if chunk.done:
             self.final = chunk
+            return
+        self.chunks += 1
+        if self.max_chunks is not None and self.chunks > self.max_chunks:
+            raise ServerError(
+                f"Ollama at {self.host} streamed more than {self.max_chunks} chunks for num_predict "
+                f"{self.num_predict}: it does not honour num_predict; check the server"
+            )
+        if self.timeout_s is not None and now - self.start > self.timeout_s:
+            raise ServerHungError(
+                f"server did not finish a generate request in {self.timeout_s:g} s (--timeout): it streams "
+                "too slowly; check the server's log, or raise --timeout"
+            )
 
     def sample(self) -> RequestSample:
         """The request's sample; raises ServerError if the stream never sent its final message."""
@@ -113,6 +132,12 @@ class _StreamClock:
                 "the server may have crashed; check its log"
             )
         return _sample(self.final, self.start, self.first, end)
+
+
+def max_stream_chunks(num_predict: int) -> int:
+    """The most chunks read from one streamed generate: one per token, and room for a
+    server's empty or thinking chunks."""
+    return 2 * num_predict + 64
 
 
 def _sample(final: Any, start: float, first: float | None, end: float) -> RequestSample:
@@ -493,7 +518,7 @@ class OllamaEngine(Engine):
         self._used.add(model)
 
         def run() -> RequestSample:
-            clock = _StreamClock(self.host)
+            clock = _StreamClock(self.host, options.get("num_predict"), self._timeout_s)
             stream: Iterator[Any] = self._client.generate(
                 model=model, prompt=prompt, options=options, stream=True, keep_alive=KEEP_ALIVE
             )
@@ -517,7 +542,7 @@ class OllamaEngine(Engine):
         self._used.add(model)
 
         async def one(client: Any, prompt: str) -> RequestSample:
-            clock = _StreamClock(self.host)
+            clock = _StreamClock(self.host, options.get("num_predict"), self._timeout_s)
             async for chunk in await client.generate(
                 model=model, prompt=prompt, options=options, stream=True, keep_alive=KEEP_ALIVE
             ):

@@ -1,0 +1,88 @@
+"""Hostile and broken inputs that need more than the bad-input matrix: names that look like
+options, a malformed $OLLAMA_HOST, a server that streams without end, hints when nothing is
+feasible. Each asserts the exact line and exit code."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from conftest import invoke
+from fake_ollama import FakeOllama
+
+from tuner.engines.ollama import _StreamClock, max_stream_chunks
+from tuner.errors import ServerError, ServerHungError
+from tuner.terminal import tune_command
+
+RUN = ["--repeats", "1", "--num-predict", "4", "--validate", "0", "--no-roofline", "--trials", "1"]
+
+
+def test_a_malformed_ollama_host_in_the_environment_is_a_usage_error() -> None:
+    # A fresh interpreter: the `ollama` package reads $OLLAMA_HOST when it is first imported.
+    r = subprocess.run([sys.executable, "-m", "tuner.cli", "--model", "gemma3:1b", "--trials", "1"],
+                       env={"OLLAMA_HOST": ":abc", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("Error: invalid Ollama host ':abc' (--host / OLLAMA_HOST): write it as http://HOST:PORT, "
+                        "e.g. http://127.0.0.1:11434\n")
+
+
+def test_hints_keep_a_study_name_that_starts_with_a_dash_an_argument(fake: FakeOllama) -> None:
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--study=-rf", *RUN)
+    assert r.exit_code == 0, r.output
+    nxt = next(line for line in r.output.splitlines() if line.startswith("Next: "))
+    assert nxt == "Next: tune report -- -rf   tune export --format modelfile -- -rf"
+    # Pasting the hint reaches the study, not an option parser's complaint.
+    words = shlex.split(nxt[len("Next: "):].split("   ")[1])
+    r = invoke(*words[1:])
+    assert r.exit_code == 0, r.output
+    assert "# study '-rf', trial #0" in r.output and "\nFROM gemma3:1b\n" in r.output
+
+
+def test_tune_command_guards_only_names_that_look_like_options() -> None:
+    assert tune_command("show", "gemma3:1b@h") == "tune show gemma3:1b@h"
+    assert tune_command("show", "-x", "--storage", "sqlite:///a b.db") == "tune show --storage 'sqlite:///a b.db' -- -x"
+
+
+def test_no_export_hint_when_nothing_was_feasible(fake: FakeOllama) -> None:
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--study", "strict", "--max-ttft-ms", "0.0001", *RUN)
+    assert r.exit_code == 0, r.output
+    nxt = [line for line in r.output.splitlines() if line.startswith("Next: ")]
+    assert nxt == ["Next: tune report strict; nothing met the limits, so there is nothing to export: relax them "
+                   "and run more trials, or export the least-violating config knowingly with "
+                   "`tune export --allow-infeasible strict`"]
+
+
+def test_the_check_hint_without_a_winner_keeps_the_storage(fake: FakeOllama) -> None:
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--study", "strict", "--max-ttft-ms", "0.0001",
+               "--storage", "sqlite:///other.db", *RUN)
+    assert r.exit_code == 0, r.output
+    r = invoke("check", "strict", "--storage", "sqlite:///other.db")
+    assert r.exit_code == 2
+    assert r.output == ("Error: study 'strict' has no feasible trial to check: run more trials first "
+                        "(`tune show --storage sqlite:///other.db strict` says why)\n")
+
+
+def _chunk(done: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(response="x", thinking=None, done=done)
+
+
+def test_a_stream_that_ignores_num_predict_is_cut_off() -> None:
+    clock = _StreamClock("http://h:1", num_predict=4, timeout_s=600)
+    with pytest.raises(ServerError) as e:
+        for _ in range(10_000):
+            clock.see(_chunk())
+    assert clock.chunks == max_stream_chunks(4) + 1
+    assert str(e.value) == ("Ollama at http://h:1 streamed more than 72 chunks for num_predict 4: it does not "
+                            "honour num_predict; check the server")
+
+
+def test_a_stream_slower_than_the_timeout_is_a_hung_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _StreamClock("http://h:1", num_predict=128, timeout_s=5)
+    clock.see(_chunk())
+    clock.start -= 6  # the request began 6 s ago
+    with pytest.raises(ServerHungError) as e:
+        clock.see(_chunk())
+    assert str(e.value).startswith("server did not finish a generate request in 5 s (--timeout)")
