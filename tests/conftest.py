@@ -41,12 +41,44 @@ def gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def invoke(*args: Any) -> Any:
-    """Run the CLI in-process; return click's Result."""
+    """Run the CLI in-process; return click's Result (its output is kept for the password check)."""
     from click.testing import CliRunner
 
     from tuner.cli import cli
 
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+    r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=True)
+    OUTPUTS.append(r.output)
+    return r
+
+
+#: Every password a test hands the tool; none may appear in any output of the suite.
+PASSWORDS = ("s3cret", "pa ss#x;y")
+#: Every CLI output of the session (see :func:`invoke`), checked with pytest's captured output.
+OUTPUTS: list[str] = []
+_LEAKS: list[str] = []
+
+
+def leaks(text: str, quoted_source: bool = False) -> list[str]:
+    """The lines of ``text`` holding a password; ``quoted_source`` skips a failure report's
+    lines of test source and assertion text (a test's own arguments, not printed output)."""
+    return [line.strip()[:200] for line in text.splitlines()
+            if any(pw in line for pw in PASSWORDS)
+            and not (quoted_source and line.lstrip().startswith((">", "E ")))]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    found = [x for _, content in report.sections for x in leaks(content)]
+    if report.longrepr is not None:
+        found += leaks(str(report.longrepr), quoted_source=True)
+    found += [x for out in OUTPUTS for x in leaks(out)]
+    OUTPUTS.clear()
+    _LEAKS.extend(f"{report.nodeid}: {x}" for x in found)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _LEAKS:
+        print("\npassword text in test output:\n  " + "\n  ".join(_LEAKS[:20]), file=sys.stderr)
+        session.exitstatus = 1
 
 
 @contextlib.contextmanager

@@ -56,7 +56,7 @@ def test_stored_in_and_next_lines_mask_the_password() -> None:
         text = format_summary(_summary(shown_url(url), "s"))
         assert "s3cret" not in text
         assert f"Stored in {mask(url)} as study 's'" in text
-        assert f"Next: tune report s --storage '{mask(url)}'" in text
+        assert f"Next: `tune show --storage '{mask(url)}' s` says why" in text
 
 
 def _paste(cmd: str, tmp_path: Path) -> list[str]:
@@ -74,8 +74,8 @@ def test_printed_commands_are_shell_quoted(fake: FakeOllama, tmp_path: Path) -> 
     assert r.exit_code == 0, r.output
     nxt = next(x for x in r.output.splitlines() if x.startswith("Next: "))
     report, export = nxt[len("Next: "):].split("   ")
-    assert _paste(report, tmp_path) == ["report", name, "--storage", storage]
-    assert _paste(export, tmp_path) == ["export", name, "--storage", storage, "--format", "modelfile"]
+    assert _paste(report, tmp_path) == ["report", "--storage", storage, name]
+    assert _paste(export, tmp_path) == ["export", "--storage", storage, "--format", "modelfile", name]
     assert not (tmp_path / "pwned").exists()
     r = invoke("export", name, "--storage", storage, "--trial", "99")
     assert r.exit_code == 2
@@ -122,3 +122,12 @@ def test_printable_and_command() -> None:
     assert printable("a\tb\x00\x7f") == "a\\tb\\x00\\x7f"
     assert command("tune", "report", "gemma3:1b@127.0.0.1:11434") == "tune report gemma3:1b@127.0.0.1:11434"
     assert shlex.split(command("tune", "show", "a b'c")) == ["tune", "show", "a b'c"]
+
+
+def test_the_suite_checks_every_output_for_the_passwords_it_uses() -> None:
+    from conftest import PASSWORDS, leaks
+
+    # The session fails when any CLI output or captured output of any test holds one (conftest).
+    assert leaks(f"Error: cannot open storage 'postgresql://bob:{PASSWORDS[0]}@h/db'") != []
+    assert leaks("Error: cannot open storage 'postgresql://bob:***@h/db'") == []
+    assert leaks(f"E   assert url == 'postgresql://bob:{PASSWORDS[0]}@h'", quoted_source=True) == []

@@ -29,7 +29,10 @@ class DefaultGroup(click.Group):
             if not args[0].startswith("-"):
                 raise TunerClickError(_no_such_command(args[0], list(self.commands)), 2)
             args = [DEFAULT_COMMAND, *args]
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as e:
+            raise _neutralised(e) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -38,7 +41,9 @@ class DefaultGroup(click.Group):
             if os.environ.get("TUNER_DEBUG"):
                 raise
             raise _click_error(e) from None
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.ClickException as e:
+            raise _neutralised(e) from None
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
             sub = ctx.invoked_subcommand or DEFAULT_COMMAND
@@ -75,6 +80,12 @@ class TunerClickError(click.ClickException):
         super().__init__(printable(message))
         # click types exit_code as a ClassVar; here it is the TunerError's own.
         self.exit_code = exit_code  # type: ignore[misc]
+
+
+def _neutralised(e: click.ClickException) -> click.ClickException:
+    """Click's own usage errors quote what was typed: shown with its control characters escaped."""
+    e.message = printable(e.message)
+    return e
 
 
 def _click_error(e: TunerError) -> TunerClickError:
@@ -376,7 +387,8 @@ def demo_cmd(trials: int, storage: str | None, out_dir: str, quiet: bool) -> Non
 @cli.command("report")
 @click.argument("study", required=False, shell_complete=_complete_study)
 @_storage_option
-@click.option("--output", "-o", type=click.Path(), help="HTML file or folder [default: reports/<study>.html].")
+@click.option("--output", "-o", type=click.Path(),
+              help="HTML file or folder, or - for standard output [default: reports/<study>.html].")
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the browser.")
 @click.option("--fleet", is_flag=True,
               help="Report every model x hardware in the storage instead of one study [default file: "
@@ -387,7 +399,11 @@ def report_cmd(study: str | None, storage: str | None, output: str | None, open_
     Example: tune report 'gemma3:1b@127.0.0.1:11434' --open
 
     Example: tune report --fleet --storage postgresql://tuner@db-host/tuner -o fleet.html
+
+    Example: tune report -o - | gzip > report.html.gz
     """
+    if open_browser and output == "-":
+        raise TunerClickError("--open needs a file to open: pass -o FILE instead of -o -, or drop --open", 2)
     if fleet:
         if study is not None:
             raise TunerClickError("--fleet reports every study in the storage: drop STUDY, or drop --fleet", 2)
@@ -398,7 +414,8 @@ def report_cmd(study: str | None, storage: str | None, output: str | None, open_
         from tuner.report import write_report
 
         path = write_report(storage, study, output)
-    click.echo(str(path))
+    if output != "-":  # else standard output holds the page alone
+        click.echo(printable(path))
     if open_browser:
         click.launch(str(path))
 
@@ -411,7 +428,9 @@ def report_cmd(study: str | None, storage: str | None, output: str | None, open_
                    "csv/parquet: every trial.")
 @_storage_option
 @click.option("--trial", "trial_number", type=int, help="Export this trial instead of the best feasible one.")
-@click.option("--output", "-o", type=click.Path(), help="Write to this file instead of standard output.")
+@click.option("--output", "-o", type=click.Path(),
+              help="Write to this file (a folder gets <study>.<format>) instead of standard output; - is "
+                   "standard output.")
 @click.option("--allow-infeasible", is_flag=True,
               help="Export even when no trial meets the limits (the least-violating one).")
 @click.option("--create", "create_name", metavar="NAME",
@@ -433,12 +452,13 @@ def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: i
 
         plan = create_plan(storage, study, create_name, host=host, trial_number=trial_number,
                            allow_infeasible=allow_infeasible)
-        click.echo(create_model(plan, click.echo))
+        # The server's progress lines and its address are its text: made printable.
+        click.echo(printable(create_model(plan, lambda msg: click.echo(printable(msg)))))
         return
     r = export(storage, study, fmt, trial_number=trial_number, output=output, allow_infeasible=allow_infeasible)
-    if r.path is None and r.text is not None:
+    if not output and r.text is not None:
         click.echo(r.text, nl=not r.text.endswith("\n"))
-    else:
+    else:  # written (to standard output too): stdout holds the document alone
         click.echo(r.message, err=True)
 
 
