@@ -86,3 +86,20 @@ def test_a_stream_slower_than_the_timeout_is_a_hung_request(monkeypatch: pytest.
     with pytest.raises(ServerHungError) as e:
         clock.see(_chunk())
     assert str(e.value).startswith("server did not finish a generate request in 5 s (--timeout)")
+
+
+def test_check_dry_run_measures_and_stores_nothing(fake: FakeOllama) -> None:
+    import hashlib
+    from pathlib import Path
+
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--study", "s", *RUN)
+    assert r.exit_code == 0, r.output
+    before = hashlib.sha256(Path("studies/tuner.db").read_bytes()).hexdigest()
+    n = len(fake.prompt_requests())
+    r = invoke("check", "s", "--dry-run", "--rounds", "4")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("DRY RUN: would re-measure the winner (#0: ")
+    assert r.output.endswith(f"interleaved over 4 rounds on {fake.url}, each round 2 prompt(s) x 1 repeat(s) of "
+                             "4 tokens; nothing was measured or stored\n")
+    assert len(fake.prompt_requests()) == n
+    assert hashlib.sha256(Path("studies/tuner.db").read_bytes()).hexdigest() == before

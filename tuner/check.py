@@ -258,6 +258,8 @@ class CheckOptions:
     timeout_s: float = 600.0
     ollama_bin: str | None = None
     models_dir: str | None = None
+    #: Say what would be measured, and where; measure and store nothing.
+    dry_run: bool = False
 
 
 @dataclass
@@ -431,6 +433,16 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
               if stored_at is not None else None)
     report = CheckReport(st.name, shown_url(o.storage), c, stored_env, engine_name, winner.config_text(),
                          defaults.config_text() if defaults is not None else None, retune)
+    if o.dry_run:
+        c.verdict, c.exit_code = "dry-run", 0
+        where = host_shown or ("a managed `ollama serve`" if attrs.get("managed_server") else "this machine")
+        c.text = printable(
+            f"DRY RUN: would re-measure the winner (#{winner.number}: {winner.config_text()})"
+            + (f" and the defaults (#{defaults.number})" if defaults is not None else "")
+            + f" interleaved over {o.rounds} rounds on {where}, each round {len(workload.prompts)} prompt(s) x "
+            f"{workload.repeats} repeat(s) of {workload.num_predict} tokens; "
+            "nothing was measured or stored")
+        return report
 
     def unmeasured(why: str) -> CheckUnmeasurable:
         c.error = why

@@ -479,6 +479,8 @@ def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: i
               help="The `ollama` executable for a managed-server study [default: on PATH].")
 @click.option("--models-dir", type=click.Path(file_okay=False),
               help="Model store for a managed-server study [default: $OLLAMA_MODELS or ~/.ollama/models].")
+@click.option("--dry-run", is_flag=True,
+              help="Say what would be measured and where, then stop: nothing is measured or stored.")
 @_json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors and the one-line verdict.")
 def check_cmd(as_json: bool, quiet: bool, **kw: Any) -> None:
@@ -495,7 +497,9 @@ def check_cmd(as_json: bool, quiet: bool, **kw: Any) -> None:
 
     echo = (lambda msg: None) if quiet else _echo_err if as_json else _echo
     r = run_check(CheckOptions(**kw), echo=echo)
-    if as_json:
+    if kw["dry_run"] and not as_json:
+        click.echo(r.check.text)
+    elif as_json:
         if not quiet:
             click.echo(r.check.text, err=True)
         _print_json(check_json(r))
