@@ -20,9 +20,11 @@ from typing import Sequence
 
 def t975(df: float) -> float:
     """The two-sided 95% Student t quantile for ``df`` degrees of freedom (Welch's may be fractional)."""
-    from scipy.stats import t  # here: scipy takes a while to import and only the intervals need it
+    # scipy.special's inverse t CDF is scipy.stats' t.ppf at a third of the import time (~0.3 s
+    # against ~1 s), imported here because only the intervals need it.
+    from scipy.special import stdtrit
 
-    return float(t.ppf(0.975, df))
+    return float(stdtrit(df, 0.975))
 
 
 def t_ci95(values: Sequence[float]) -> tuple[float, float, float]:
