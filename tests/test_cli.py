@@ -89,7 +89,7 @@ def test_each_error_class_carries_its_exit_code() -> None:
     from tuner import errors
 
     expected = {
-        "TunerError": 2, "ServerError": 1, "ServerSetupError": 2, "ModelNotFoundError": 2, "SpaceError": 2,
+        "TunerError": 2, "ServerError": 1, "ServerSetupError": 2, "ServerHungError": 1, "ModelNotFoundError": 2, "SpaceError": 2,
         "WorkloadError": 2, "StudyError": 2, "StorageError": 1, "ExportError": 2, "WriteError": 1,
         "MissingDependencyError": 2, "LoadError": 1, "TrialFailedError": 1, "StoppedError": 1,
         "CheckUnmeasurable": 3,

@@ -128,7 +128,9 @@ def test_killed_worker_trial_fails_after_grace_and_is_retried(pg: str, tmp_path:
                 trials = []
             done = [t for t in trials if t.state.name == "COMPLETE"]
             running = [t for t in trials if t.state.name == "RUNNING"]
-            if len(done) >= 2 and running:
+            full = max((len(t.params) for t in done), default=0)
+            # Killed once its config is chosen (every parameter suggested), mid-measurement.
+            if len(done) >= 2 and running and full and len(running[0].params) == full:
                 killed_number = running[0].number
                 p.send_signal(signal.SIGKILL)
                 break

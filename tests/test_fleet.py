@@ -53,7 +53,7 @@ def run_on(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch, name: str, storage
 
 
 def _stored(name: str, storage: str = STORAGE) -> tuple[Any, results.StoredStudy]:
-    study = optuna.load_study(study_name=name, storage=open_storage(storage, create=False))
+    study = optuna.load_study(study_name=name, storage=open_storage(storage, create=False, writable=True))
     return study, results.read_study(study)
 
 

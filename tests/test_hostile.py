@@ -42,7 +42,7 @@ def test_hints_keep_a_study_name_that_starts_with_a_dash_an_argument(fake: FakeO
 
 
 def test_tune_command_guards_only_names_that_look_like_options() -> None:
-    assert tune_command("show", "gemma3:1b@h") == "tune show gemma3:1b@h"
+    assert tune_command("show", "gemma3:1b@h", "--storage", "sqlite:///a.db") == "tune show gemma3:1b@h --storage sqlite:///a.db"
     assert tune_command("show", "-x", "--storage", "sqlite:///a b.db") == "tune show --storage 'sqlite:///a b.db' -- -x"
 
 
@@ -52,7 +52,7 @@ def test_no_export_hint_when_nothing_was_feasible(fake: FakeOllama) -> None:
     nxt = [line for line in r.output.splitlines() if line.startswith("Next: ")]
     assert nxt == ["Next: tune report strict; nothing met the limits, so there is nothing to export: relax them "
                    "and run more trials, or export the least-violating config knowingly with "
-                   "`tune export --allow-infeasible strict`"]
+                   "`tune export strict --allow-infeasible`"]
 
 
 def test_the_check_hint_without_a_winner_keeps_the_storage(fake: FakeOllama) -> None:
@@ -62,7 +62,7 @@ def test_the_check_hint_without_a_winner_keeps_the_storage(fake: FakeOllama) -> 
     r = invoke("check", "strict", "--storage", "sqlite:///other.db")
     assert r.exit_code == 2
     assert r.output == ("Error: study 'strict' has no feasible trial to check: run more trials first "
-                        "(`tune show --storage sqlite:///other.db strict` says why)\n")
+                        "(`tune show strict --storage sqlite:///other.db` says why)\n")
 
 
 def _chunk(done: bool = False) -> SimpleNamespace:

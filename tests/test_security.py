@@ -56,7 +56,7 @@ def test_stored_in_and_next_lines_mask_the_password() -> None:
         text = format_summary(_summary(shown_url(url), "s"))
         assert "s3cret" not in text
         assert f"Stored in {mask(url)} as study 's'" in text
-        assert f"Next: `tune show --storage '{mask(url)}' s` says why" in text
+        assert f"Next: `tune show s --storage '{mask(url)}'` says why" in text
 
 
 def _paste(cmd: str, tmp_path: Path) -> list[str]:
@@ -74,8 +74,8 @@ def test_printed_commands_are_shell_quoted(fake: FakeOllama, tmp_path: Path) -> 
     assert r.exit_code == 0, r.output
     nxt = next(x for x in r.output.splitlines() if x.startswith("Next: "))
     report, export = nxt[len("Next: "):].split("   ")
-    assert _paste(report, tmp_path) == ["report", "--storage", storage, name]
-    assert _paste(export, tmp_path) == ["export", "--storage", storage, "--format", "modelfile", name]
+    assert _paste(report, tmp_path) == ["report", name, "--storage", storage]
+    assert _paste(export, tmp_path) == ["export", name, "--storage", storage, "--format", "modelfile"]
     assert not (tmp_path / "pwned").exists()
     r = invoke("export", name, "--storage", storage, "--trial", "99")
     assert r.exit_code == 2

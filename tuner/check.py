@@ -342,7 +342,9 @@ def _retune(attrs: dict[str, Any], name: str, host: str | None, storage: str | N
     for key, value in dict(attrs.get("limits") or {}).items():
         words += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else value]
     words += storage_args(storage)
-    words += ["--trials", 20, f"--study={name}-{dt.date.today().isoformat()}"]
+    new = f"{name}-{dt.date.today().isoformat()}"
+    # A name that starts with '-' must travel joined to its option, or it reads as an option.
+    words += ["--trials", 20, *((f"--study={new}",) if new.startswith("-") else ("--study", new))]
     return command(*words)
 
 
@@ -402,7 +404,8 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
     from tuner.storage import open_storage, shown_url, storage_args
 
     _validate(o)
-    study = results.load_study(open_storage(o.storage, create=False), o.study)
+    # Not created, checked to be a tuner storage, written: the check is stored with the study.
+    study = results.load_study(open_storage(o.storage, create=False, writable=not o.dry_run), o.study)
     st = results.read_study(study)
     attrs = st.attrs
     objective = str(list(attrs.get("objectives") or ["decode_tps"])[0])

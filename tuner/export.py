@@ -17,10 +17,12 @@ from tuner import results
 from tuner.record import TrialRecord
 from tuner import settings
 from tuner.errors import ExportError, SpaceError
-from tuner.terminal import command
+from tuner.terminal import printable, tune_command
 from tuner.memory import fit_of
 
 FORMATS = ("modelfile", "json", "env", "csv", "parquet")
+#: The file name ending of each format, for ``<study>.<ext>`` when --output is a folder.
+EXTENSIONS = {"modelfile": "Modelfile", "json": "json", "env": "env", "csv": "csv", "parquet": "parquet"}
 #: Ollama's Options (api/types.go Options + Runner) with the JSON type each one takes.
 OLLAMA_OPTIONS: dict[str, type] = {
     "num_keep": int, "seed": int, "num_predict": int, "top_k": int, "top_p": float, "min_p": float,
@@ -35,7 +37,8 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_.:/@+-]+$")
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What ``export`` produced: ``text`` for stdout (None for binary formats) and the file written."""
+    """What ``export`` produced: the ``text`` (None for binary formats), the file written (None
+    for none or standard output) and a printable ``message`` saying so."""
 
     fmt: str
     text: str | None
@@ -86,6 +89,8 @@ def runtime_options(trial: TrialLike) -> dict[str, Any]:
 
 
 def _model_tag(v: TrialRecord) -> str:
+    # Refused rather than escaped: a name with control characters (or spaces) is no model
+    # Ollama has, and the FROM line must stay one valid token.
     if not v.model or not _TOKEN.match(v.model):
         raise ExportError(
             f"trial #{v.number} has no usable model name ({v.model!r}): export another trial with --trial N"
@@ -93,9 +98,11 @@ def _model_tag(v: TrialRecord) -> str:
     return v.model
 
 
-def _one_line(text: Any) -> str:
-    # Keeps study text (names, errors) from starting a new Modelfile or env-file line.
-    return " ".join(str(text).split())
+def _document(lines: list[str]) -> str:
+    """The lines as a file, every comment made printable: study and server text (names,
+    errors, host) in a comment can neither start a new line (a forged FROM, PARAMETER or
+    KEY=value) nor carry terminal escapes to whoever `cat`s the file."""
+    return "".join((printable(line) if line.startswith("#") else line) + "\n" for line in lines)
 
 
 def _fmt(x: Any, digits: int = 1) -> str:
@@ -123,10 +130,10 @@ def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list
     objectives = list(s.attrs.get("objectives") or ["decode_tps"])
     lines = [
         f"# {what} exported by ollama-tuner on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"# study '{_one_line(s.name)}', trial #{v.number}"
+        f"# study '{s.name}', trial #{v.number}"
         + (f" (baseline: {_defaults(s)})" if v.baseline else "")
-        + f"; measured on {_engine_label(s)} {_one_line(s.attrs.get('server_version') or '?')}"
-        + f" at {_one_line(s.attrs.get('host') or '?')}",
+        + f"; measured on {_engine_label(s)} {s.attrs.get('server_version') or '?'}"
+        + f" at {s.attrs.get('host') or '?'}",
     ]
     if v.values:
         lines.append("# objective " + ", ".join(f"{o} = {_fmt(x, 2)}" for o, x in zip(objectives, v.values)))
@@ -145,10 +152,10 @@ def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list
         lines.append(f"# {w.ratio:.2f}x the baseline ({_defaults(s)}) on {objectives[0]} ({results.search_only(w.no_interval)})")
     fit = fit_of(v, s.attrs, s.records)
     if fit is not None:
-        lines += [f"# {_one_line(line)}" for line in fit.lines()]
+        lines += [f"# {line}" for line in fit.lines()]
     if not v.feasible:
         why = v.error or "; ".join(v.violations) or v.state.lower()
-        lines.append(f"# WARNING: this trial is not feasible ({_one_line(why)})")
+        lines.append(f"# WARNING: this trial is not feasible ({why})")
     return lines
 
 
@@ -166,8 +173,8 @@ def modelfile_text(trial: TrialLike, study: Any) -> str:
         lines.append("# left to Ollama (automatic): " + ", ".join(f"{k}={v.options[k]}" for k in skipped))
     if v.effective_server:
         lines.append("# server-level settings cannot go in a Modelfile; set them on `ollama serve`: "
-                     + ", ".join(f"{k}={_one_line(val)}" for k, val in v.effective_server.items()))
-        lines.append(f"# (see: {command('tune', 'export', _one_line(s.name), '--format', 'env', '--trial', v.number)})")
+                     + ", ".join(f"{k}={val}" for k, val in v.effective_server.items()))
+        lines.append(f"# (see: {tune_command('export', s.name, '--format', 'env', '--trial', v.number)})")
     lines.append(f"FROM {_model_tag(v)}")
     for key, value in options.items():
         if isinstance(value, list):
@@ -176,7 +183,7 @@ def modelfile_text(trial: TrialLike, study: Any) -> str:
             lines.append(f"PARAMETER {key} {'true' if value else 'false'}")
         else:
             lines.append(f"PARAMETER {key} {value}")
-    return "\n".join(lines) + "\n"
+    return _document(lines)
 
 
 def json_text(trial: TrialLike, study: Any) -> str:
@@ -213,11 +220,11 @@ def env_text(trial: TrialLike, study: Any) -> str:
     lines.append("# use with systemd (EnvironmentFile=), docker (--env-file) or `set -a; . FILE; set +a`,")
     lines.append("# then restart `ollama serve`: these settings only apply at server start")
     if not v.effective_server:
-        lines.append(f"# study '{_one_line(s.name)}' tuned no server-level setting "
+        lines.append(f"# study '{s.name}' tuned no server-level setting "
                      f"({', '.join(settings.SERVER_PARAMS)}): nothing to set, keep the server's defaults")
     lines += [f"# {n}" for n in notes]
     lines += [f"{k}={val}" for k, val in env.items()]
-    return "\n".join(lines) + "\n"
+    return _document(lines)
 
 
 _LEAD = ("number", "state", "feasible", "baseline", "model", "datetime_start", "datetime_complete", "duration_s")
@@ -285,40 +292,45 @@ def export(
 ) -> ExportResult:
     """Export the best feasible trial (or ``trial_number``) of a study as ``fmt``.
 
-    modelfile, json, env and csv return their text (and write it to ``output`` when given);
-    parquet is binary and always goes to a file, ``output`` or ``<study>.parquet`` in the
-    current folder. Raises StudyError when no trial is feasible and ``allow_infeasible`` is
-    off, ExportError for a bad format or an unwritable file.
+    modelfile, json, env and csv return their text, and write it to ``output`` when given;
+    parquet is binary and is written to ``output`` or ``<study>.parquet`` in the current
+    folder. ``output`` follows :func:`tuner.files.write_output`: ``-`` is standard output, a
+    folder gets ``<study>.<ext>``. Raises StudyError when no trial is feasible and
+    ``allow_infeasible`` is off, ExportError for a bad format or an unwritable file.
     """
-    from tuner.files import safe_name, write_atomic
+    from tuner.files import STDOUT, output_path, safe_name, stdout_is_terminal, write_output
 
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}': choose from {', '.join(FORMATS)}")
+    output = output or None  # -o '' is no file: standard output, as without -o
+    if fmt == "parquet" and output == STDOUT and stdout_is_terminal():
+        raise ExportError(
+            "parquet is binary and standard output is a terminal: pass -o FILE, or pipe it into a program")
+    if fmt in ("csv", "parquet") and trial_number is not None:
+        raise ExportError(f"--trial does not apply to {fmt}, which exports every trial: drop --trial")
     study = _load(storage_url, study_name)
-    path = Path(output) if output else None
+    default = Path(f"{safe_name(study.study_name)}.{EXTENSIONS[fmt]}")
+    if output is None and fmt == "parquet":  # binary: it needs a file
+        output = str(default)
+    path = output_path(output, default) if output is not None else None
+    number: int | None = None
     if fmt in ("csv", "parquet"):
-        if trial_number is not None:
-            raise ExportError(f"--trial does not apply to {fmt}, which exports every trial: drop --trial")
         n = len(study.get_trials(deepcopy=False))
-        if fmt == "csv":
-            text: str | None = csv_text(study)
-            data = (text or "").encode("utf-8")
-        else:
-            text, data = None, parquet_bytes(study)
-            path = path or Path(f"{safe_name(study.study_name)}.parquet")
-        if path is not None:
-            write_atomic(path, data, f"{fmt} export", ExportError)
-        where = f" to {path}" if path is not None else ""
-        return ExportResult(fmt, text, path, None, f"exported {n} trials of '{study.study_name}' as {fmt}{where}")
-    trial = results.pick_trial(study, trial_number, allow_infeasible)
-    text = _RENDERERS[fmt](trial, study)
-    if path is not None:
-        write_atomic(path, text.encode("utf-8"), f"{fmt} export", ExportError)
-    feasible = "" if trial.feasible else " (not feasible)"
-    where = f" to {path}" if path is not None else ""
-    return ExportResult(fmt, text, path, trial.number,
-                        f"exported trial #{trial.number}{feasible} of '{study.study_name}' as {fmt}{where}")
+        text: str | None = csv_text(study) if fmt == "csv" else None
+        data = parquet_bytes(study) if text is None else text.encode("utf-8")
+        said = f"exported {n} trials of '{study.study_name}' as {fmt}"
+    else:
+        trial = results.pick_trial(study, trial_number, allow_infeasible)
+        text = _RENDERERS[fmt](trial, study)
+        data = text.encode("utf-8")
+        feasible = "" if trial.feasible else " (not feasible)"
+        said = f"exported trial #{trial.number}{feasible} of '{study.study_name}' as {fmt}"
+        number = trial.number
+    if output is not None:
+        write_output(path, data, f"{fmt} export", ExportError)
+        said += f" to {path}" if path is not None else " to standard output"
+    return ExportResult(fmt, text, path, number, printable(said))
 
 
 @dataclass(frozen=True)
@@ -333,13 +345,14 @@ class CreatePlan:
     trial_number: int
     #: The equivalent Modelfile, for the record.
     modelfile: str
-    #: Said after creating: server-level settings a model cannot carry.
+    #: Said after creating (printable): server-level settings a model cannot carry.
     note: str = ""
 
     def announce(self) -> str:
+        """The line said before creating, printable (a ``stop`` string is the study's text)."""
         opts = ", ".join(f"{k}={val}" for k, val in self.parameters.items())
-        return f"creating '{self.name}' from {self.source} (trial #{self.trial_number})" + (
-            f": {opts}" if opts else " with no options")
+        return printable(f"creating '{self.name}' from {self.source} (trial #{self.trial_number})" + (
+            f": {opts}" if opts else " with no options"))
 
 
 def create_plan(
@@ -366,7 +379,8 @@ def create_plan(
     tuned_on = None if study.user_attrs.get("managed_server") else study.user_attrs.get("host")
     note = ""
     if v.effective_server:
-        note = (f"the server-level settings ({', '.join(f'{k}={val}' for k, val in v.effective_server.items())}) "
-                f"need `{command('tune', 'export', study.study_name, '--format', 'env')}`")
+        settings_text = ", ".join(f"{k}={val}" for k, val in v.effective_server.items())
+        note = printable(f"the server-level settings ({settings_text}) "
+                         f"need `{tune_command('export', study.study_name, '--format', 'env')}`")
     return CreatePlan(name, host or tuned_on or None, _model_tag(v), runtime_options(v), v.number,
                       modelfile_text(v, study), note)

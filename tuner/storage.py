@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import quote
 
-from tuner.errors import StorageError, StudyError
+from tuner.errors import StorageError, StudyError, TunerError
 
 DEFAULT_DB = Path("studies") / "tuner.db"
 #: Heartbeats let a RUNNING trial of a killed worker be marked FAIL after the grace period.
@@ -21,19 +23,34 @@ _CREATION_RACE = ("already exists", "duplicate key", "UniqueViolation", "UNIQUE 
                   "database is locked")
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FULL_WORDS = ("database or disk is full", "disk I/O error")
+#: The SQLAlchemy dialects Optuna's RDBStorage is used with (the part before any '+driver').
+_DIALECTS = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
+_URL_HELP = "use sqlite:///path.db, postgresql://user@host/db, mysql://user@host/db or journal:///path.log"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: Every Optuna RDB storage has them: RDBStorage creates them and stamps the last two.
+_OPTUNA_TABLES = ("studies", "version_info", "alembic_version")
+_NOT_A_STUDY = "pass the --storage of a tuner study"
+#: A journal's first line is one small record; a longer one is not a journal.
+_JOURNAL_PROBE = 1 << 20
 
 
 def default_storage_url() -> str:
     return f"sqlite:///{DEFAULT_DB.as_posix()}"
 
 
-# user:password@ up to the last '@' of the URL, since passwords may hold an unencoded '@'.
-_USERINFO = re.compile(r"(\b[A-Za-z][\w+.-]*://[^:/@\s]*:)\S*@")
-_PASSWORD_PARAM = re.compile(r"([?&;](?:password|passwd|pwd|pass)=)[^&;#\s]*", re.IGNORECASE)
+# user:password@ up to the last '@' of the line, since passwords may hold an unencoded '@' or a
+# space; also the malformed scheme:/user:pw@ and scheme:user:pw@ forms, which the user meant as URLs.
+_USERINFO = re.compile(r"(\b[A-Za-z][\w+.-]*:/*[^:/@\s]*:)[^\r\n]*@")
+# A query value runs to the next '&' only: drivers read '#', ';' and spaces as part of it.
+_PASSWORD_PARAM = re.compile(
+    r"([?&;][\w.-]*(?:password|passwd|pwd|pass|secret|token)=)[^&\r\n]*", re.IGNORECASE)
 
 
 def mask(text: str) -> str:
-    """``text`` (a URL, or a message holding URLs) with every password replaced, safe to print."""
+    """``text`` (a URL, or a message holding URLs) with every password replaced, safe to print.
+
+    In a message the mask may take more than the password (up to the line's last '@'), never less.
+    """
     return _PASSWORD_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
@@ -60,11 +77,15 @@ def storage_args(url: str | None) -> tuple[str, ...]:
 
 
 def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = True,
-                 heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Any:
+                 writable: bool | None = None, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S) -> Any:
     """Open (creating when asked) the storage at ``url``.
 
     ``sqlite:///path``, ``postgresql://...``, ``mysql://...`` become an RDBStorage with
     heartbeats; ``journal:///path/file.log`` a journal-file storage for shared file systems.
+    With ``create=False`` a file or database that is not a study storage is refused by name
+    and nothing is created in it; unless ``writable`` (``tune check`` stores its result), it
+    is read-only too: a SQLite file is read through a connection that writes nothing, not
+    even a side file, and any write fails.
     """
     import warnings
 
@@ -77,27 +98,29 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
         # For benchmarks and scripts: nothing is written anywhere.
         return optuna.storages.InMemoryStorage()
     if url.startswith("journal://"):
-        path = Path(url[len("journal://"):])
-        _check_dir(path, url, create)
-        from optuna.storages.journal import JournalFileBackend
-
-        try:
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        except OSError as e:
-            raise StorageError(
-                f"cannot open storage '{mask(url)}': {e.strerror or e}; pass a writable --storage "
-                f"(e.g. journal://{Path.home()}/tuner.log)"
-            ) from None
+        return _open_journal(Path(url[len("journal://"):]), url, create)
+    read_only: str | None = None
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
         if not create and not path.exists():
             raise StudyError(f"no study storage at {path}: run `tune --model ...` first or pass --storage")
         _check_dir(path, url, create)
+        if create and path.is_file() and path.stat().st_size > 0:
+            _refuse_foreign(path, url)
+        if not create:
+            read_only = _read_only_sqlite(path, url)  # checks it is a tuner storage
+            if writable:
+                read_only = None
     elif not re.match(r"^[a-z0-9+]+://", url):
         raise StudyError(
             f"invalid storage URL '{mask(url)}': use sqlite:///path.db, postgresql://user@host/db "
             "or journal:///path.log"
         )
+    scheme = url.split("://", 1)[0]
+    if scheme.split("+")[0] not in _DIALECTS:
+        raise StudyError(f"unknown storage scheme '{scheme}': {_URL_HELP}")
+    if scheme.startswith("sqlite") and not url.startswith("sqlite:///"):
+        raise StudyError(f"invalid storage URL '{mask(url)}': {_URL_HELP}")
     shown = mask(url)
     url = _encode_password(url)
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -108,22 +131,31 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
     # Several workers starting at once race to create the schema; the losers retry.
     for attempt in range(5):
         try:
+            engine_kwargs = {"pool_pre_ping": True} if not url.startswith("sqlite") else None
+            if not create and not url.startswith("sqlite"):
+                _check_server_tables(url, shown, engine_kwargs)
             storage = optuna.storages.RDBStorage(
-                url,
+                # Optuna fills {SCHEMA_VERSION} in with str.format: other braces are kept as typed.
+                (read_only or url).replace("{", "{{").replace("}", "}}"),
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
                 heartbeat_stale_trial_callback=callback,
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                engine_kwargs=_null_pool() if read_only is not None else engine_kwargs,
+                skip_table_creation=not create,
             )
-            if url.startswith("sqlite"):
+            if read_only is None and url.startswith("sqlite"):
                 _fast_sqlite(storage)
             return storage
+        except TunerError:
+            raise
         except ImportError as e:
             raise StudyError(
                 f"storage '{shown}' needs a database driver ({e.name or 'not installed'}): "
                 "for PostgreSQL install `pip install 'ollama-tuner[postgres]'`"
             ) from None
         except Exception as e:  # sqlalchemy errors carry the URL, possibly with a password
+            if e.__class__.__name__ == "NoSuchModuleError":
+                raise StudyError(f"unknown storage scheme '{scheme}': {_URL_HELP}") from None
             last = e
             if any(w in str(e) for w in _CREATION_RACE):
                 time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
@@ -134,6 +166,146 @@ def open_storage(url: str | None, *, retry_failed: bool = False, create: bool = 
         raise full
     reason = mask(str(last).splitlines()[0]) if last and str(last) else last.__class__.__name__
     raise StorageError(f"cannot open storage '{shown}': {reason}") from None
+
+
+def _open_journal(path: Path, url: str, create: bool) -> Any:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if create:
+        _check_dir(path, url, create)
+    else:
+        # Optuna's backend creates a missing file: refused first, as a foreign file is.
+        _check_journal(path)
+    try:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    except OSError as e:
+        raise StorageError(
+            f"cannot open storage '{mask(url)}': {e.strerror or e}; pass a writable --storage "
+            f"(e.g. journal://{Path.home()}/tuner.log)"
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:  # a record Optuna cannot replay
+        raise StudyError(f"{path} is not a readable Optuna journal ({e.__class__.__name__}: {e}): "
+                         f"pass journal:///path to a file written by `tune --storage journal:///...`") from None
+
+
+def _check_journal(path: Path) -> None:
+    """StudyError unless ``path`` is a journal file (an empty one holds no studies yet)."""
+    if not path.exists():
+        raise StudyError(f"no study storage at {path}: run `tune --model ...` first or pass --storage")
+    first = _read_head(path, lambda f: f.readline(_JOURNAL_PROBE))
+    if not first:
+        return
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "op_code" not in record:
+        raise StudyError(f"{path} is not an Optuna journal (first line is not a journal record): pass "
+                         "journal:///path to a file written by `tune --storage journal:///...`")
+
+
+def _read_head(path: Path, read: Callable[[Any], bytes]) -> bytes:
+    if not path.is_file():
+        raise StudyError(f"{path} is not a file: {_NOT_A_STUDY}")
+    try:
+        with path.open("rb") as f:
+            return read(f)
+    except OSError as e:
+        raise StudyError(f"cannot read {path}: {e.strerror or e}; pass a readable --storage") from None
+
+
+def _read_only_sqlite(path: Path, url: str) -> str:
+    """The SQLAlchemy URL that reads the tuner storage at ``path`` writing nothing, not even a
+    side file; StudyError naming the file when it is not a tuner storage."""
+    import sqlite3
+
+    head = _read_head(path, lambda f: f.read(100))
+    if not head:
+        raise StudyError(f"{path} is an empty file, not a study storage: {_NOT_A_STUDY}")
+    if not head.startswith(_SQLITE_MAGIC):
+        raise StudyError(f"{path} is not a SQLite database: {_NOT_A_STUDY}")
+    # mode=ro on a WAL database creates -wal and -shm files and leaves them. With no -wal, no
+    # writer has it open: immutable=1 reads it creating and locking nothing. A running study
+    # has a -wal holding its latest commits, which only mode=ro reads.
+    wal = head[18:20] == b"\x02\x02"
+    flag = "immutable=1" if wal and not os.path.exists(f"{path}-wal") else "mode=ro"
+    target = "file:" + quote(os.fsencode(os.path.abspath(path)))
+    try:
+        con = sqlite3.connect(f"{target}?{flag}", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            _check_tables(tables, mask(url), lambda sql: con.execute(sql).fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.OperationalError as e:  # locked, or cannot be opened: a runtime failure
+        raise StorageError(f"cannot open storage '{mask(url)}': {e}") from None
+    except sqlite3.DatabaseError as e:
+        raise StudyError(f"{path} is not a readable SQLite database ({e}): {_NOT_A_STUDY}") from None
+    # SQLAlchemy decodes the database part of its URL once: the path's '%' are encoded again.
+    database = f"sqlite:///{target.replace('%', '%25')}"
+    return f"{database}?{flag}&uri=true"
+
+
+def _refuse_foreign(path: Path, url: str) -> None:
+    """StudyError when the existing file at ``path`` is not SQLite, or holds only another
+    program's tables: a study is never written into someone else's database. A file with some
+    of Optuna's tables is a storage another worker is creating now: left to Optuna."""
+    import sqlite3
+
+    head = _read_head(path, lambda f: f.read(100))
+    fix = "pass a new file or a tuner storage to --storage"
+    if head and not head.startswith(_SQLITE_MAGIC):
+        raise StudyError(f"{path} is not a SQLite database: {fix}")
+    try:
+        con = sqlite3.connect(f"file:{quote(os.fsencode(os.path.abspath(path)))}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return  # locked or mid-write: RDBStorage says what is wrong, if anything
+    names = sorted(t for t in tables if not t.startswith("sqlite_"))
+    if names and not set(_OPTUNA_TABLES) & tables:
+        listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise StudyError(f"{path} holds another program's tables ({listed}), not tuner studies: {fix}")
+
+
+def _check_server_tables(url: str, shown: str, engine_kwargs: dict[str, Any] | None) -> None:
+    """StudyError unless the database at ``url`` (PostgreSQL, MySQL) holds Optuna's tables."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, **(engine_kwargs or {}))
+
+    def count(sql: str) -> Any:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql(sql).scalar()
+
+    try:
+        _check_tables(set(sqlalchemy.inspect(engine).get_table_names()), shown, count)
+    finally:
+        engine.dispose()
+
+
+def _check_tables(tables: set[str], shown: str, count: Callable[[str], Any]) -> None:
+    """StudyError unless Optuna's tables are there and stamped, so that opening writes nothing
+    (RDBStorage creates missing tables and stamps missing versions)."""
+    if not set(_OPTUNA_TABLES) <= tables:
+        names = sorted(t for t in tables if not t.startswith("sqlite_"))
+        listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        its = f"its tables: {listed}" if names else "it has no tables"
+        raise StudyError(f"{shown} holds no tuner studies ({its}): {_NOT_A_STUDY}")
+    for table in _OPTUNA_TABLES[1:]:
+        if not count(f"SELECT COUNT(*) FROM {table}"):
+            raise StudyError(f"{shown} is an incomplete study storage (its {table} table is empty): "
+                             f"{_NOT_A_STUDY}")
+
+
+def _null_pool() -> dict[str, Any]:
+    from sqlalchemy.pool import NullPool
+
+    # A fresh connection per read: an immutable one must not keep pages a writer has since changed.
+    return {"poolclass": NullPool}
 
 
 def write_failure(e: BaseException) -> StorageError | None:

@@ -24,7 +24,8 @@ def command(*words: Any) -> str:
 
 
 def tune_command(sub: str, study: str, *options: Any) -> str:
-    """``tune SUB [OPTIONS] STUDY`` to paste: the options first and ``--`` before a study name
-    that starts with '-', so the shell-quoted name is never read as an option."""
-    guard = ("--",) if str(study).startswith("-") else ()
-    return command("tune", sub, *options, *guard, study)
+    """``tune SUB STUDY [OPTIONS]`` to paste. A study name that starts with '-' would be read as
+    an option: then the options come first and ``--`` before the name."""
+    if str(study).startswith("-"):
+        return command("tune", sub, *options, "--", study)
+    return command("tune", sub, study, *options)

@@ -308,17 +308,22 @@ def _nearest(v: Any, allowed: Sequence[Any]) -> Any:
 
 
 def open_source_storage(url: str | None, explicit: bool) -> Any:
-    """The storage warm-start sources are read from (``--warm-start-storage``, else --storage);
-    StudyError (exit 2, before anything is created) when it cannot be opened."""
+    """The storage warm-start sources are read from (``--warm-start-storage``, else --storage),
+    opened read-only; before anything is created, StudyError (exit 2) when it is not a study
+    storage, StorageError (exit 1) when it cannot be reached."""
+    from tuner.errors import StorageError
     from tuner.storage import open_storage, shown_url
 
+    shown = shown_url(url)
     try:
         return open_storage(url, create=False)
     except Exception as e:
         reason = str(e).splitlines()[0].split(": pass ")[0] if str(e) else e.__class__.__name__
+        reason = reason.removeprefix(f"{shown} ")  # named once, below
         where = "--warm-start-storage" if explicit else "--warm-start-from"
-        raise StudyError(f"{where}: cannot read the storage {shown_url(url)} ({reason}): give the URL of the "
-                         "storage that holds the earlier study") from None
+        error = StorageError if isinstance(e, StorageError) else StudyError
+        raise error(f"{where}: cannot read the storage {shown} ({reason}): give the URL of the "
+                    "storage that holds the earlier study") from None
 
 
 def check_source(source_storage: Any, name: str, model: str | None = None, variants: Sequence[str] = ()) -> None:

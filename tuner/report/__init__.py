@@ -31,13 +31,12 @@ __all__ = [
 REPORTS_DIR = Path("reports")
 
 
-def output_path(output: str | None, default_name: str) -> Path:
-    """Where a report goes: ``output``, an existing folder's ``default_name``, or without
-    ``output`` ``reports/<default_name>``."""
-    if output is None:
-        return REPORTS_DIR / default_name
-    path = Path(output)
-    return path / default_name if path.is_dir() else path
+def output_path(output: str | None, default_name: str) -> Path | None:
+    """Where a report goes, by :func:`tuner.files.output_path`: ``reports/<default_name>``
+    without ``output``, ``default_name`` inside a folder, None for ``-`` (standard output)."""
+    from tuner.files import output_path as resolve
+
+    return resolve(output, REPORTS_DIR / default_name)
 
 
 def build_report(source: Study | StoredStudy, storage: str | None = None) -> ReportData:
@@ -54,10 +53,11 @@ def write_report(storage_url: str | None, study_name: str | None, output: str | 
     """Build and write the HTML report of a stored study; return the path written.
 
     ``output`` defaults to ``reports/<safe study name>.html``; an existing folder gets that
-    file name inside it. Raises StudyError for a missing study, TunerError when the file
-    cannot be written.
+    file name inside it; ``-`` writes the page to standard output (and returns ``Path("-")``).
+    Other paths follow :func:`tuner.files.write_output`. Raises StudyError for a missing
+    study, TunerError when the file cannot be written.
     """
-    from tuner.files import safe_name, write_atomic
+    from tuner.files import STDOUT, safe_name, write_output
     from tuner.results import load_study
     from tuner.storage import open_storage
 
@@ -66,5 +66,5 @@ def write_report(storage_url: str | None, study_name: str | None, output: str | 
     with paused_gc():  # the objects read stay alive until the page is written: nothing to collect
         text = render_html(build_report(study, storage_url))
     path = output_path(output, f"{safe_name(study.study_name)}.html")
-    write_atomic(path, text.encode("utf-8"), "report")
-    return path
+    write_output(path, text.encode("utf-8"), "report")
+    return path or Path(STDOUT)

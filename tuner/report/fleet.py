@@ -92,11 +92,13 @@ def render_fleet(fleet: Fleet, generated_at: str | None = None) -> str:
 def write_fleet_report(storage_url: str | None, output: str | None) -> Path:
     """Read the fleet of a storage and write its page; return the path written.
 
-    ``output`` defaults to ``reports/fleet.html``; an existing folder gets ``fleet.html``.
+    ``output`` defaults to ``reports/fleet.html``; an existing folder gets ``fleet.html``;
+    ``-`` writes the page to standard output (and returns ``Path("-")``). Other paths follow
+    :func:`tuner.files.write_output`.
     """
-    from tuner.files import write_atomic
+    from tuner.files import STDOUT, write_output
 
     text = render_fleet(read_fleet(storage_url))
     path = output_path(output, FLEET_FILE)
-    write_atomic(path, text.encode("utf-8"), "fleet report")
-    return path
+    write_output(path, text.encode("utf-8"), "fleet report")
+    return path or Path(STDOUT)
