@@ -634,3 +634,40 @@ def test_no_baseline_means_none_on_resume_either(fake: FakeOllama) -> None:
     run_study(o)
     run_study(o)
     assert not any(record.is_baseline(t) for t in _load().trials)
+
+
+def test_a_baseline_left_running_by_a_killed_process_is_measured_again(fake: FakeOllama) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tuner.study import _dead_here
+
+    # The first worker hangs in the baseline's generate and is killed there (as kill -9, or a
+    # full disk that stops it before it can mark the trial failed, would leave it).
+    fake.hang(120, paths=["/api/generate"], after_generates=2)
+    args = ["--model", "gemma3:1b", "--host", fake.url, "--storage", STORAGE, "--study", "s", "--trials", "2",
+            "--repeats", "1", "--num-predict", "16", "--validate", "0", "--no-roofline", "--param", "num_thread=1,2"]
+    p = subprocess.Popen([sys.executable, "-c", "from tuner.cli import cli; cli()", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            trials = _load("s").trials
+        except Exception:
+            trials = []
+        if trials and trials[0].state.name == "RUNNING" and trials[0].user_attrs.get("worker"):
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert _dead_here(_load("s").trials[0])
+    fake.hang(0)
+    lines: list[str] = []
+    run_study(opts(fake, study_name="s", trials=2, repeats=1, validate=0, roofline=False,
+                   params={"num_thread": [1, 2]}), echo=lines.append)
+    assert "the defaults (baseline) were not measured yet: measuring them first" in lines
+    trials = _load("s").trials
+    assert record.is_baseline(trials[1]) and trials[1].state.name == "COMPLETE"
+    assert trials[0].state.name == "RUNNING"  # failed by the heartbeat check once its grace is over
+    assert not _dead_here(trials[1])

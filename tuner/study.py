@@ -485,6 +485,24 @@ class _StartQueue:
         study.set_user_attr(_START_QUEUE, [])
 
 
+def _dead_here(t: Any) -> bool:
+    """Whether a RUNNING trial's worker was a process of this machine that is gone (killed, or
+    stopped by a full disk before it could mark the trial failed): it will never finish, though
+    its heartbeat has not gone stale yet."""
+    w = t.user_attrs.get(record.WORKER) or {}
+    if t.state.name != "RUNNING" or w.get("hostname") != platform.node() or not isinstance(w.get("pid"), int):
+        return False
+    if w["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(w["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 #: A baseline in one of these states is measured, or about to be: no second one is queued.
 _BASELINE_DONE = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
 #: Study attribute: the start's configs not queued yet (params, user attrs).
@@ -1054,7 +1072,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         # The baseline is part of the study's plan: until one is measured (or queued or running
         # on another worker), it is queued first, on creation and on every resume.
         if o.baseline and (created or existing) and not any(
-                record.is_baseline(t) and t.state.name in _BASELINE_DONE for t in existing):
+                record.is_baseline(t) and t.state.name in _BASELINE_DONE and not _dead_here(t) for t in existing):
             if existing:
                 echo("the defaults (baseline) were not measured yet: measuring them first")
             study.enqueue_trial({}, user_attrs={record.BASELINE: True})
