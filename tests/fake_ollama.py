@@ -1,6 +1,6 @@
 """A fake Ollama server for tests: real HTTP on 127.0.0.1, standard library only.
 
-It speaks the wire protocol of Ollama ~v0.33 (see shared/OLLAMA-FACTS.md) well enough for
+It speaks the wire protocol of Ollama ~v0.33 (docs/api.md in Ollama's repository) well enough for
 the official ``ollama`` Python client, and replaces the model with a deterministic
 *speed model* so a tuner has a known optimum to find.
 

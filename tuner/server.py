@@ -10,7 +10,7 @@ downloaded again, and makes sure it never outlives the tuner:
 * on Linux the server gets SIGTERM from the kernel when the tuner dies, even by ``kill -9``
   (PR_SET_PDEATHSIG), and Ollama stops its runners on SIGTERM.
 
-Version rules (see shared/OLLAMA-FACTS.md):
+Version rules (from Ollama's release notes and source, envconfig and llm/server.go):
 
 * before v0.12.5 flash attention has no "auto": unset means off;
 * before v0.30 a quantized KV cache needs flash attention on, else the server silently
