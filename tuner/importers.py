@@ -178,7 +178,8 @@ def _llama_bench_row(obj: Mapping[str, Any], source: str, line: int, fmt: str) -
         test += f" @ d{depth}"
     settings: dict[str, Any] = {}
     for field_, name in _LB_SETTINGS.items():
-        if obj.get(field_) not in (None, ""):
+        # "auto": a value the tool left to the runtime (our own llama-bench tables print it).
+        if obj.get(field_) not in (None, "", "auto"):
             settings[name] = _int(obj[field_], where, field_)
     type_k, type_v = obj.get("type_k"), obj.get("type_v")
     if type_k and type_k == type_v:
