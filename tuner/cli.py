@@ -342,15 +342,27 @@ def studies_cmd(storage: str | None, by_hardware: bool, as_json: bool) -> None:
 @click.argument("study", required=False, shell_complete=_complete_study)
 @_storage_option
 @click.option("--top", "-k", type=int, default=10, show_default=True, help="Rows in the top-k table.")
+@click.option("--format", "fmt", type=click.Choice(["text", "md", "csv", "json", "jsonl"]), default="text",
+              show_default=True,
+              help="md, csv, json, jsonl: every measured config as llama-bench prints its results (one row per "
+                   "config and test, llama-bench's column names), to compare with a llama-bench run.")
 @_json_option
-def show_cmd(study: str | None, storage: str | None, top: int, as_json: bool) -> None:
+def show_cmd(study: str | None, storage: str | None, top: int, fmt: str, as_json: bool) -> None:
     """Print STUDY's best configuration and its top-k table [default: the latest study].
 
     Example: tune show 'gemma3:1b@127.0.0.1:11434' --top 5
+
+    Example: tune show --format md   (a llama-bench table of the study)
     """
     from tuner.show import format_show, show_json
 
-    if as_json:
+    if fmt != "text":
+        if as_json:
+            raise TunerClickError("--json and --format contradict each other: pass one of them", 2)
+        from tuner.llamabench import study_table
+
+        click.echo(study_table(storage, study, fmt), nl=False)
+    elif as_json:
         _print_json(show_json(storage, study, top))
     else:
         click.echo(format_show(storage, study, top))
