@@ -1,6 +1,7 @@
 """Overhead: tuner wall time per trial over the generation time it measured; the pruning saving.
 
     python benchmarks/overhead.py
+    python benchmarks/overhead.py --replay-only     # part 2 alone: no llama.cpp, ~1 min
 
 Part 1 runs a short real study (llama.cpp, demo Gemma 3 270M, SQLite storage as by default,
 the grid's workload) and reports per trial:
@@ -92,9 +93,10 @@ def tuner_cost(tmp: str, trials: int) -> str:
 
             original = study_mod.open_study
 
-            def capture(o: TuneOptions, p: Any) -> Any:
-                holder["study"] = original(o, p)
-                return holder["study"]
+            def capture(*args: Any, **kwargs: Any) -> Any:
+                out = original(*args, **kwargs)  # (study, created)
+                holder["study"] = out[0] if isinstance(out, tuple) else out
+                return out
 
             study_mod.open_study = capture
             t0 = time.perf_counter()
@@ -129,9 +131,15 @@ def main() -> None:
                          "document prompts, 128 tokens)")
     ap.add_argument("--replay-trials", type=int, default=50)
     ap.add_argument("--skip-pruning", action="store_true")
+    ap.add_argument("--replay-only", action="store_true", help="only part 2: the tuner's own cost over the "
+                    "recorded grid (no inference)")
     a = ap.parse_args()
     start_load = load_average()
     with tempfile.TemporaryDirectory() as tmp:
+        if a.replay_only:
+            print(tuner_cost(tmp, a.replay_trials))
+            print(f"\n{now_iso()}, load average {start_load} -> {load_average()}")
+            return
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text(SHORT_PROMPT, encoding="utf-8")
         storage = f"sqlite:///{tmp}/overhead.db"

@@ -10,13 +10,20 @@ scaled by a random factor (so values, the ranking and the Pareto front vary), an
 each is timed in phases, in this process after a warm-up run: opening the storage and reading
 every trial once (load), computing the data (data), drawing the figures (figures), the HTML
 (render); then the whole `tune report` command in a fresh process (Python start-up, imports,
-plotly's first figure and writing the file included).
+plotly's first figure and writing the file included), as wall time and as the CPU time of that
+process (user + system: what the command itself costs on a machine other processes share).
+
+The copies keep the source's parameter values (each copy is one of its searched trials), so
+every value of a setting is measured many times and the report's parameter effects carry 95%
+intervals: the t quantile of those intervals is part of what the command imports and computes
+(scipy.special), and the benchmark refuses a study whose effects have none.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -106,12 +113,28 @@ def time_report(url: str, name: str) -> dict[str, float]:
             "MB": len(page.encode("utf-8")) / 1e6}
 
 
-def time_command(url: str, name: str, out: Path) -> float:
-    """Seconds of `tune report` in a fresh process."""
+def intervals(url: str, name: str) -> tuple[int, int, int, int]:
+    """The report's parameter effects of the study: (values with a 95% interval, values,
+    settings with an effect interval, settings)."""
+    from tuner.effects import compute
+    from tuner.results import load_study, read_study
+    from tuner.storage import open_storage
+
+    effects = compute(read_study(load_study(open_storage(url, create=False), name)))
+    values = [v for p in effects.params for v in p.values]
+    return (sum(v.ci_low is not None for v in values), len(values),
+            sum(p.effect_low is not None for p in effects.params), len(effects.params))
+
+
+def time_command(url: str, name: str, out: Path) -> tuple[float, float]:
+    """Seconds of `tune report` in a fresh process: wall, and the process's CPU (user + system)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tuner.cli", "report", name, "--storage", url, "-o", str(out)],
                    check=True, capture_output=True, cwd=ROOT)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -138,20 +161,28 @@ def main() -> None:
             t0 = time.perf_counter()
             copy_study(src, url, src_name, n)
             print(f"{n} trials written in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            ci_values, n_values, ci_effects, n_params = intervals(url, src_name)
+            if not ci_values or not ci_effects:
+                raise SystemExit(f"the {n}-trial study's parameter effects carry no interval "
+                                 f"({ci_values} of {n_values} values, {ci_effects} of {n_params} settings): "
+                                 "the benchmark would miss the t quantile's cost")
             time_report(url, src_name)  # warm-up: imports and plotly's first figure are paid once
             runs = [time_report(url, src_name) for _ in range(args.repeats)]
-            cmd = [time_command(url, src_name, Path(tmp) / f"r{n}.html") for _ in range(args.repeats)]
+            timed = [time_command(url, src_name, Path(tmp) / f"r{n}.html") for _ in range(args.repeats)]
+            cmd, cpu = [w for w, _ in timed], [c for _, c in timed]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             # Linear growth shows as a steady cost per added trial from one size to the next.
             slope = "-" if prev is None else f"{(med['in-process'] - prev[1]) / (n - prev[0]) * 1000:.2f}"
             prev = (n, med["in-process"])
             rows.append([n, f"{med['load']:.3f}", f"{med['data']:.3f}", f"{med['figures']:.3f}",
                          f"{med['render']:.3f}", f"{med['in-process']:.3f}", slope, f"{statistics.median(cmd):.2f}",
-                         f"{max(cmd):.2f}", f"{med['MB']:.1f}"])
+                         f"{max(cmd):.2f}", f"{statistics.median(cpu):.2f}", f"{med['MB']:.1f}",
+                         f"{ci_values}/{n_values} values, {ci_effects}/{n_params} settings"])
     title = (f"tune report on an N-trial SQLite study ({start}, load average {load_start} -> {load_average()}; "
              f"median of {args.repeats})")
     print(table(["trials", "load s", "data s", "figures s", "render s", "in-process s", "ms per added trial",
-                 "tune report s", "tune report max s", "HTML MB"], rows, title))
+                 "tune report s", "tune report max s", "tune report CPU s", "HTML MB", "effects with a 95% CI"],
+                rows, title))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from conftest import invoke
 from fake_ollama import FakeOllama, default_models, default_speed
 
 from tuner import results
-from tuner.check import Check, checks_of, environment_changes, last_check
+from tuner.checks import Check, checks_of, environment_changes, last_check
 from tuner.stats import log_ratio_ci95, t975
 from tuner.storage import open_storage
 from tuner.study import TuneOptions, run_study
@@ -93,7 +93,7 @@ def test_an_unchanged_server_passes_and_the_check_is_stored(old: FakeOllama) -> 
 
 def test_the_drift_figure_marks_every_change_of_the_environment(old: FakeOllama) -> None:
     from tuner import report
-    from tuner.check import drift_series
+    from tuner.checks import drift_series
     from tuner.report.figures import drift_figure
 
     name = _study(old, trials=2, validate=0)
@@ -385,7 +385,7 @@ def test_last_check_reads_the_latest_entry() -> None:
 
 
 def test_a_regression_advises_the_stored_re_tune_and_checks_stored_before_it_still_read() -> None:
-    from tuner.check import advice, since_text, verdict_text
+    from tuner.checks import advice, since_text, verdict_text
 
     c = Check(at="2026-12-01T10:00:00+00:00", verdict="regression", exit_code=1, objective="decode_tps",
               winner_trial=4, winner_now=412.0, winner_stored=498.0, change_pct=-17.0, change_ci95=(-19.0, -15.0),

@@ -75,7 +75,7 @@ def test_unknown_command_is_named_not_run() -> None:
     r = invoke("frobnicate", "x")
     assert r.exit_code == 2
     assert r.output == ("Error: No such command 'frobnicate': the commands are run, studies, show, demo, "
-                        "report, export, check (see `tune --help`)\n")
+                        "report, export, import, check (see `tune --help`)\n")
 
 
 def test_exit_codes_are_documented_in_help() -> None:

@@ -267,7 +267,9 @@ def test_output_write_failure(study_url: tuple[str, Any], tmp_path: Path) -> Non
 def _create(storage: str, name: str, echo: Any = lambda s: None, **kw: Any) -> str:
     from tuner.engines.ollama import create_model
 
-    return create_model(export.create_plan(storage, None, name, **kw), echo)
+    plan = export.create_plan(storage, None, name, **kw)
+    return create_model(plan.name, plan.source, plan.parameters, echo, host=plan.host, announce=plan.announce(),
+                        note=plan.note)
 
 
 def test_create_model_with_fake_ollama(study_url: tuple[str, Any]) -> None:

@@ -13,7 +13,7 @@ from conftest import invoke
 from fake_ollama import FakeOllama
 
 import tuner.study
-from tuner import fleet, results
+from tuner import fleet, machine, results
 from tuner.engines import GpuOffload
 from tuner.engines.ollama import OllamaEngine
 from tuner.storage import open_storage
@@ -77,13 +77,13 @@ def test_rows_group_studies_by_model_and_hardware(fake: FakeOllama, monkeypatch:
     assert hw["gpus"] == []  # NVML sees no GPU here: the server's own word labels it
     cpu_text = f"{hw['cpu']}, {hw['cores']} cores"
     assert rows["box-fast"].hardware == f"GPU (server-reported): {cpu_text}"
-    assert rows["box-fast"].accelerator == fleet.SERVER_GPU
+    assert rows["box-fast"].accelerator == machine.SERVER_GPU
     assert rows["box-fast"].studies == ("box-fast", "box-slow")
     assert rows["box-fast"].value is not None and slow.best() is not None
     assert rows["box-fast"].value > slow.best().values[0]  # type: ignore[union-attr]
-    assert rows["cpu"].hardware == f"CPU-only: {cpu_text}" and rows["cpu"].accelerator == fleet.CPU
+    assert rows["cpu"].hardware == f"CPU-only: {cpu_text}" and rows["cpu"].accelerator == machine.CPU
     assert rows["cpu"].fingerprint == hw  # the same machine; what ran the model tells the rows apart
-    assert rows["h200"].hardware == "2x NVIDIA H200" and rows["h200"].accelerator == fleet.GPU
+    assert rows["h200"].hardware == "2x NVIDIA H200" and rows["h200"].accelerator == machine.GPU
     assert rows["h200"].fingerprint == {**hw, "gpus": ["NVIDIA H200", "NVIDIA H200"]}
 
     for name, row in rows.items():
@@ -189,7 +189,7 @@ def test_a_remote_server_is_its_own_machine(fake: FakeOllama, monkeypatch: pytes
     for name, server in (("remote-a", "192.0.2.2:18440"), ("remote-b", "192.0.2.2:18441")):
         r = rows[name]
         assert r.hardware == f"server {server} (remote; hardware not seen by the tuner)"
-        assert (r.server, r.fingerprint, r.accelerator) == (server, None, fleet.SERVER_GPU)
+        assert (r.server, r.fingerprint, r.accelerator) == (server, None, machine.SERVER_GPU)
     doc = json.loads(invoke("studies", "--by-hardware", "--json", "--storage", STORAGE).output)
     remote = next(d for d in doc["rows"] if d["study"] == "remote-a")
     assert remote["hardware"] == {"label": "server 192.0.2.2:18440 (remote; hardware not seen by the tuner)",
@@ -275,7 +275,7 @@ def test_a_tie_goes_to_the_revalidated_study_and_the_last_check_is_the_pairs(
       "host": "http://localhost:11434"}, "NVIDIA L4"),
 ])
 def test_the_hardware_label_says_only_what_was_recorded(attrs: dict[str, Any], label: str) -> None:
-    assert fleet.hardware_label(attrs) == label
+    assert machine.hardware_label(attrs) == label
 
 
 def test_studies_by_hardware_prints_a_table_and_json(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -352,3 +352,49 @@ def test_a_study_is_never_written_into_another_programs_database(fake: FakeOllam
     assert r.output == "Error: data/text.db is not a SQLite database: pass a new file or a tuner storage to --storage\n"
     assert _state(data) == before
     assert not fake.prompt_requests()
+
+
+def test_the_plain_read_of_an_rdb_study_equals_optunas(tmp_path: Path) -> None:
+    """``rdb_trials`` (the report's read) gives what ``get_all_trials`` gives, attribute order
+    included, for every kind of trial: states, several objectives, inf, intermediate values,
+    each kind of distribution; through a read-only storage; other storages are left to Optuna."""
+    import math
+
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from tuner.results import read_study, trials_of
+    from tuner.storage import rdb_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize"])
+    dists = {"num_ctx": CategoricalDistribution([2048, 32768]), "temperature": FloatDistribution(0.1, 1.0),
+             "num_batch": IntDistribution(32, 512, log=True), "variant": CategoricalDistribution(["a", None, 1.5])}
+    rng = __import__("random").Random(0)
+    for i in range(700):  # more than one IN (...) chunk
+        state = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL][i % 3]
+        params = {"num_ctx": rng.choice([2048, 32768]), "temperature": rng.uniform(0.1, 1.0),
+                  "num_batch": rng.randint(32, 512), "variant": rng.choice(["a", None, 1.5])}
+        keep = {k: v for k, v in params.items() if rng.random() < 0.9}
+        values = [rng.choice([rng.uniform(1, 99), math.inf]), -math.inf if i % 7 == 0 else 3.0] \
+            if state == TrialState.COMPLETE else None
+        study.add_trial(create_trial(
+            state=state, values=values, params=keep, distributions={k: dists[k] for k in keep},
+            user_attrs={"z": i, "a": {"nested": [1.5, None, "x"]}, "m": "é </script>", "n": math.nan},
+            system_attrs={"k": [i]} if i % 2 else {},
+            intermediate_values={s: rng.choice([float(s), math.inf, -math.inf]) for s in range(i % 4)}))
+    ro = optuna.load_study(study_name="s", storage=open_storage(url, create=False))
+    mine = rdb_trials(ro._storage, ro._study_id)
+    theirs = study._storage.get_all_trials(study._study_id, deepcopy=False)
+    assert mine is not None and len(mine) == 700
+
+    def shape(t: optuna.trial.FrozenTrial) -> tuple:
+        return (list(t.params), list(t.user_attrs), list(t.system_attrs), list(t.intermediate_values),
+                t._trial_id, [type(v) for v in t.values or []], repr(t.user_attrs["n"]))
+
+    assert mine == theirs and [shape(t) for t in mine] == [shape(t) for t in theirs]
+    assert trials_of(ro) == theirs and read_study(ro).records == read_study(study).records
+    memory = optuna.create_study()
+    memory.add_trial(create_trial(value=1.0))
+    assert rdb_trials(memory._storage, memory._study_id) is None and len(trials_of(memory)) == 1

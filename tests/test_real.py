@@ -239,8 +239,9 @@ def _direct_thread_ratio(gguf: str, rounds: int = 3, attempts: int = 8) -> float
     return statistics.median(rates[2]) / statistics.median(rates[1])
 
 
-def _direct_rate(llm: Any, num_predict: int) -> tuple[float, float]:
-    """One request through plain llama-cpp-python: decode tok/s from perf counters and wall clock."""
+def _direct_rate(llm: Any, num_predict: int) -> tuple[float, float, float]:
+    """One request through plain llama-cpp-python: decode tok/s from perf counters and wall clock,
+    and prefill tok/s from perf counters (llama-bench's tg N and pp N are these two ratios)."""
     import llama_cpp
 
     llm.reset()
@@ -254,7 +255,8 @@ def _direct_rate(llm: Any, num_predict: int) -> tuple[float, float]:
             stamps.append(time.perf_counter())
     assert len(stamps) > num_predict // 2, "the model stopped early: use a prompt it answers at length"
     perf = llama_cpp.llama_perf_context(llm.ctx)
-    return perf.n_eval / perf.t_eval_ms * 1e3, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return (perf.n_eval / perf.t_eval_ms * 1e3, (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            perf.n_p_eval / perf.t_p_eval_ms * 1e3)
 
 
 @pytest.mark.real
@@ -269,7 +271,8 @@ def test_the_tuner_measures_what_plain_llama_cpp_measures(gguf: str) -> None:
         llama_cpp, gguf, n_ctx=1024, n_batch=512, n_ubatch=512, n_gpu_layers=0,
         n_threads=2, n_threads_batch=2, verbose=False,
     )
-    pairs: list[tuple[float, float, float]] = []  # (tuner, plain, plain wall clock), quiet ones only
+    # (tuner, plain, plain wall clock, tuner prefill, plain prefill), quiet ones only
+    pairs: list[tuple[float, float, float, float, float]] = []
     every: list[tuple[float, float]] = []
     try:
         _direct_rate(direct, 8)  # warm-up, as the tuner's first measurement has one
@@ -281,11 +284,11 @@ def test_the_tuner_measures_what_plain_llama_cpp_measures(gguf: str) -> None:
                 t0 = time.time()
                 m = measure_config(engine, gguf, options, workload, reload=first)
                 first = False
-                perf, wall = _direct_rate(direct, num_predict)
+                perf, wall, prefill = _direct_rate(direct, num_predict)
                 time.sleep(load.interval_s)
                 every.append((m.samples[0].decode_tps, perf))
                 if load.cores(t0, time.time()) < QUIET_CORES:
-                    pairs.append((m.samples[0].decode_tps, perf, wall))
+                    pairs.append((m.samples[0].decode_tps, perf, wall, m.samples[0].prefill_tps, prefill))
     finally:
         direct.close()
         engine.close()
@@ -302,6 +305,11 @@ def test_the_tuner_measures_what_plain_llama_cpp_measures(gguf: str) -> None:
           f"(gap {gap:.1%}), plain wall clock {c:.2f} tok/s; "
           f"CV tuner {_cv([p[0] for p in pairs]):.1%}, plain {_cv([p[1] for p in pairs]):.1%}")
     assert gap < 0.05, pairs
+    # Prefill too (llama-bench's pp N): the tuner's figure against llama.cpp's own counters.
+    pp_tuner, pp_plain = statistics.median(p[3] for p in pairs), statistics.median(p[4] for p in pairs)
+    print(f"prefill: tuner {pp_tuner:.1f} tok/s, plain llama-cpp-python {pp_plain:.1f} tok/s "
+          f"(gap {abs(pp_tuner - pp_plain) / pp_plain:.1%})")
+    assert abs(pp_tuner - pp_plain) / pp_plain < 0.05, pairs
     # The perf counters agree with the client's clock (which adds Python's per-token work).
     assert abs(b - c) / c < 0.15, pairs
 

@@ -695,7 +695,7 @@ def test_pareto_front_matches_the_definition() -> None:
 
 def test_importing_the_report_loads_nothing_heavy() -> None:
     # plotly, optuna and pandas load when a report is built, not when the CLI imports the package.
-    # (That the read side loads no engine or study module is tests/test_record.py's.)
+    # (That the read side loads nothing that measures is tests/test_structure.py's.)
     import subprocess
     import sys
 
@@ -943,7 +943,7 @@ def dataclasses_replace(r: Any, **kw: Any) -> Any:
 
 
 def _check(verdict: str, pct: float, ci: tuple[float, float], changes: list[str], text: str = "") -> dict[str, Any]:
-    from tuner.check import Check
+    from tuner.checks import Check
 
     return Check(at="2026-12-01T08:00:00+00:00", verdict=verdict, exit_code=1 if verdict == "regression" else 0,
                  objective="decode_tps", winner_trial=1, winner_now=60.0 * (1 + pct / 100), winner_stored=60.0,
@@ -951,7 +951,7 @@ def _check(verdict: str, pct: float, ci: tuple[float, float], changes: list[str]
 
 
 def test_first_screen_names_the_last_check_and_a_regression_prominently() -> None:
-    from tuner.check import Check, verdict_text
+    from tuner.checks import Check, verdict_text
 
     records = [_rec(0, 50.0, baseline=True), _rec(1, 60.0, options={"num_ctx": 4096})]
     ok = _check("ok", -0.8, (-2.0, 0.4), [])
@@ -1230,3 +1230,28 @@ def test_no_interval_after_a_re_validation_the_machine_kept_busy_says_so_not_val
     assert modelfile_text(records[1], st).count("no round free of other processes' load") == 1
     # Without any re-validation the advice stays --validate 2.
     assert _stored(records).winner_speedup(records[1]).no_interval == results.NOT_REVALIDATED
+
+
+def test_the_whole_command_writes_the_page_of_the_in_process_report(tmp_path: Path) -> None:
+    """`python -m tuner.cli report` (its own process: it skips the last collections at exit)
+    writes what ``write_report`` writes, leaves no side file and keeps the study as it was."""
+    import hashlib
+    import re
+    import subprocess
+    import sys
+
+    url, _ = make_study(tmp_path, validation=True, pruned=True)
+    db = tmp_path / "tuner.db"
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    r = subprocess.run([sys.executable, "-m", "tuner.cli", "report", STUDY, "--storage", url, "-o",
+                        str(tmp_path / "command.html")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "command.html")
+    report.write_report(url, STUDY, str(tmp_path / "in-process.html"))
+
+    def page(name: str) -> str:
+        return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", "DATE", (tmp_path / name).read_text(encoding="utf-8"))
+
+    assert page("command.html") == page("in-process.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["command.html", "in-process.html", "tuner.db"]
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before

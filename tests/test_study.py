@@ -650,10 +650,12 @@ def test_a_baseline_left_running_by_a_killed_process_is_measured_again(fake: Fak
             "--repeats", "1", "--num-predict", "16", "--validate", "0", "--no-roofline", "--param", "num_thread=1,2"]
     p = subprocess.Popen([sys.executable, "-c", "from tuner.cli import cli; cli()", *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tuner.storage import open_storage
+
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            trials = _load("s").trials
+        try:  # read-only: the poll must not race the worker creating the storage
+            trials = optuna.load_study(study_name="s", storage=open_storage(STORAGE, create=False)).trials
         except Exception:
             trials = []
         if trials and trials[0].state.name == "RUNNING" and trials[0].user_attrs.get("worker"):

@@ -10,7 +10,7 @@ import pytest
 from conftest import invoke
 from fake_ollama import FakeOllama
 
-from tuner import record, results, warmstart
+from tuner import machine, record, results, warmstart
 from tuner.record import TrialRecord
 from tuner.space import Param, SearchSpace
 from tuner.storage import open_storage
@@ -60,21 +60,21 @@ def test_mapping_moves_values_into_the_new_space_and_says_which() -> None:
 
 def test_hardware_tiers() -> None:
     def m(gpus: list[str], offloads: bool | None, vram: float | None = None, cpu: str = "X", cores: int = 8,
-          server: str = "local") -> warmstart.Machine:
-        return warmstart.Machine({"cpu": cpu, "cores": cores, "ram_gib": 32, "gpus": gpus}, offloads, vram, server)
+          server: str = "local") -> machine.Machine:
+        return machine.Machine({"cpu": cpu, "cores": cores, "ram_gib": 32, "gpus": gpus}, offloads, vram, server)
 
     box = m(["RTX 4090"], True, 24564)
-    assert warmstart.match(box, m(["RTX 4090"], True, 24564)) == warmstart.SAME_HARDWARE
-    assert warmstart.match(box, m(["RTX 4090"], True, 24564, cpu="Y")) == warmstart.SAME_GPU
-    assert warmstart.match(box, m(["RTX 3090"], True, 24576, cpu="Y")) == warmstart.SAME_VRAM
-    assert warmstart.match(box, m(["RTX 4060"], True, 8188, cpu="Y")) is None
+    assert machine.match(box, m(["RTX 4090"], True, 24564)) == machine.SAME_HARDWARE
+    assert machine.match(box, m(["RTX 4090"], True, 24564, cpu="Y")) == machine.SAME_GPU
+    assert machine.match(box, m(["RTX 3090"], True, 24576, cpu="Y")) == machine.SAME_VRAM
+    assert machine.match(box, m(["RTX 4060"], True, 8188, cpu="Y")) is None
     # CPU-only studies seed only CPU-only machines, GPU studies only GPU machines.
-    assert warmstart.match(box, m([], False)) is None
-    assert warmstart.match(m([], False), m(["RTX 4090"], True, 24564)) is None
-    assert warmstart.match(m([], False), m([], False, cores=4)) == warmstart.SAME_CPU
-    assert warmstart.match(m([], False), m([], False, cpu="Y")) == warmstart.SAME_CORES
+    assert machine.match(box, m([], False)) is None
+    assert machine.match(m([], False), m(["RTX 4090"], True, 24564)) is None
+    assert machine.match(m([], False), m([], False, cores=4)) == machine.SAME_CPU
+    assert machine.match(m([], False), m([], False, cpu="Y")) == machine.SAME_CORES
     # A remote server's hardware is not the measuring machine's fingerprint.
-    assert warmstart.match(m([], True, server="gpu-box"), m([], True, server="other-box")) is None
+    assert machine.match(m([], True, server="gpu-box"), m([], True, server="other-box")) is None
     assert warmstart.family("gemma3:4b-it-qat") == warmstart.family("gemma3:4b") == "gemma3:4b"
     assert warmstart.family("gemma3:1b") != warmstart.family("gemma3:4b")
 
@@ -229,9 +229,9 @@ def test_a_partial_offload_moved_on_the_same_hardware_says_nearest() -> None:
 
 def test_a_server_found_local_is_local_whatever_its_address() -> None:
     # Reached through the machine's own hostname: the study recorded that the server ran here.
-    assert warmstart.server_of({"engine": "ollama", "host": "http://gpu-01:11434", "server_local": True}) == "local"
-    assert warmstart.server_of({"engine": "ollama", "host": "http://gpu-01:11434"}) == "gpu-01"
-    assert warmstart.server_of({"engine": "ollama", "host": "http://127.0.0.1:11434"}) == "local"
+    assert machine.server_of({"engine": "ollama", "host": "http://gpu-01:11434", "server_local": True}) == "local"
+    assert machine.server_of({"engine": "ollama", "host": "http://gpu-01:11434"}) == "gpu-01"
+    assert machine.server_of({"engine": "ollama", "host": "http://127.0.0.1:11434"}) == "local"
 
 
 def test_partial_offload_seeds_keep_the_full_offload_screen() -> None:
@@ -253,12 +253,12 @@ def test_partial_offload_seeds_keep_the_full_offload_screen() -> None:
 
 def test_a_server_recorded_remote_is_remote_whatever_its_address() -> None:
     # A tunnel to another machine reads as loopback: the study recorded that the server was not here.
-    assert warmstart.server_of({"engine": "ollama", "host": "http://127.0.0.1:11434", "server_local": False}) \
+    assert machine.server_of({"engine": "ollama", "host": "http://127.0.0.1:11434", "server_local": False}) \
         == "127.0.0.1"
     # Studies that did not record it: a loopback address in any spelling is local (no name is resolved).
-    assert warmstart.server_of({"engine": "ollama", "host": "http://[::1]:11434"}) == "local"
-    assert warmstart.server_of({"engine": "ollama", "host": "LOCALHOST:11434"}) == "local"
-    assert warmstart.server_of({"engine": "ollama", "host": "gpu-01:11434"}) == "gpu-01"
+    assert machine.server_of({"engine": "ollama", "host": "http://[::1]:11434"}) == "local"
+    assert machine.server_of({"engine": "ollama", "host": "LOCALHOST:11434"}) == "local"
+    assert machine.server_of({"engine": "ollama", "host": "gpu-01:11434"}) == "gpu-01"
 
 
 def test_only_a_source_that_observed_the_offload_tells_gpu_from_cpu() -> None:
@@ -267,21 +267,21 @@ def test_only_a_source_that_observed_the_offload_tells_gpu_from_cpu() -> None:
                 "hardware": {"cpu": "X", "cores": 8, "ram_gib": 32, "gpus": list(gpus)},
                 "environment": {"gpu_offload": {"offloads": offloads, "source": source}}}
 
-    assert results.offloads(attrs(False, "ollama-ps")) is False
-    assert results.offloads(attrs(False, "ollama-ps")["environment"]) is False
-    assert results.offloads(attrs(True, "--param num_gpu")) is None
-    cpu = warmstart.Machine.of(attrs(False, "ollama-ps"))
+    assert machine.offloads(attrs(False, "ollama-ps")) is False
+    assert machine.offloads(attrs(False, "ollama-ps")["environment"]) is False
+    assert machine.offloads(attrs(True, "--param num_gpu")) is None
+    cpu = machine.Machine.of(attrs(False, "ollama-ps"))
     assert cpu.offloads is False
     # num_gpu given on the command line decided nothing: not known, so it seeds and is seeded by either.
-    given = warmstart.Machine.of(attrs(True, "--param num_gpu"))
+    given = machine.Machine.of(attrs(True, "--param num_gpu"))
     assert given.offloads is None
-    assert warmstart.match(given, cpu) == warmstart.match(cpu, given) == warmstart.SAME_HARDWARE
+    assert machine.match(given, cpu) == machine.match(cpu, given) == machine.SAME_HARDWARE
     # Without the engine's word, GPUs NVML saw still say GPU.
-    assert warmstart.Machine.of(attrs(True, "unknown", ("NVIDIA L4",))).offloads is True
+    assert machine.Machine.of(attrs(True, "unknown", ("NVIDIA L4",))).offloads is True
 
 
 def test_a_stored_warm_start_reads_back() -> None:
-    ws = warmstart.WarmStart([warmstart.Source("a", warmstart.SAME_GPU)],
+    ws = warmstart.WarmStart([warmstart.Source("a", machine.SAME_GPU)],
                              [warmstart.Seed({"num_gpu": 27}, "a#3", 41.5, ("num_gpu 20 -> 27 (nearest allowed)",))],
                              ["a#4: variant x is not searched here"])
     back = warmstart.WarmStart.from_dict(ws.to_dict())

@@ -197,11 +197,9 @@ def _verdict(params: Sequence[ParamEffect], label: str, maximize: bool, log_scal
 
 def compute(s: StoredStudy) -> Effects:
     """The parameter effects of ``s``'s first objective (see the module docstring for the method)."""
-    names = list(s.attrs.get("objectives") or ["decode_tps"])
-    objective, maximize = str(names[0]), s.direction == "maximize"
+    objective, maximize = s.info.objective, s.direction == "maximize"
     used, excluded, notes = _trials(s)
-    stored = s.attrs.get("space")
-    space = searched_values(stored if isinstance(stored, dict) else None, [r.params for r in used])
+    space = searched_values(s.info.space or None, [r.params for r in used])
     used = [r for r in used if any(k in r.params for k in space)]
     raw = {r.number: float(r.values[0]) for r in used if r.values}
     log_scale = all(v > 0 for v in raw.values())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner import results
-from tuner.record import TrialRecord
+from tuner.record import DECODE_TPS, PREFILL_TPS, TTFT_MS, TrialRecord, read_study_info
 from tuner import settings
 from tuner.errors import ExportError, SpaceError
 from tuner.terminal import printable, tune_command
@@ -115,33 +115,33 @@ def _stored(study: Any) -> results.StoredStudy:
 
 
 def _defaults(s: results.StoredStudy) -> str:
-    return results.defaults_name(s.attrs.get("engine", "ollama"))
+    return results.defaults_name(s.info.engine_or_default)
 
 
 def _engine_label(s: results.StoredStudy) -> str:
     """'Ollama', or 'llama.cpp (llama-cpp-python)' for a study of the llama-cpp engine."""
-    if s.attrs.get("engine") == "llama-cpp":
+    if s.info.engine == "llama-cpp":
         return f"{results.engine_name('llama-cpp')} (llama-cpp-python)"
     return results.engine_name("ollama")
 
 
 def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list[str]:
     v = _view(trial)
-    objectives = list(s.attrs.get("objectives") or ["decode_tps"])
+    objectives = s.info.objectives
     lines = [
         f"# {what} exported by ollama-tuner on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"# study '{s.name}', trial #{v.number}"
         + (f" (baseline: {_defaults(s)})" if v.baseline else "")
-        + f"; measured on {_engine_label(s)} {s.attrs.get('server_version') or '?'}"
-        + f" at {s.attrs.get('host') or '?'}",
+        + f"; measured on {_engine_label(s)} {s.info.server_version or '?'}"
+        + f" at {s.info.host or '?'}",
     ]
     if v.values:
         lines.append("# objective " + ", ".join(f"{o} = {_fmt(x, 2)}" for o, x in zip(objectives, v.values)))
-    if "decode_tps" in v.stats:
+    if DECODE_TPS in v.stats:
         lines.append(
-            f"# decode {_fmt(v.stat('decode_tps'))} ± {_fmt(v.stat('decode_tps', 'sd'))} tok/s "
-            f"(p50 {_fmt(v.stat('decode_tps', 'p50'))}), prefill {_fmt(v.stat('prefill_tps'), 0)} tok/s, "
-            f"TTFT p50 {_fmt(v.stat('ttft_ms', 'p50'), 0)} / p95 {_fmt(v.stat('ttft_ms', 'p95'), 0)} ms"
+            f"# decode {_fmt(v.stat(DECODE_TPS))} ± {_fmt(v.stat(DECODE_TPS, 'sd'))} tok/s "
+            f"(p50 {_fmt(v.stat(DECODE_TPS, 'p50'))}), prefill {_fmt(v.stat(PREFILL_TPS), 0)} tok/s, "
+            f"TTFT p50 {_fmt(v.stat(TTFT_MS, 'p50'), 0)} / p95 {_fmt(v.stat(TTFT_MS, 'p95'), 0)} ms"
         )
     w = s.winner_speedup(v)
     if isinstance(w, results.Speedup):
@@ -368,7 +368,8 @@ def create_plan(
     if not name or not _TOKEN.match(name):
         raise ExportError(f"invalid model name '{name}': use letters, digits and - _ . : / (e.g. gemma3-tuned)")
     study = _load(storage_url, study_name)
-    engine_name = study.user_attrs.get("engine", "ollama")
+    info = read_study_info(study)
+    engine_name = info.engine_or_default
     if engine_name != "ollama":
         raise ExportError(
             f"study '{study.study_name}' was tuned with the {engine_name} engine: creating an Ollama model "
@@ -376,7 +377,7 @@ def create_plan(
         )
     v = results.pick_trial(study, trial_number, allow_infeasible)
     # A managed server's address died with the run that started it: use OLLAMA_HOST then.
-    tuned_on = None if study.user_attrs.get("managed_server") else study.user_attrs.get("host")
+    tuned_on = None if info.managed_server else info.host
     note = ""
     if v.effective_server:
         settings_text = ", ".join(f"{k}={val}" for k, val in v.effective_server.items())

@@ -13,30 +13,22 @@ import dataclasses
 import datetime as dt
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
-from urllib.parse import urlsplit
 
 from tuner import objectives, results
-from tuner.check import last_check
-from tuner.record import TrialRecord
+from tuner.checks import last_check
+from tuner.machine import accelerator, hardware_label, remote_server
+from tuner.record import StudyInfo, TrialRecord
 from tuner.results import StoredStudy
 from tuner.show import jsonable
 from tuner.storage import open_storage, shown_url
 from tuner.terminal import printable
-from tuner.warmstart import server_of
-
-#: What ran the model, as :attr:`FleetRow.accelerator` says it.
-GPU = "gpu"                 # GPUs NVML named, and the engine offloaded (or did not say otherwise)
-SERVER_GPU = "server-gpu"   # no GPU NVML could see, but the server reported offloading to one
-CPU = "cpu"                 # the engine reported running the model on the CPU only
-UNKNOWN = "unknown"         # no evidence either way: the label says so instead of guessing
 
 
 @dataclass(frozen=True)
 class LastCheck:
-    """The latest ``tune check`` of a study (see :func:`tuner.check.last_check`)."""
+    """The latest ``tune check`` of a study (see :func:`tuner.checks.last_check`)."""
 
     #: When it ran, ISO 8601 as stored.
     at: str
@@ -94,7 +86,7 @@ class FleetRow:
     #: The study attribute ``hardware`` (cpu, cores, ram_gib, gpus); None when not recorded, or
     #: when the server was remote (then it describes the measuring machine, not the server's).
     fingerprint: dict[str, Any] | None
-    #: What ran the model: GPU, SERVER_GPU, CPU or UNKNOWN (module constants).
+    #: What ran the model: GPU, SERVER_GPU, CPU or UNKNOWN (:func:`tuner.machine.accelerator`).
     accelerator: str
     engine: str
     objective: str
@@ -148,79 +140,8 @@ def _model_label(model: str) -> str:
     return model.rsplit("/", 1)[-1] if model.endswith(".gguf") else model
 
 
-def _gpu_names(gpus: Sequence[str]) -> str:
-    """e.g. "NVIDIA H200", "2x NVIDIA H200", "NVIDIA A100 + NVIDIA L4"."""
-    counts = Counter(str(g) or "unnamed GPU" for g in gpus)
-    return " + ".join(name if n == 1 else f"{n}x {name}" for name, n in sorted(counts.items()))
-
-
-def _cpu_text(hw: dict[str, Any], ram: bool = False) -> str:
-    cores = hw.get("cores")
-    text = f"{hw.get('cpu') or 'unknown CPU'}, {cores if cores is not None else '?'} cores"
-    if ram:
-        text += f", {hw['ram_gib']} GiB RAM" if hw.get("ram_gib") is not None else ", RAM unknown"
-    return text
-
-
-def accelerator(attrs: dict[str, Any]) -> str:
-    """What ran a study's model, from what the study recorded; UNKNOWN rather than a guess.
-
-    NVML's GPU list (``hardware.gpus``) names the GPUs it sees; an empty list only means NVML
-    saw none, so where the model ran is the engine's word (:func:`tuner.results.offloads`, taken
-    only from a source that observed it).
-    """
-    hw = attrs.get("hardware")
-    offloads = results.offloads(attrs)
-    # NVML sees the measuring machine's GPUs, not a remote server's.
-    gpus = hw.get("gpus") if isinstance(hw, dict) and remote_server(attrs) is None else None
-    if gpus:
-        return CPU if offloads is False else GPU
-    if offloads is True:
-        return SERVER_GPU
-    if offloads is False:
-        return CPU
-    return UNKNOWN
-
-
-def remote_server(attrs: dict[str, Any]) -> str | None:
-    """The ``host:port`` of the server a study measured when it is not on the measuring machine
-    (see :func:`tuner.warmstart.server_of`), else None."""
-    if server_of(attrs) == "local":
-        return None
-    host = str(attrs.get("host") or "")
-    try:
-        parts = urlsplit(host if "://" in host else f"//{host}")
-    except ValueError:  # not a URL (a malformed IPv6 address): shown as stored
-        return host
-    return parts.netloc + parts.path.rstrip("/")
-
-
-_KIND_TEXT = {SERVER_GPU: "GPU (server-reported)", CPU: "CPU-only", UNKNOWN: "GPU not known"}
-
-
-def hardware_label(attrs: dict[str, Any], detailed: bool = False) -> str:
-    """How a study's hardware is shown; ``detailed`` adds the CPU and RAM to tell apart two
-    machines that would otherwise read the same (for a remote server: what the server said
-    about where the model ran)."""
-    server = remote_server(attrs)
-    if server is not None:
-        kind = f"{_KIND_TEXT[accelerator(attrs)]}; " if detailed else ""
-        return f"server {server} (remote; {kind}hardware not seen by the tuner)"
-    hw = attrs.get("hardware")
-    if not isinstance(hw, dict):
-        return "hardware not recorded"
-    kind = accelerator(attrs)
-    gpus = list(hw.get("gpus") or [])
-    if kind == GPU:
-        names = _gpu_names(gpus)
-        return f"{names} ({_cpu_text(hw, ram=True)})" if detailed else names
-    head = _KIND_TEXT[kind]
-    text = f"{head}: {_cpu_text(hw, ram=detailed)}"
-    return text + (f" (GPU not used: {_gpu_names(gpus)})" if gpus else "")
-
-
-def _last_check(attrs: dict[str, Any], study: str | None = None) -> LastCheck | None:
-    c = last_check(attrs)
+def _last_check(info: StudyInfo, study: str | None = None) -> LastCheck | None:
+    c = last_check(info)
     if c is None:
         return None
     return LastCheck(at=c.at, verdict=c.verdict, change_pct=c.change_pct, change_ci95=c.change_ci95,
@@ -245,27 +166,26 @@ def _speedup(w: results.Speedup | results.SearchSpeedup | results.NoSpeedup) -> 
 
 
 def _candidate(st: StoredStudy) -> _Candidate:
-    attrs = st.attrs
-    names = list(attrs.get("objectives") or [])
-    objective = str(names[0]) if names else "decode_tps"
-    model = _model_label(str(attrs.get("model") or ""))
-    server = remote_server(attrs)
+    info = st.info
+    objective = info.objective
+    model = _model_label(info.model)
+    server = remote_server(info)
     # A remote server is its own machine: the fingerprint describes the one that measured it.
-    hw = attrs.get("hardware") if isinstance(attrs.get("hardware"), dict) and server is None else None
-    kind = accelerator(attrs)
+    hw = info.hardware if server is None else None
+    kind = accelerator(info)
     best = st.best()
     last = st.last_update
     row = FleetRow(
-        model=model, hardware=hardware_label(attrs), fingerprint=hw, accelerator=kind,
-        engine=str(attrs.get("engine", "ollama")), objective=objective, study=st.name, studies=(st.name,),
-        trials=len(st.records), last_update=last, last_check=_last_check(attrs, st.name), server=server,
+        model=model, hardware=hardware_label(info), fingerprint=hw, accelerator=kind,
+        engine=info.engine_or_default, objective=objective, study=st.name, studies=(st.name,),
+        trials=len(st.records), last_update=last, last_check=_last_check(info, st.name), server=server,
     )
     machine = f"server {server}" if server is not None else json.dumps(hw, sort_keys=True, default=str)
     key = (model, objective, machine, kind)
     if best is None:
-        return _Candidate(st, row, key, -math.inf)
+        return _imported_candidate(st, row, key)
     value, ci95, source = _value(st, best, objective)
-    space = attrs.get("space") or {}
+    space = info.space
     fixed = frozenset(k for k, v in space.items() if isinstance(v, list) and len(v) == 1)
     base = st.baseline()
     warnings = []
@@ -277,13 +197,36 @@ def _candidate(st: StoredStudy) -> _Candidate:
         warnings.append("the speedup was measured while other processes competed: not a number to rely on")
     row = dataclasses.replace(
         row, best_trial=best.number,
-        changed=tuple(results.changed_settings(best, base, str(attrs.get("model") or ""), fixed)),
+        changed=tuple(results.changed_settings(best, base, info.model, fixed)),
         config=best.config_text(), value=value, value_ci95=ci95, value_source=source, speedup=speedup,
         warnings=tuple(warnings))
     sign = 1.0 if st.direction == "maximize" else -1.0
     searched = best.values[0] if best.values else None
     validated = source == "revalidation" or (speedup is not None and speedup.ci95 is not None)
     return _Candidate(st, row, key, sign * searched if searched is not None else -math.inf, validated)
+
+
+def _imported_candidate(st: StoredStudy, row: FleetRow, key: tuple[str, str, str, str]) -> _Candidate:
+    """A study of imported results (``tune import``): one machine's entry, its best imported
+    config and value marked as another tool's numbers; or no value when it holds none."""
+    sign = 1.0 if st.direction == "maximize" else -1.0
+    imported = sorted((r for r in st.records if r.imported and r.value is not None and r.model == st.info.model),
+                      key=lambda r: sign * (r.value or 0), reverse=True)
+    if not imported:
+        return _Candidate(st, row, key, -math.inf)
+    best = imported[0]
+    src = best.source or {}
+    env = dict(src.get("environment") or {})
+    machine = str(env.get("gpu_info") or env.get("cpu_info") or "hardware not recorded")
+    changed = tuple(f"{k}={v}" for k, v in {**best.options, **best.server}.items())
+    files = ", ".join(str(f).rsplit("/", 1)[-1] for f in src.get("files", []))
+    row = dataclasses.replace(
+        row, hardware=f"{machine} (imported)", best_trial=best.number, changed=changed, config=best.config_text(),
+        value=best.value, value_source="imported",
+        warnings=(f"imported from {files} ({src.get('format', '?')}): another tool's numbers, not measured by "
+                  "the tuner",))
+    # Imported numbers compete only with other imports of the same machine and tool.
+    return _Candidate(st, row, (key[0], key[1], f"imported {machine}", key[3]), sign * (best.value or 0))
 
 
 def fleet_rows(studies: Sequence[StoredStudy]) -> list[FleetRow]:
@@ -308,7 +251,7 @@ def fleet_rows(studies: Sequence[StoredStudy]) -> list[FleetRow]:
     hardware_of: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for c in best:
         hardware_of.setdefault((c.row.model, c.row.hardware), set()).add(c.key[2:])
-    rows = [dataclasses.replace(c.row, hardware=hardware_label(c.st.attrs, detailed=True))
+    rows = [dataclasses.replace(c.row, hardware=hardware_label(c.st.info, detailed=True))
             if len(hardware_of[(c.row.model, c.row.hardware)]) > 1 else c.row for c in best]
     return sorted(rows, key=lambda r: (r.model, r.hardware, r.objective, r.study))
 
@@ -346,7 +289,7 @@ def _value_text(r: FleetRow, with_label: bool) -> str:
         return "-"
     unit = objectives.OBJECTIVES[r.objective].unit if r.objective in objectives.OBJECTIVES else ""
     digits = 0 if unit == "ms" else 1 if unit == "tok/s" else 2
-    text = f"{r.value:,.{digits}f}"
+    text = f"{r.value:,.{digits}f}" + (" (imported)" if r.value_source == "imported" else "")
     return f"{text} {objectives.label(r.objective)}" if with_label else text
 
 

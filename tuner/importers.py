@@ -32,9 +32,12 @@ MAX_FILES = 10_000
 LLAMA_BENCH_JSON, LLAMA_BENCH_JSONL = "llama-bench-json", "llama-bench-jsonl"
 LLAMA_BENCH_CSV, LLAMA_BENCH_MD = "llama-bench-csv", "llama-bench-md"
 OLLAMA_BENCH_CSV, OLLAMA_BENCHSTAT = "ollama-bench-csv", "ollama-benchstat"
+TUNER_CSV, TUNER_PARQUET = "tuner-csv", "tuner-parquet"
 MAPPED = "mapped"
 FORMATS = (LLAMA_BENCH_JSON, LLAMA_BENCH_JSONL, LLAMA_BENCH_CSV, LLAMA_BENCH_MD, OLLAMA_BENCH_CSV,
-           OLLAMA_BENCHSTAT, MAPPED)
+           OLLAMA_BENCHSTAT, TUNER_CSV, TUNER_PARQUET, MAPPED)
+#: The first columns of `tune export --format csv|parquet` (tuner/export.py).
+_TUNER_LEAD = ["number", "state", "feasible", "baseline", "model"]
 
 
 class ImportFileError(TunerError):
@@ -74,6 +77,8 @@ class ImportedRow:
 def read_file(path: str | Path, mapping: Mapping[str, Any] | None = None) -> tuple[str, list[ImportedRow]]:
     """The format and rows of one file; ImportFileError names what is wrong."""
     p = Path(path)
+    if _is_parquet(p):
+        return TUNER_PARQUET, list(_tuner_table(_parquet_rows(p), str(p), TUNER_PARQUET))
     text = _read(p)
     fmt = detect(text, p)
     if fmt is None:
@@ -136,6 +141,8 @@ def detect(text: str, path: Path | None = None) -> str | None:
         return LLAMA_BENCH_CSV
     if [c.upper() for c in cols[:5]] == ["NAME", "STEP", "COUNT", "NS_PER_COUNT", "TOKEN_PER_SEC"]:
         return OLLAMA_BENCH_CSV
+    if cols[:5] == _TUNER_LEAD:
+        return TUNER_CSV
     return None
 
 
@@ -329,6 +336,78 @@ def _ollama_step(name: str, step: str, count: str, ns: str, tps: str, source: st
                       tokens=_int(count, where, "COUNT"), raw=raw)
 
 
+# ------------------------------------------------------------------------ our own export
+
+
+def _tuner_csv(text: str, source: str) -> Iterator[ImportedRow]:
+    yield from _tuner_table(((line, _typed(row)) for line, row in _csv_rows(text, source)), source, TUNER_CSV)
+
+
+def _tuner_table(table: Iterable[tuple[int, dict[str, Any]]], source: str, fmt: str) -> Iterator[ImportedRow]:
+    """`tune export --format csv|parquet` rows: each complete, error-free trial's metrics (their
+    statistics as exported) with its searched settings; the rest of the row kept raw."""
+    from tuner.record import METRICS, STATS
+
+    for line, row in table:
+        if row.get("state") != "COMPLETE" or row.get("error") not in (None, "") or _missing(row.get("value")):
+            continue
+        settings = {k[len("params_"):]: v for k, v in row.items() if k.startswith("params_") and not _missing(v)}
+        stat_cols = {f"{m}_{st}" for m in METRICS for st in STATS}
+        raw = {k: v for k, v in row.items()
+               if k not in stat_cols and not k.startswith("params_") and k != "model" and not _missing(v)}
+        for metric in METRICS:
+            mean = row.get(f"{metric}_mean")
+            if _missing(mean):
+                continue
+            sd = row.get(f"{metric}_sd")
+            yield ImportedRow(source, line, fmt, str(row.get("model") or ""), settings, metric, metric,
+                              _float(mean, f"{source} row {line}", f"{metric}_mean"),
+                              sd=None if _missing(sd) else float(sd), raw=raw)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
+
+
+def _is_parquet(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
+def _parquet_rows(p: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    from tuner._imports import require
+
+    require("pyarrow", "reading a Parquet export")
+    import pandas as pd
+
+    if p.stat().st_size > MAX_IMPORT_BYTES:
+        raise ImportFileError(f"{p} is larger than the {MAX_IMPORT_BYTES // MIB} MiB limit: import a smaller file")
+    try:
+        df = pd.read_parquet(p)
+    except Exception as e:  # pyarrow's errors for a damaged file
+        raise ImportFileError(f"{p}: not a readable Parquet file ({e.__class__.__name__}: {e})") from None
+    cols = [str(c) for c in df.columns]
+    if cols[:5] != _TUNER_LEAD:
+        raise ImportFileError(f"{p}: a Parquet file the tuner did not write (`tune export --format parquet` writes "
+                              f"{', '.join(_TUNER_LEAD)} first)")
+    for i, rec in enumerate(df.to_dict(orient="records"), 2):
+        yield i, {str(k): _plain(v) for k, v in rec.items()}
+
+
+def _plain(v: Any) -> Any:
+    """A Parquet cell as plain JSON: timestamps as ISO text, numpy scalars and arrays as Python."""
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
 # ------------------------------------------------------------------------ mapped (ad-hoc)
 
 
@@ -514,4 +593,5 @@ _PARSERS: dict[str, Callable[[str, str], Iterator[ImportedRow]]] = {
     LLAMA_BENCH_MD: _llama_bench_md,
     OLLAMA_BENCH_CSV: _ollama_bench_csv,
     OLLAMA_BENCHSTAT: _ollama_benchstat,
+    TUNER_CSV: _tuner_csv,
 }

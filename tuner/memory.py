@@ -28,6 +28,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from tuner.record import MEMORY_MODEL as MEMORY_MODEL
+
 MIB = 1024 * 1024
 #: Bytes per element of each KV cache type (ggml block sizes: q8_0 34 bytes per 32, q4_0 18 per 32).
 KV_WIDTH = {"f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
@@ -46,8 +48,6 @@ FITS, UNKNOWN, NO = "fits", "unknown", "no"
 #: A config is skipped (not loaded) when predicted to need this share more than the capacity's
 #: upper bound: clearly out, beyond the model's error.
 SKIP_MARGIN = 0.02
-#: The study attribute that keeps the StudyMemory (architectures, file sizes, GPU total).
-MEMORY_MODEL = "memory_model"
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,16 @@ def kv_mib(arch: Architecture, setting: Setting, blocks: int | None = None) -> f
         return 0.0
     n = arch.block_count if blocks is None else max(0, min(blocks, arch.block_count))
     # llama.cpp offloads the last blocks first; the sliding/global mix is the same on average.
-    total = sum(kv_bytes_per_block(arch, setting, i) for i in range(arch.block_count))
+    # A block's bytes depend only on whether it slides: worked out once per kind, summed in
+    # block order as before (the same float), not once per block (a report calibrates on
+    # every trial: 26,000 calls at 1,000 trials).
+    per_kind: dict[bool, float] = {}
+    total = 0.0
+    for i in range(arch.block_count):
+        swa = bool(arch.swa_layers and i < len(arch.swa_layers) and arch.swa_layers[i])
+        if swa not in per_kind:
+            per_kind[swa] = kv_bytes_per_block(arch, setting, i)
+        total += per_kind[swa]
     return total * n / arch.block_count / MIB
 
 
@@ -346,42 +355,68 @@ def config_key(model: str, options: Mapping[str, Any], server: Mapping[str, Any]
 
 def calibrate(points: Iterable[Point], total_mib: float | None = None) -> Calibration:
     """Fit the prediction to what the server reported, and bound the capacity."""
-    pts = list(points)
-    loaded = [p for p in pts if not p.failed and p.observed_mib is not None and p.observed_mib > 0]
-    known = [p for p in loaded if p.explicit and p.prior_mib > 0]
-    slope, offset = 1.0, 0.0
-    if len(known) == 1:
-        offset = known[0].observed_mib - known[0].prior_mib  # type: ignore[operator]
-    elif len(known) >= 2:
-        xs = [p.prior_mib for p in known]
-        ys = [float(p.observed_mib) for p in known]  # type: ignore[arg-type]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        # A slope only from points far apart (a partial offload beside a full one): close
-        # together, their noise would tilt it and extrapolate badly; else a fixed offset.
-        if len(known) >= 3 and max(xs) >= 1.5 * min(xs) and sxx > 1.0:
-            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-            slope = min(max(slope, SLOPE_RANGE[0]), SLOPE_RANGE[1])
-        offset = my - slope * mx
-    cal = Calibration(slope=slope, offset=offset, points=len(known))
-    if total_mib:
-        cal.total_mib = float(total_mib)
-    for p in loaded:
-        if float(p.observed_mib) > cal.fits_mib:  # type: ignore[arg-type]
-            cal.fits_mib, cal.fits_trial = float(p.observed_mib), p.number  # type: ignore[arg-type]
-    for p in pts:
-        if not p.failed:
-            continue
-        if p.available_mib is not None:
-            cal.total_mib = min(cal.total_mib, p.available_mib)
+    folded = Points()
+    for p in points:
+        folded.add(p)
+    return folded.calibration(total_mib)
+
+
+class Points:
+    """Evidence points folded in one at a time into what :func:`calibrate` needs of them."""
+
+    def __init__(self) -> None:
+        #: The loaded points whose layer count is known: predicted and observed MiB.
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+        self.first: Point | None = None
+        #: The most a loaded config held, and the first trial that held it.
+        self.fits_mib: float = 0.0
+        self.fits_trial: int | None = None
+        self.failed: list[Point] = []
+
+    def add(self, p: Point) -> None:
+        if p.failed:
+            self.failed.append(p)
+            return
+        if p.observed_mib is None or not p.observed_mib > 0:
+            return
+        if float(p.observed_mib) > self.fits_mib:
+            self.fits_mib, self.fits_trial = float(p.observed_mib), p.number
         if p.explicit and p.prior_mib > 0:
-            need = cal.need(p.prior_mib)
-            if need < cal.fails_mib:
-                cal.fails_mib, cal.fails_trial = need, p.number
-    if cal.fails_mib <= cal.fits_mib:
-        # The model is off by more than the gap between them: trust the evidence, keep a sliver.
-        cal.fails_mib = cal.fits_mib + 1.0
-    return cal
+            if self.first is None:
+                self.first = p
+            self.xs.append(p.prior_mib)
+            self.ys.append(float(p.observed_mib))
+
+    def calibration(self, total_mib: float | None = None) -> Calibration:
+        xs, ys = self.xs, self.ys
+        slope, offset = 1.0, 0.0
+        if len(xs) == 1 and self.first is not None:
+            offset = self.first.observed_mib - self.first.prior_mib  # type: ignore[operator]
+        elif len(xs) >= 2:
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            sxx = sum((x - mx) ** 2 for x in xs)
+            # A slope only from points far apart (a partial offload beside a full one): close
+            # together, their noise would tilt it and extrapolate badly; else a fixed offset.
+            if len(xs) >= 3 and max(xs) >= 1.5 * min(xs) and sxx > 1.0:
+                slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+                slope = min(max(slope, SLOPE_RANGE[0]), SLOPE_RANGE[1])
+            offset = my - slope * mx
+        cal = Calibration(slope=slope, offset=offset, points=len(xs))
+        if total_mib:
+            cal.total_mib = float(total_mib)
+        cal.fits_mib, cal.fits_trial = self.fits_mib, self.fits_trial
+        for p in self.failed:
+            if p.available_mib is not None:
+                cal.total_mib = min(cal.total_mib, p.available_mib)
+            if p.explicit and p.prior_mib > 0:
+                need = cal.need(p.prior_mib)
+                if need < cal.fails_mib:
+                    cal.fails_mib, cal.fails_trial = need, p.number
+        if cal.fails_mib <= cal.fits_mib:
+            # The model is off by more than the gap between them: trust the evidence, keep a sliver.
+            cal.fails_mib = cal.fits_mib + 1.0
+        return cal
 
 
 @dataclass
@@ -461,16 +496,19 @@ class StudyMemory:
         return Point(prior_mib=pred.total_mib if pred else 0.0, observed_mib=observed, failed=failed,
                      explicit=explicit, available_mib=available_mib(r.error) if failed else None, number=r.number)
 
+    def outcome(self, r: Any) -> tuple[tuple[Any, ...], bool] | None:
+        """A record's config and whether it loaded (False: it did not fit on the GPU); None
+        when it says neither."""
+        if r.baseline or r.reused_from is not None or r.state not in ("COMPLETE", "PRUNED") or r.skipped:
+            return None
+        if r.error is None:
+            return config_key(r.model, r.options, r.server), True
+        if is_gpu_failure(r.error):
+            return config_key(r.model, r.options, r.server), False
+        return None
+
     def calibrate(self, records: Sequence[Any]) -> Calibration:
-        cal = calibrate((p for p in map(self.point, records) if p is not None), self.total_mib)
-        for r in records:
-            if r.baseline or r.reused_from is not None or r.state not in ("COMPLETE", "PRUNED") or r.skipped:
-                continue
-            if r.error is None:
-                cal.outcomes[config_key(r.model, r.options, r.server)] = True
-            elif is_gpu_failure(r.error):
-                cal.outcomes.setdefault(config_key(r.model, r.options, r.server), False)
-        return cal
+        return Evidence(self).calibrate(records)
 
     def to_dict(self) -> dict[str, Any]:
         return {"archs": {k: a.to_dict() for k, a in self.archs.items()}, "file_bytes": dict(self.file_bytes),
@@ -484,6 +522,42 @@ class StudyMemory:
                    default_ctx=int(d.get("default_ctx") or 4096),
                    default_batch=int(d["default_batch"]) if d.get("default_batch") else None,
                    total_mib=d.get("total_mib"), ubatch_cap=d.get("ubatch_cap"), swa_full=bool(d.get("swa_full")))
+
+
+class Evidence:
+    """:meth:`StudyMemory.calibrate` over a study's growing list of records (tuner.leaderboard.
+    TrialCache hands the same objects from call to call): only the records new since the last
+    call are turned into evidence; a list that does not start with the last one is read anew."""
+
+    def __init__(self, memory: StudyMemory) -> None:
+        self.memory = memory
+        self._reset()
+
+    def _reset(self) -> None:
+        self._records: list[Any] = []
+        self._points = Points()
+        self._outcomes: dict[tuple[Any, ...], bool] = {}
+
+    def calibrate(self, records: Sequence[Any]) -> Calibration:
+        n = len(self._records)
+        if len(records) < n or list(records[:n]) != self._records:
+            self._reset()
+            n = 0
+        for r in records[n:]:
+            self._records.append(r)
+            p = self.memory.point(r)
+            if p is not None:
+                self._points.add(p)
+            out = self.memory.outcome(r)
+            if out is None:
+                continue
+            if out[1]:
+                self._outcomes[out[0]] = True
+            else:
+                self._outcomes.setdefault(out[0], False)
+        cal = self._points.calibration(self.memory.total_mib)
+        cal.outcomes = dict(self._outcomes)
+        return cal
 
 
 def default_headroom_mib(capacity_mib: float) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from tuner.record import AGGREGATE, DECODE_TPS, E2E_TPS, LATENCY_MS, PREFILL_TPS, TTFT_MS
+
 if TYPE_CHECKING:
     from tuner.record import TrialRecord
 
@@ -36,15 +38,16 @@ def _p95(metric: str) -> Callable[[TrialRecord], float | None]:
 
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
-    Objective("decode_tps", "maximize", "decode tok/s", "tok/s", "decode_tps", _mean("decode_tps")),
-    Objective("prefill_tps", "maximize", "prefill tok/s", "tok/s", "prefill_tps", _mean("prefill_tps")),
-    Objective("e2e_tps", "maximize", "end-to-end tok/s", "tok/s", "e2e_tps", _mean("e2e_tps")),
-    Objective("aggregate_tps", "maximize", "aggregate tok/s", "tok/s", None, _mean("aggregate_tps"),
+    # A rate's objective is named after its metric key.
+    Objective(DECODE_TPS, "maximize", "decode tok/s", "tok/s", DECODE_TPS, _mean(DECODE_TPS)),
+    Objective(PREFILL_TPS, "maximize", "prefill tok/s", "tok/s", PREFILL_TPS, _mean(PREFILL_TPS)),
+    Objective(E2E_TPS, "maximize", "end-to-end tok/s", "tok/s", E2E_TPS, _mean(E2E_TPS)),
+    Objective(AGGREGATE, "maximize", "aggregate tok/s", "tok/s", None, _mean(AGGREGATE),
               needs_concurrency=True),
     Objective("tokens_per_joule", "maximize", "tokens per joule", "tok/J", None,
               lambda r: r.tokens_per_joule, needs_energy=True),
-    Objective("ttft_p95", "minimize", "p95 TTFT ms", "ms", None, _p95("ttft_ms")),
-    Objective("latency_p95", "minimize", "p95 latency ms", "ms", None, _p95("latency_ms")),
+    Objective("ttft_p95", "minimize", "p95 TTFT ms", "ms", None, _p95(TTFT_MS)),
+    Objective("latency_p95", "minimize", "p95 latency ms", "ms", None, _p95(LATENCY_MS)),
 )}
 #: The names the CLI offers for a single --objective (minimised ones only pair with a rate).
 SINGLE = tuple(n for n, o in OBJECTIVES.items() if o.direction == "maximize")

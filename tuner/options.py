@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from tuner.record import DEFAULT_OBJECTIVE
 from tuner.storage import GRACE_S, HEARTBEAT_S
 
 #: Optuna samplers offered: the staged search (tuner/staged.py: variant screen at full
@@ -27,7 +28,7 @@ class TuneOptions:
     params: dict[str, list[Any]] = field(default_factory=dict)
     space_file: str | None = None
     variants: list[str] = field(default_factory=list)
-    objectives: list[str] = field(default_factory=lambda: ["decode_tps"])
+    objectives: list[str] = field(default_factory=lambda: [DEFAULT_OBJECTIVE])
     max_ttft_ms: float | None = None
     max_latency_ms: float | None = None
     max_vram_mib: float | None = None

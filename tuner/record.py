@@ -1,11 +1,15 @@
-"""The trial record: what one trial measured, built once, written as attributes by one function
-(:func:`write_record`) and read back by one function (:func:`read_record`).
+"""The stored records: what one trial measured (:class:`TrialRecord`, written by
+:func:`write_record`, read by :func:`read_record`) and what a study is (:class:`StudyInfo`,
+written by :func:`write_study_info`, read by :func:`read_study_info`).
 
-Every stored attribute name of a trial is spelled in this module and nowhere else. Users and
-optuna-dashboard see the flat attributes the README lists (the rates and their spread, the
-constraint inputs); the rest is grouped into two JSON attributes, ``detail`` and ``telemetry``,
-so a trial costs a few storage writes instead of sixty. Studies written before the grouping
+Every stored attribute name of a trial, every metric key and the names of the study
+attributes :class:`StudyInfo` holds are spelled in this module. Users and optuna-dashboard
+see the flat attributes the README lists (the rates and their spread, the constraint
+inputs); the rest is grouped into two JSON attributes, ``detail`` and ``telemetry``, so a
+trial costs a few storage writes instead of sixty. Studies written before the grouping
 (every value flat) read back the same.
+
+This is the bottom of the package: it imports nothing of the tuner but plain values.
 """
 
 from __future__ import annotations
@@ -20,23 +24,28 @@ from tuner.metrics import RequestSample, describe
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
-    from tuner.engines.base import ServerMemory
-    from tuner.telemetry import TelemetrySummary
+    from tuner.telemetry_summary import TelemetrySummary
 
+#: The metric keys: each a RequestSample field summarised per trial (its statistics are stored
+#: as ``KEY_STAT``, e.g. ``decode_tps_mean``), and the aggregate rate of concurrent batches.
+DECODE_TPS, PREFILL_TPS, E2E_TPS = "decode_tps", "prefill_tps", "e2e_tps"
+TTFT_MS, LATENCY_MS, LOAD_MS = "ttft_ms", "latency_ms", "load_ms"
+PROMPT_TOKENS, EVAL_TOKENS = "prompt_tokens", "eval_tokens"
 #: Metrics summarised per trial from the requests (RequestSample fields).
-SUMMARISED = ("decode_tps", "prefill_tps", "e2e_tps", "ttft_ms", "latency_ms", "load_ms",
-              "prompt_tokens", "eval_tokens")
+SUMMARISED = (DECODE_TPS, PREFILL_TPS, E2E_TPS, TTFT_MS, LATENCY_MS, LOAD_MS, PROMPT_TOKENS, EVAL_TOKENS)
 #: Summarised from the concurrent batches (tok/s over all simultaneous streams).
 AGGREGATE = "aggregate_tps"
+#: Every metric key.
+METRICS = (*SUMMARISED, AGGREGATE)
 STATS = ("mean", "sd", "p50", "p95", "min", "max")
 #: Kept as flat attributes for users and the dashboard: (metric, stats).
 _FLAT_STATS: dict[str, tuple[str, ...]] = {
-    "decode_tps": ("mean", "sd", "p50", "p95"),
-    "prefill_tps": ("mean", "sd", "p50", "p95"),
-    "e2e_tps": ("mean", "sd", "p50", "p95"),
+    DECODE_TPS: ("mean", "sd", "p50", "p95"),
+    PREFILL_TPS: ("mean", "sd", "p50", "p95"),
+    E2E_TPS: ("mean", "sd", "p50", "p95"),
     AGGREGATE: ("mean", "sd", "p50", "p95"),
-    "ttft_ms": ("p95",),
-    "latency_ms": ("p95",),
+    TTFT_MS: ("p95",),
+    LATENCY_MS: ("p95",),
 }
 #: Telemetry kept flat: the inputs of the VRAM and power limits and of tokens/J.
 _FLAT_TELEMETRY = ("gpu_power_mean_w", "gpu_mem_used_peak_mib", "gpu_energy_j")
@@ -63,19 +72,22 @@ STAGE = "stage"
 #: A warm-start trial's source ("STUDY#N"), and the trial whose measurement a config proposed
 #: again reuses instead of being measured again (tuner/warmstart.py).
 SEEDED_FROM, REUSED_FROM = "seeded_from", "reused_from"
+#: Where an imported trial came from (tuner/importing.py): files, rows, format, row digests and
+#: the environment the other tool recorded. Such a trial was not measured by the tuner.
+SOURCE = "source"
 #: The memory model's prediction for the trial beside what the server then reported
 #: (tuner/memory.py): predicted_mib, prior_mib, verdict, the capacity bounds, skipped.
 MEMORY = "memory"
 
 #: (label, metric) of the request metrics shown with their spread.
 METRIC_ROWS = (
-    ("decode tok/s", "decode_tps"),
-    ("prefill tok/s", "prefill_tps"),
-    ("end-to-end tok/s", "e2e_tps"),
+    ("decode tok/s", DECODE_TPS),
+    ("prefill tok/s", PREFILL_TPS),
+    ("end-to-end tok/s", E2E_TPS),
     ("aggregate tok/s", AGGREGATE),
-    ("TTFT ms", "ttft_ms"),
-    ("latency ms", "latency_ms"),
-    ("load ms", "load_ms"),
+    ("TTFT ms", TTFT_MS),
+    ("latency ms", LATENCY_MS),
+    ("load ms", LOAD_MS),
 )
 #: (label, stored name) of the per-trial telemetry shown for a trial.
 TELEMETRY_ROWS = (
@@ -93,6 +105,14 @@ TELEMETRY_ROWS = (
 #: The host side of TELEMETRY_ROWS (psutil: the machine's CPU and memory, the server's RSS),
 #: recorded with or without a GPU.
 HOST_TELEMETRY_ROWS = tuple(row for row in TELEMETRY_ROWS if row[1].startswith(("host_", "server_rss")))
+
+
+@dataclass(frozen=True)
+class ServerMemory:
+    """What the server reports a loaded model holds: in VRAM and in all (MiB)."""
+
+    vram_mib: float
+    size_mib: float
 
 
 @dataclass(frozen=True)
@@ -167,6 +187,8 @@ class TrialRecord:
     memory: dict[str, Any] | None = None
     #: What the engine reports it ran, by setting name (e.g. the baseline's num_ctx and threads).
     ran: dict[str, Any] = field(default_factory=dict)
+    #: An imported result's origin (SOURCE); None for a trial the tuner measured.
+    source: dict[str, Any] | None = None
     # -- from Optuna, on read --
     number: int = -1
     state: str = ""
@@ -189,14 +211,20 @@ class TrialRecord:
         return float(sum(v for v in self.constraints.values() if v > 0))
 
     @property
+    def imported(self) -> bool:
+        """Read from another tool's results, not measured by the tuner on this machine."""
+        return self.source is not None
+
+    @property
     def feasible(self) -> bool:
-        return self.state == "COMPLETE" and self.violation <= 0 and not self.error
+        # An imported result can seed a search, never win one unmeasured.
+        return self.state == "COMPLETE" and self.violation <= 0 and not self.error and self.source is None
 
     @property
     def measured(self) -> bool:
-        """Complete and measured here (not a failed load, and not a copy of an earlier trial's
-        measurement reused for a config proposed again: that is no new evidence)."""
-        return self.state == "COMPLETE" and not self.error and self.reused_from is None
+        """Complete and measured here (not a failed load, not a copy of an earlier trial's
+        measurement reused for a config proposed again, not imported: no new evidence)."""
+        return self.state == "COMPLETE" and not self.error and self.reused_from is None and self.source is None
 
     @property
     def skipped(self) -> bool:
@@ -387,7 +415,9 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
         attrs[REUSED_FROM] = r.reused_from
     if r.memory is not None:
         attrs[MEMORY] = r.memory
-    if not r.samples:
+    if r.source is not None:
+        attrs[SOURCE] = r.source
+    if not r.samples and r.source is None:
         if r.violations:
             attrs[VIOLATIONS] = r.violations
         return attrs
@@ -452,7 +482,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
              _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
-             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY, _RAN}
+             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY, _RAN, SOURCE}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
@@ -491,6 +521,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
         reused_from=int(ua[REUSED_FROM]) if isinstance(ua.get(REUSED_FROM), int) else None,
         memory=dict(ua[MEMORY]) if isinstance(ua.get(MEMORY), dict) else None,
         ran=dict(flat[_RAN]) if isinstance(flat.get(_RAN), dict) else {},
+        source=dict(ua[SOURCE]) if isinstance(ua.get(SOURCE), dict) else None,
         number=t.number,
         state=t.state.name,
         values=list(t.values) if t.values is not None else None,
@@ -553,3 +584,177 @@ def is_baseline(t: FrozenTrial) -> bool:
 def has_error(t: FrozenTrial) -> bool:
     """Whether a stored trial carries an error (a failed load, a failed measurement)."""
     return bool(t.user_attrs.get(ERROR))
+
+
+def baseline_of(records: Iterable[TrialRecord]) -> TrialRecord | None:
+    """The measured baseline trial (the engine's defaults) among ``records``, if any."""
+    return next((r for r in records if r.baseline and r.measured), None)
+
+
+# ---------------------------------------------------------------------------- the study
+
+# The stored names of a study's attributes. Identity (a resumed study must match it):
+MODEL, ENGINE, OBJECTIVES, SPACE_HASH, WORKLOAD_HASH = "model", "engine", "objectives", "space_hash", "workload_hash"
+# Where and on what it was measured, and what it measures:
+HOST, MANAGED_SERVER, SERVER_LOCAL, SERVER_VERSION = "host", "managed_server", "server_local", "server_version"
+SPACE, WORKLOAD, ENVIRONMENT, HARDWARE = "space", "workload", "environment", "hardware"
+GPU_OFFLOAD_SOURCE, MEMORY_MODEL, CREATED_AT, CONTEXT, LIMITS = (
+    "gpu_offload_source", "memory_model", "created_at", "context", "limits")
+#: Kept after trials: the re-validation, the roofline, the warm start's sources, the checks.
+VALIDATION, ROOFLINE, WARM_START, CHECKS = "validation", "roofline", "warm_start", "checks"
+
+#: The objective of a study that stored none, and the engine of one that stored none.
+DEFAULT_OBJECTIVE = DECODE_TPS
+DEFAULT_ENGINE = "ollama"
+
+
+@dataclass(frozen=True)
+class WarmStartSource:
+    """A study that seeded this one (see tuner/warmstart.py), and how near its hardware is."""
+
+    study: str
+    match: str
+
+
+@dataclass
+class StudyInfo:
+    """What a study is, as stored with it: written once by :func:`write_study_info` when the
+    study is created (the limits on every run), read by :func:`read_study_info`.
+
+    A value the study did not store reads as empty ("", {}, None), except the objectives.
+    """
+
+    name: str = ""
+    model: str = ""
+    #: The engine as stored; "" when none was (see :attr:`engine_or_default`).
+    engine: str = ""
+    #: The objectives' names, the one single-objective views rank by first (their metric keys,
+    #: directions and units: tuner/objectives.py); [DEFAULT_OBJECTIVE] when none was stored.
+    objectives: list[str] = field(default_factory=lambda: [DEFAULT_OBJECTIVE])
+    #: Optuna's direction of each objective ("maximize", "minimize"); [] when read from the
+    #: attributes alone.
+    directions: list[str] = field(default_factory=list)
+    #: The limits as given (max_ttft_ms, max_latency_ms, max_vram_mib, max_power_w).
+    limits: dict[str, Any] = field(default_factory=dict)
+    #: The workload measured (tuner.workload.Workload.to_dict()); None when not stored.
+    workload: dict[str, Any] | None = None
+    #: The context the application needs (--context); None when not given.
+    context: int | None = None
+    host: str = ""
+    managed_server: bool = False
+    #: Whether the server ran on the measuring machine, as the tuner saw it; None when not stored.
+    server_local: bool | None = None
+    server_version: str = ""
+    #: Machine and software facts (tuner/machine.py ``environment``), and the hardware
+    #: fingerprint (``hardware_fingerprint``; None when not stored).
+    environment: dict[str, Any] = field(default_factory=dict)
+    hardware: dict[str, Any] | None = None
+    space: dict[str, Any] = field(default_factory=dict)
+    space_hash: str | None = None
+    workload_hash: str | None = None
+    gpu_offload_source: str | None = None
+    #: The memory model's inputs (tuner/memory.py StudyMemory.to_dict() and headroom_mib).
+    memory_model: dict[str, Any] | None = None
+    created_at: str = ""
+    #: Stored after trials ran: the re-validation (results.Validation.to_dict()), the roofline,
+    #: the warm start (tuner/warmstart.py WarmStart.to_dict()), the checks (tuner/checks.py).
+    validation: dict[str, Any] | None = None
+    roofline: dict[str, Any] | None = None
+    warm_start: dict[str, Any] | None = None
+    checks: list[Any] = field(default_factory=list)
+    #: The measured baseline trial's number; None without one, or when read without trials.
+    baseline: int | None = None
+
+    @property
+    def objective(self) -> str:
+        """The first objective."""
+        return self.objectives[0]
+
+    @property
+    def engine_or_default(self) -> str:
+        return self.engine or DEFAULT_ENGINE
+
+    @property
+    def warm_start_sources(self) -> list[WarmStartSource]:
+        """The studies the warm start took its configs from ([] without a warm start)."""
+        return warm_start_sources(self.warm_start or {})
+
+
+def warm_start_sources(stored: Mapping[str, Any]) -> list[WarmStartSource]:
+    """The sources of a stored warm start (the study attribute ``warm_start``)."""
+    return [WarmStartSource(str(x.get("study")), str(x.get("match")))
+            for x in stored.get("sources") or [] if isinstance(x, dict)]
+
+
+def write_study_info(study: Any, info: StudyInfo, *, new: bool = True) -> None:
+    """Store ``info`` with an Optuna study: all of it when the study is ``new``, ``space_hash``
+    last (a worker that sees it sees the whole identity); only the limits on a resume."""
+    if new:
+        attrs: list[tuple[str, Any]] = [
+            (MODEL, info.model), (ENGINE, info.engine), (OBJECTIVES, info.objectives),
+            (WORKLOAD_HASH, info.workload_hash), (HOST, info.host), (MANAGED_SERVER, info.managed_server),
+            (SERVER_LOCAL, info.server_local), (SERVER_VERSION, info.server_version), (SPACE, info.space),
+            (WORKLOAD, info.workload), (ENVIRONMENT, info.environment), (HARDWARE, info.hardware)]
+        attrs += [(k, v) for k, v in ((GPU_OFFLOAD_SOURCE, info.gpu_offload_source),
+                                      (MEMORY_MODEL, info.memory_model)) if v is not None]
+        attrs.append((CREATED_AT, info.created_at))
+        if info.context is not None:
+            attrs.append((CONTEXT, info.context))
+        attrs.append((SPACE_HASH, info.space_hash))
+        for k, v in attrs:
+            study.set_user_attr(k, v)
+    study.set_user_attr(LIMITS, info.limits)
+
+
+def read_study_info(source: Any) -> StudyInfo:
+    """The record of a stored study, from an Optuna study (or FrozenStudy), a study read once
+    (``results.StoredStudy``: with its baseline) or its user attributes alone."""
+    if isinstance(source, StudyInfo):
+        return source
+    name, directions, baseline = "", [], None
+    if isinstance(source, Mapping):
+        attrs: Mapping[str, Any] = source
+    elif hasattr(source, "records"):
+        attrs, name, directions = source.attrs, source.name, list(source.directions)
+        base = baseline_of(source.records)
+        baseline = base.number if base is not None else None
+    else:
+        attrs, name = source.user_attrs, source.study_name
+        directions = [d.name.lower() for d in source.directions]
+
+    def mapping(key: str) -> dict[str, Any] | None:
+        v = attrs.get(key)
+        return dict(v) if isinstance(v, dict) else None
+
+    local, context, checks = attrs.get(SERVER_LOCAL), attrs.get(CONTEXT), attrs.get(CHECKS)
+    return StudyInfo(
+        name=name,
+        model=str(attrs.get(MODEL) or ""),
+        engine=str(attrs.get(ENGINE) or ""),
+        objectives=[str(x) for x in attrs.get(OBJECTIVES) or ()] or [DEFAULT_OBJECTIVE],
+        directions=directions,
+        limits=mapping(LIMITS) or {},
+        workload=mapping(WORKLOAD),
+        context=context if isinstance(context, int) and not isinstance(context, bool) else None,
+        host=str(attrs.get(HOST) or ""),
+        managed_server=bool(attrs.get(MANAGED_SERVER)),
+        server_local=local if isinstance(local, bool) else None,
+        server_version=str(attrs.get(SERVER_VERSION) or ""),
+        environment=mapping(ENVIRONMENT) or {},
+        hardware=mapping(HARDWARE),
+        space=mapping(SPACE) or {},
+        space_hash=_str(attrs.get(SPACE_HASH)),
+        workload_hash=_str(attrs.get(WORKLOAD_HASH)),
+        gpu_offload_source=_str(attrs.get(GPU_OFFLOAD_SOURCE)),
+        memory_model=mapping(MEMORY_MODEL),
+        created_at=str(attrs.get(CREATED_AT) or ""),
+        validation=mapping(VALIDATION),
+        roofline=mapping(ROOFLINE),
+        warm_start=mapping(WARM_START),
+        checks=list(checks) if isinstance(checks, list) else [],
+        baseline=baseline,
+    )
+
+
+def _str(v: Any) -> str | None:
+    return str(v) if v is not None else None

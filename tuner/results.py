@@ -11,39 +11,21 @@ import dataclasses
 import gc
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from tuner.errors import StudyError
-from tuner.record import TrialRecord, constraints, has_error, read_record
+from tuner.record import (CREATED_AT, VALIDATION, StudyInfo, TrialRecord, baseline_of, constraints, has_error,
+                          read_record, read_study_info)
 from tuner.settings import SETTINGS
 from tuner.memory import fit_of
 from tuner.stats import overlaps
-from tuner.storage import lost_trial_key
+from tuner.storage import lost_trial_key, rdb_trials
 from tuner.terminal import tune_command
 
 if TYPE_CHECKING:
     from optuna import Study
     from optuna.trial import FrozenTrial
-
-#: Offload sources (``GpuOffload.source``) that observed where the model ran: the server's
-#: /api/ps, NVML, the llama.cpp build, a recorded grid. "unknown", "--param num_gpu" and test
-#: stand-ins decided nothing about it.
-OFFLOAD_EVIDENCE = frozenset({"ollama-ps", "nvml", "llama.cpp", "recorded grid"})
-
-
-def offloads(attrs_or_env: dict[str, Any]) -> bool | None:
-    """Whether a study's model ran with layers on a GPU (True) or on the CPU only (False), from
-    its attrs or their ``environment``; None when no source that observed it said."""
-    env = attrs_or_env.get("environment")
-    if not isinstance(env, dict):
-        env = attrs_or_env
-    off = env.get("gpu_offload")
-    if not isinstance(off, dict):
-        return None
-    source = attrs_or_env.get("gpu_offload_source") or off.get("source")
-    value = off.get("offloads")
-    return value if isinstance(value, bool) and source in OFFLOAD_EVIDENCE else None
-
 
 def engine_name(engine: str) -> str:
     """The engine a study ran on as people call it: "Ollama", "llama.cpp", else "engine"."""
@@ -108,10 +90,15 @@ class StoredStudy:
     def direction(self) -> str:
         return self.directions[0]
 
+    @cached_property
+    def info(self) -> StudyInfo:
+        """The study's record (objectives, environment, workload, baseline ...)."""
+        return read_study_info(self)
+
     @property
     def validation(self) -> Validation | None:
         """The stored re-validation, or None (none, or written by another version)."""
-        stored = self.attrs.get("validation")
+        stored = self.attrs.get(VALIDATION)
         try:
             return Validation.from_dict(stored) if isinstance(stored, dict) else None
         except (KeyError, TypeError, ValueError, IndexError):
@@ -171,7 +158,7 @@ class StoredStudy:
 
     def baseline(self) -> TrialRecord | None:
         """The measured baseline trial (the engine's defaults), if any."""
-        return next((r for r in self.records if r.baseline and r.measured), None)
+        return baseline_of(self.records)
 
     def speedup(self, r: TrialRecord) -> float | None:
         """``r``'s first objective over the baseline's (maximised objectives only)."""
@@ -279,11 +266,23 @@ def searched_values(space: dict[str, Any] | None, params: Sequence[dict[str, Any
 
 
 def read_study(study: Study) -> StoredStudy:
-    """Read ``study`` once: one ``get_trials`` and one record per trial."""
+    """Read ``study`` once: its trials in one read (:func:`trials_of`), one record per trial."""
     with paused_gc():
-        lost = lost_errors(study)
-        records = sorted((read_record(t, lost) for t in study.get_trials(deepcopy=False)), key=lambda r: r.number)
-        return StoredStudy(study.study_name, dict(study.user_attrs), directions(study), records)
+        attrs = dict(study.user_attrs)
+        lost = _lost(attrs)
+        records = sorted((read_record(t, lost) for t in trials_of(study)), key=lambda r: r.number)
+        return StoredStudy(study.study_name, attrs, directions(study), records)
+
+
+def trials_of(study: Study) -> list[FrozenTrial]:
+    """``study.get_trials(deepcopy=False)``; from an RDB storage, read with one plain query
+    per table (:func:`tuner.storage.rdb_trials`: several times faster on a large study)."""
+    storage, study_id = getattr(study, "_storage", None), getattr(study, "_study_id", None)
+    try:
+        trials = rdb_trials(storage, study_id) if storage is not None and isinstance(study_id, int) else None
+    except Exception:  # a schema this reader does not know: Optuna's own read is always right
+        trials = None
+    return study.get_trials(deepcopy=False) if trials is None else trials
 
 
 def read_all_studies(storage: Any) -> list[StoredStudy]:
@@ -337,7 +336,10 @@ _OUTCOMES = {"COMPLETE": "feasible", "PRUNED": "pruned", "FAIL": "failed", "RUNN
 
 def outcome(r: TrialRecord) -> str:
     """A trial's outcome, the one vocabulary of the terminal and the report: feasible,
-    infeasible (complete but over a limit, or failed to load), pruned, failed, running."""
+    infeasible (complete but over a limit, or failed to load), pruned, failed, running, and
+    imported (another tool's result: tuner/importing.py)."""
+    if r.imported:
+        return "imported"
     key = _OUTCOMES.get(r.state, r.state.lower())
     return "infeasible" if key == "feasible" and not r.feasible else key
 
@@ -347,7 +349,7 @@ def _recency(s: Any) -> tuple[Any, ...]:
 
     A study without trials ranks below every study with one.
     """
-    return (s.datetime_start is not None, s.datetime_start or 0, str(s.user_attrs.get("created_at", "")),
+    return (s.datetime_start is not None, s.datetime_start or 0, str(s.user_attrs.get(CREATED_AT, "")),
             s.study_name)
 
 
@@ -463,10 +465,10 @@ def summarise_study(study: Study, objectives: list[str], storage: str, trials_ru
         baseline=st.baseline(),
         speedup=st.speedup(best) if best is not None and feasible else None,
         pareto=pareto,
-        space=space if space is not None else dict(st.attrs.get("space", {})),
-        validation=st.attrs.get("validation"),
-        engine=str(st.attrs.get("engine", "ollama")),
-        roofline=st.attrs.get("roofline"),
+        space=space if space is not None else st.info.space,
+        validation=st.info.validation,
+        engine=st.info.engine_or_default,
+        roofline=st.info.roofline,
         pruned=len(pruned),
         pruned_saved_s=sum(r.pruned_saved_s or 0.0 for r in pruned),
         trials=st.records,

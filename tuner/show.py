@@ -6,17 +6,17 @@ import dataclasses
 import datetime as dt
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tuner import objectives, results
-from tuner.check import Check, check_line, checks_of
+from tuner.checks import Check, check_line, checks_of
 from tuner.effects import Effects, compute as compute_effects
-from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TrialRecord
+from tuner.record import METRIC_ROWS, TELEMETRY_ROWS, TTFT_MS, TrialRecord, read_study_info, warm_start_sources
 from tuner.errors import StudyError
 from tuner.metrics import RequestSample
 from tuner.storage import open_storage, shown_url, storage_args
-from tuner.terminal import printable, tune_command
-from tuner.warmstart import ATTR as WARM_START, WarmStart
+from tuner.terminal import command, printable, tune_command
 
 def _num(v: Any, digits: int = 1) -> str:
     if v is None:
@@ -119,7 +119,10 @@ def format_summary(s: Any) -> str:
         for v in s.pareto:
             vals = ", ".join(f"{o}={x:.2f}" for o, x in zip(s.objectives, v.values or []))
             out.append(f"  #{v.number}: {vals}  {printable(v.config_text())}")
-    if s.best is None:
+    if s.best is None and s.counts.get("imported"):
+        out.append(f"No trial measured here yet: the study holds {s.counts['imported']} imported results "
+                   "(another tool's numbers, listed by `tune show`).")
+    elif s.best is None:
         out.append("No trial completed: nothing to report yet.")
     elif s.best_is_feasible:
         out.append(format_trial(s.best, "Best feasible configuration"))
@@ -158,6 +161,9 @@ def format_summary(s: Any) -> str:
         out.append(f"Next: {report}; nothing met the limits, so there is nothing to export: relax them and "
                    f"run more trials, or export the least-violating config knowingly with "
                    f"`{tune_command('export', s.study_name, *at, '--allow-infeasible')}`")
+    elif s.counts.get("imported") and sum(s.counts.values()) == s.counts["imported"]:
+        start = command("tune", "--model", "MODEL", f"--warm-start-from={s.study_name}", *at)
+        out.append(f"Next: measure them here: `{start}` seeds a new study with the best imported configs")
     else:
         out.append(f"Next: `{tune_command('show', s.study_name, *at)}` says why each trial failed; fix that "
                    "and run the same command again")
@@ -196,9 +202,9 @@ def study_rows(storage_url: str | None) -> list[StudyRow]:
         best = st.best()
         rows.append(StudyRow(
             study=st.name,
-            model=str(st.attrs.get("model", "")),
+            model=st.info.model,
             trials=len(st.records),
-            objective=str(list(st.attrs.get("objectives", ["decode_tps"]))[0]),
+            objective=st.info.objective,
             best_value=best.value if best is not None else None,
             best_trial=best.number if best is not None else None,
             last_update=st.last_update,
@@ -241,6 +247,8 @@ class ShowData:
     checks: list[Check] = dataclasses.field(default_factory=list)
     #: Where the study's warm start came from (tuner/warmstart.py ``WarmStart.to_dict``), or None.
     warm_start: dict[str, Any] | None = None
+    #: Results imported from other tools (``tune import``), best first: shown apart.
+    imported: list[TrialRecord] = dataclasses.field(default_factory=list)
 
 
 #: The checks ``tune show`` lists (the latest); ``--json`` has them all.
@@ -251,21 +259,31 @@ def show_data(storage_url: str | None, name: str | None, top: int = 10) -> ShowD
     """Read one study for ``tune show``."""
     storage = open_storage(storage_url, create=False)
     study = results.load_study(storage, name)
-    names = list(study.user_attrs.get("objectives", ["decode_tps"]))
-    s = results.summarise_study(study, names, shown_url(storage_url))
-    ranked = results.StoredStudy(s.study_name, {}, [objectives.get(names[0]).direction], s.trials).ranked()
-    eff = compute_effects(results.StoredStudy(s.study_name, dict(study.user_attrs), results.directions(study), s.trials))
+    attrs = dict(study.user_attrs)
+    info = read_study_info(attrs)
+    s = results.summarise_study(study, info.objectives, shown_url(storage_url))
+    ranked = results.StoredStudy(s.study_name, {}, [objectives.get(info.objective).direction], s.trials).ranked()
+    eff = compute_effects(results.StoredStudy(s.study_name, attrs, results.directions(study), s.trials))
     failed = [v for v in s.trials if v.error or v.state == "FAIL"]
-    warm = study.user_attrs.get(WARM_START)
-    return ShowData(s, ranked[:max(top, 0)], eff, failed, checks_of(study.user_attrs),
-                    warm if isinstance(warm, dict) else None)
+    sign = -1 if objectives.get(info.objective).direction == "maximize" else 1
+    imported = sorted((v for v in s.trials if v.imported and v.value is not None), key=lambda v: sign * (v.value or 0))
+    return ShowData(s, ranked[:max(top, 0)], eff, failed, checks_of(info), info.warm_start, imported[:max(top, 0)])
+
+
+def imported_line(v: TrialRecord) -> str:
+    """One imported result: its value, config, tests and where it came from (file:line, format)."""
+    src = v.source or {}
+    files = ", ".join(f"{Path(f).name}" for f in src.get("files", []))
+    lines = ",".join(str(x) for x in src.get("lines", []))
+    return (f"  {v.number:>4} {v.value or 0:>12.2f}  {v.config_text()}  [{' '.join(src.get('tests', []))}; "
+            f"{files}:{lines}, {src.get('format', '?')}]")
 
 
 def warm_start_line(d: ShowData) -> str | None:
     """'Warm start: from 'A' (same hardware): #1 (A#7), #2 (A#3)', or None without one."""
     if not d.warm_start:
         return None
-    sources = ", ".join(f"'{x.study}' ({x.match})" for x in WarmStart.from_dict(d.warm_start).sources)
+    sources = ", ".join(f"'{x.study}' ({x.match})" for x in warm_start_sources(d.warm_start))
     seeded = ", ".join(f"#{v.number} ({v.seeded_from})" for v in d.summary.trials if v.seeded_from)
     return f"Warm start: from {sources}: {seeded or 'no seeded trial ran'}"
 
@@ -282,9 +300,14 @@ def format_show(storage_url: str | None, name: str | None, top: int = 10) -> str
         lines = ["", f"Top {len(d.top)} feasible:"]
         lines.append(f"  {'#':>4} {obj:>12} {'p95 TTFT ms':>12}  config")
         for v in d.top:
-            lines.append(f"  {v.number:>4} {v.value or 0:>12.2f} {v.stat('ttft_ms', 'p95') or 0:>12.0f}  "
+            lines.append(f"  {v.number:>4} {v.value or 0:>12.2f} {v.stat(TTFT_MS, 'p95') or 0:>12.0f}  "
                          f"{printable(v.config_text())}")
         text += "\n".join(lines)
+    if d.imported:
+        text += (f"\n\nImported ({len(d.imported)} best; another tool's numbers, not measured here: "
+                 "a warm start from this study measures them again):\n"
+                 f"  {'#':>4} {obj:>12}  config  [tests; source]\n"
+                 + "\n".join(printable(imported_line(v)) for v in d.imported))
     if d.effects.params:
         text += "\n\n" + "\n".join(printable(line) for line in d.effects.lines())
     if d.failed:
@@ -308,6 +331,7 @@ def show_json(storage_url: str | None, name: str | None, top: int = 10) -> dict[
         "failed": [trial_json(v) for v in d.failed],
         "checks": [jsonable(c.to_dict()) for c in d.checks],
         "warm_start": jsonable(d.warm_start),
+        "imported": [{**trial_json(v), "source": jsonable(v.source)} for v in d.imported],
     }
 
 

@@ -40,7 +40,8 @@ from optuna.samplers import BaseSampler
 
 from tuner import memory as mem
 from tuner import record
-from tuner.memory import Calibration, StudyMemory
+from tuner.leaderboard import TrialCache
+from tuner.memory import Calibration, Evidence, StudyMemory
 from tuner.record import TrialRecord
 from tuner.space import Param, SearchSpace
 
@@ -121,11 +122,14 @@ def _score(r: TrialRecord) -> float:
 
 def plan(space: SearchSpace, done: Sequence[TrialRecord], default_model: str,
          sizes: dict[str, int] | None = None, memory: StudyMemory | None = None,
-         start: dict[str, Any] | None = None, cal: Calibration | None = None) -> Plan:
+         start: dict[str, Any] | None = None, cal: Calibration | None = None,
+         tally: Tally | None = None) -> Plan:
     """The next sampled trial's stage, from the finished trials ``done`` (and, with a memory
-    model, the calibration ``cal`` they make)."""
+    model, the calibration ``cal`` they make; ``tally``: the sampler's, kept from call to call)."""
     if memory is not None and start is not None and full_offload(space) is not None:
-        return _memory_plan(space, done, default_model, sizes or {}, memory, start,
+        tally = tally if tally is not None else Tally(full_offload(space))
+        tally.update(done)
+        return _memory_plan(space, tally, default_model, sizes or {}, memory, start,
                             cal if cal is not None else memory.calibrate(done))
     full = full_offload(space)
     names = [str(v) for v in variants(space)] or [default_model]
@@ -324,15 +328,61 @@ def repair(space: SearchSpace, memory: StudyMemory, cal: Calibration, model: str
     return params
 
 
-def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model: str, sizes: dict[str, int],
+class Tally:
+    """What the memory-planned stages read of the finished trials, folded in one trial at a
+    time: the answers the passes over every trial gave (a maximum is the first one reached,
+    in trial order, as ``max`` gives it)."""
+
+    def __init__(self, full: int | None) -> None:
+        self.full = full
+        self._reset()
+
+    def _reset(self) -> None:
+        #: The records folded, in order: a list that does not start with them is folded anew.
+        self.records: list[TrialRecord] = []
+        #: The configs of the sampled trials (not the baseline) that finished.
+        self.tried: set[tuple[Any, ...]] = set()
+        #: Per variant, its trials at full offload that fit: how many, and the best.
+        self.at_full: dict[str, tuple[int, TrialRecord]] = {}
+        #: Per variant, the trial that fit with the most layers given (the best of them).
+        self.most_layers: dict[str, TrialRecord] = {}
+        #: Per variant, the largest num_batch that failed to load.
+        self.failed_batch: dict[str, int] = {}
+
+    def update(self, done: Sequence[TrialRecord]) -> None:
+        n = len(self.records)
+        if len(done) < n or list(done[:n]) != self.records:
+            self._reset()
+            n = 0
+        for r in done[n:]:
+            self._add(r)
+
+    def _add(self, r: TrialRecord) -> None:
+        self.records.append(r)
+        if r.baseline or r.state not in ("COMPLETE", "PRUNED"):
+            return
+        self.tried.add(mem.config_key(r.model, r.options, r.server))
+        gpu = _gpu(r)
+        if _fits(r):
+            if gpu == self.full:
+                count, best = self.at_full.get(r.model, (0, r))
+                self.at_full[r.model] = (count + 1, r if _score(r) > _score(best) else best)
+            if isinstance(gpu, int) and gpu >= 0:
+                top = self.most_layers.get(r.model)
+                if top is None or (int(gpu), _score(r)) > (int(_gpu(top)), _score(top)):
+                    self.most_layers[r.model] = r
+        batch = r.options.get("num_batch")
+        if r.failed_load and isinstance(batch, int):
+            self.failed_batch[r.model] = max(batch, self.failed_batch.get(r.model, batch))
+
+
+def _memory_plan(space: SearchSpace, tally: Tally, default_model: str, sizes: dict[str, int],
                  memory: StudyMemory, start: dict[str, Any], cal: Calibration) -> Plan:
     full = full_offload(space)
     assert full is not None
     names = [str(v) for v in variants(space)] or [default_model]
-    mine = [r for r in done if not r.baseline and r.state in ("COMPLETE", "PRUNED")]
-    tried = {mem.config_key(r.model, r.options, r.server) for r in mine}
-    at_full = [r for r in mine if _gpu(r) == full]
-    fitting = {r.model for r in at_full if _fits(r)}
+    tried = tally.tried
+    fitting = set(tally.at_full)
     # Every setting the trial will send (the fixed ones too), so configs compare with trials.
     base = {k: v for k, v in {**space.fixed, **start}.items() if k != "variant"}
     base["num_gpu"] = full
@@ -362,10 +412,11 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
         _, _, v, pick = min(screen)
         return Plan(SCREEN, with_variant(v, pick))
     if fitting:
-        ranked = _ranked({v: [r for r in at_full if r.model == v and _fits(r)] for v in names if v in fitting})
-        leader = _pick(ranked, mine, full)
-        climb = _climb_batch(space, memory, cal, leader, [r for r in at_full if r.model == leader and _fits(r)], tried,
-                             mine)
+        ranked = sorted(((v, _score(tally.at_full[v][1]), tally.at_full[v][0]) for v in names if v in fitting),
+                        key=lambda x: -x[1])
+        leader = _pick(ranked, [], full)
+        climb = _climb_batch(space, memory, cal, leader, [tally.at_full[leader][1]], tried,
+                             tally.failed_batch.get(leader))
         if climb is not None:
             return Plan(TUNE, with_variant(leader, climb))
         return Plan(TUNE, {**({"variant": leader} if variants(space) else {}), "num_gpu": full})
@@ -378,13 +429,12 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
         small["num_ctx"] = min(space["num_ctx"].values)
     for kv in (_down(space, "kv_cache_type", small["kv_cache_type"])[-1:] if "kv_cache_type" in small else []):
         small["kv_cache_type"] = kv
-    layer_ok = [r for r in mine if r.model == target and _fits(r) and isinstance(_gpu(r), int) and _gpu(r) >= 0]
-    if not layer_ok:
+    best = tally.most_layers.get(target)
+    if best is None:
         sure = most_layers(space, memory, cal, target, small)
         c = {**small, "num_gpu": sure if sure is not None else 0}
         if _key(target, c) not in tried:
             return Plan(OFFLOAD, c)
-    best = max(layer_ok, key=lambda r: (int(_gpu(r)), _score(r))) if layer_ok else None
     if best is not None:
         params = {k: v for k, v in {**small, **best.options, **best.server}.items() if k in space}
         params.update(fixed_variant)
@@ -392,7 +442,8 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
         up = step_up(space, memory, cal, target, params, "num_gpu", layers, tried)
         if up is not None:
             return Plan(OFFLOAD, up)
-        climb = _climb_batch(space, memory, cal, target, [r for r in layer_ok if _gpu(r) == _gpu(best)], tried, mine)
+        # The best config with the most layers is the best of those with as many layers.
+        climb = _climb_batch(space, memory, cal, target, [best], tried, tally.failed_batch.get(target))
         if climb is not None:
             return Plan(OFFLOAD, {**climb, **fixed_variant})
     return Plan(TUNE, fixed_variant)
@@ -400,9 +451,10 @@ def _memory_plan(space: SearchSpace, done: Sequence[TrialRecord], default_model:
 
 def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, leader: str,
                  trials: list[TrialRecord], tried: set[tuple[Any, ...]],
-                 trials_all: Sequence[TrialRecord] = ()) -> dict[str, Any] | None:
+                 failed_batch: int | None = None) -> dict[str, Any] | None:
     """A larger batch (up to 512) for the leader's best config when one is not known not to fit
-    (the screen may have had to start small); None when there is nothing to climb."""
+    (the screen may have had to start small); None when there is nothing to climb.
+    ``failed_batch``: the largest num_batch of the leader that failed to load."""
     if "num_batch" not in space or space["num_batch"].fixed or not trials:
         return None
     best = max(trials, key=_score)
@@ -416,8 +468,7 @@ def _climb_batch(space: SearchSpace, memory: StudyMemory, cal: Calibration, lead
         return None
     # A larger batch is worth a few percent at most: after one failed load, only steps
     # predicted to fit are taken.
-    if any(r.model == leader and r.failed_load and isinstance(r.options.get("num_batch"), int)
-           and r.options["num_batch"] > batch for r in trials_all):
+    if failed_batch is not None and failed_batch > batch:
         safe = [v for v in ups if _key(leader, {**params, "num_batch": v}) not in tried
                 and verdict(memory, cal, leader, {**params, "num_batch": v}) == mem.FITS]
         return {**params, "num_batch": safe[-1]} if safe else None
@@ -437,6 +488,9 @@ class FitSampler(BaseSampler):
         #: The study's memory model (None: nothing is repaired). Set by the study.
         self.memory: StudyMemory | None = None
         self._cal: dict[int, Calibration] = {}
+        # The finished trials read once each, and the memory evidence of each worked out once.
+        self._finished = TrialCache(("COMPLETE", "PRUNED"))
+        self._evidence: Evidence | None = None
 
     def _inner(self, trial: Any) -> Any:
         return self.tpe
@@ -448,15 +502,19 @@ class FitSampler(BaseSampler):
         self.tpe.reseed_rng()
 
     def _done(self, study: Any) -> list[TrialRecord]:
-        from optuna.trial import TrialState
+        """The study's complete and pruned trials, in trial order (only new ones are read)."""
+        return self._finished.update(study)
 
-        return [record.read_record(t) for t in study.get_trials(deepcopy=False,
-                                                                  states=(TrialState.COMPLETE, TrialState.PRUNED))]
+    def _calibrate(self, done: Sequence[TrialRecord]) -> Calibration:
+        assert self.memory is not None
+        if self._evidence is None or self._evidence.memory is not self.memory:
+            self._evidence = Evidence(self.memory)
+        return self._evidence.calibrate(done)
 
     def before_trial(self, study: Any, trial: Any) -> None:
         self.tpe.before_trial(study, trial)
         if self.memory is not None and "fixed_params" not in trial.system_attrs:
-            self._cal[trial._trial_id] = self.memory.calibrate(self._done(study))
+            self._cal[trial._trial_id] = self._calibrate(self._done(study))
 
     def _repairs(self, trial: Any) -> bool:
         return (self.memory is not None and trial._trial_id in self._cal
@@ -510,6 +568,7 @@ class StagedSampler(FitSampler):
         self.sizes: dict[str, int] = {}
         self.start: dict[str, Any] | None = None
         self._fixed: dict[int, dict[str, Any]] = {}
+        self._tally = Tally(full_offload(space))
 
     def _inner(self, trial: Any) -> Any:
         from optuna.samplers import PartialFixedSampler
@@ -525,8 +584,8 @@ class StagedSampler(FitSampler):
         if "fixed_params" in trial.system_attrs:
             return  # enqueued: the baseline or a screen, already labelled
         done = self._done(study)
-        cal = self.memory.calibrate(done) if self.memory is not None else None
-        p = plan(self.space, done, self.default_model, self.sizes, self.memory, self.start, cal)
+        cal = self._calibrate(done) if self.memory is not None else None
+        p = plan(self.space, done, self.default_model, self.sizes, self.memory, self.start, cal, self._tally)
         self._fixed[trial._trial_id] = p.fixed
         if cal is not None:
             self._cal[trial._trial_id] = cal

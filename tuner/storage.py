@@ -339,6 +339,14 @@ def _full_reason(e: BaseException) -> str | None:
     return None
 
 
+def close_storage(storage: Any) -> None:
+    """Close the database connections an RDB storage holds (nothing to do for other storages);
+    the storage opens new ones if it is used again."""
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def _fast_sqlite(storage: Any) -> None:
     """WAL with synchronous=NORMAL: a commit is an append, not an fsync (about 3x faster per
     attribute written), and a killed process still loses nothing that was committed; only a
@@ -353,6 +361,99 @@ def _fast_sqlite(storage: Any) -> None:
 
     event.listen(storage.engine, "connect", pragmas)
     storage.engine.dispose()  # connections made before the listener reconnect with it
+
+
+#: Trial ids per ``IN (...)`` of :func:`rdb_trials`: the chunk SQLAlchemy's selectin loading uses,
+#: so each backend plans (and orders) the rows as it does for Optuna's own read.
+_IN_CHUNK = 500
+
+
+def rdb_trials(storage: Any, study_id: int) -> list[Any] | None:
+    """Every trial of a study in an RDB storage (or Optuna's cache in front of one), as
+    ``storage.get_all_trials(study_id, deepcopy=False)`` returns them (equal FrozenTrials, in
+    trial order, attributes in the same order); None for another kind of storage.
+
+    One plain query per table: Optuna's ORM read builds and then expires an object per stored
+    attribute, most of the read of a 1,000-trial study (0.5-1 s).
+    """
+    try:
+        from optuna.storages import RDBStorage
+        from optuna.storages._rdb import models
+    except ImportError:  # pragma: no cover - a future Optuna that moved them
+        return None
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, RDBStorage):
+        return None
+    return _rdb_trials(rdb.engine, models, study_id)
+
+
+def _rdb_trials(engine: Any, models: Any, study_id: int) -> list[Any]:
+    """:func:`rdb_trials`: the queries of Optuna's own read, without the ORM,
+    turned into FrozenTrials as ``RDBStorage._build_frozen_trial_from_trial_model`` does."""
+    from optuna.distributions import json_to_distribution
+    from optuna.trial import FrozenTrial
+    from sqlalchemy import select
+
+    t = models.TrialModel.__table__
+    tables = {name: model.__table__ for name, model in (
+        ("user", models.TrialUserAttributeModel), ("system", models.TrialSystemAttributeModel),
+        ("values", models.TrialValueModel), ("params", models.TrialParamModel),
+        ("steps", models.TrialIntermediateValueModel))}
+    cols = {"user": ("key", "value_json"), "system": ("key", "value_json"),
+            "values": ("objective", "value", "value_type"),
+            "params": ("param_id", "param_name", "param_value", "distribution_json"),
+            "steps": ("step", "intermediate_value", "intermediate_value_type")}
+    rows: dict[str, list[Any]] = {name: [] for name in tables}
+    with engine.connect() as conn:
+        trials = conn.execute(select(t.c.trial_id, t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete)
+                              .where(t.c.study_id == study_id).order_by(t.c.trial_id)).all()
+        ids = [row[0] for row in trials]
+        for name, table in tables.items():
+            picked = [table.c.trial_id, *(table.c[c] for c in cols[name])]
+            for i in range(0, len(ids), _IN_CHUNK):
+                rows[name].extend(conn.execute(select(*picked).where(
+                    table.c.trial_id.in_(ids[i:i + _IN_CHUNK]))).all())
+    user: dict[int, dict[str, Any]] = {i: {} for i in ids}
+    system: dict[int, dict[str, Any]] = {i: {} for i in ids}
+    values: dict[int, list[Any]] = {i: [] for i in ids}
+    params: dict[int, list[Any]] = {i: [] for i in ids}
+    steps: dict[int, dict[int, float]] = {i: {} for i in ids}
+    # Each attribute is one JSON text; decoded as one array, not 30,000 json.loads calls.
+    for name, into in (("user", user), ("system", system)):
+        decoded = json.loads("[" + ",".join(row[2] for row in rows[name]) + "]")
+        for (tid, key, _), value in zip(rows[name], decoded):
+            into[tid][key] = value
+    for row in rows["values"]:
+        values[row[0]].append(row)
+    for row in rows["params"]:
+        params[row[0]].append(row)
+    to_step = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
+    for tid, step, value, kind in rows["steps"]:
+        steps[tid][step] = to_step(value, kind)
+    # A study's trials share a few distributions: each parsed once (they are not changed).
+    dists: dict[str, Any] = {}
+
+    def dist(text: str) -> Any:
+        d = dists.get(text)
+        if d is None:
+            d = dists[text] = json_to_distribution(text)
+        return d
+
+    to_value = models.TrialValueModel.stored_repr_to_value
+    out = []
+    for tid, number, state, start, complete in trials:
+        vals: list[float] | None = None
+        if values[tid]:
+            vals = [0.0] * len(values[tid])
+            for _, objective, value, kind in values[tid]:
+                vals[objective] = to_value(value, kind)
+        ps = sorted(params[tid], key=lambda p: p[1])
+        out.append(FrozenTrial(
+            number=number, state=state, value=None, values=vals, datetime_start=start, datetime_complete=complete,
+            params={p[2]: dist(p[4]).to_external_repr(p[3]) for p in ps},
+            distributions={p[2]: dist(p[4]) for p in ps}, user_attrs=user[tid], system_attrs=system[tid],
+            intermediate_values=steps[tid], trial_id=tid))
+    return out
 
 
 def lost_trial_key(number: int) -> str:

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tuner import __version__
+from tuner import machine
 from tuner.engines import Engine, GpuOffload, get_engine
 from tuner.errors import (LoadError, ServerError, ServerHungError, SpaceError, StoppedError, StorageError,
                           StudyError, TrialFailedError, TunerError)
 from tuner.measure import config_key, measure_config
-from tuner.memory import MEMORY_MODEL, Architecture, StudyMemory
+from tuner.machine import hardware_fingerprint
+from tuner.leaderboard import Leaderboard, TrialCache
+from tuner.memory import Architecture, Evidence, StudyMemory
 from tuner.options import SAMPLERS, TuneOptions
 from tuner import objectives, record
 from tuner.pruning import make_pruner
@@ -100,7 +102,7 @@ def validate_options(o: TuneOptions) -> None:
     if len(o.objectives) == 1 and objectives.get(o.objectives[0]).direction == "minimize":
         raise TunerError(
             f"'{o.objectives[0]}' alone is not a useful objective (the tiniest output wins): "
-            "use it with a throughput objective, e.g. --objectives decode_tps,ttft_p95"
+            f"use it with a throughput objective, e.g. --objectives {record.DECODE_TPS},ttft_p95"
         )
     if len(set(o.objectives)) != len(o.objectives):
         raise TunerError("--objectives lists the same objective twice")
@@ -261,42 +263,10 @@ def _refuse_unmeasurable_limits(o: TuneOptions, engine: Engine, gpu_telemetry: b
 
 
 def environment(engine: Engine, server: dict[str, Any], info: Any) -> dict[str, Any]:
-    """Machine and software facts recorded once per study."""
-    env: dict[str, Any] = {
-        "tuner_version": __version__,
-        "engine": server.get("engine"),
-        "server_version": server.get("version"),
-        "model": info.name,
-        "model_digest": info.digest,
-        "quantization": info.quantization,
-        "parameter_size": info.parameter_size,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "hostname": platform.node(),
-    }
-    try:
-        from tuner.telemetry import host_environment, probe_gpus
+    """Machine and software facts recorded once per study (:func:`tuner.machine.environment`)."""
+    from tuner.telemetry import this_machine
 
-        env["host"] = host_environment()
-        probe = probe_gpus()
-        env["gpus"] = probe.gpus if probe.available else []
-        if not probe.available:
-            env["gpu_unavailable_reason"] = probe.reason
-    except Exception as e:  # telemetry must never stop a study
-        env["telemetry_error"] = str(e)
-    return env
-
-
-def hardware_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
-    """What makes two workers' measurements comparable: CPU, cores, RAM, GPUs."""
-    host = env.get("host") or {}
-    ram = host.get("ram_total_mib")
-    return {
-        "cpu": host.get("cpu_model"),
-        "cores": host.get("cpu_physical_cores"),
-        "ram_gib": round(ram / 1024) if ram else None,
-        "gpus": sorted(g.get("name", "") for g in env.get("gpus") or []),
-    }
+    return machine.environment(server, info, this_machine())
 
 
 def default_study_name(o: TuneOptions, server: dict[str, Any]) -> str:
@@ -415,35 +385,26 @@ def open_study(o: TuneOptions, p: _Prepared, sampler_factory: SamplerFactory = m
                     + (f" ({attrs.get(key)})" if key in ("model", "engine", "objectives") else "")
                     + ": pass --study NEW_NAME to start a new study, or repeat the original options to resume"
                 )
-    else:
+    limits = {k: v for k, v in (("max_ttft_ms", o.max_ttft_ms), ("max_latency_ms", o.max_latency_ms),
+                                ("max_vram_mib", o.max_vram_mib), ("max_power_w", o.max_power_w)) if v is not None}
+    if "space_hash" not in attrs:
         # space_hash is written last: a worker that sees it sees the whole identity.
-        for k, v in ident.items():
-            if k != "space_hash":
-                study.set_user_attr(k, v)
-        study.set_user_attr("host", p.server.get("host", ""))
-        study.set_user_attr("managed_server", bool(p.server.get("managed")))
-        # Whether the server runs on this machine (its address resolves here): the hardware
-        # fingerprint describes the server's machine only then.
-        study.set_user_attr("server_local", bool(p.engine.local))
-        study.set_user_attr("server_version", p.server.get("version", ""))
-        study.set_user_attr("space", p.space.to_dict())
-        study.set_user_attr("workload", p.workload.to_dict())
-        study.set_user_attr("environment", p.environment)
-        study.set_user_attr("hardware", hardware_fingerprint(p.environment))
-        if p.offload is not None:
-            study.set_user_attr("gpu_offload_source", p.offload.source)
-        if p.memory is not None:
-            study.set_user_attr(MEMORY_MODEL, {**p.memory.to_dict(), "headroom_mib": o.vram_headroom_mib})
-        study.set_user_attr("created_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
-        if o.context is not None:
+        record.write_study_info(study, record.StudyInfo(
+            model=ident["model"], engine=ident["engine"], objectives=ident["objectives"],
+            workload_hash=ident["workload_hash"], space_hash=ident["space_hash"],
+            host=p.server.get("host", ""), managed_server=bool(p.server.get("managed")),
+            # Whether the server runs on this machine (its address resolves here): the hardware
+            # fingerprint describes the server's machine only then.
+            server_local=bool(p.engine.local), server_version=p.server.get("version", ""),
+            space=p.space.to_dict(), workload=p.workload.to_dict(), environment=p.environment,
+            hardware=hardware_fingerprint(p.environment),
+            gpu_offload_source=p.offload.source if p.offload is not None else None,
+            memory_model={**p.memory.to_dict(), "headroom_mib": o.vram_headroom_mib} if p.memory is not None else None,
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
             # The context the application needs: `tune check` repeats it in the re-tune it suggests.
-            study.set_user_attr("context", o.context)
-        study.set_user_attr("space_hash", ident["space_hash"])
-    study.set_user_attr(
-        "limits",
-        {k: v for k, v in (("max_ttft_ms", o.max_ttft_ms), ("max_latency_ms", o.max_latency_ms),
-                           ("max_vram_mib", o.max_vram_mib), ("max_power_w", o.max_power_w)) if v is not None},
-    )
+            context=o.context, limits=limits))
+    else:
+        record.write_study_info(study, record.StudyInfo(limits=limits), new=False)
     if study.metric_names != o.objectives:
         import warnings
 
@@ -613,6 +574,11 @@ class _Runner:
         self.worker = {"hostname": platform.node(), "pid": os.getpid(), "gpus": hw["gpus"],
                        "server": p.server.get("host", "")}
         self.directions = [objectives.get(x).direction for x in o.objectives]
+        # The study's finished trials, each read once (the memory model and _settled read them
+        # before every trial), and the best of them kept as they arrive.
+        self._board = Leaderboard(self.directions[0])
+        self._finished = TrialCache(("COMPLETE", "PRUNED"), self._board)
+        self._evidence = Evidence(p.memory) if p.memory is not None else None
 
     def _sampler(self) -> Any:
         from tuner.telemetry import TelemetrySampler
@@ -628,7 +594,9 @@ class _Runner:
 
     def __call__(self, trial: Any) -> Any:
         o, p = self.o, self.p
-        baseline = bool(trial.user_attrs.get(record.BASELINE))
+        # One read: each read of a running trial's attributes is a query (the stage was set at ask).
+        attrs = trial.user_attrs
+        baseline = bool(attrs.get(record.BASELINE))
         if baseline:
             model = p.model
             # The defaults, except a context the application needs (else the "winner" could be
@@ -642,9 +610,9 @@ class _Runner:
             server = {k: config[k] for k in SERVER_PARAMS if k in config}
         # What is tried, stored before measuring: a trial that dies still says what it was.
         # The baseline's stage is named as its flag (tuner.staged.BASELINE; that module loads optuna).
-        stage = record.BASELINE if baseline else trial.user_attrs.get(record.STAGE)
+        stage = record.BASELINE if baseline else attrs.get(record.STAGE)
         rec = TrialRecord(model=model, options=runner or {}, server=server, baseline=baseline, worker=self.worker,
-                          stage=stage, seeded_from=trial.user_attrs.get(record.SEEDED_FROM))
+                          stage=stage, seeded_from=attrs.get(record.SEEDED_FROM))
         rec.memory = self._predict(trial, rec)
         record.write_record(trial, rec)
         if rec.skipped:
@@ -757,16 +725,16 @@ class _Runner:
 
         finished = trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         params = trial.params
-        # Reading every record for every new trial is quadratic; the params alone say whether
-        # this config ran before (the usual answer: no).
+        # The params alone say whether this config ran before (the usual answer: no).
         if not any(t.params == params for t in finished):
             return None
-        done = [record.read_record(t) for t in finished]
+        done = self._finished.records(finished)
         same = [r for r in done if not r.baseline and r.reused_from is None and r.measured and r.contended is not True
                 and (r.model, r.options, r.server) == (rec.model, rec.options, rec.server) and len(r.samples) > 1]
         if not same:
             return None
-        best = results.StoredStudy("", {}, [self.directions[0]], done).best()
+        # Every complete trial is on the board (pruned ones never rank): the best of ``done``.
+        best = self._board.best()
         if best is None or best.number == same[0].number or len(best.samples) < 2:
             return None
         try:
@@ -809,8 +777,8 @@ class _Runner:
         out: list[str] = []
         values: dict[str, float] = {"load": 1.0 if load_failed else 0.0}
         checks = (
-            ("ttft_p95_ms", o.max_ttft_ms, rec.stat("ttft_ms", "p95"), "p95 TTFT", "ms"),
-            ("latency_p95_ms", o.max_latency_ms, rec.stat("latency_ms", "p95"), "p95 latency", "ms"),
+            ("ttft_p95_ms", o.max_ttft_ms, rec.stat(record.TTFT_MS, "p95"), "p95 TTFT", "ms"),
+            ("latency_p95_ms", o.max_latency_ms, rec.stat(record.LATENCY_MS, "p95"), "p95 latency", "ms"),
             ("vram_mib", o.max_vram_mib, rec.vram_peak_mib, "VRAM peak", "MiB"),
             ("power_w", o.max_power_w, rec.power_mean_w, "mean power", "W"),
         )
@@ -837,11 +805,8 @@ class _Runner:
         pred = mem.predict(rec.model, rec.options, rec.server)
         if pred is None:
             return None
-        from optuna.trial import TrialState
-
-        done = [record.read_record(t) for t in trial.study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))]
-        cal = mem.calibrate(done)
+        assert self._evidence is not None
+        cal = self._evidence.calibrate(self._finished.update(trial.study))
         auto = rec.options.get("num_gpu") is None or int(rec.options["num_gpu"]) < 0
         out: dict[str, Any] = {"prior_mib": round(pred.total_mib, 1), "predicted_mib": round(cal.need(pred.total_mib), 1),
                                "layers": None if auto else pred.layers, "weights_mib": round(pred.weights_mib, 1),
@@ -965,17 +930,22 @@ class _Progress:
         self.consecutive_failures = 0
         self.last_error = ""
         self.stopped_for_failures = False
+        # Every worker's complete trials, each read once: the best is kept as they arrive.
+        self.board = Leaderboard(objectives.get(o.objectives[0]).direction)
+        self._complete = TrialCache(("COMPLETE",), self.board)
 
     def __call__(self, study: Any, trial: Any) -> None:
         self.done += 1
         v = results.view(trial)
+        self._complete.put(trial, v)
+        self._complete.update(study)
         obj = self.o.objectives[0]
         if trial.state.name == "PRUNED":
             self.consecutive_failures = 0
             status = f"pruned (clearly worse; saved {v.pruned_saved_s or 0.0:.1f} s)"
             if v.contended:
                 status += _contended_text(v)
-            metric = f"decode {v.stat('decode_tps') or 0:.1f} tok/s so far  "
+            metric = f"decode {v.stat(record.DECODE_TPS) or 0:.1f} tok/s so far  "
         elif trial.state.name == "FAIL":
             self.consecutive_failures += 1
             self.last_error = v.error or "unknown error"
@@ -984,9 +954,9 @@ class _Progress:
         else:
             self.consecutive_failures = 0
             metric = (
-                f"decode {v.stat('decode_tps') or 0:.1f} tok/s  "
-                f"prefill {v.stat('prefill_tps') or 0:.0f} tok/s  "
-                f"p95 TTFT {v.stat('ttft_ms', 'p95') or 0:.0f} ms  "
+                f"decode {v.stat(record.DECODE_TPS) or 0:.1f} tok/s  "
+                f"prefill {v.stat(record.PREFILL_TPS) or 0:.0f} tok/s  "
+                f"p95 TTFT {v.stat(record.TTFT_MS, 'p95') or 0:.0f} ms  "
                 if not v.error else ""
             )
             status = "feasible" if v.feasible else "infeasible: " + "; ".join(v.violations)
@@ -996,7 +966,7 @@ class _Progress:
                 status += f" | re-measured on a quiet machine ({v.contention_lost_s or 0:.0f} s lost to contention)"
             if v.reused_from is not None:
                 status += f" | proposed again: #{v.reused_from}'s measurement reused (clearly behind the best)"
-        best = results.best_feasible(study)
+        best = self.board.best(results.StoredStudy(study.study_name, study.user_attrs, [], []).validation)
         best_txt = f"best {best.values[0]:.2f} ({obj})" if best is not None and best.values else "no feasible yet"
         elapsed = time.monotonic() - self.started
         eta = elapsed / self.done * (self.total - self.done)
@@ -1090,7 +1060,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
                                o.validate_rounds, echo, sampler_factory=runner._sampler,
                                max_rounds=o.validate_max_rounds)
             if val is not None:
-                study.set_user_attr("validation", val.to_dict())
+                study.set_user_attr(record.VALIDATION, val.to_dict())
         if o.roofline:
             _store_roofline(study, p)
         summary = results.summarise_study(study, o.objectives, shown_url(o.storage),
@@ -1110,7 +1080,7 @@ def _store_roofline(study: Any, p: _Prepared) -> None:
     v = results.best_feasible(study)
     if v is None:
         return
-    decode = v.stat("decode_tps")
+    decode = v.stat(record.DECODE_TPS)
     if not decode:
         return
     try:
@@ -1120,4 +1090,4 @@ def _store_roofline(study: Any, p: _Prepared) -> None:
     on_gpu = p.has_gpu and v.options.get("num_gpu", -1) != 0
     r = roofline(float(decode), size, on_gpu)
     if r is not None:
-        study.set_user_attr("roofline", {**r.to_dict(), "trial": v.number, "text": r.describe()})
+        study.set_user_attr(record.ROOFLINE, {**r.to_dict(), "trial": v.number, "text": r.describe()})

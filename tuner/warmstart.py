@@ -27,85 +27,22 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from tuner.errors import StudyError
-from tuner.record import TrialRecord
-from tuner.results import offloads
+from tuner.machine import SAME_GPU, SAME_HARDWARE, TIERS, Machine, match
+from tuner.record import WARM_START, TrialRecord, WarmStartSource, warm_start_sources
 from tuner.space import SearchSpace
 
 #: The study attribute a warm start is kept in (:meth:`WarmStart.to_dict`).
-ATTR = "warm_start"
+ATTR = WARM_START
 
 #: Configs taken from each source study, and from all sources together.
 PER_SOURCE = 3
 MAX_SEEDS = 5
-#: Two GPU set-ups are in one VRAM class when their total memory differs by at most this share.
-VRAM_CLASS_SHARE = 0.125
-#: Labels of the hardware match, nearest first.
-SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES, CHOSEN = (
-    "same hardware", "same GPU model", "same VRAM class", "same CPU model", "same core count",
-    "chosen with --warm-start-from")
-_TIERS = (SAME_HARDWARE, SAME_GPU, SAME_VRAM, SAME_CPU, SAME_CORES)
+#: How near a source chosen with --warm-start-from is when no tier matches (:func:`tuner.machine.match`).
+CHOSEN = "chosen with --warm-start-from"
 #: A GGUF file name's quantization part: Q4_K_M, q8_0, IQ3_XS, F16, BF16, ... (and "-it-qat"-like tags stay).
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:i?q\d[a-z0-9_]*|f16|f32|bf16)$")
-
-
-@dataclass(frozen=True)
-class Machine:
-    """What warm start compares between studies: the stored fingerprint and where the model ran."""
-
-    hardware: dict[str, Any]
-    #: Whether the server offloads layers to a GPU (None: not known, as when no source that
-    #: observed it said and NVML saw no GPU).
-    offloads: bool | None
-    vram_mib: float | None
-    #: "local" for a server on the measuring machine, else its host (a remote server's
-    #: hardware is not the fingerprint's).
-    server: str
-
-    @classmethod
-    def of(cls, attrs: dict[str, Any]) -> Machine:
-        """The machine a stored study (its user attrs) was measured on."""
-        env = attrs.get("environment") or {}
-        off = offloads(attrs)
-        hw = dict(attrs.get("hardware") or {})
-        gpus = [g for g in env.get("gpus") or [] if isinstance(g, dict)]
-        vram = sum(float(g.get("memory_total_mib") or 0) for g in gpus) or None
-        return cls(hw, off if off is not None else (bool(hw.get("gpus")) or None), vram, server_of(attrs))
-
-
-def server_of(attrs: dict[str, Any]) -> str:
-    """"local" when a stored study's server ran on the measuring machine, else its host: what
-    the tuner saw then (``server_local``), else whether the stored host is a loopback address."""
-    from tuner.engines.ollama import host_name, is_local
-
-    if attrs.get("managed_server") or attrs.get("engine") != "ollama":
-        return "local"
-    host = str(attrs.get("host") or "")
-    local = attrs.get("server_local")
-    if local is True or (local is None and (not host or is_local(host))):
-        return "local"
-    return host_name(host) or host
-
-
-def match(new: Machine, old: Machine) -> str | None:
-    """How near ``old`` is to ``new`` (one of the tier labels), or None when it must not seed it."""
-    if old.offloads is not None and new.offloads is not None and old.offloads != new.offloads:
-        return None  # CPU-only seeds only CPU-only machines, and GPU studies only GPU machines
-    if old.hardware == new.hardware and old.server == new.server:
-        return SAME_HARDWARE
-    if old.server != "local" or new.server != "local":
-        return None  # the fingerprint describes the measuring machine, not a remote server's
-    if new.offloads:
-        gpus, old_gpus = new.hardware.get("gpus") or [], old.hardware.get("gpus") or []
-        if gpus and gpus == old_gpus:
-            return SAME_GPU
-        if new.vram_mib and old.vram_mib and abs(new.vram_mib - old.vram_mib) <= VRAM_CLASS_SHARE * new.vram_mib:
-            return SAME_VRAM
-        return None
-    if new.hardware.get("cpu") and new.hardware.get("cpu") == old.hardware.get("cpu"):
-        return SAME_CPU
-    if new.hardware.get("cores") and new.hardware.get("cores") == old.hardware.get("cores"):
-        return SAME_CORES
-    return None
+#: A study that seeded this one, and how near its hardware is.
+Source = WarmStartSource
 
 
 def family(model: str) -> str:
@@ -129,14 +66,6 @@ def same_model(model: str, variants: Sequence[str], attrs: dict[str, Any]) -> bo
     theirs = [str(attrs.get("model") or "")] + [str(v) for v in (attrs.get("space") or {}).get("variant") or []]
     mine = [model, *variants]
     return bool(set(theirs) & set(mine)) or family(theirs[0]) == family(model)
-
-
-@dataclass(frozen=True)
-class Source:
-    """A study that seeded this one, and how near its hardware is."""
-
-    study: str
-    match: str
 
 
 @dataclass(frozen=True)
@@ -185,7 +114,7 @@ class WarmStart:
         def dicts(key: str) -> list[dict[str, Any]]:
             return [x for x in d.get(key) or [] if isinstance(x, dict)]
 
-        return cls(sources=[Source(str(x.get("study")), str(x.get("match"))) for x in dicts("sources")],
+        return cls(sources=warm_start_sources(d),
                    seeds=[Seed(dict(x.get("params") or {}), str(x.get("from")), None, tuple(x.get("notes") or ()))
                           for x in dicts("seeds")],
                    skipped=[str(x) for x in d.get("skipped") or []])
@@ -204,12 +133,12 @@ def find_sources(storage: Any, exclude: str, model: str, variants: Sequence[str]
             continue
         how = match(machine, Machine.of(a))
         if how is not None:
-            found.append((_TIERS.index(how), str(s.user_attrs.get("created_at") or ""), s.study_name))
+            found.append((TIERS.index(how), str(s.user_attrs.get("created_at") or ""), s.study_name))
     if not found:
         return []
     nearest = min(t for t, _, _ in found)
     chosen = sorted((x for x in found if x[0] == nearest), key=lambda x: x[1], reverse=True)
-    return [(name, _TIERS[tier]) for tier, _, name in chosen]
+    return [(name, TIERS[tier]) for tier, _, name in chosen]
 
 
 def seeds_of(st: Any, space: SearchSpace, offloads: bool, same_hardware: bool,
@@ -219,6 +148,11 @@ def seeds_of(st: Any, space: SearchSpace, offloads: bool, same_hardware: bool,
     source_space: dict[str, list[Any]] = st.attrs.get("space") or {}
     best = st.best()
     ranked = [r for r in st.ranked() if not r.baseline and not r.contended]
+    # Imported results (another tool's numbers) seed too, best first, after the measured ones:
+    # they are measured here before one can win.
+    sign = 1 if not st.directions or str(st.directions[0]).lower().endswith("maximize") else -1
+    ranked += sorted((r for r in st.records if r.imported and r.value is not None),
+                     key=lambda r: sign * (r.value or 0), reverse=True)
     # The re-validated winner first, when the validation picked another than the top value.
     ranked.sort(key=lambda r: best is None or r.number != best.number)
     out: list[Seed] = []
@@ -254,6 +188,10 @@ def map_config(r: TrialRecord, space: SearchSpace, source_space: dict[str, list[
             continue
         v = config[p.name]
         if p.name == "variant":
+            if v not in p.values and r.imported:
+                # Another tool's model file, not a model here: its settings still tell.
+                notes.append(f"variant {r.model_label} (imported) is not a model here: its settings kept")
+                continue
             if v not in p.values:
                 return None, [], f"variant {r.model_label} is not searched here"
             params[p.name] = v
@@ -377,6 +315,6 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
             # not fit there is screened again: its failed load is what starts the offload stage.
             full = max((int(x) for x in (st.attrs.get("space") or {}).get("num_gpu") or [0]), default=0)
             ws.screened |= {r.model for r in st.records if r.state in ("COMPLETE", "PRUNED") and not r.baseline
-                            and not r.error and r.reused_from is None
+                            and not r.error and r.reused_from is None and not r.imported
                             and (not on_gpu or int(r.options.get("num_gpu", full) or 0) >= full)}
     return ws

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tuner.metrics import RequestSample
+from tuner.record import ServerMemory as ServerMemory
 
 Echo = Callable[[str], None]
 
@@ -38,14 +39,6 @@ class GpuOffload:
     source: str
     #: One line for the terminal: what was seen.
     detail: str
-
-
-@dataclass(frozen=True)
-class ServerMemory:
-    """What the server reports a loaded model holds: in VRAM and in all (MiB)."""
-
-    vram_mib: float
-    size_mib: float
 
 
 class Engine(ABC):

@@ -6,11 +6,12 @@ import difflib
 import json
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo, ServerMemory
 from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerHungError, ServerSetupError, TunerError
+from tuner.machine import is_local
 from tuner.metrics import RequestSample
 from tuner.server import KEEP_ALIVE
 from tuner.settings import REQUEST_PARAMS, SERVER_PARAMS
@@ -22,9 +23,6 @@ MIB = 1024 * 1024
 #: How long a liveness check (/api/version) may take: a live server answers it at once.
 VERSION_TIMEOUT_S = 10.0
 T = TypeVar("T")
-
-if TYPE_CHECKING:
-    from tuner.export import CreatePlan
 
 
 def normalise_host(host: str | None, hint: str = "--host / OLLAMA_HOST") -> str:
@@ -71,22 +69,6 @@ def _import_ollama() -> Any:
         if saved is not None:
             os.environ["OLLAMA_HOST"] = saved
     return ollama
-
-
-def host_name(url: str) -> str:
-    """The host of a base URL or a bare ``host:port``, lowercased, an IPv6 address without its
-    brackets; "" when there is none or it does not parse."""
-    try:
-        return urlsplit(url if "://" in url else f"//{url}").hostname or ""
-    except ValueError:  # a malformed IPv6 address
-        return ""
-
-
-def is_local(url: str) -> bool:
-    """Whether the server at ``url`` (a base URL or ``host:port``) runs on this machine, so its
-    hardware is ours to inspect: its host is a loopback name or address. A string test that
-    resolves no name, so it also judges hosts stored on another machine."""
-    return host_name(url) in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 
 class _StreamClock:
@@ -593,13 +575,17 @@ class OllamaEngine(Engine):
             self.server.stop()
 
 
-def create_model(plan: CreatePlan, echo: Echo) -> str:
-    """Create the planned model on its server; return what to tell the user."""
-    engine = OllamaEngine(plan.host)
+def create_model(name: str, source: str, parameters: dict[str, Any], echo: Echo, host: str | None = None,
+                 announce: str = "", note: str = "") -> str:
+    """Create model ``name`` from ``source`` with ``parameters`` on the server at ``host`` (None:
+    $OLLAMA_HOST or the default), saying ``announce`` first; return what to tell the user, with
+    ``note`` after it."""
+    engine = OllamaEngine(host)
     try:
-        echo(plan.announce())
-        engine.create(plan.name, source=plan.source, parameters=plan.parameters, echo=echo)
+        if announce:
+            echo(announce)
+        engine.create(name, source=source, parameters=parameters, echo=echo)
     finally:
         engine.close()
-    msg = f"created '{plan.name}' on {engine.host}: `ollama run {plan.name}` now uses the tuned settings"
-    return f"{msg}; {plan.note}" if plan.note else msg
+    msg = f"created '{name}' on {engine.host}: `ollama run {name}` now uses the tuned settings"
+    return f"{msg}; {note}" if note else msg

@@ -59,12 +59,15 @@ def write_report(storage_url: str | None, study_name: str | None, output: str | 
     """
     from tuner.files import STDOUT, safe_name, write_output
     from tuner.results import load_study
-    from tuner.storage import open_storage
+    from tuner.storage import close_storage, open_storage
 
     storage = open_storage(storage_url, create=False)
-    study = load_study(storage, study_name)
-    with paused_gc():  # the objects read stay alive until the page is written: nothing to collect
-        text = render_html(build_report(study, storage_url))
+    try:
+        study = load_study(storage, study_name)
+        with paused_gc():  # the objects read stay alive until the page is written: nothing to collect
+            text = render_html(build_report(study, storage_url))
+    finally:
+        close_storage(storage)
     path = output_path(output, f"{safe_name(study.study_name)}.html")
     write_output(path, text.encode("utf-8"), "report")
     return path or Path(STDOUT)

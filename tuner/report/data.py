@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from tuner import objectives
 from tuner import results
+from tuner.machine import offloads
 from tuner.memory import fit_of
-from tuner.check import (CHECKS, Check, DriftSeries, advice, change_text, drift_series, last_check, pct_text,
-                         since_text)
+from tuner.checks import Check, DriftSeries, advice, change_text, drift_series, last_check, pct_text, since_text
 from tuner.effects import MIN_TRIALS_FOR_IMPORTANCES, Effects, compute as compute_effects
-from tuner.record import HOST_TELEMETRY_ROWS, METRIC_ROWS, TELEMETRY_ROWS, TOKENS_PER_JOULE, TrialRecord
+from tuner.record import (DECODE_TPS, HOST_TELEMETRY_ROWS, METRIC_ROWS, PREFILL_TPS, TELEMETRY_ROWS, TOKENS_PER_JOULE,
+                          TrialRecord)
 from tuner.results import StoredStudy, paused_gc, read_study
 from tuner.storage import storage_args
 from tuner.terminal import command, tune_command
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 TOP_N = 10
 #: The rate shown beside an objective that is not a rate (tokens/J, p95 TTFT).
-DEFAULT_RATE = "decode_tps"
+DEFAULT_RATE = DECODE_TPS
 #: p95 TTFT and p95 latency of a record, as the objectives of those names read them.
 _TTFT_P95 = objectives.get("ttft_p95").value
 _LATENCY_P95 = objectives.get("latency_p95").value
@@ -83,7 +84,7 @@ class Header:
     only_contended: bool = False
     #: What the study's offload probe found: the server offloads layers to a GPU (True),
     #: runs on the CPU only (False), or no source that observed it said (None; see
-    #: ``results.offloads``).
+    #: ``tuner.machine.offloads``).
     gpu_offloads: bool | None = None
 
     @property
@@ -547,27 +548,27 @@ def _workload_text(w: dict[str, Any]) -> str:
 
 
 def _header(s: StoredStudy) -> Header:
-    ua = s.attrs
-    env = dict(ua.get("environment") or {})
+    info = s.info
+    env = info.environment
     return Header(
         study_name=s.name,
-        model=str(ua.get("model") or env.get("model") or ""),
-        engine=str(ua.get("engine") or env.get("engine") or ""),
-        host=str(ua.get("host") or ""),
-        server_version=str(ua.get("server_version") or env.get("server_version") or "unknown"),
+        model=str(info.model or env.get("model") or ""),
+        engine=str(info.engine or env.get("engine") or ""),
+        host=info.host,
+        server_version=str(info.server_version or env.get("server_version") or "unknown"),
         gpu=_gpu_text(env),
         cpu=_cpu_text(env),
         os=str(env.get("os") or (env.get("host") or {}).get("os") or ""),
-        objectives=list(ua.get("objectives") or [DEFAULT_RATE]),
-        limits={k: float(v) for k, v in dict(ua.get("limits") or {}).items() if _num(v) is not None},
-        space=dict(ua.get("space") or {}),
-        workload=_workload_text(dict(ua.get("workload") or {})),
-        created_at=str(ua.get("created_at") or ""),
+        objectives=list(info.objectives),
+        limits={k: float(v) for k, v in info.limits.items() if _num(v) is not None},
+        space=dict(info.space),
+        workload=_workload_text(info.workload or {}),
+        created_at=info.created_at,
         counts=s.counts(),
         load_failed=sum(1 for r in s.records if r.state == "COMPLETE" and r.error),
         contended=s.contention()[0], remeasured=s.contention()[1], contention_lost_s=s.contention()[2],
         only_contended=s.only_contended,
-        gpu_offloads=results.offloads(env),
+        gpu_offloads=offloads(env),
     )
 
 
@@ -682,8 +683,8 @@ def _failures(records: Iterable[TrialRecord]) -> list[FailureRow]:
 def _validation(s: StoredStudy, data: ReportData, ranked: Sequence[TrialRecord]) -> results.Validation | None:
     """Fill the re-validation fields from the study's stored Validation; return it, or None
     without one (or when it cannot be read)."""
-    stored = s.attrs.get("validation")
-    if not isinstance(stored, dict):
+    stored = s.info.validation
+    if stored is None:
         return None
     try:
         val = results.Validation.from_dict(stored)
@@ -736,24 +737,22 @@ def _validation(s: StoredStudy, data: ReportData, ranked: Sequence[TrialRecord])
     return val
 
 
-def _roofline(attrs: dict[str, Any]) -> dict[str, Any] | None:
-    r = attrs.get("roofline")
-    if not isinstance(r, dict):
+def _roofline(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    if stored is None:
         return None
-    r = dict(r)
+    r = dict(stored)
     if not isinstance(r.get("text"), str) or not r["text"]:
         from tuner.roofline import Roofline
 
         try:
             r["text"] = Roofline(str(r["device"]), float(r["bandwidth_gbs"]), str(r["method"]), int(r["model_bytes"]),
-                                 float(r["ceiling_tps"]), float(r["decode_tps"])).describe()
+                                 float(r["ceiling_tps"]), float(r[DECODE_TPS])).describe()
         except (KeyError, TypeError, ValueError):
             return None
     return r
 
 
-def _planned_requests(attrs: dict[str, Any]) -> int | None:
-    w = attrs.get("workload") or {}
+def _planned_requests(w: dict[str, Any]) -> int | None:
     repeats, prompts = _num(w.get("repeats")), w.get("prompts")
     return int(repeats) * len(prompts) if repeats and isinstance(prompts, list) and prompts else None
 
@@ -927,8 +926,8 @@ def _no_parameters(s: StoredStudy) -> str:
 
 def _per_trial(measured: Sequence[TrialRecord], data: ReportData) -> None:
     """Prefill tok/s and the host telemetry of each measured trial, by trial number."""
-    data.prefill = [TrialValue(r.number, v, _num(r.stat("prefill_tps", "sd")), r.feasible, r.config_text())
-                    for r in measured if (v := _num(r.stat("prefill_tps"))) is not None]
+    data.prefill = [TrialValue(r.number, v, _num(r.stat(PREFILL_TPS, "sd")), r.feasible, r.config_text())
+                    for r in measured if (v := _num(r.stat(PREFILL_TPS))) is not None]
     if not data.prefill:
         data.empty.append(EmptyFigure("prefill", "Prefill tok/s per trial",
                                       "No measured trial recorded prefill tok/s."
@@ -983,7 +982,7 @@ def _backend(r: TrialRecord, env: dict[str, Any], gpus: str) -> str:
     if r.server_vram_mib is not None:
         on_gpu = r.server_vram_mib > 0
     else:
-        if results.offloads(env) is False:
+        if offloads(env) is False:
             on_gpu = False
         else:
             return "not reported"
@@ -1032,10 +1031,10 @@ def _bench(s: StoredStudy, ranked: Sequence[TrialRecord], env: dict[str, Any], d
             rank=rank, number=r.number, stage=r.stage, model=r.model_label, size_gib=size, params=params,
             quant=quant, backend=_backend(r, env, gpus), settings={k: sent.get(k, "default") for k in settings},
             decode_tps=_num(r.stat(DEFAULT_RATE)), decode_sd=_num(r.stat(DEFAULT_RATE, "sd")),
-            prefill_tps=_num(r.stat("prefill_tps")), prefill_sd=_num(r.stat("prefill_tps", "sd")),
+            prefill_tps=_num(r.stat(PREFILL_TPS)), prefill_sd=_num(r.stat(PREFILL_TPS, "sd")),
             ttft_ms_p95=_num(_TTFT_P95(r)), vram_mib=_num(r.vram_peak_mib),
             tokens_per_joule=_num(r.tokens_per_joule), speedup=s.speedup(r)))
-    other = data.tps_metric not in (DEFAULT_RATE, "prefill_tps")
+    other = data.tps_metric not in (DEFAULT_RATE, PREFILL_TPS)
     stage = any(r.stage for r in rows)
     speedup = any(r.speedup is not None for r in rows)
     columns = (["rank", "trial"] + (["stage"] if stage else []) + ["model", "size", "params", "quant", "backend"]
@@ -1190,7 +1189,7 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
     env_command = (tune_command("export", s.name, *at, "--format", "env", "-o", f"{name}.env")
                    if best.effective_server else "")
     ratio, ci, text, note = _speedup(s, data, best)
-    check = last_check(s.attrs)
+    check = last_check(s.info)
     return FirstScreen(
         number=best.number, config=best.config_text(), modelfile=modelfile, missing=missing,
         export_command=tune_command("export", s.name, *at, "--format", "modelfile", "-o", f"{name}.Modelfile")
@@ -1227,8 +1226,8 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
         max_ttft_ms=header.limits.get("max_ttft_ms"),
         failures=_failures(s.records),
         generated_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        roofline=_roofline(s.attrs),
-        pruned=_pruned(s.records, _planned_requests(s.attrs)),
+        roofline=_roofline(s.info.roofline),
+        pruned=_pruned(s.records, _planned_requests(s.info.workload or {})),
         objective=objective,
         objective_label=objectives.label(objective),
         maximize=direction == "maximize",
@@ -1250,16 +1249,16 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
         data.empty.append(EmptyFigure("tradeoff", "Throughput vs time to first token",
                                       "No measured trial has both tok/s and p95 TTFT"
                                       + ("." if measured else ": every trial failed or failed to load.")))
-    env = dict(s.attrs.get("environment") or {})
+    env = s.info.environment
     _telemetry(measured, data, env)
     _per_trial(measured, data)
-    data.drift = drift_series(s.attrs)
+    data.drift = drift_series(s.info)
     data.timeline = _timeline(s.records)
     if not data.timeline:
         data.empty.append(EmptyFigure("timeline", "Timeline of trials", "No trial has finished yet."))
     _validation_empty(data)
     if data.drift is None:
-        checked = bool(s.attrs.get(CHECKS))
+        checked = bool(s.info.checks)
         data.empty.append(EmptyFigure(
             "drift", "The winner's speed over time",
             ("No `tune check` of this study measured anything yet (each stored check was unmeasured): "

@@ -11,7 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner import objectives
-from tuner.check import changes_text
+from tuner.checks import changes_text
 from tuner.effects import MARGINAL, MIN_TRIALS_FOR_IMPORTANCES
 from tuner.results import defaults_name
 from tuner.report.data import (
