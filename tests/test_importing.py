@@ -125,3 +125,18 @@ def test_an_imported_study_is_one_machines_entry_in_the_fleet(fake: FakeOllama) 
     doc = json.loads(invoke("studies", "--by-hardware", "--json").output)
     imported = next(x for x in doc["rows"] if x["study"] == "lb-4080")
     assert imported["value_source"] == "imported" and imported["engine"] == "imported"
+
+
+def test_the_report_lists_imported_results_apart_with_their_source() -> None:
+    from tuner.report import build_report
+
+    assert invoke("import", DATA / "llama-bench.json", DATA / "ollama-bench.csv", "--study", "lb").exit_code == 0
+    data = build_report(results.load_study(open_storage(DB, create=False), "lb"), DB)
+    assert [(r.tests, r.source) for r in data.imported] == [
+        ("prefill generate load", "ollama-bench.csv:2,3,4 (ollama-bench-csv)"),
+        ("pp512 tg128", "llama-bench.json:2,48 (llama-bench-json)")]
+    assert data.top == []  # never among the measured configs
+    r = invoke("report", "lb", "-o", "r.html")
+    assert r.exit_code == 0, r.output
+    html = Path("r.html").read_text()
+    assert "<h2>Imported results</h2>" in html and "llama-bench.json:2,48 (llama-bench-json)" in html

@@ -147,6 +147,18 @@ class TopRow:
 
 
 @dataclass(frozen=True)
+class ImportRow:
+    """One imported result (``tune import``): another tool's number, shown apart and marked."""
+
+    number: int
+    value: float | None
+    config: str
+    tests: str
+    #: "file:lines (format)".
+    source: str
+
+
+@dataclass(frozen=True)
 class TradeoffPoint:
     """A measured trial on the tok/s vs p95 TTFT plane."""
 
@@ -433,6 +445,8 @@ class ReportData:
     roofline: dict[str, Any] | None = None
     pruned: list[PrunedRow] = field(default_factory=list)
     pruned_saved_s: float = 0.0
+    #: Imported results (another tool's numbers, never the winner), best first.
+    imported: list[ImportRow] = field(default_factory=list)
     # -- what the search figures draw ----------------------------------------------------
     #: The first objective, its label and whether it is maximised.
     objective: str = ""
@@ -608,6 +622,19 @@ def _best(s: StoredStudy, best: TrialRecord | None, feasible: bool, base: TrialR
         baseline_value=base.value if base is not None else None,
         winner_speedup=s.winner_speedup(best) if feasible else None,
     )
+
+
+def _imported(s: StoredStudy) -> list[ImportRow]:
+    sign = -1.0 if s.direction == "maximize" else 1.0
+    rows = sorted((r for r in s.records if r.imported), key=lambda r: sign * (r.value or 0.0))
+    out = []
+    for r in rows:
+        src = r.source or {}
+        files = ", ".join(str(f).rsplit("/", 1)[-1] for f in src.get("files", []))
+        lines = ",".join(str(x) for x in src.get("lines", []))
+        out.append(ImportRow(r.number, r.value, r.config_text(), " ".join(src.get("tests", [])),
+                             f"{files}:{lines} ({src.get('format', '?')})"))
+    return out
 
 
 def _top(s: StoredStudy, ranked: Sequence[TrialRecord], tps: str) -> list[TopRow]:
@@ -1228,6 +1255,7 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
         generated_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         roofline=_roofline(s.info.roofline),
         pruned=_pruned(s.records, _planned_requests(s.info.workload or {})),
+        imported=_imported(s),
         objective=objective,
         objective_label=objectives.label(objective),
         maximize=direction == "maximize",

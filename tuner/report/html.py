@@ -351,6 +351,16 @@ def _memory_html(data: ReportData) -> str:
             + table(["trial", "configuration", "predicted MiB", "reported MiB", "error", "verdict before"], rows))
 
 
+def _imported_html(data: ReportData) -> str:
+    if not data.imported:
+        return ""
+    rows = [[(f"#{r.number} &#8599;", True), (number(r.value), True), (escape(r.config), False),
+             (escape(r.tests), False), (escape(r.source), False)] for r in data.imported]
+    return ("<h2>Imported results</h2><p class=\"note\">&#8599; another tool's numbers (<code>tune import</code>), "
+            "not measured by the tuner: never the winner; a warm start from this study measures them first.</p>"
+            + table(["trial", escape(data.objective_label), "configuration", "tests", "source"], rows))
+
+
 def _failures_html(data: ReportData) -> str:
     if not data.failures:
         return "<h2>Failures</h2><p>No trial failed or broke a limit.</p>"
@@ -423,6 +433,7 @@ def render_html(data: ReportData) -> str:
     body += [p for k, p in figures if k != "validation"]
     body.append(_pruned_html(data))
     body.append(_memory_html(data))
+    body.append(_imported_html(data))
     body.append(_failures_html(data))
     body.append("<script type=\"text/javascript\">" + "\n".join(scripts) + "</script>")
     return page("ollama-tuner report: " + h.study_name, body, head=[
