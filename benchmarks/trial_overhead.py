@@ -66,7 +66,7 @@ def run(trials: int, sampler: str, url: str) -> tuple[list[dict[str, float]], fl
     from fake_ollama import FakeOllama
 
     from tuner import record
-    from tuner import study as study_mod
+    from tuner import runner as runner_mod
     from tuner.study import TuneOptions, make_sampler, run_study
 
     clock = Clock()
@@ -85,8 +85,8 @@ def run(trials: int, sampler: str, url: str) -> tuple[list[dict[str, float]], fl
 
     prompts = Path(url.removeprefix("sqlite:///")).with_suffix(".txt")
     prompts.write_text("hello there friend\n", encoding="utf-8")
-    real = study_mod.measure_config, record.write_record
-    study_mod.measure_config = clock.wrap("measure", study_mod.measure_config)
+    real = runner_mod.measure_config, record.write_record
+    runner_mod.measure_config = clock.wrap("measure", runner_mod.measure_config)
     record.write_record = clock.wrap("store", record.write_record)
     try:
         with FakeOllama(time_scale=0) as fake:
@@ -98,7 +98,7 @@ def run(trials: int, sampler: str, url: str) -> tuple[list[dict[str, float]], fl
                 warm_start=False, measure_interference=False), echo=echo, sampler_factory=timed_sampler)
             wall = time.perf_counter() - t0
     finally:
-        study_mod.measure_config, record.write_record = real
+        runner_mod.measure_config, record.write_record = real
     out = []
     for (t_a, a), (t_b, b) in zip(marks, marks[1:]):
         d = {k: (b.get(k, 0.0) - a.get(k, 0.0)) * 1e3 for k in ("measure", "sampler", "store")}

@@ -116,9 +116,9 @@ def test_rejected_input_exits_2_runtime_failure_exits_1() -> None:
 def test_run_now_counts_only_this_process(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
     import optuna
 
-    from tuner import study as study_mod
+    from tuner import runner as runner_mod
 
-    real = study_mod._Runner.__call__
+    real = runner_mod._Runner.__call__
     added: list[int] = []
 
     def with_other_worker(self: object, trial: optuna.Trial) -> object:
@@ -129,7 +129,7 @@ def test_run_now_counts_only_this_process(fake: FakeOllama, monkeypatch: pytest.
             added.append(1)
         return real(self, trial)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(study_mod._Runner, "__call__", with_other_worker)
+    monkeypatch.setattr(runner_mod._Runner, "__call__", with_other_worker)
     r = invoke("--model", "gemma3:1b", "--host", fake.url, "--trials", "2", "--repeats", "1", "--num-predict", "4",
                "--validate", "0", "--no-roofline")
     assert r.exit_code == 0, r.output

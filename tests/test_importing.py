@@ -140,3 +140,15 @@ def test_the_report_lists_imported_results_apart_with_their_source() -> None:
     assert r.exit_code == 0, r.output
     html = Path("r.html").read_text()
     assert "<h2>Imported results</h2>" in html and "llama-bench.json:2,48 (llama-bench-json)" in html
+
+
+def test_a_warm_start_from_a_llama_bench_import_measures_its_winner_first(fake: FakeOllama) -> None:
+    # Another tool's model file is no model here: its settings seed the search all the same.
+    assert invoke("import", DATA / "llama-bench.json", "--study", "lb").exit_code == 0
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--study", "here", "--warm-start-from", "lb",
+               "--param", "num_batch=512,2048", "--param", "num_thread=2,8", "--trials", "2", "--repeats", "1",
+               "--num-predict", "8", "--validate", "0", "--no-roofline")
+    assert r.exit_code == 0, r.output
+    first = next(x for x in _study("here").records if not x.baseline)
+    assert first.seeded_from == "lb#0" and first.measured
+    assert first.options["num_batch"] == 2048 and first.options["num_thread"] == 8

@@ -16,8 +16,9 @@ from tuner import record
 PACKAGE = Path(__file__).resolve().parent.parent / "tuner"
 
 #: What measures, searches or runs a study: never loaded by reading one.
-WRITE_SIDE = ("tuner.study", "tuner.staged", "tuner.space", "tuner.measure", "tuner.validate", "tuner.engines",
-              "tuner.server", "tuner.telemetry", "tuner.warmstart", "tuner.check")
+WRITE_SIDE = ("tuner.study", "tuner.runner", "tuner.start", "tuner.progress", "tuner.staged", "tuner.space",
+              "tuner.measure", "tuner.validate", "tuner.engines", "tuner.server", "tuner.telemetry",
+              "tuner.gpu_telemetry", "tuner.host_telemetry", "tuner.warmstart", "tuner.check")
 #: The read side's entry points: ``tune show``, ``studies``, ``report``, ``export``.
 READ_SIDE = ("tuner.show", "tuner.fleet", "tuner.report", "tuner.report.fleet", "tuner.export", "tuner.results",
              "tuner.checks", "tuner.machine")
@@ -101,7 +102,8 @@ def test_tune_check_does_not_load_the_study_runner(tmp_path: Path) -> None:
             "assert r.exit_code == 0 and 'DRY RUN' in r.output, r.output\n")
     loaded = _loaded(code)
     assert "tuner.check" in loaded
-    assert loaded & {"tuner.study", "tuner.staged", "tuner.warmstart", "tuner.space"} == set(), sorted(loaded)
+    assert loaded & {"tuner.study", "tuner.runner", "tuner.start", "tuner.staged", "tuner.warmstart",
+                   "tuner.space"} == set(), sorted(loaded)
 
 
 def test_no_metric_key_is_spelled_outside_the_record_module() -> None:

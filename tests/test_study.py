@@ -513,11 +513,11 @@ class _ScriptedSampler:
 def _script(monkeypatch: pytest.MonkeyPatch, interference: list[float], busy: list[float]) -> None:
     from types import SimpleNamespace
 
-    import tuner.study as study_mod
+    import tuner.runner as runner_mod
     import tuner.telemetry as telemetry
 
     sampler = _ScriptedSampler(interference)
-    monkeypatch.setattr(study_mod._Runner, "_sampler", lambda self: sampler())
+    monkeypatch.setattr(runner_mod._Runner, "_sampler", lambda self: sampler())
 
     def machine_busy(seconds: float = 1.0, exclude_pids: Any = None) -> Any:
         pct = busy.pop(0) if len(busy) > 1 else busy[0]
@@ -549,17 +549,17 @@ def test_a_contended_trial_is_measured_again_on_a_quiet_machine(fake: FakeOllama
 def test_contended_trials_never_decide_the_study(fake: FakeOllama, gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from tuner.show import format_summary
 
-    import tuner.study as study_mod
+    import tuner.runner as runner_mod
 
     # No re-measuring: the two slow configs run quiet, the fast one only while the machine is busy.
     _script(monkeypatch, interference=[0.0], busy=[0.0])
-    real = study_mod.measure_config
+    real = runner_mod.measure_config
 
     def measure(engine: Any, model: str, runner: Any, workload: Any, **kw: Any) -> Any:
         kw["sampler"] = _ScriptedSampler([80.0 if (runner or {}).get("num_thread") == 4 else 0.0])()
         return real(engine, model, runner, workload, **kw)
 
-    monkeypatch.setattr(study_mod, "measure_config", measure)
+    monkeypatch.setattr(runner_mod, "measure_config", measure)
     summary = run_study(opts(fake, trials=3, validate=0, roofline=False, baseline=False, sampler="grid",
                              starting_points=False, remeasure_contended=0,
                              params={"num_thread": [1, 2, 4], "num_gpu": [0], "num_ctx": [2048], "num_batch": [512],
@@ -641,7 +641,7 @@ def test_a_baseline_left_running_by_a_killed_process_is_measured_again(fake: Fak
     import subprocess
     import sys
 
-    from tuner.study import _dead_here
+    from tuner.start import _dead_here
 
     # The first worker hangs in the baseline's generate and is killed there (as kill -9, or a
     # full disk that stops it before it can mark the trial failed, would leave it).

@@ -12,7 +12,7 @@ from fake_ollama import FakeOllama
 from test_telemetry import FakeNvml, constant_gpu, mem
 
 from tuner.record import read_record
-from tuner import results, telemetry
+from tuner import gpu_telemetry, results
 from tuner.study import TuneOptions, run_study
 
 STORAGE = "sqlite:///t.db"
@@ -20,7 +20,7 @@ STORAGE = "sqlite:///t.db"
 
 @pytest.fixture
 def nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
-    monkeypatch.setattr(telemetry, "_nvml_ready", False)
+    monkeypatch.setattr(gpu_telemetry, "_nvml_ready", False)
     return FakeNvml([constant_gpu(mem=[mem(1000), mem(3000)])]).install(monkeypatch)
 
 

@@ -21,7 +21,7 @@ pynvml = pytest.importorskip("pynvml")
 pytest.importorskip("psutil")
 
 from tuner.record import telemetry_attrs  # noqa: E402
-from tuner import telemetry  # noqa: E402
+from tuner import gpu_telemetry, telemetry  # noqa: E402
 from tuner.telemetry import (  # noqa: E402
     BusyReport,
     GpuSample,
@@ -89,7 +89,7 @@ class FakeNvml:
         return script()
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
-        monkeypatch.setattr(telemetry, "_nvml_ready", False)
+        monkeypatch.setattr(gpu_telemetry, "_nvml_ready", False)
 
         def init() -> None:
             self.init_calls += 1
@@ -148,7 +148,7 @@ def constant_gpu(**overrides: list[Any]) -> dict[str, list[Any]]:
 
 @pytest.fixture(autouse=True)
 def _no_real_nvml_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(telemetry, "_nvml_ready", False)
+    monkeypatch.setattr(gpu_telemetry, "_nvml_ready", False)
 
 
 # ------------------------------------------------------------------ pure aggregation

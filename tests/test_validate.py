@@ -335,7 +335,7 @@ def _noisy(seed: int, sd: float) -> Any:
 def _quiet_sampler(monkeypatch: pytest.MonkeyPatch, contended_calls: set[int] | None = None) -> None:
     """Telemetry that reports a quiet machine, except for the re-validation measurements
     numbered in ``contended_calls`` (a neighbour busy-looping a core)."""
-    import tuner.study as study_mod
+    import tuner.runner as runner_mod
     import tuner.validate as v
     from tuner.telemetry import HostSummary, TelemetrySummary
 
@@ -344,7 +344,7 @@ def _quiet_sampler(monkeypatch: pytest.MonkeyPatch, contended_calls: set[int] | 
             samples=2, cpu_util_mean_pct=50.0, mem_used_peak_mib=1.0, server_rss_peak_mib=None, wall_s=2.0,
             foreign_cpu_s=pct / 100 * 2.0, busiest="neighbour", busiest_pct=pct))
 
-    monkeypatch.setattr(study_mod._Runner, "_sampler", lambda self: None)
+    monkeypatch.setattr(runner_mod._Runner, "_sampler", lambda self: None)
     real = v.measure_config
     n = [0]
 

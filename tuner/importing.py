@@ -18,11 +18,9 @@ from typing import Any, Callable, Iterable
 from tuner import importers, objectives, settings
 from tuner.errors import TunerError
 from tuner.importers import ImportedRow, ImportFileError
-from tuner.record import (CREATED_AT, ENGINE, ENVIRONMENT, MODEL, OBJECTIVES, SOURCE, Stats, TrialRecord,
-                          stored_attrs)
+from tuner.record import (CREATED_AT, ENGINE, ENVIRONMENT, IMPORTED_ENGINE, MODEL, OBJECTIVES, SOURCE, Stats,
+                          TrialRecord, stored_attrs)
 
-#: The engine name of a study made of imported results only.
-IMPORTED_ENGINE = "imported"
 #: The largest mapping file read.
 MAX_MAP_BYTES = 1 << 20
 

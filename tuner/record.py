@@ -606,6 +606,8 @@ VALIDATION, ROOFLINE, WARM_START, CHECKS = "validation", "roofline", "warm_start
 #: The objective of a study that stored none, and the engine of one that stored none.
 DEFAULT_OBJECTIVE = DECODE_TPS
 DEFAULT_ENGINE = "ollama"
+#: The engine of a study of imported results only (``tune import``).
+IMPORTED_ENGINE = "imported"
 
 
 @dataclass(frozen=True)

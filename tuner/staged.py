@@ -5,7 +5,7 @@ the CPU costs a large share of decode speed. Variants differ by a roughly consta
 So the search runs in stages, each an ordinary Optuna trial:
 
 * **screen**: every variant once at full offload with the informed defaults of
-  :func:`tuner.study.starting_points` (enqueued right after the baseline);
+  :func:`tuner.start.starting_points` (enqueued right after the baseline);
 * **tune**: TPE over the remaining settings inside the best one or two variants, with
   ``num_gpu`` fixed at full offload (Optuna's ``PartialFixedSampler`` over the TPE sampler);
 * **offload**: only when no variant's full offload fits (a failed load, or over
@@ -24,7 +24,7 @@ are measured: a config predicted not to fit is moved to the nearest one predicte
 (smaller batch, then quantized KV, then smaller context, then fewer layers), and partial
 offload takes the most layers predicted to fit for the batch and context. After the screen,
 the leader's batch climbs one step while the next step up is not known not to fit. Nothing
-predicted not to fit is loaded (tuner/study.py skips it).
+predicted not to fit is loaded (tuner/runner.py skips it).
 
 With one variant and no offload to search (a CPU-only server) there is nothing to screen:
 the stages reduce to today's TPE set-up (the starting point, then TPE over the whole space).

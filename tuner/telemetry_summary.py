@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+MIB = 1024 * 1024
+
 
 @dataclass(frozen=True)
 class GpuSummary:
@@ -98,3 +100,13 @@ def _sum_all(values: Sequence[float | None]) -> float | None:
     if not values or any(v is None for v in values):
         return None
     return sum(v for v in values if v is not None)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _max(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None

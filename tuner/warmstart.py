@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from tuner.errors import StudyError
 from tuner.machine import SAME_GPU, SAME_HARDWARE, TIERS, Machine, match
-from tuner.record import WARM_START, TrialRecord, WarmStartSource, warm_start_sources
+from tuner.record import ENGINE, IMPORTED_ENGINE, WARM_START, TrialRecord, WarmStartSource, warm_start_sources
 from tuner.space import SearchSpace
 
 #: The study attribute a warm start is kept in (:meth:`WarmStart.to_dict`).
@@ -273,7 +273,8 @@ def check_source(source_storage: Any, name: str, model: str | None = None, varia
         raise StudyError(f"--warm-start-from: no study named '{name}' in that storage (known studies: {known})")
     if model is not None:
         attrs = studies[name].user_attrs
-        if not same_model(model, variants, attrs):
+        # Imported results name another tool's model file: their settings are what carries over.
+        if not same_model(model, variants, attrs) and attrs.get(ENGINE) != IMPORTED_ENGINE:
             raise StudyError(
                 f"--warm-start-from: study '{name}' tuned {attrs.get('model') or 'another model'}, not {model} or a "
                 f"variant of it, so its settings do not carry over: pick a study of {model}, or leave the option out")
