@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import statistics
 import threading
 import time
@@ -179,6 +180,15 @@ def test_a_real_study_through_the_cli(gguf: str, prompts_file: str, tmp_path: Pa
     )
     means = [round(t.user_attrs["decode_tps_mean"], 3) for t in measured]
     assert len(set(means)) == len(means), means
+    # The real study reads as a llama-bench table: its header, ppN per prompt and tg32 rows.
+    md = CliRunner().invoke(cli, ["show", "real", "--storage", storage, "--format", "md"])
+    assert md.exit_code == 0, md.output
+    lines = md.output.splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "model", "size", "params", "backend", "ngl", "n_batch", "threads", "type_k", "fa", "test", "t/s"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert {r[9] for r in rows} >= {"tg32"} and all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", r[10]) for r in rows)
+    assert len({r[0] for r in rows}) == 1 and {r[6] for r in rows} >= {"1", "2"}  # one model, both thread counts
     # The timing checks below need measurements taken while other processes left the CPU
     # alone; what could not be checked is said in one skip at the end, after the rest ran.
     unchecked: list[str] = []

@@ -341,9 +341,9 @@ def test_parameter_effects_replace_the_importances_ranking_below_the_threshold(
 
 def test_importances_shown_above_the_threshold_with_the_caveat(study_url: tuple[str, Any],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from tuner.report import data as data_module
+    from tuner.report import series
 
-    monkeypatch.setattr(data_module, "MIN_TRIALS_FOR_IMPORTANCES", 4)
+    monkeypatch.setattr(series, "MIN_TRIALS_FOR_IMPORTANCES", 4)
     data = report.build_report(study_url[1])
     assert [f.key for f in data.figures][:4] == ["history", "effects", "importances", "parallel"]
     assert {k for k, _ in data.importances} <= set(SPACE) and data.importances
