@@ -35,6 +35,8 @@ def test_a_folder_imports_once_and_says_what_it_read() -> None:
     assert lb.value == 118.881588 and lb.options == {"num_batch": 2048, "num_thread": 8, "num_gpu": -1}
     assert lb.server == {"kv_cache_type": "f16", "flash_attention": "auto"}
     assert lb.source["environment"]["gpu_info"] == "NVIDIA GeForce RTX 4080"
+    stored = results.load_study(open_storage(DB, create=False), "lb").trials[lb.number].user_attrs
+    assert stored["imported"] is True and stored["source"]["format"] == "llama-bench-json"
     # Again: nothing added.
     r = invoke("import", DATA, "--study", "lb")
     assert r.exit_code == 0 and "added 0 trial(s)" in r.output and "13 row(s) already present" in r.output

@@ -75,6 +75,8 @@ SEEDED_FROM, REUSED_FROM = "seeded_from", "reused_from"
 #: Where an imported trial came from (tuner/importing.py): files, rows, format, row digests and
 #: the environment the other tool recorded. Such a trial was not measured by the tuner.
 SOURCE = "source"
+#: True on an imported trial: a flat flag for users and optuna-dashboard to filter by.
+IMPORTED = "imported"
 #: The memory model's prediction for the trial beside what the server then reported
 #: (tuner/memory.py): predicted_mib, prior_mib, verdict, the capacity bounds, skipped.
 MEMORY = "memory"
@@ -416,7 +418,7 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
     if r.memory is not None:
         attrs[MEMORY] = r.memory
     if r.source is not None:
-        attrs[SOURCE] = r.source
+        attrs[SOURCE], attrs[IMPORTED] = r.source, True
     if not r.samples and r.source is None:
         if r.violations:
             attrs[VIOLATIONS] = r.violations
@@ -482,7 +484,7 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
              _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
-             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY, _RAN, SOURCE}
+             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY, _RAN, SOURCE, IMPORTED}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
