@@ -27,7 +27,7 @@ URL_HELP = "use sqlite:///path.db, postgresql://user@host/db, mysql://user@host/
 def _reads(out: Path) -> list[list[str]]:
     """Every read-only command, as arguments before ``--storage``."""
     return [["show"], ["studies"], ["studies", "--by-hardware"], ["report", "-o", str(out / "r.html")],
-            ["export", "--format", "json"], ["export", "--format", "csv"]]
+            ["export", "--format", "json"], ["export", "--format", "csv"], ["check", "--dry-run"]]
 
 
 def _state(folder: Path) -> dict[str, str]:
