@@ -204,7 +204,11 @@ def test_a_worker_on_other_hardware_is_refused(pg: str, fake: FakeOllama, monkey
     def other(env: dict[str, Any]) -> dict[str, Any]:
         return {**real(env), "gpus": ["NVIDIA H200"]}
 
+    import tuner.runner as runner
+
+    # The study's identity check and the worker record each read the machine's fingerprint.
     monkeypatch.setattr(st, "hardware_fingerprint", other)
+    monkeypatch.setattr(runner, "hardware_fingerprint", other)
     with pytest.raises(StudyError, match="measured on different hardware .* pass --allow-mixed-hardware"):
         run_study(o)
     o.allow_mixed_hardware = True
