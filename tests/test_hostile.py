@@ -103,3 +103,36 @@ def test_check_dry_run_measures_and_stores_nothing(fake: FakeOllama) -> None:
                              "4 tokens; nothing was measured or stored\n")
     assert len(fake.prompt_requests()) == n
     assert hashlib.sha256(Path("studies/tuner.db").read_bytes()).hexdigest() == before
+
+
+def test_max_time_stops_sampling_on_time_and_says_so(fake: FakeOllama) -> None:
+    import json
+
+    r = invoke("--model", "gemma3:1b", "--host", fake.url, "--study", "t", "--repeats", "1", "--num-predict", "4",
+               "--validate", "0", "--no-roofline", "--trials", "500", "--max-time", "2s", "--json",
+               "--param", "num_thread=1,2,4,8", "--param", "num_batch=32,64,128,256,512")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["trials_run"] < 500
+    assert doc["stopped_on_time"].startswith(f"stopped on time: {doc['trials_run']} of 500 trials in ")
+    assert doc["stopped_on_time"].endswith("to finish within --max-time 2s; run the same command again to "
+                                           "continue the search")
+
+
+def test_parse_duration_forms_and_errors() -> None:
+    from tuner.errors import TunerError
+    from tuner.study import format_duration, parse_duration
+
+    assert [parse_duration(x) for x in ("90", "90s", "10m", "1h30m", "2.5h", " 1m30s ")] == [
+        90, 90, 600, 5400, 9000, 90]
+    assert [format_duration(x) for x in (90, 600, 5400)] == ["1m30s", "10m", "1h30m"]
+    for bad in ("", "x", "10 minutes", "-5m"):
+        try:
+            parse_duration(bad)
+        except TunerError as e:
+            assert str(e) == f"invalid --max-time '{bad}': write a duration like 90s, 10m or 1h30m"
+        else:
+            raise AssertionError(bad)
+    r = invoke("--model", "m", "--max-time", "soon")
+    assert r.exit_code == 2 and r.output == ("Error: invalid --max-time 'soon': write a duration like 90s, 10m "
+                                             "or 1h30m\n")

@@ -188,6 +188,9 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
                    "directory of them (several make the quantization-variant axis).")
 @click.option("--trials", "-n", type=int, default=default("trials"), show_default=True,
               help="Trials to run now (a re-run adds this many).")
+@click.option("--max-time", "max_time", metavar="DURATION",
+              help="Wall-clock budget of this run (90s, 10m, 1h30m): sampling stops in time to re-validate "
+                   "within it; a re-run continues the search.")
 @click.option("--engine", type=click.Choice(["ollama", "llama-cpp"]), default=default("engine"), show_default=True,
               help="Inference engine.")
 @click.option("--host", envvar="OLLAMA_HOST", help="Ollama server URL [default: $OLLAMA_HOST or http://127.0.0.1:11434].")
@@ -279,6 +282,11 @@ def run_cmd(**kw: Any) -> None:
         raise TunerClickError("--quiet and --verbose contradict each other: pass one of them", 2)
 
     kw["params"] = dict(parse_param_option(text) for text in kw["params"])
+    max_time = kw.pop("max_time")
+    if max_time is not None:
+        from tuner.study import parse_duration
+
+        kw["max_time_s"] = parse_duration(max_time)
     objective = kw.pop("objective")
     kw["objectives"] = _split((kw["objectives"],)) if kw["objectives"] else [objective]
     try:

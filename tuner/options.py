@@ -48,6 +48,8 @@ class TuneOptions:
     ollama_bin: str | None = None
     models_dir: str | None = None
     max_consecutive_failures: int = 3
+    #: Wall-clock budget of the run in seconds (--max-time); None: no budget.
+    max_time_s: float | None = None
     server_wait_s: float = 30.0
     retry_failed: bool = False
     allow_mixed_hardware: bool = False

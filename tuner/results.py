@@ -438,6 +438,8 @@ class StudySummary:
     winner_speedup: Speedup | SearchSpeedup | NoSpeedup | None = None
     #: How the winner fits the GPU (reported and predicted memory, what is left); None without a model.
     fit: Any = None
+    #: Why sampling stopped before --trials (--max-time), in words; "" when it did not.
+    stopped_on_time: str = ""
 
 
 def summarise_study(study: Study, objectives: list[str], storage: str, trials_run: int = 0,

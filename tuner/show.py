@@ -149,6 +149,8 @@ def format_summary(s: Any) -> str:
     if s.only_contended:
         out.append("WARNING: every feasible trial was measured while other processes competed for the machine: "
                    "the winner above is uncertain; re-run when the machine is quiet")
+    if s.stopped_on_time:
+        out.append(printable(s.stopped_on_time[:1].upper() + s.stopped_on_time[1:]))
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     out.append(f"Trials: {sum(s.counts.values())} in study ({counts}); {s.trials_run} run now")
     out.append(printable(f"Stored in {s.storage} as study '{s.study_name}'"))
@@ -416,4 +418,5 @@ def summary_json(s: results.StudySummary) -> dict[str, Any]:
             "spare_at_most_mib": s.fit.spare_mib, "bound": s.fit.bound, "headroom_mib": s.fit.headroom_mib,
             "tight": s.fit.tight},
         "warnings": s.warnings,
+        "stopped_on_time": s.stopped_on_time or None,
     })

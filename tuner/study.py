@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ def validate_options(o: TuneOptions) -> None:
         raise TunerError("--model is empty: pass a model tag or GGUF path, e.g. --model gemma3:1b")
     if o.trials <= 0:
         raise TunerError(f"--trials must be at least 1 (got {o.trials})")
+    if o.max_time_s is not None and not (math.isfinite(o.max_time_s) and o.max_time_s > 0):
+        raise TunerError(f"--max-time must be a positive duration (got {o.max_time_s:g} s): e.g. --max-time 30m")
     if not (math.isfinite(o.timeout_s) and o.timeout_s > 0):
         raise TunerError(f"--timeout must be a positive number of seconds (got {o.timeout_s:g}): e.g. --timeout 600")
     for name, v in (("--max-ttft-ms", o.max_ttft_ms), ("--max-latency-ms", o.max_latency_ms),
@@ -407,6 +410,51 @@ def _hw_text(hw: dict[str, Any]) -> str:
 
 
 
+class _Deadline:
+    """``--max-time``: stops sampling once the next trial and the re-validation after it would
+    not fit in the budget. Both are estimated from this run's trials (their mean duration; the
+    re-validation measures its K configs ``validate_rounds`` times)."""
+
+    def __init__(self, o: TuneOptions, progress: _Progress) -> None:
+        self.o, self.progress = o, progress
+        self.started = time.monotonic()
+        self.stopped = False
+        self.text = ""
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        o = self.o
+        if o.max_time_s is None or self.stopped or self.progress.done >= o.trials:
+            return
+        elapsed = time.monotonic() - self.started
+        per_trial = elapsed / max(1, self.progress.done)
+        reserve = per_trial * o.validate * o.validate_rounds if o.validate > 1 and len(o.objectives) == 1 else 0.0
+        if elapsed + per_trial + reserve > o.max_time_s:
+            self.stopped = True
+            self.text = (f"stopped on time: {self.progress.done} of {o.trials} trials in {elapsed:.0f} s, to finish "
+                         f"within --max-time {format_duration(o.max_time_s)}"
+                         + (f" with about {reserve:.0f} s kept for the re-validation" if reserve else "")
+                         + "; run the same command again to continue the search")
+            study.stop()
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``10m``, ``1h30m``, ``2.5h``; raises TunerError naming the form."""
+    t = text.strip().lower()
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", t)
+    if not t or m is None or not any(m.groups()):
+        raise TunerError(f"invalid --max-time '{text}': write a duration like 90s, 10m or 1h30m")
+    h, mi, se = (float(x) if x else 0.0 for x in m.groups())
+    return h * 3600 + mi * 60 + se
+
+
+def format_duration(seconds: float) -> str:
+    """``1h30m``, ``10m``, ``90s``: how a --max-time is shown back."""
+    s = round(seconds)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (sec, "s")) if v) or "0s"
+
+
 def run_study(o: TuneOptions, echo: Echo = lambda s: None,
               sampler_factory: SamplerFactory = make_sampler,
               on_sample: OnSample | None = None,
@@ -476,7 +524,10 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         progress = _Progress(o, echo, o.trials)
         start = _enqueue_start(study, o, p, created, echo, source, progress)
         runner = _Runner(o, p, echo, on_sample, on_trial_start)
-        study.optimize(runner, n_trials=o.trials, callbacks=[progress, start], catch=(TrialFailedError,))
+        deadline = _Deadline(o, progress)
+        study.optimize(runner, n_trials=o.trials, callbacks=[progress, start, deadline], catch=(TrialFailedError,))
+        if deadline.stopped:
+            echo(printable(deadline.text))
         if progress.stopped_for_failures:
             raise StoppedError(
                 f"stopped after {progress.consecutive_failures} consecutive failed trials "
@@ -493,6 +544,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         summary = results.summarise_study(study, o.objectives, shown_url(o.storage),
                                           trials_run=progress.done, space=p.space.to_dict())
         summary.warnings = p.warnings
+        summary.stopped_on_time = deadline.text if deadline.stopped else ""
         return summary
     finally:
         try:
