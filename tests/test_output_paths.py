@@ -135,16 +135,22 @@ def test_fifo_for_the_report(url: str, tmp_path: Path) -> None:
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and _listing(tmp_path) == ["page"]
 
 
-def test_a_device_stays_a_character_device(url: str, tmp_path: Path) -> None:
+def test_a_device_stays_a_character_device(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A private /dev/null (same device numbers): were the rule broken, a rename as root would
     # replace the system's own. Without the right to make one, nothing can replace /dev/null.
     dev = tmp_path / "null"
     try:
         os.mknod(dev, stat.S_IFCHR | 0o666, os.stat("/dev/null").st_rdev)
     except PermissionError:
-        if os.geteuid() == 0:
-            pytest.skip("cannot make a device node here")
+        # No device node of our own (a container without CAP_MKNOD): the system's /dev/null, with
+        # every rename and unlink refused, so a broken rule fails here instead of replacing it.
         dev = Path("/dev/null")
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError(f"/dev/null must be written in place, not renamed or removed: {args}")
+
+        monkeypatch.setattr(os, "replace", refuse)
+        monkeypatch.setattr(os, "rename", refuse)
     before = os.stat(dev)
     for fmt in ("modelfile", "parquet"):
         r = invoke("export", STUDY, "--storage", url, "--format", fmt, "-o", dev)

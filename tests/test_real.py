@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,8 @@ def test_a_real_study_through_the_cli(gguf: str, prompts_file: str, tmp_path: Pa
         unchecked.append(f"repeatability and the thread ratio (other processes used > {QUIET_CORES} cores "
                          "during every trial)")
     if unchecked:
-        pytest.skip("not checked on a busy machine: " + "; ".join(unchecked))
+        # Everything above was checked; only the timings need a quiet machine: said, not skipped.
+        warnings.warn(pytest.PytestWarning("not checked on a busy machine: " + "; ".join(unchecked)))
 
 
 def _direct_thread_ratio(gguf: str, rounds: int = 3, attempts: int = 8) -> float | None:
@@ -290,7 +292,9 @@ def test_the_tuner_measures_what_plain_llama_cpp_measures(gguf: str) -> None:
         with ForeignLoad() as load:
             first = True
             # Interleaved A B A B, one request each, so drift and bursts of load hit both alike.
-            while len(pairs) < want and time.monotonic() < deadline:
+            # Up to budget_s for `want` quiet pairs; on a busy machine, on to 3x that for the 3 needed.
+            while (len(pairs) < want and time.monotonic() < deadline) or (
+                    len(pairs) < 3 and time.monotonic() < deadline + 2 * budget_s):
                 t0 = time.time()
                 m = measure_config(engine, gguf, options, workload, reload=first)
                 first = False
@@ -303,9 +307,8 @@ def test_the_tuner_measures_what_plain_llama_cpp_measures(gguf: str) -> None:
         direct.close()
         engine.close()
     assert all(a > 0 and b > 0 for a, b in every), every
-    if len(pairs) < 3:
-        pytest.skip(f"only {len(pairs)} of {len(every)} A/B pairs ran on a quiet machine "
-                    f"(other processes under {QUIET_CORES} cores): the 5% fidelity check needs 3")
+    assert len(pairs) >= 3, (f"only {len(pairs)} of {len(every)} A/B pairs ran on a quiet machine (other processes "
+                             f"under {QUIET_CORES} cores) in {3 * budget_s:.0f} s: the 5% fidelity check needs 3")
     a = statistics.median(p[0] for p in pairs)
     b = statistics.median(p[1] for p in pairs)
     c = statistics.median(p[2] for p in pairs)
