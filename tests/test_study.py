@@ -588,6 +588,11 @@ def test_a_machine_that_stays_busy_is_said_plainly(fake: FakeOllama, gpu: None, 
     assert sum(line.count("CONTENDED") for line in lines) == 3
     assert ("WARNING: every feasible trial was measured while other processes competed for the machine: "
             "the winner above is uncertain; re-run when the machine is quiet") in format_summary(summary)
+    # `tune run --json` carries it too, with its code.
+    from tuner.show import summary_json
+
+    warnings = summary_json(summary)["warnings"]
+    assert [w for w in warnings if w["code"] == "contended"][0]["detail"]["only_contended"] is True
 
 
 def test_defaults_that_win_only_under_contention_are_not_recommended(

@@ -440,11 +440,23 @@ class StudySummary:
     fit: Any = None
     #: Why sampling stopped before --trials (--max-time), in words; "" when it did not.
     stopped_on_time: str = ""
+    #: What makes the result less certain than it looks (tuner/caveats.py), from the stored
+    #: study; :attr:`all_warnings` adds the run's own ``warnings``.
+    caveats: list[Any] = field(default_factory=list)
+
+    @property
+    def all_warnings(self) -> list[Any]:
+        """Every caveat every view shows: the run's warnings (coded), then the study's."""
+        from tuner.caveats import all_caveats
+
+        return all_caveats(self.warnings, self.caveats)
 
 
 def summarise_study(study: Study, objectives: list[str], storage: str, trials_run: int = 0,
                     space: dict[str, list[Any]] | None = None) -> StudySummary:
     """The run summary of a stored study."""
+    from tuner.caveats import study_caveats
+
     st = read_study(study)
     best = st.best()
     feasible = best is not None
@@ -478,6 +490,7 @@ def summarise_study(study: Study, objectives: list[str], storage: str, trials_ru
         only_contended=st.only_contended,
         winner_speedup=st.winner_speedup(best) if best is not None and feasible else None,
         fit=fit_of(best, st.attrs, st.records) if best is not None and feasible else None,
+        caveats=study_caveats(st, best if feasible else None),
     )
 
 

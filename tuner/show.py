@@ -135,8 +135,12 @@ def format_summary(s: Any) -> str:
         out.append(speedup[:1].upper() + speedup[1:])
     if val is not None:
         out.extend(val.describe())
+    if s.ablation is not None:
+        label = objectives.get(s.ablation.objective).label if s.ablation.objective in objectives.OBJECTIVES else ""
+        out.extend(printable(line) for line in s.ablation.lines(label or s.ablation.objective))
     if s.fit is not None:
-        out.extend(printable(line) for line in s.fit.lines())
+        # Its warning is one of the caveats, printed with them below.
+        out.extend(printable(line) for line in s.fit.lines() if not line.startswith("WARNING:"))
     if s.roofline:
         out.append(f"Roofline: {s.roofline['text']}")
     if s.pruned:
@@ -146,9 +150,7 @@ def format_summary(s: Any) -> str:
                    f"{s.contended} trials still contended "
                    + ("(all of them: see the warning below); " if s.only_contended else "(left out of the winner); ")
                    + f"{s.contention_lost_s:.0f} s lost to contention")
-    if s.only_contended:
-        out.append("WARNING: every feasible trial was measured while other processes competed for the machine: "
-                   "the winner above is uncertain; re-run when the machine is quiet")
+    out.extend(printable(f"WARNING: {c.text}") for c in s.all_warnings)
     if s.stopped_on_time:
         out.append(printable(s.stopped_on_time[:1].upper() + s.stopped_on_time[1:]))
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
@@ -407,6 +409,7 @@ def summary_json(s: results.StudySummary) -> dict[str, Any]:
         "verdict": verdict(s),
         "pareto": [trial_json(v) for v in s.pareto],
         "validation": s.validation,
+        "ablation": s.ablation.to_dict() if s.ablation is not None else None,
         "roofline": s.roofline,
         "trials_run": s.trials_run,
         "counts": s.counts,
@@ -417,6 +420,6 @@ def summary_json(s: results.StudySummary) -> dict[str, Any]:
             "observed_mib": s.fit.observed_mib, "predicted_mib": s.fit.predicted_mib,
             "spare_at_most_mib": s.fit.spare_mib, "bound": s.fit.bound, "headroom_mib": s.fit.headroom_mib,
             "tight": s.fit.tight},
-        "warnings": s.warnings,
+        "warnings": [c.to_dict() for c in s.all_warnings],
         "stopped_on_time": s.stopped_on_time or None,
     })

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuner import objectives
 from tuner import results
+from tuner.caveats import Caveat, study_caveats
 from tuner.checks import Check, advice, change_text, last_check, pct_text, since_text
 from tuner.machine import offloads
 from tuner.memory import fit_of
@@ -100,6 +101,9 @@ class FirstScreen:
     #: How the winner fits the GPU (tuner.memory.Fit.lines), and whether it leaves too little.
     memory_lines: list[str] = field(default_factory=list)
     memory_tight: bool = False
+    #: What makes this result less certain than it looks (tuner/caveats.py), the same list as
+    #: the terminal summary's and ``--json``'s ``warnings``.
+    warnings: list[Caveat] = field(default_factory=list)
 
 
 def _gpu_text(env: dict[str, Any]) -> str:
@@ -278,7 +282,7 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
                    f"No configuration is feasible: every measured trial breaks a limit (the least-violating, "
                    f"trial #{best.number}, is below). Relax the limits or run more trials.")
         return FirstScreen(None, "", "", missing, "", "", "", None, None, "", "",
-                           base.number if base is not None else None)
+                           base.number if base is not None else None, warnings=study_caveats(s))
     from tuner.errors import ExportError
     from tuner.export import modelfile_text
 
@@ -302,4 +306,5 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
         baseline_number=base.number if base is not None else None, costs=_costs(best, base, data),
         check_note=_check_note(check, best.number),
         check_regression=check is not None and check.verdict == "regression",
-        memory_lines=fit.lines() if fit is not None else [], memory_tight=fit is not None and fit.tight)
+        memory_lines=fit.lines() if fit is not None else [], memory_tight=fit is not None and fit.tight,
+        warnings=study_caveats(s, best))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner import objectives
 from tuner.results import SearchSpeedup, Speedup, defaults_name, search_speedup_text
-from tuner.report.data import FIGURE_ORDER, TOP_N, EmptyFigure, NamedFigure, ReportData, ValidationRow
+from tuner.report.data import FIGURE_ORDER, TOP_N, EmptyFigure, FirstScreen, NamedFigure, ReportData, ValidationRow
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -209,6 +209,15 @@ def _copy_button(target: str, label: str) -> str:
             f"{escape(label)}</button>")
 
 
+def _warnings_html(f: FirstScreen) -> str:
+    """The caveats, on the first screen under the winner: one warning each, with its code."""
+    if not f.warnings:
+        return ""
+    items = "".join(f"<li data-code=\"{escape(c.code)}\">{escape(c.text[:1].upper() + c.text[1:])}</li>"
+                    for c in f.warnings)
+    return f"<div id=\"warnings\" class=\"warn\"><strong>Warnings</strong><ul>{items}</ul></div>"
+
+
 def _first_html(data: ReportData) -> str:
     """The first screen: what to run, what it gains over the defaults, what it costs."""
     f = data.first
@@ -216,9 +225,9 @@ def _first_html(data: ReportData) -> str:
         return ""
     if f.number is None:
         return (f"<section id=\"what-to-run\" class=\"first\"><h2>What to run</h2>"
-                f"<p class=\"warn\">{escape(f.missing)}</p></section>")
+                f"<p class=\"warn\">{escape(f.missing)}</p>{_warnings_html(f)}</section>")
     parts = ["<section id=\"what-to-run\" class=\"first\">", f"<h2>What to run: trial #{f.number}</h2>",
-             f"<p><code>{escape(f.config)}</code></p>"]
+             f"<p><code>{escape(f.config)}</code></p>", _warnings_html(f)]
     if f.speedup_text:
         parts.append(f"<p class=\"speedup\">{escape(f.speedup_text)}</p>")
     if f.speedup_note:
@@ -230,8 +239,8 @@ def _first_html(data: ReportData) -> str:
         rows = [[(escape(c.label + (f" ({c.source})" if c.source else "")), False), (number(c.winner, c.digits), True),
                  (number(c.defaults, c.digits), True)] for c in f.costs]
         parts.append(table(["what it costs", f"winner (#{f.number})", base], rows))
-    for i, line in enumerate(f.memory_lines):
-        parts.append(f"<p class=\"{'warn' if f.memory_tight and i else 'note'}\">{escape(line)}</p>")
+    # The tight-fit warning is among the warnings at the top.
+    parts += [f"<p class=\"note\">{escape(line)}</p>" for line in f.memory_lines if not line.startswith("WARNING:")]
     if f.modelfile:
         parts += ["<h3>Modelfile</h3>", _copy_button("modelfile", "Copy Modelfile"),
                   f"<pre id=\"modelfile\" class=\"paste\">{escape(f.modelfile)}</pre>",
