@@ -167,7 +167,9 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     first, bench = data.first, data.bench
     assert first is not None and first.number is not None and bench is not None
     assert text.index(f"What to run: trial #{first.number}") < text.index("Best feasible configuration")
-    for shown in (first.speedup_text, first.speedup_note, first.modelfile, first.export_command,
+    # Why the speedup has no interval is among the first screen's warnings (else its own note).
+    why = next((c.text[1:] for c in first.warnings if c.code == "no_interval"), first.speedup_note)
+    for shown in (first.speedup_text, why, first.modelfile, first.export_command,
                   first.create_command, "Copy Modelfile", "what it costs", "VRAM MiB (NVML peak)", "p95 TTFT ms",
                   "Top 10 feasible configurations", bench.markdown, "Timeline of trials"):
         assert shown in text, shown
@@ -190,3 +192,31 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
                tmp_path / "profile-shot")
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+    reason="chromium is not on PATH: install it (Debian: apt-get install -y chromium) to run the browser test",
+)
+def test_a_contended_studys_warnings_are_on_the_first_screen(tmp_path: Path) -> None:
+    from test_caveats import _contended_study, _stored
+
+    exe = _chromium()
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    _contended_study(url)
+    data = report.build_report(_stored(url), url)
+    assert data.first is not None and [c.code for c in data.first.warnings][0] == "contended"
+    page = tmp_path / "report.html"
+    page.write_text(report.render_html(data), encoding="utf-8")
+    dom = _run(exe, ["--dump-dom", page.as_uri()], tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = _Dom()
+    parsed.feed(dom.stdout)
+    text = "".join(parsed.text)
+    # Under the winner's name, before what it costs: in the first screen a 1400x900 window shows.
+    contended = data.first.warnings[0].text
+    assert text.index("What to run: trial #1") < text.index("Warnings") < text.index(contended[1:]) \
+        < text.index("what it costs"), text[:2000]
+    shot = tmp_path / "first.png"
+    res = _run(exe, [f"--screenshot={shot}", "--window-size=1400,900", page.as_uri()], tmp_path / "profile-shot")
+    assert res.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", res.stderr[-2000:]

@@ -213,7 +213,8 @@ def _warnings_html(f: FirstScreen) -> str:
     """The caveats, on the first screen under the winner: one warning each, with its code."""
     if not f.warnings:
         return ""
-    items = "".join(f"<li data-code=\"{escape(c.code)}\">{escape(c.text[:1].upper() + c.text[1:])}</li>"
+    items = "".join(f"<li data-code=\"{escape(c.code)}\">"
+                    + re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(c.text[:1].upper() + c.text[1:])) + "</li>"
                     for c in f.warnings)
     return f"<div id=\"warnings\" class=\"warn\"><strong>Warnings</strong><ul>{items}</ul></div>"
 
@@ -230,7 +231,8 @@ def _first_html(data: ReportData) -> str:
              f"<p><code>{escape(f.config)}</code></p>", _warnings_html(f)]
     if f.speedup_text:
         parts.append(f"<p class=\"speedup\">{escape(f.speedup_text)}</p>")
-    if f.speedup_note:
+    # Why there is no interval, or no speedup, is among the warnings above when they say it.
+    if f.speedup_note and not any(c.code in ("no_interval", "no_baseline") for c in f.warnings):
         parts.append(f"<p class=\"note\">{escape(f.speedup_note)}</p>")
     if f.check_note:
         parts.append(f"<p class=\"{'warn' if f.check_regression else 'note'}\">{escape(f.check_note)}</p>")
