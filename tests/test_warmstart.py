@@ -147,7 +147,13 @@ def test_a_cpu_only_study_does_not_seed_a_gpu_server(fake: FakeOllama) -> None:
     assert fake.memory_budget_mib > 0
     lines: list[str] = []
     run_study(opts(fake, study_name="gpu", trials=2, params={"num_thread": [1, 2, 4, 8]}), echo=lines.append)
-    assert not any("warm start" in x for x in lines), lines
+    said = [x for x in lines if "warm start" in x]
+    assert said == ["warm start: no config to start from: the earlier studies of gemma3:1b ('cpu') ran on hardware "
+                    "too far from this machine's (another GPU or VRAM class, another CPU and core count, or CPU-only "
+                    "against GPU): --warm-start-from NAME uses one anyway"], lines
+    assert all(r.stage != "warm" for r in _study("gpu").records)
+    stored = _study("gpu").attrs["warm_start"]
+    assert (stored["sources"], stored["seeds"], stored["reason_code"]) == ([], [], warmstart.OTHER_HARDWARE)
 
 
 def test_a_config_proposed_again_is_not_measured_again_when_clearly_behind(fake: FakeOllama) -> None:
@@ -287,3 +293,44 @@ def test_a_stored_warm_start_reads_back() -> None:
     back = warmstart.WarmStart.from_dict(ws.to_dict())
     assert back.to_dict() == ws.to_dict()
     assert back.sources == ws.sources and back.seeds[0].value is None  # the value is not stored
+
+
+def test_a_warm_start_that_seeds_nothing_says_why(fake: FakeOllama) -> None:
+    # The first study of a storage: nothing to start from, said and stored; show says it too.
+    lines: list[str] = []
+    run_study(opts(fake, study_name="only", trials=2), echo=lines.append)
+    assert "warm start: no config to start from: the storage holds no other study" in lines, lines
+    assert _study("only").attrs["warm_start"]["reason_code"] == warmstart.EMPTY
+    r = invoke("show", "only", "--storage", STORAGE)
+    assert "Warm start: none: the storage holds no other study" in r.output.splitlines(), r.output
+    # Another model's study is no source.
+    lines.clear()
+    run_study(opts(fake, study_name="llama", model=["llama3.2:3b"], trials=2), echo=lines.append)
+    assert "warm start: no config to start from: no earlier study tuned llama3.2:3b or a variant of it" in lines
+
+
+def test_contended_source_trials_seed_too_marked_as_such() -> None:
+    import dataclasses
+
+    space = SearchSpace((Param("num_thread", (1, 2, 4)), Param("num_batch", (128, 512))))
+
+    def rec(n: int, threads: int, value: float, contended: bool) -> TrialRecord:
+        return TrialRecord(model="gemma3:1b", options={"num_thread": threads, "num_batch": 512}, number=n,
+                           state="COMPLETE", values=[value], contended=contended)
+
+    base = dataclasses.replace(TrialRecord(model="gemma3:1b", baseline=True, number=0, state="COMPLETE",
+                                           values=[10.0]), contended=True)
+    busy = results.StoredStudy("busy", {"space": {"num_thread": [1, 2, 4], "num_batch": [512]}}, ["maximize"],
+                               [base, rec(1, 4, 30.0, True), rec(2, 2, 20.0, True)])
+    seeds, skipped = warmstart.seeds_of(busy, space, offloads=False, same_hardware=True)
+    assert [(s.origin, s.contended) for s in seeds] == [("busy#1", True), ("busy#2", True)] and skipped == []
+    ws = warmstart.WarmStart([warmstart.Source("busy", machine.SAME_HARDWARE)], seeds)
+    assert ws.lines() == [
+        "warm start: 2 config(s) from 'busy' (same hardware); all measured there while other processes competed "
+        "(measured again here before one can win)",
+        "  from busy#1 30.00: num_thread=4 num_batch=512 (contended in its source)",
+        "  from busy#2 20.00: num_thread=2 num_batch=512 (contended in its source)"]
+    assert warmstart.WarmStart.from_dict(ws.to_dict()).seeds[0].contended is True
+    # Quiet trials come first, whatever their values.
+    mixed = dataclasses.replace(busy, records=[base, rec(1, 4, 30.0, True), rec(2, 1, 12.0, False)])
+    assert [s.origin for s in warmstart.seeds_of(mixed, space, False, True)[0]] == ["busy#2", "busy#1"]

@@ -287,8 +287,13 @@ def warm_start_line(d: ShowData) -> str | None:
     """'Warm start: from 'A' (same hardware): #1 (A#7), #2 (A#3)', or None without one."""
     if not d.warm_start:
         return None
-    sources = ", ".join(f"'{x.study}' ({x.match})" for x in warm_start_sources(d.warm_start))
-    seeded = ", ".join(f"#{v.number} ({v.seeded_from})" for v in d.summary.trials if v.seeded_from)
+    found = warm_start_sources(d.warm_start)
+    if not found:
+        return f"Warm start: none: {d.warm_start.get('reason') or 'no earlier study to start from'}"
+    sources = ", ".join(f"'{x.study}' ({x.match})" for x in found)
+    busy = {str(x.get("from")) for x in d.warm_start.get("seeds") or [] if isinstance(x, dict) and x.get("contended")}
+    seeded = ", ".join(f"#{v.number} ({v.seeded_from}{', contended in its source' if v.seeded_from in busy else ''})"
+                       for v in d.summary.trials if v.seeded_from)
     return f"Warm start: from {sources}: {seeded or 'no seeded trial ran'}"
 
 

@@ -138,11 +138,8 @@ def _warm_start(study: Any, o: TuneOptions, p: _Prepared, echo: Echo, source: An
                         from_study=o.warm_start_from)
     for line in ws.lines():
         echo(printable(line))
-    if ws.sources:
-        study.set_user_attr(warmstart.ATTR, ws.to_dict())
-    elif o.warm_start_from:
-        echo(printable(f"warm start: study '{o.warm_start_from}' has no feasible config measured without "
-                       "contention to start from"))
+    # Kept whether it seeded or not: `tune show` says what it did, or why it did nothing.
+    study.set_user_attr(warmstart.ATTR, ws.to_dict())
     return ws
 
 

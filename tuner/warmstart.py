@@ -4,8 +4,9 @@ Sources are earlier studies of the same model (or another variant of it) in the 
 the nearest hardware that has any: the same stored fingerprint first, then (GPU servers) the
 same GPU model, then the same VRAM class; (CPU-only servers) the same CPU model, then the same
 core count. A CPU-only study seeds only CPU-only machines and a GPU study only GPU machines.
-Each source gives its best feasible configs measured without contention; each is mapped into
-the new space and the output says what moved:
+Each source gives its best feasible configs, those measured without contention first; one
+measured while other processes competed seeds too, marked as such (every seed is measured again
+here before it can win). Each is mapped into the new space and the output says what moved:
 
 * a value the new space allows is kept;
 * ``num_ctx`` at the lowest value its source could take (the floor its workload or
@@ -76,6 +77,15 @@ class Seed:
     origin: str  # "STUDY#N"
     value: float | None
     notes: tuple[str, ...] = ()
+    #: Measured in its source while other processes competed: its value is not to rely on.
+    contended: bool = False
+
+
+#: Why a warm start seeded nothing (:attr:`WarmStart.reason_code`): the storage holds no other
+#: study; none of this model (engine, objective); none on hardware near enough; the sources have
+#: no feasible config; every config of theirs was skipped (the reasons are listed).
+EMPTY, OTHER_MODEL, OTHER_HARDWARE, NO_FEASIBLE, ALL_SKIPPED = (
+    "storage empty", "different model", "hardware too far", "no feasible trial", "all skipped")
 
 
 @dataclass
@@ -87,16 +97,30 @@ class WarmStart:
     skipped: list[str] = field(default_factory=list)
     #: Variants the sources measured at full offload (the staged screen need not repeat them).
     screened: set[str] = field(default_factory=set)
+    #: Why nothing was seeded (one of EMPTY .. ALL_SKIPPED) and in words; "" when seeds were found.
+    reason_code: str = ""
+    reason: str = ""
+
+    def summary(self) -> str:
+        """One line: the sources and how many configs they seeded, or why none."""
+        if not self.seeds:
+            why = self.reason or "no earlier study to start from"
+            return f"warm start: no config to start from ({len(self.skipped)} skipped): {why}" if self.skipped \
+                else f"warm start: no config to start from: {why}"
+        names = ", ".join(f"'{s.study}' ({s.match})" for s in self.sources)
+        busy = sum(s.contended for s in self.seeds)
+        text = f"warm start: {len(self.seeds)} config(s) from {names}"
+        if busy:
+            text += (f"; {'all' if busy == len(self.seeds) else busy} measured there while other processes "
+                     "competed (measured again here before one can win)")
+        return text
 
     def lines(self) -> list[str]:
         """What the terminal says about it."""
-        if not self.sources:
-            return ([f"warm start: no config to start from ({len(self.skipped)} skipped)"]
-                    + [f"  skipped {x}" for x in self.skipped]) if self.skipped else []
-        names = ", ".join(f"'{s.study}' ({s.match})" for s in self.sources)
-        out = [f"warm start: {len(self.seeds)} config(s) from {names}"]
+        out = [self.summary()]
         for s in self.seeds:
-            note = f" ({'; '.join(s.notes)})" if s.notes else ""
+            notes = [*s.notes, *(["contended in its source"] if s.contended else [])]
+            note = f" ({'; '.join(notes)})" if notes else ""
             val = f" {s.value:.2f}" if s.value is not None else ""
             out.append(f"  from {s.origin}{val}: " + " ".join(f"{k}={v}" for k, v in s.params.items()) + note)
         out += [f"  skipped {x}" for x in self.skipped]
@@ -105,8 +129,11 @@ class WarmStart:
     def to_dict(self) -> dict[str, Any]:
         """The stored form (the study attribute :data:`ATTR`)."""
         return {"sources": [{"study": s.study, "match": s.match} for s in self.sources],
-                "seeds": [{"from": s.origin, "params": s.params, "notes": list(s.notes)} for s in self.seeds],
-                "skipped": list(self.skipped)}
+                "seeds": [{"from": s.origin, "params": s.params, "notes": list(s.notes),
+                           **({"contended": True} if s.contended else {})} for s in self.seeds],
+                "skipped": list(self.skipped),
+                "summary": self.summary(),
+                **({"reason_code": self.reason_code, "reason": self.reason} if self.reason_code else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WarmStart:
@@ -115,9 +142,10 @@ class WarmStart:
             return [x for x in d.get(key) or [] if isinstance(x, dict)]
 
         return cls(sources=warm_start_sources(d),
-                   seeds=[Seed(dict(x.get("params") or {}), str(x.get("from")), None, tuple(x.get("notes") or ()))
-                          for x in dicts("seeds")],
-                   skipped=[str(x) for x in d.get("skipped") or []])
+                   seeds=[Seed(dict(x.get("params") or {}), str(x.get("from")), None, tuple(x.get("notes") or ()),
+                               bool(x.get("contended"))) for x in dicts("seeds")],
+                   skipped=[str(x) for x in d.get("skipped") or []],
+                   reason_code=str(d.get("reason_code") or ""), reason=str(d.get("reason") or ""))
 
 
 def find_sources(storage: Any, exclude: str, model: str, variants: Sequence[str], machine: Machine,
@@ -141,16 +169,38 @@ def find_sources(storage: Any, exclude: str, model: str, variants: Sequence[str]
     return [(name, TIERS[tier]) for tier, _, name in chosen]
 
 
+def no_source_reason(storage: Any, exclude: str, model: str, variants: Sequence[str], machine: Machine,
+                     engine: str, objective: str) -> tuple[str, str]:
+    """Why :func:`find_sources` found no study: (code, words)."""
+    others = [s for s in storage.get_all_studies() if s.study_name != exclude]
+    if not others:
+        return EMPTY, "the storage holds no other study"
+    same = [s for s in others if same_model(model, variants, s.user_attrs)]
+    if not same:
+        return OTHER_MODEL, f"no earlier study tuned {model} or a variant of it"
+    alike = [s for s in same if s.user_attrs.get("engine") == engine
+             and (s.user_attrs.get("objectives") or [None])[0] == objective]
+    if not alike:
+        return OTHER_MODEL, (f"the earlier studies of {model} ran on another engine or ranked another objective "
+                             f"than {engine} and {objective}")
+    names = ", ".join(f"'{s.study_name}'" for s in alike[:3]) + (", ..." if len(alike) > 3 else "")
+    return OTHER_HARDWARE, (f"the earlier studies of {model} ({names}) ran on hardware too far from this "
+                            "machine's (another GPU or VRAM class, another CPU and core count, or CPU-only against "
+                            "GPU): --warm-start-from NAME uses one anyway")
+
+
 def seeds_of(st: Any, space: SearchSpace, offloads: bool, same_hardware: bool,
              limit: int = PER_SOURCE) -> tuple[list[Seed], list[str]]:
-    """The best feasible, uncontended configs of a stored study (``results.StoredStudy``)
-    mapped into ``space``; and what was skipped, in words."""
+    """The best feasible configs of a stored study (``results.StoredStudy``) mapped into
+    ``space``, those measured without contention first; and what was skipped, in words."""
     source_space: dict[str, list[Any]] = st.attrs.get("space") or {}
     best = st.best()
-    ranked = [r for r in st.ranked() if not r.baseline and not r.contended]
+    sign = 1 if not st.directions or str(st.directions[0]).lower().endswith("maximize") else -1
+    # Contended trials seed too, after the quiet ones: each seed is measured again here.
+    ranked = sorted((r for r in st.records if r.feasible and r.values and r.reused_from is None and not r.baseline),
+                    key=lambda r: (not r.contended, sign * (r.values[0] if r.values else 0.0)), reverse=True)
     # Imported results (another tool's numbers) seed too, best first, after the measured ones:
     # they are measured here before one can win.
-    sign = 1 if not st.directions or str(st.directions[0]).lower().endswith("maximize") else -1
     ranked += sorted((r for r in st.records if r.imported and r.value is not None),
                      key=lambda r: sign * (r.value or 0), reverse=True)
     # The re-validated winner first, when the validation picked another than the top value.
@@ -168,7 +218,7 @@ def seeds_of(st: Any, space: SearchSpace, offloads: bool, same_hardware: bool,
         if key in seen:
             continue
         seen.add(key)
-        out.append(Seed(params, origin, r.value, tuple(notes)))
+        out.append(Seed(params, origin, r.value, tuple(notes), bool(r.contended)))
         if len(out) == limit:
             break
     return out, skipped
@@ -300,6 +350,10 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
         found = find_sources(source_storage, study_name, model, variants, machine, str(attrs.get("engine")),
                              str((attrs.get("objectives") or [""])[0]))
     ws = WarmStart()
+    if not found:
+        ws.reason_code, ws.reason = no_source_reason(
+            source_storage, study_name, model, variants, machine, str(attrs.get("engine")),
+            str((attrs.get("objectives") or [""])[0]))
     import optuna
 
     for name, how in found:
@@ -318,4 +372,8 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
             ws.screened |= {r.model for r in st.records if r.state in ("COMPLETE", "PRUNED") and not r.baseline
                             and not r.error and r.reused_from is None and not r.imported
                             and (not on_gpu or int(r.options.get("num_gpu", full) or 0) >= full)}
+    if found and not ws.seeds:
+        names = ", ".join(f"'{name}'" for name, _ in found)
+        ws.reason_code, ws.reason = ((ALL_SKIPPED, f"no config of {names} fits this study's search (listed below)")
+                                     if ws.skipped else (NO_FEASIBLE, f"{names} has no feasible measured config"))
     return ws
