@@ -41,6 +41,15 @@ Behaviour (all durations reported are synthetic integer nanoseconds; the server 
   decode_tps``, ``total = load + prefill + eval + 1.5 ms``. First chunk after
   ``(load + prefill) * time_scale``, then tokens spread over ``eval * time_scale``.
 
+* Drafting (Ollama >= 0.31, speculative decoding with a model's MTP heads): a model with
+  ``nextn_predict_layers`` > 0 advertises ``<arch>.nextn_predict_layers`` in /api/show and drafts
+  ``draft_num_predict`` tokens per step (default 4; 0 = off). Its decode rate is multiplied by
+  :func:`draft_speedup`: tokens gained per verification step ``(1 - a^(k+1)) / (1 - a)`` over its cost
+  ``1 + 0.12 k``, with acceptance ``a`` = 0.85 on a prompt that asks to copy (holds "copy" or a
+  code fence) and 0.35 otherwise. Older versions (``version`` < 0.31) and models without MTP
+  ignore the option. ``draft_changes_output=True`` makes drafting change the generated text (from
+  the ninth word on), to test the output-identity check.
+
 Speed model (:func:`default_speed`), for a model with P parameters and quantization q::
 
     L      = GPU layers: num_gpu clamped to [0, block_count+1]; -1 (auto) = min(20, what fits)
@@ -133,6 +142,7 @@ PREDICT_DEFAULTS: dict[str, Any] = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "stop": None,
+    "draft_num_predict": None,
 }
 OPTION_TYPES: dict[str, str] = {
     "num_ctx": "integer",
@@ -154,7 +164,11 @@ OPTION_TYPES: dict[str, str] = {
     "presence_penalty": "float32",
     "frequency_penalty": "float32",
     "stop": "array",
+    "draft_num_predict": "integer",
 }
+#: The first version that drafts (draft_num_predict), and its draft length when none is sent.
+DRAFT_MIN_VERSION = (0, 31)
+DRAFT_DEFAULT = 4
 
 DEFAULT_FAIL_ERROR = "llama-server process has terminated: exit status 2"
 PULL_MISSING_ERROR = "pull model manifest: file does not exist"
@@ -257,6 +271,8 @@ class FakeModel:
     system: str = ""
     license: str = "Gemma Terms of Use"
     capabilities: list[str] = field(default_factory=lambda: ["completion"])
+    #: Multi-token-prediction layers (GGUF ``<arch>.nextn_predict_layers``): > 0 drafts.
+    nextn_predict_layers: int = 0
     modified_at: datetime | None = None
     blob: str = ""
 
@@ -345,6 +361,33 @@ def default_models() -> list[FakeModel]:
             modified_at=base,
         ),
     ]
+
+
+def mtp_model(name: str = "qwen3.6:27b-mtp") -> FakeModel:
+    """A model with one MTP layer (drafts on Ollama >= 0.31), of its own family."""
+    return FakeModel(name=name, family="qwen35", architecture="qwen35", parameter_size="1.0B",
+                     nextn_predict_layers=1, sliding_window=0, swa_period=0,
+                     modified_at=datetime(2026, 7, 2, 12, 0, tzinfo=timezone.utc))
+
+
+def draft_acceptance(prompt: str) -> float:
+    """The share of drafted tokens accepted for a prompt: high where the answer copies it."""
+    return 0.85 if ("copy" in prompt.lower() or "```" in prompt) else 0.35
+
+
+def draft_speedup(k: int, acceptance: float) -> float:
+    """Decode speed-up of drafting ``k`` tokens per step at ``acceptance`` (1 when k is 0)."""
+    if k <= 0:
+        return 1.0
+    gained = (1 - acceptance ** (k + 1)) / (1 - acceptance)
+    return gained / (1 + 0.12 * k)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split("-")[0].split("."))
+    except ValueError:
+        return (0,)
 
 
 # ----------------------------------------------------------------------------- speed & memory
@@ -778,11 +821,13 @@ class FakeOllama:
         host: str = "127.0.0.1",
         port: int = 0,
         speed_factor: float = 1.0,
+        draft_changes_output: bool = False,
     ) -> None:
         #: Both settable while the server runs: ``/api/version`` answers ``version``, and every
         #: config's decode and prefill rates are multiplied by ``speed_factor`` (0.8: 20% slower).
         self.version = version
         self.speed_factor = speed_factor
+        self.draft_changes_output = draft_changes_output
         self.time_scale = time_scale
         self.memory_budget_mib = memory_budget_mib
         self.system_memory_mib = system_memory_mib
@@ -1003,6 +1048,13 @@ class FakeOllama:
         else:
             prefill, decode = default_speed(m, opts, self.memory_budget_mib, self.system_memory_mib, self.gpu)
         return prefill * self.speed_factor, decode * self.speed_factor
+
+    def draft_length(self, m: FakeModel, opts: dict[str, Any]) -> int:
+        """Tokens drafted per step for resolved options: 0 on old versions and models without MTP."""
+        if _version(self.version) < DRAFT_MIN_VERSION or m.nextn_predict_layers <= 0:
+            return 0
+        value = opts.get("draft_num_predict")
+        return DRAFT_DEFAULT if value is None else max(0, int(value))
 
     def fits(self, model: str, options: dict[str, Any] | None = None) -> bool:
         """Whether the model loads with these options under the memory budgets."""
@@ -1229,6 +1281,8 @@ class FakeOllama:
         }
         if m.sliding_window:
             info[f"{arch}.attention.sliding_window"] = m.sliding_window
+        if m.nextn_predict_layers:
+            info[f"{arch}.nextn_predict_layers"] = m.nextn_predict_layers
         params = format_parameters(m.parameters)
         modelfile = (
             '# Modelfile generated by "ollama show"\n'
@@ -1534,6 +1588,8 @@ class FakeOllama:
         cached = min(cached, len(tokens) - 1) if tokens else 0
         uncached = len(tokens) - cached
         prefill_tps, decode_tps = self.speed(m.name, runner.options)
+        draft = self.draft_length(m, opts)
+        decode_tps *= draft_speedup(draft, draft_acceptance(" ".join(tokens)))
         predict = int(opts["num_predict"])
         if predict > 0:
             count, reason = min(predict, self.max_predict), "length"
@@ -1542,6 +1598,8 @@ class FakeOllama:
         seed = int(opts["seed"])
         start = zlib.crc32(" ".join(tokens).encode()) ^ (seed if seed >= 0 else 0)
         words = [_VOCAB[zlib.crc32(b"%d:%d" % (start, i)) % len(_VOCAB)] for i in range(count)]
+        if draft and self.draft_changes_output:
+            words = words[:8] + [_VOCAB[zlib.crc32(b"draft:%d:%d" % (start, i)) % len(_VOCAB)] for i in range(8, count)]
         pieces = [f" {w}" if i else w for i, w in enumerate(words)]
         prefill_ns = max(1, round(uncached / prefill_tps * 1e9)) if tokens else 0
         eval_ns = max(1, round(count / decode_tps * 1e9)) if count else 0

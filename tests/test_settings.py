@@ -13,14 +13,16 @@ from tuner.settings import SETTINGS
 
 def test_every_setting_states_its_facts() -> None:
     assert list(SETTINGS) == ["variant", "num_ctx", "num_batch", "num_gpu", "num_thread",
-                              "flash_attention", "kv_cache_type", "num_parallel"]
+                              "flash_attention", "kv_cache_type", "num_parallel", "draft_num_predict",
+                              "draft_ngram_size"]
     for name, s in SETTINGS.items():
         assert s.name == name and s.level in settings.LEVELS and s.help, name
         assert s.kind in (int, str), name
         assert not s.choices or s.kind is str, name
         assert (s.minimum is None) == (not s.too_low), name
-        if s.level == "runner":
-            # A runner setting is a Modelfile PARAMETER and request option that Ollama types as int.
+        if s.level == "runner" and name != "draft_ngram_size":
+            # A runner setting is a Modelfile PARAMETER and request option that Ollama types as int
+            # (but prompt lookup's n-gram size, which only llama-cpp-python has).
             assert s.modelfile and export.OLLAMA_OPTIONS[s.modelfile] is s.kind is int, name
             assert s.env is None and s.llama_cpp, name
         if s.level == "server":
@@ -46,9 +48,11 @@ def test_llama_cpp_arguments() -> None:
 
 
 def test_readers_take_their_lists_from_the_registry() -> None:
-    assert space.RUNNER_PARAMS is settings.RUNNER_PARAMS == ("num_ctx", "num_batch", "num_gpu", "num_thread")
+    assert space.RUNNER_PARAMS is settings.RUNNER_PARAMS == ("num_ctx", "num_batch", "num_gpu", "num_thread",
+                                                            "draft_num_predict", "draft_ngram_size")
     assert space.SERVER_PARAMS is settings.SERVER_PARAMS == ("flash_attention", "kv_cache_type", "num_parallel")
-    assert ollama.OllamaEngine.supported_params == ("variant", *settings.RUNNER_PARAMS)
+    assert ollama.OllamaEngine.supported_params == ("variant", *settings.RUNNER_PARAMS[:-1])
+    assert settings.DRAFT_PARAMS == tuple(n for n, s in SETTINGS.items() if n.startswith("draft_"))
     assert space.SpaceLimits(1, 1, 1, False).supported == ollama.OllamaEngine.supported_params
     assert llamacpp.LlamaCppEngine.supported_params == tuple(n for n in SETTINGS if n != "num_parallel")
     assert llamacpp.KV_CACHE_TYPES == {"f16": 1, "q8_0": 8, "q4_0": 2}

@@ -204,7 +204,8 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
 @click.option("--context", type=int, help="Context length your application needs: num_ctx never goes below it.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="Your prompts: a text file with prompts separated by '---' lines, or .jsonl with "
-                   '{"name", "prompt"} [default: a short chat prompt and a ~1k-token document].')
+                   '{"name", "prompt"}, or builtin:copy (a code edit that mostly copies its prompt) or '
+                   'builtin:chat [default: a short chat prompt and a ~1k-token document].')
 @click.option("--repeats", "-r", type=int, default=default("repeats"), show_default=True, help="Measured repeats of each prompt per trial.")
 @click.option("--num-predict", type=int, default=default("num_predict"), show_default=True, help="Tokens generated per request.")
 @click.option("--concurrency", type=int, default=default("concurrency"), show_default=True,

@@ -29,6 +29,8 @@ OLLAMA_OPTIONS: dict[str, type] = {
     "typical_p": float, "repeat_last_n": int, "temperature": float, "repeat_penalty": float,
     "presence_penalty": float, "frequency_penalty": float, "stop": list,
     "num_ctx": int, "num_batch": int, "num_gpu": int, "main_gpu": int, "use_mmap": bool, "num_thread": int,
+    # Ollama >= 0.31 (docs/drafting.md).
+    "draft_num_predict": int,
 }
 #: Values that mean "let Ollama decide": exported as absent, which is the same setting.
 DEFAULT_EQUIVALENT = {n: s.auto for n, s in settings.SETTINGS.items() if s.auto is not None}

@@ -27,6 +27,10 @@ class RequestSample:
     load_ms: float
     total_ms: float
     done_reason: str
+    #: Tokens drafted (speculative decoding) and how many of them the model accepted; None where
+    #: the request did not draft or the engine does not report it (Ollama's API does not).
+    draft_tokens: int | None = None
+    draft_accepted: int | None = None
 
     @property
     def decode_tps(self) -> float:
@@ -48,6 +52,9 @@ class RequestSample:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for k in ("draft_tokens", "draft_accepted"):
+            if d[k] is None:
+                del d[k]
         d.update(
             decode_tps=round(self.decode_tps, 4),
             prefill_tps=round(self.prefill_tps, 4),

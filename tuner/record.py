@@ -80,6 +80,12 @@ IMPORTED = "imported"
 #: The memory model's prediction for the trial beside what the server then reported
 #: (tuner/memory.py): predicted_mib, prior_mib, verdict, the capacity bounds, skipped.
 MEMORY = "memory"
+#: Speculative decoding: tokens drafted and accepted over a trial's measured requests (where the
+#: engine reports them), and the accepted share (flat, for users and the dashboard).
+DRAFT_TOKENS, DRAFT_ACCEPTED, DRAFT_ACCEPTANCE = "draft_tokens", "draft_accepted", "draft_acceptance"
+#: The output-identity check of a drafting config (greedy text with drafting == without), and the
+#: constraint it sets: 1 when drafting changed the output (the config is infeasible).
+OUTPUT_IDENTITY = "output_identity"
 
 #: (label, metric) of the request metrics shown with their spread.
 METRIC_ROWS = (
@@ -191,6 +197,12 @@ class TrialRecord:
     ran: dict[str, Any] = field(default_factory=dict)
     #: An imported result's origin (SOURCE); None for a trial the tuner measured.
     source: dict[str, Any] | None = None
+    #: Tokens drafted and accepted over the measured requests (None: no drafting reported).
+    draft_tokens: int | None = None
+    draft_accepted: int | None = None
+    #: The output-identity check (OUTPUT_IDENTITY): identical, prompt, first_difference, ...;
+    #: None when the config does not draft or was not checked.
+    identity: dict[str, Any] | None = None
     # -- from Optuna, on read --
     number: int = -1
     state: str = ""
@@ -227,6 +239,18 @@ class TrialRecord:
         """Complete and measured here (not a failed load, not a copy of an earlier trial's
         measurement reused for a config proposed again, not imported: no new evidence)."""
         return self.state == "COMPLETE" and not self.error and self.reused_from is None and self.source is None
+
+    @property
+    def draft_acceptance(self) -> float | None:
+        """Accepted share of the drafted tokens; None without drafting statistics."""
+        if not self.draft_tokens or self.draft_accepted is None:
+            return None
+        return round(self.draft_accepted / self.draft_tokens, 4)
+
+    @property
+    def output_changed(self) -> bool:
+        """Drafting changed the greedy output (the identity check failed)."""
+        return bool(self.identity) and self.identity.get("identical") is False
 
     @property
     def skipped(self) -> bool:
@@ -302,7 +326,9 @@ class TrialRecord:
                      (SERVER_VRAM_MIB, self.server_vram_mib), (SERVER_SIZE_MIB, self.server_size_mib),
                      (_PRUNED_SAVED, self.pruned_saved_s), (INTERFERENCE_PCT, self.interference_pct),
                      (GPU_INTERFERENCE_PCT, self.gpu_interference_pct), (CONTENDED, self.contended),
-                     (_REMEASURED, self.remeasured or None), (_CONTENTION_LOST, self.contention_lost_s)):
+                     (_REMEASURED, self.remeasured or None), (_CONTENTION_LOST, self.contention_lost_s),
+                     (DRAFT_TOKENS, self.draft_tokens), (DRAFT_ACCEPTED, self.draft_accepted),
+                     (DRAFT_ACCEPTANCE, self.draft_acceptance)):
             if v is not None:
                 out[k] = v
         out.update(self.telemetry)
@@ -356,7 +382,15 @@ def build_record(
         server_size_mib=server_memory.size_mib if server_memory else None,
         interference_pct=cpu_i, gpu_interference_pct=gpu_i,
         contended=any(x >= CONTENDED_PCT for x in measured) if measured else None,
+        draft_tokens=_sum_known(x.draft_tokens for x in samples),
+        draft_accepted=_sum_known(x.draft_accepted for x in samples),
     )
+
+
+def _sum_known(values: Iterable[int | None]) -> int | None:
+    """The sum of the values that are known; None when none is."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _round(v: float | None) -> float | None:
@@ -417,6 +451,8 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
         attrs[REUSED_FROM] = r.reused_from
     if r.memory is not None:
         attrs[MEMORY] = r.memory
+    if r.identity is not None:
+        attrs[OUTPUT_IDENTITY] = r.identity
     if r.source is not None:
         attrs[SOURCE], attrs[IMPORTED] = r.source, True
     if not r.samples and r.source is None:
@@ -445,9 +481,12 @@ def stored_attrs(r: TrialRecord) -> dict[str, Any]:
         detail[_RAN] = r.ran
     for k, v in ((_CONCURRENCY, r.concurrency), (SERVER_SIZE_MIB, r.server_size_mib),
                  (_PRUNED_SAVED, r.pruned_saved_s), (_REMEASURED, r.remeasured or None),
-                 (_CONTENTION_LOST, r.contention_lost_s)):
+                 (_CONTENTION_LOST, r.contention_lost_s), (DRAFT_TOKENS, r.draft_tokens),
+                 (DRAFT_ACCEPTED, r.draft_accepted)):
         if v is not None:
             detail[k] = v
+    if r.draft_acceptance is not None:
+        attrs[DRAFT_ACCEPTANCE] = r.draft_acceptance
     attrs[DETAIL] = detail
     tel = {k: v for k, v in r.telemetry.items() if k not in _FLAT_TELEMETRY}
     attrs.update({k: v for k, v in r.telemetry.items() if k in _FLAT_TELEMETRY})
@@ -484,7 +523,8 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
     known = {CONFIG, WORKER, SAMPLES, WARMUP, BASELINE, ERROR, VIOLATIONS, SERVER_EFFECTIVE, RELOAD_MS,
              TOKENS_PER_JOULE, SERVER_VRAM_MIB, SERVER_SIZE_MIB, DETAIL, TELEMETRY, _N_REQUESTS, _CONCURRENCY,
              _UNEXPECTED, _DONE, _PRUNED_SAVED, INTERFERENCE_PCT, GPU_INTERFERENCE_PCT, CONTENDED, _REMEASURED,
-             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY, _RAN, SOURCE, IMPORTED}
+             _CONTENTION_LOST, STAGE, SEEDED_FROM, REUSED_FROM, MEMORY, _RAN, SOURCE, IMPORTED,
+             DRAFT_TOKENS, DRAFT_ACCEPTED, DRAFT_ACCEPTANCE, OUTPUT_IDENTITY}
     telemetry = {k: v for k, v in flat.items()
                  if k not in known and not (k.startswith(prefixes) and k.rsplit("_", 1)[-1] in STATS)
                  and (k.startswith(("gpu", "host_", "server_rss")))}
@@ -524,6 +564,9 @@ def read_record(t: FrozenTrial, lost: Mapping[int, str] | None = None) -> TrialR
         memory=dict(ua[MEMORY]) if isinstance(ua.get(MEMORY), dict) else None,
         ran=dict(flat[_RAN]) if isinstance(flat.get(_RAN), dict) else {},
         source=dict(ua[SOURCE]) if isinstance(ua.get(SOURCE), dict) else None,
+        draft_tokens=int(flat[DRAFT_TOKENS]) if isinstance(flat.get(DRAFT_TOKENS), int) else None,
+        draft_accepted=int(flat[DRAFT_ACCEPTED]) if isinstance(flat.get(DRAFT_ACCEPTED), int) else None,
+        identity=dict(ua[OUTPUT_IDENTITY]) if isinstance(ua.get(OUTPUT_IDENTITY), dict) else None,
         number=t.number,
         state=t.state.name,
         values=list(t.values) if t.values is not None else None,

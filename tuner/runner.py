@@ -49,6 +49,8 @@ class _Runner:
         self._board = Leaderboard(self.directions[0])
         self._finished = TrialCache(("COMPLETE", "PRUNED"), self._board)
         self._evidence = Evidence(p.memory) if p.memory is not None else None
+        #: The output-identity check of each drafting config run so far (once per config).
+        self._identities: dict[Any, dict[str, Any] | None] = {}
 
     def _sampler(self) -> Any:
         from tuner.telemetry import TelemetrySampler
@@ -122,6 +124,7 @@ class _Runner:
                                    on_sample=self._sample_hook(trial.number))
             if m.record(model, runner, server).contended is False:
                 self.stays_busy = False
+            identity = self._identity(model, runner, server)
         except LoadError as e:
             self.loaded_key = None
             self.answered += 1
@@ -155,6 +158,7 @@ class _Runner:
         rec.ran = p.engine.ran_options(model)
         rec.remeasured, rec.contention_lost_s = tries, round(lost_s, 2) if tries else None
         rec.stage = stage
+        rec.identity = identity
         rec.constraints, rec.violations = self._limits(rec, load_failed=False)
         if m.stopped_early:
             import optuna
@@ -264,7 +268,32 @@ class _Runner:
             values[key] = excess / limit
             if excess > 0:
                 out.append(f"{label} {value:.0f} {unit} > {limit:g} {unit}")
+        if "draft_num_predict" in self.p.space:
+            # Same keys on every trial of a drafting study: 1 where drafting changed the output.
+            values[record.OUTPUT_IDENTITY] = 1.0 if load_failed or rec.output_changed else 0.0
+            if rec.output_changed and not load_failed:
+                out.append(identity_text(rec.identity or {}))
         return values, out
+
+    def _identity(self, model: str, runner: dict[str, Any] | None, server: dict[str, Any]) -> dict[str, Any] | None:
+        """Check once per drafting config (the defaults too where the engine drafts by default)
+        that greedy output with drafting equals the output without it, on the workload's first
+        prompt (None: the config does not draft)."""
+        if "draft_num_predict" not in self.p.space:
+            return None
+        # No option sent (the baseline): the engine's own default (Ollama drafts 4 with MTP heads).
+        default = (self.p.environment.get("drafting") or {}).get("engine_default", 0)
+        draft = (runner or {}).get("draft_num_predict", default)
+        if not isinstance(draft, int) or draft <= 0:
+            return None
+        key = config_key(model, runner, server)
+        if key not in self._identities:
+            w = self.p.workload
+            prompt = w.prompts[0]
+            predict = {**w.predict_options(), "temperature": 0.0, "seed": w.seed}
+            pair = self.p.engine.greedy_pair(model, prompt.text, dict(runner or {}), predict)
+            self._identities[key] = None if pair is None else output_identity(prompt.name, draft, *pair)
+        return self._identities[key]
 
     def _predict(self, trial: Any, rec: TrialRecord) -> dict[str, Any] | None:
         """The memory model's prediction for this config from the evidence so far (None
@@ -377,3 +406,23 @@ def _machine_check(p: _Prepared) -> str:
         return (f"machine check: BUSY: {_busy_text(busy)}; trials measured while it competes are flagged "
                 "and measured again")
     return f"machine check: quiet ({_busy_text(busy)})"
+
+
+def output_identity(prompt: str, draft: int, with_draft: str, without: str) -> dict[str, Any]:
+    """The stored identity check: whether the texts match and, where not, where they part."""
+    out: dict[str, Any] = {"identical": with_draft == without, "prompt": prompt, "draft_num_predict": draft,
+                           "chars": len(without), "temperature": 0.0}
+    if with_draft != without:
+        i = next((k for k, (a, b) in enumerate(zip(with_draft, without)) if a != b), min(len(with_draft), len(without)))
+        out["first_difference"] = i
+        out["with_draft"] = with_draft[max(0, i - 30):i + 30]
+        out["without"] = without[max(0, i - 30):i + 30]
+    return out
+
+
+def identity_text(identity: dict[str, Any]) -> str:
+    """The violation of a failed identity check, in words."""
+    return (f"drafting changed the output: greedy text on prompt '{identity.get('prompt')}' with "
+            f"draft_num_predict={identity.get('draft_num_predict')} differs from the text without drafting "
+            f"at character {identity.get('first_difference')} ({identity.get('with_draft')!r} vs "
+            f"{identity.get('without')!r})")

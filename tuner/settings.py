@@ -52,6 +52,9 @@ class Setting:
     llama_cpp_values: Mapping[Any, Any] = field(default_factory=dict)
     #: Values shown in messages as an example of what to write after ``name=``.
     example: str = ""
+    #: Taken per request by a running model (no reload on Ollama); the llama-cpp engine still
+    #: reloads when drafting turns on or off (see tuner/engines/llamacpp.py).
+    per_request: bool = False
 
     @property
     def words(self) -> dict[str, int]:
@@ -92,6 +95,15 @@ SETTINGS: dict[str, Setting] = {
                 llama_cpp=("type_k", "type_v"), llama_cpp_values={"f16": 1, "q8_0": 8, "q4_0": 2}),
         Setting("num_parallel", "server", int, "parallel request slots",
                 minimum=1, too_low="it must be at least 1", env="OLLAMA_NUM_PARALLEL", example="1,2"),
+        # Speculative decoding (docs/drafting.md): Ollama >= 0.31 drafts with a model's built-in
+        # MTP heads; llama-cpp-python with prompt lookup (LlamaPromptLookupDecoding num_pred_tokens).
+        Setting("draft_num_predict", "runner", int, "tokens drafted per step (0 = no drafting)",
+                minimum=0, too_low="use 0 (off) or a number of draft tokens", modelfile="draft_num_predict",
+                llama_cpp=("draft_model",), example="0..8", per_request=True),
+        # llama-cpp only: LlamaPromptLookupDecoding's max_ngram_size (Ollama has no such option).
+        Setting("draft_ngram_size", "runner", int, "longest n-gram prompt lookup matches (llama-cpp)",
+                minimum=1, too_low="it must be at least 1", llama_cpp=("draft_model",), example="1..4",
+                per_request=True),
     )
 }
 
@@ -103,8 +115,11 @@ def names(*levels: str) -> tuple[str, ...]:
 
 RUNNER_PARAMS = names("runner")
 SERVER_PARAMS = names("server")
-#: Settings a running server takes per request (no restart): what any Ollama engine tunes.
-REQUEST_PARAMS = names("model", "runner")
+#: Settings a running server takes per request (no restart): what any Ollama engine tunes (the
+#: variant, and every runner setting Ollama has a request option for).
+REQUEST_PARAMS = tuple(n for n in names("model", "runner") if n == "variant" or SETTINGS[n].modelfile)
+#: The speculative-decoding settings: in a space only where the engine says the model can draft.
+DRAFT_PARAMS = ("draft_num_predict", "draft_ngram_size")
 #: Server setting -> its ``ollama serve`` environment variable.
 ENV_VARS = {n: s.env for n, s in SETTINGS.items() if s.env}
 #: Settings llama-cpp-python can load with.

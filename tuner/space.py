@@ -239,6 +239,9 @@ class SpaceLimits:
     min_ctx: int = 512
     variants: tuple[str, ...] = ()
     supported: tuple[str, ...] = REQUEST_PARAMS
+    #: Draft lengths searched by default (the engine says the model drafts by default: Ollama's
+    #: MTP models); empty: drafting is only searched when asked for (--param draft_num_predict).
+    draft_lengths: tuple[int, ...] = ()
 
 
 def default_values(limits: SpaceLimits) -> dict[str, list[Any]]:
@@ -253,6 +256,8 @@ def default_values(limits: SpaceLimits) -> dict[str, list[Any]]:
     vals["num_batch"] = powers_of_two(32, 2048)
     vals["num_gpu"] = list(range(-1, limits.block_count + 2)) if limits.has_gpu else [0]
     vals["num_thread"] = list(range(0, max(1, limits.physical_cores) + 1))
+    if limits.draft_lengths:
+        vals["draft_num_predict"] = list(limits.draft_lengths)
     return {k: v for k, v in vals.items() if k in limits.supported}
 
 

@@ -22,13 +22,14 @@ from tuner.progress import _Progress
 from tuner.pruning import make_pruner
 from tuner.record import TrialRecord
 from tuner.runner import _machine_check, _Runner
+from tuner.settings import DRAFT_PARAMS
 from tuner.space import SERVER_PARAMS, SearchSpace, SpaceLimits, build_space, load_space_file
 from tuner.roofline import roofline
 from tuner.start import _BASELINE_DONE, _dead_here, _enqueue_start, _physical_cores
 from tuner.storage import mask, open_storage, shown_url, write_failure
 from tuner.terminal import printable
 from tuner.validate import validate_top
-from tuner.workload import Workload, builtin_prompts, load_prompts
+from tuner.workload import Workload, workload_prompts
 from tuner import results
 
 Echo = Callable[[str], None]
@@ -117,7 +118,7 @@ def validate_options(o: TuneOptions) -> None:
 
 
 def build_workload(o: TuneOptions) -> Workload:
-    prompts = load_prompts(o.prompts_file) if o.prompts_file else builtin_prompts()
+    prompts = workload_prompts(o.prompts_file)
     return Workload(
         prompts=prompts,
         repeats=o.repeats,
@@ -188,6 +189,14 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
                 f"the longest prompt plus --num-predict needs about {need} tokens but the model's "
                 f"context is {info.context_length}: use shorter prompts or a smaller --num-predict"
             )
+        drafting = engine.drafting(model)
+        supported = engine.supported_params
+        if not drafting.available:
+            # A server or model that cannot draft never sees the drafting settings.
+            asked = [k for k in DRAFT_PARAMS if k in overrides and k in supported]
+            if asked:
+                raise SpaceError(f"parameter '{asked[0]}' cannot be searched here: {drafting.detail}")
+            supported = tuple(k for k in supported if k not in DRAFT_PARAMS)
         limits = SpaceLimits(
             context_length=info.context_length,
             block_count=info.block_count,
@@ -195,7 +204,8 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
             has_gpu=True,
             min_ctx=need,
             variants=tuple(variants),
-            supported=engine.supported_params,
+            supported=supported,
+            draft_lengths=drafting.default_lengths,
         )
         build_space(limits, overrides)  # a bad space is rejected before anything is loaded
         if "num_gpu" in overrides:
@@ -208,6 +218,8 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
         space = build_space(dataclasses.replace(limits, has_gpu=has_gpu), overrides)
         env = environment(engine, server, info)
         env["gpu_offload"] = {"offloads": offload.offloads, "source": offload.source, "detail": offload.detail}
+        env["drafting"] = {"available": drafting.available, "method": drafting.method, "detail": drafting.detail,
+                           "engine_default": drafting.engine_default}
         # What the server says of each variant, so the report's table need not guess from tags.
         env["models"] = {name: {"parameter_size": i.parameter_size, "quantization": i.quantization,
                                 "size_bytes": i.size_bytes} for name, i in infos.items()}
@@ -492,6 +504,9 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         searched = ", ".join(f"{x.name}[{len(x.values)}]" for x in p.space.searched) or "nothing (all fixed)"
         echo(printable(f"study '{study.study_name}' in {shown_url(o.storage)}"))
         echo(printable(f"model {p.model} on {p.server.get('engine')} {p.server.get('version')}; searching {searched}"))
+        if "draft_num_predict" in p.space:
+            echo(printable(f"drafting: {p.environment['drafting']['detail']}; every drafting config is checked "
+                           "for identical greedy output"))
         if p.space.fixed:
             # The model path was printed in full just above: by its file name from here on.
             echo(printable("fixed: " + ", ".join(

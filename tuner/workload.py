@@ -87,7 +87,7 @@ class Workload:
         Studies stored before the prompt text was kept name only hashes: the built-in prompts
         are recognised by their hash; anything else raises WorkloadError naming the fix.
         """
-        builtin = {_sha(p.text): p for p in builtin_prompts()}
+        builtin = {_sha(p.text): p for p in all_builtin_prompts()}
         prompts: list[Prompt] = []
         for item in d.get("prompts") or []:
             text = item.get("text")
@@ -108,13 +108,39 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def builtin_prompts() -> tuple[Prompt, ...]:
-    """A short chat prompt and a ~1k-token document prompt."""
+#: The built-in workloads (``--prompts builtin:NAME``): the prompt names of each. ``copy`` is a
+#: code edit whose answer mostly copies the prompt (drafting from the prompt pays); ``chat`` is
+#: free text (little to draft from).
+BUILTIN_WORKLOADS = {"default": ("chat", "document"), "copy": ("code_edit",), "chat": ("chat",)}
+#: How a --prompts value names a built-in workload.
+BUILTIN_PREFIX = "builtin:"
+
+
+def _builtin(name: str) -> Prompt:
     base = resources.files("tuner") / "prompts"
-    return (
-        Prompt("chat", (base / "chat.txt").read_text(encoding="utf-8").strip()),
-        Prompt("document", (base / "document.txt").read_text(encoding="utf-8").strip()),
-    )
+    return Prompt(name, (base / f"{name}.txt").read_text(encoding="utf-8").strip())
+
+
+def builtin_prompts(workload: str = "default") -> tuple[Prompt, ...]:
+    """A built-in workload's prompts; the default: a short chat prompt and a ~1k-token document."""
+    if workload not in BUILTIN_WORKLOADS:
+        raise WorkloadError(f"unknown built-in workload '{workload}': choose from "
+                            + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_WORKLOADS))
+    return tuple(_builtin(n) for n in BUILTIN_WORKLOADS[workload])
+
+
+def all_builtin_prompts() -> tuple[Prompt, ...]:
+    """Every built-in prompt once."""
+    return tuple(_builtin(n) for n in dict.fromkeys(n for names in BUILTIN_WORKLOADS.values() for n in names))
+
+
+def workload_prompts(source: str | Path | None) -> tuple[Prompt, ...]:
+    """The prompts ``--prompts`` names: a file, ``builtin:NAME``, or (None) the default built-ins."""
+    if source is None:
+        return builtin_prompts()
+    if str(source).startswith(BUILTIN_PREFIX):
+        return builtin_prompts(str(source)[len(BUILTIN_PREFIX):])
+    return load_prompts(source)
 
 
 def load_prompts(path: str | Path) -> tuple[Prompt, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuner.engines.base import Engine, GpuOffload, ModelInfo
+from tuner.engines.base import Drafting, Engine, GpuOffload, ModelInfo
 from tuner.errors import TunerError
 
 ENGINES = ("ollama", "llama-cpp", "replay")
@@ -39,4 +39,4 @@ def get_engine(name: str, **kwargs: Any) -> Engine:
     raise TunerError(f"unknown engine '{name}': choose one of {', '.join(ENGINES)}")
 
 
-__all__ = ["Engine", "GpuOffload", "ModelInfo", "ENGINES", "get_engine"]
+__all__ = ["Drafting", "Engine", "GpuOffload", "ModelInfo", "ENGINES", "get_engine"]

@@ -41,6 +41,26 @@ class GpuOffload:
     detail: str
 
 
+@dataclass(frozen=True)
+class Drafting:
+    """Whether the engine can draft tokens for a model (speculative decoding), and why."""
+
+    available: bool
+    #: "mtp" (Ollama: the model's built-in multi-token-prediction heads) or "prompt-lookup"
+    #: (llama-cpp-python's LlamaPromptLookupDecoding); "" when not available.
+    method: str
+    #: One line for the terminal: what was seen.
+    detail: str
+    #: Draft lengths searched without --param (empty: only when asked for).
+    default_lengths: tuple[int, ...] = ()
+    #: The engine's own draft length when no option is sent (Ollama's 4 on an MTP model).
+    engine_default: int = 0
+
+
+#: Draft lengths searched by default where a model drafts by default (0 = drafting off).
+DRAFT_LENGTHS = tuple(range(0, 9))
+
+
 class Engine(ABC):
     """Loads a model with a configuration and runs one streamed, timed request."""
 
@@ -90,6 +110,17 @@ class Engine(ABC):
         """The runner options the loaded ``model`` runs with, as the engine reports them (the
         defaults resolved), by setting name; {} when the engine cannot tell."""
         return {}
+
+    def drafting(self, model: str) -> Drafting:
+        """Whether ``model`` can draft tokens on this engine; the default: it cannot."""
+        return Drafting(False, "", f"the {self.name} engine does not draft tokens")
+
+    def greedy_pair(self, model: str, prompt: str, runner_options: dict[str, Any],
+                    predict_options: dict[str, Any]) -> tuple[str, str] | None:
+        """The text generated for ``prompt`` with the drafting of ``runner_options`` and with
+        drafting off (the rest the same, no reload where the engine can avoid one), for the
+        output-identity check; None when the engine cannot produce both."""
+        return None
 
     def snapshot_loaded(self) -> None:
         """Remember what the server has loaded now, so ``restore_loaded`` can leave it so."""

@@ -15,6 +15,15 @@ Engine defaults (the baseline, ``runner_options=None``): :data:`BASELINE`.
 
 Prompts run as plain completions (no chat template, unlike Ollama's ``/api/generate``).
 Each request starts from an empty KV cache, so its whole prompt is evaluated and counted.
+
+Drafting (``draft_num_predict`` > 0, docs/drafting.md): llama-cpp-python's prompt-lookup
+decoding (``LlamaPromptLookupDecoding``). Its verification samples from every position of a
+batch, which needs ``logits_all=True`` from the load on (what ``Llama(draft_model=...)`` sets):
+turning drafting on or off reloads the model, and a drafting model computes logits for every
+prompt token (slower prefill). The draft length and n-gram size change per request. llama.cpp's
+perf counters book every batch of more than one token as prompt processing, so a drafting
+request's decode time is the counters' total after its first token (prompt and decode split
+where the first draft is asked for).
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tuner._imports import require
-from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo
+from tuner.engines.base import Drafting, Echo, Engine, GpuOffload, ModelInfo
 from tuner import settings
 from tuner.errors import LoadError, ModelNotFoundError, SpaceError, TunerError
 from tuner.metrics import RequestSample
@@ -65,6 +74,8 @@ _PREDICT = {
     "repeat_penalty": "repeat_penalty",
     "stop": "stop",
 }
+#: LlamaPromptLookupDecoding's default n-gram size (llama-cpp-python 0.3.x).
+DRAFT_NGRAM_DEFAULT = 2
 #: ggml_log_level ERROR in the ggml that llama-cpp-python >= 0.3 bundles (NONE, DEBUG,
 #: INFO, WARN, ERROR, CONT = 0..5); llama-cpp-python's own _logger comment is outdated.
 _GGML_LOG_ERROR = 4
@@ -362,6 +373,68 @@ def _llama_errors(lib: Any) -> Iterator[list[str]]:
         log_set(original, ctypes.c_void_p(0))
 
 
+class _CountedDraft:
+    """Prompt-lookup drafting that counts what it drafts and what the model accepted, and notes
+    llama.cpp's counters when the first draft is asked for (the prompt is evaluated by then).
+
+    The generate loop asks for a draft after each verification with the text so far: its growth
+    since the last call is the accepted drafts plus the one token the model sampled itself. The
+    last step of a request is cut short by its end, so its accepted count is a lower bound.
+    """
+
+    def __init__(self, lib: Any, llm: Any, num_pred_tokens: int, max_ngram_size: int) -> None:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        self._lib, self._llm = lib, llm
+        self._inner = LlamaPromptLookupDecoding(max_ngram_size=max_ngram_size, num_pred_tokens=num_pred_tokens)
+        self.drafted = self.accepted = 0
+        self._last_len: int | None = None
+        self._last_k = 0
+        #: (prompt tokens, prompt ms, decode ms) of llama.cpp's counters at the first call, and
+        #: the wall clock then (perf_counter seconds).
+        self.at_first: tuple[int, float, float] | None = None
+        self.first_s = 0.0
+
+    def __call__(self, input_ids: Any, /, **kwargs: Any) -> Any:
+        n = int(input_ids.shape[0])
+        if self._last_len is None:
+            perf = self._lib.llama_perf_context(self._llm.ctx)
+            self.at_first = (int(perf.n_p_eval), float(perf.t_p_eval_ms), float(perf.t_eval_ms))
+            self.first_s = time.perf_counter()
+        else:
+            self.accepted += max(0, min(self._last_k, n - self._last_len - 1))
+        draft = self._inner(input_ids)
+        self._last_len, self._last_k = n, int(len(draft))
+        self.drafted += self._last_k
+        return draft
+
+    def finish(self, total_len: int) -> None:
+        """Count the last step, the text (prompt and output tokens) being ``total_len`` long."""
+        if self._last_len is not None:
+            self.accepted += max(0, min(self._last_k, total_len - self._last_len - 1))
+            self._last_len = None
+
+
+class _TokenCount:
+    """A stopping criterion that stops nothing: it counts the tokens sampled."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, input_ids: Any, logits: Any) -> bool:
+        self.n += 1
+        return False
+
+
+def draft_config(runner_options: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(draft tokens, n-gram size) of prompt-lookup drafting, or None when it is off."""
+    opts = runner_options or {}
+    n = settings.parse("draft_num_predict", opts.get("draft_num_predict", 0))
+    if n <= 0:
+        return None
+    return n, settings.parse("draft_ngram_size", opts.get("draft_ngram_size", DRAFT_NGRAM_DEFAULT))
+
+
 class LlamaCppEngine(Engine):
     """Runs GGUF models in this process with llama-cpp-python."""
 
@@ -462,6 +535,15 @@ class LlamaCppEngine(Engine):
     def server_pids(self) -> list[int]:
         return [os.getpid()]
 
+    def drafting(self, model: str) -> Drafting:
+        """Prompt lookup drafts for any model; searched only when asked for (it costs prefill)."""
+        try:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # noqa: F401
+        except ImportError:
+            return Drafting(False, "", "this llama-cpp-python has no llama_speculative module")
+        return Drafting(True, "prompt-lookup", "llama-cpp-python prompt-lookup decoding (LlamaPromptLookupDecoding): "
+                        "searched with --param draft_num_predict=0..8")
+
     # -- configuration ----------------------------------------------------------------
     def prepare(self, server_settings: dict[str, Any]) -> bool:
         """Store flash_attention / kv_cache_type; they take effect at the next load."""
@@ -488,8 +570,11 @@ class LlamaCppEngine(Engine):
         kw["n_ctx"] = min(BASELINE["n_ctx"], self._trained_ctx(model))
         opts = runner_options or {}
         for key in settings.RUNNER_PARAMS:
-            if key in opts:
+            if key in opts and not settings.SETTINGS[key].per_request:
                 kw.update(settings.llama_cpp_kwargs(key, settings.parse(key, opts[key])))
+        if draft_config(opts) is not None:
+            # Verification samples from every position of a batch (see the module docstring).
+            kw["logits_all"] = True
         kw.update(self._flash_kwargs(self._server.get("flash_attention")))
         kv = self._server.get("kv_cache_type")
         if kv is not None:
@@ -545,6 +630,15 @@ class LlamaCppEngine(Engine):
                 out[name] = value
         return out
 
+    def _ready(self, model: str, runner_options: dict[str, Any] | None) -> str:
+        """Load ``model`` with ``runner_options`` unless it is loaded so; return its path."""
+        path = self.resolve(model)
+        kwargs = self.load_kwargs(path, runner_options)
+        key = (os.path.realpath(path), tuple(sorted(kwargs.items())))
+        if key != self._key:
+            self._load(path, kwargs, key)
+        return path
+
     def generate(
         self,
         model: str,
@@ -552,20 +646,23 @@ class LlamaCppEngine(Engine):
         runner_options: dict[str, Any] | None,
         predict_options: dict[str, Any],
     ) -> RequestSample:
-        path = self.resolve(model)
-        kwargs = self.load_kwargs(path, runner_options)
-        key = (os.path.realpath(path), tuple(sorted(kwargs.items())))
         start = time.perf_counter()
-        if key != self._key:
-            self._load(path, kwargs, key)
+        path = self._ready(model, runner_options)
         llm, lib = self._llm, self._lib
         completion = {_PREDICT[k]: v for k, v in predict_options.items() if k in _PREDICT}
+        dc = draft_config(runner_options)
+        draft = None if dc is None else _CountedDraft(lib, llm, *dc)
+        llm.draft_model = draft
+        counted = _TokenCount()
+        if draft is not None:
+            completion["stopping_criteria"] = lib.StoppingCriteriaList([counted])
         # Clear the KV cache and the counters so this request evaluates (and counts) its
         # whole prompt, with nothing reused from the previous request.
         llm.reset()
         lib.llama_perf_context_reset(llm.ctx)
         first: float | None = None
         reason = ""
+        asked = time.perf_counter()
         try:
             for chunk in llm.create_completion(prompt, stream=True, **completion):
                 choice = chunk["choices"][0]
@@ -575,25 +672,67 @@ class LlamaCppEngine(Engine):
                     reason = str(choice["finish_reason"])
         except (ValueError, RuntimeError) as e:
             raise LoadError(f"llama.cpp failed to run {Path(path).name}: {e}") from None
+        finally:
+            llm.draft_model = None
         end = time.perf_counter()
         perf = lib.llama_perf_context(llm.ctx)
         load_ms, self._pending_load_ms = self._pending_load_ms, 0.0
         latency_ms = (end - start) * 1e3
+        # n_eval counts decode steps: one fewer than the tokens generated, since the
+        # last sampled token is never fed back; n_eval / t_eval is llama.cpp's own rate.
+        prompt_tokens, prompt_ms = int(perf.n_p_eval), float(perf.t_p_eval_ms)
+        eval_tokens, eval_ms = int(perf.n_eval), float(perf.t_eval_ms)
+        drafted = accepted = None
+        if draft is not None:
+            # create_completion asks the criteria once more after its loop; an end-of-generation
+            # token is sampled but not generated.
+            generated = counted.n - 1 - (1 if reason == "stop" else 0)
+            if draft.at_first is not None:
+                n_p, t_p, t_e = draft.at_first
+                draft.finish(n_p + generated)
+                # With logits_all the counters book the prompt's batch at ~0 ms (seen with
+                # llama-cpp-python 0.3.36): its time is the wall clock up to the first draft.
+                prompt_tokens, prompt_ms = n_p, (draft.first_s - asked) * 1e3
+                eval_tokens = max(0, generated - 1)
+                eval_ms = max(0.0, float(perf.t_p_eval_ms) + float(perf.t_eval_ms) - t_p - t_e)
+            drafted, accepted = draft.drafted, draft.accepted
         return RequestSample(
             prompt="",
             repeat=0,
             ttft_ms=((first or end) - start) * 1e3,
             latency_ms=latency_ms,
-            prompt_tokens=int(perf.n_p_eval),
-            prompt_eval_ms=float(perf.t_p_eval_ms),
-            # n_eval counts decode steps: one fewer than the tokens generated, since the
-            # last sampled token is never fed back; n_eval / t_eval is llama.cpp's own rate.
-            eval_tokens=int(perf.n_eval),
-            eval_ms=float(perf.t_eval_ms),
+            prompt_tokens=prompt_tokens,
+            prompt_eval_ms=prompt_ms,
+            eval_tokens=eval_tokens,
+            eval_ms=eval_ms,
             load_ms=load_ms,
             total_ms=latency_ms,
             done_reason=reason,
+            draft_tokens=drafted,
+            draft_accepted=accepted,
         )
+
+    def greedy_pair(self, model: str, prompt: str, runner_options: dict[str, Any],
+                    predict_options: dict[str, Any]) -> tuple[str, str] | None:
+        """The text with this config's drafting and with none, from the same loaded model."""
+        dc = draft_config(runner_options)
+        if dc is None:
+            return None
+        self._ready(model, runner_options)
+        llm, lib = self._llm, self._lib
+        completion = {_PREDICT[k]: v for k, v in predict_options.items() if k in _PREDICT}
+        texts = []
+        for draft in (_CountedDraft(lib, llm, *dc), None):
+            llm.draft_model = draft
+            llm.reset()
+            try:
+                out = llm.create_completion(prompt, **completion)
+            except (ValueError, RuntimeError) as e:
+                raise LoadError(f"llama.cpp failed to run {model}: {e}") from None
+            finally:
+                llm.draft_model = None
+            texts.append(str(out["choices"][0]["text"]))
+        return texts[0], texts[1]
 
     def close(self) -> None:
         self._unload()

@@ -9,7 +9,7 @@ import time
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
-from tuner.engines.base import Echo, Engine, GpuOffload, ModelInfo, ServerMemory
+from tuner.engines.base import DRAFT_LENGTHS, Drafting, Echo, Engine, GpuOffload, ModelInfo, ServerMemory
 from tuner.errors import LoadError, ModelNotFoundError, ServerError, ServerHungError, ServerSetupError, TunerError
 from tuner.machine import is_local
 from tuner.metrics import RequestSample
@@ -23,6 +23,34 @@ MIB = 1024 * 1024
 #: How long a liveness check (/api/version) may take: a live server answers it at once.
 VERSION_TIMEOUT_S = 10.0
 T = TypeVar("T")
+#: The first Ollama that takes ``draft_num_predict`` (MTP drafting; docs/drafting.md).
+DRAFT_MIN_VERSION = (0, 31)
+#: Ollama's draft length on a model with MTP heads when the request sends none.
+DRAFT_DEFAULT = 4
+
+
+def version_tuple(version: str) -> tuple[int, ...] | None:
+    """(0, 31, 2) for "0.31.2" (a "-rc1" suffix dropped); None when it is no version."""
+    parts = []
+    for piece in version.strip().lstrip("v").split("-")[0].split("."):
+        if not piece.isdigit():
+            return None
+        parts.append(int(piece))
+    return tuple(parts) if parts else None
+
+
+def mtp_evidence(model_info: dict[str, Any], capabilities: list[str]) -> str:
+    """What in /api/show says the model has multi-token-prediction heads ("" when nothing)."""
+    for key, value in model_info.items():
+        if key.endswith(".nextn_predict_layers") and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return f"{key}={value}"
+    for key, value in model_info.items():
+        if (key.startswith("mtp.") or ".mtp." in key or key.endswith(".mtp")) and value:
+            return key
+    for cap in capabilities:
+        if str(cap).lower() in ("mtp", "draft", "speculative"):
+            return f"capability '{cap}'"
+    return ""
 
 
 def normalise_host(host: str | None, hint: str = "--host / OLLAMA_HOST") -> str:
@@ -435,6 +463,35 @@ class OllamaEngine(Engine):
             return {}
         ctx = entry.get("context_length") if entry else None
         return {"num_ctx": int(ctx)} if isinstance(ctx, int) and ctx > 0 else {}
+
+    def drafting(self, model: str) -> Drafting:
+        """Ollama >= 0.31 drafts with a model's MTP heads, when /api/show says it has them."""
+        version = str(self._server_info().get("version") or "")
+        parsed = version_tuple(version)
+        if parsed is None or parsed[:2] < DRAFT_MIN_VERSION:
+            return Drafting(False, "", f"Ollama {version or '(unknown version)'} at {self.host} takes no "
+                                       "draft_num_predict (Ollama 0.31 and later do)")
+        resp = self._call("/api/show", lambda: self._client.show(model), model=model)
+        why = mtp_evidence(dict(resp.modelinfo or {}), list(getattr(resp, "capabilities", None) or []))
+        if not why:
+            return Drafting(False, "", f"{model} has no multi-token-prediction heads (/api/show lists no "
+                                       "<arch>.nextn_predict_layers and no MTP capability): nothing to draft with")
+        return Drafting(True, "mtp", f"{model} drafts with its MTP heads ({why}); Ollama {version} takes "
+                                     f"draft_num_predict per request (default {DRAFT_DEFAULT})",
+                        default_lengths=DRAFT_LENGTHS, engine_default=DRAFT_DEFAULT)
+
+    def greedy_pair(self, model: str, prompt: str, runner_options: dict[str, Any],
+                    predict_options: dict[str, Any]) -> tuple[str, str] | None:
+        """The text with the config's draft_num_predict and with 0 (per request: no reload)."""
+        self._used.add(model)
+
+        def text(extra: dict[str, Any]) -> str:
+            options = {**runner_options, **predict_options, **extra}
+            r = self._call("a generate request", lambda: self._client.generate(
+                model=model, prompt=prompt, options=options, stream=False, keep_alive=KEEP_ALIVE), model=model)
+            return str(r.response or "")
+
+        return text({}), text({"draft_num_predict": 0})
 
     def snapshot_loaded(self) -> None:
         self._loaded_before = {m["name"] for m in self.loaded()}

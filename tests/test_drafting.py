@@ -1,0 +1,178 @@
+"""Speculative decoding as a search axis (issue 24): gated by what the server and model say,
+measured, and checked for identical greedy output (docs/drafting.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ollama
+import pytest
+from fake_ollama import FakeOllama, default_models, draft_speedup, mtp_model
+
+from tuner import record, results
+from tuner.engines.ollama import OllamaEngine, mtp_evidence, version_tuple
+from tuner.errors import SpaceError
+from tuner.metrics import RequestSample
+from tuner.record import build_record
+from tuner.runner import output_identity
+from tuner.study import TuneOptions, run_study
+from tuner.workload import BUILTIN_WORKLOADS, builtin_prompts, workload_prompts
+
+STORAGE = "sqlite:///studies/drafting.db"
+MTP = "qwen3.6:27b-mtp"
+
+
+def _fake(**kw: Any) -> FakeOllama:
+    return FakeOllama(models=default_models() + [mtp_model(MTP)], **kw)
+
+
+def _opts(fake: FakeOllama, model: str, **kw: Any) -> TuneOptions:
+    base: dict[str, Any] = dict(model=[model], host=fake.url, trials=5, repeats=1, num_predict=16,
+                                storage=STORAGE, seed=1, params={"num_thread": [4], "num_ctx": [2048],
+                                                                 "num_batch": [512], "num_gpu": [0]},
+                                validate=0, prompts_file="builtin:copy")
+    base.update(kw)
+    return TuneOptions(**base)
+
+
+def _records(name: str | None = None) -> list[record.TrialRecord]:
+    from tuner.storage import open_storage
+
+    return list(results.read_study(results.load_study(open_storage(STORAGE), name)).records)
+
+
+def _sent_drafts(fake: FakeOllama) -> list[Any]:
+    return [(r.get("options") or {}).get("draft_num_predict") for r in fake.generate_requests()
+            if "draft_num_predict" in (r.get("options") or {})]
+
+
+def test_mtp_evidence_and_versions() -> None:
+    assert mtp_evidence({"qwen35.nextn_predict_layers": 1}, []) == "qwen35.nextn_predict_layers=1"
+    assert mtp_evidence({"qwen35.nextn_predict_layers": 0}, ["completion"]) == ""
+    assert mtp_evidence({}, ["completion", "mtp"]) == "capability 'mtp'"
+    assert version_tuple("0.31.2") == (0, 31, 2) and version_tuple("0.30.9-rc1") == (0, 30, 9)
+    assert version_tuple("unknown") is None
+
+
+def test_fake_server_drafts_only_for_mtp_models_on_new_versions() -> None:
+    # The speed surface: a copying prompt gains, free chat little; long drafts cost on chat.
+    assert draft_speedup(4, 0.85) > 2.0 and draft_speedup(1, 0.35) < 1.25 and draft_speedup(8, 0.35) < 1.0
+    with _fake() as fake:
+        client = ollama.Client(host=fake.url)
+        copy = "copy this: ```a b c```"
+
+        def rate(model: str, **opts: Any) -> float:
+            r = client.generate(model=model, prompt=copy, options={"num_predict": 32, **opts})
+            return r.eval_count / r.eval_duration * 1e9
+
+        assert rate(MTP, draft_num_predict=4) > 2 * rate(MTP, draft_num_predict=0)
+        assert rate(MTP) == pytest.approx(rate(MTP, draft_num_predict=4))  # the default is 4
+        assert rate("gemma3:1b", draft_num_predict=4) == pytest.approx(rate("gemma3:1b", draft_num_predict=0))
+        fake.version = "0.30.6"
+        assert rate(MTP, draft_num_predict=4) == pytest.approx(rate(MTP, draft_num_predict=0))
+        info = client.show(MTP).modelinfo or {}
+        assert info["qwen35.nextn_predict_layers"] == 1
+        assert not any("nextn" in k for k in (client.show("gemma3:1b").modelinfo or {}))
+
+
+def test_an_mtp_model_gets_the_axis_and_finds_the_draft_length() -> None:
+    with _fake() as fake:
+        said: list[str] = []
+        summary = run_study(_opts(fake, MTP, trials=12, sampler="grid"), echo=said.append)
+        recs = [r for r in _records() if not r.baseline]
+        assert {r.options["draft_num_predict"] for r in recs} == set(range(9))
+        assert any(line.startswith("drafting: qwen3.6:27b-mtp drafts with its MTP heads") for line in said)
+        by_k = {r.options["draft_num_predict"]: r.stat(record.DECODE_TPS) for r in recs}
+        assert by_k[4] > 2 * by_k[0]
+        # Every drafting config was checked once, on the first prompt, and kept its output.
+        for r in recs:
+            if r.options["draft_num_predict"] > 0:
+                assert r.identity is not None and r.identity["identical"] is True
+                assert r.identity["prompt"] == "code_edit" and r.feasible
+            else:
+                assert r.identity is None
+            assert r.constraints[record.OUTPUT_IDENTITY] == 0.0
+        # The baseline sends no options: Ollama drafts 4 tokens on an MTP model by default.
+        assert summary.best is not None and summary.best.options.get("draft_num_predict", 4) > 0
+        # Ollama reports no drafting statistics: none are invented.
+        assert all(r.draft_tokens is None and r.draft_acceptance is None for r in recs)
+
+
+def test_a_model_without_mtp_never_sees_the_axis() -> None:
+    with _fake() as fake:
+        run_study(_opts(fake, "gemma3:1b", trials=3))
+        assert _sent_drafts(fake) == []
+        with pytest.raises(SpaceError, match="has no multi-token-prediction heads"):
+            run_study(_opts(fake, "gemma3:1b", params={"draft_num_predict": [0, 4]}, study_name="asked"))
+
+
+def test_an_old_server_never_sees_the_axis() -> None:
+    with _fake(version="0.30.6") as fake:
+        run_study(_opts(fake, MTP, trials=3))
+        assert _sent_drafts(fake) == []
+        assert all("draft_num_predict" not in r.options for r in _records())
+        with pytest.raises(SpaceError, match=r"Ollama 0\.30\.6 .* takes no draft_num_predict"):
+            run_study(_opts(fake, MTP, params={"draft_num_predict": [0, 4]}, study_name="asked"))
+
+
+def test_a_config_that_changes_the_output_is_infeasible_with_that_cause() -> None:
+    with _fake(draft_changes_output=True) as fake:
+        summary = run_study(_opts(fake, MTP, trials=4, params={"draft_num_predict": [0, 4], "num_thread": [4],
+                                                              "num_ctx": [2048], "num_batch": [512],
+                                                              "num_gpu": [0]}, sampler="grid"))
+        recs = {r.options.get("draft_num_predict"): r for r in _records() if not r.baseline}
+        bad, good = recs[4], recs[0]
+        assert bad.identity is not None and bad.identity["identical"] is False
+        assert bad.constraints[record.OUTPUT_IDENTITY] == 1.0 and not bad.feasible
+        assert any(v.startswith("drafting changed the output: greedy text on prompt 'code_edit' with "
+                                "draft_num_predict=4 differs") for v in bad.violations)
+        # The defaults draft too (4 tokens on an MTP model): checked, and they changed the output.
+        base = next(r for r in _records() if r.baseline)
+        assert base.identity is not None and base.identity["identical"] is False and not base.feasible
+        assert good.feasible and summary.best is not None and summary.best.options["draft_num_predict"] == 0
+        # The check ran once per drafting config, with greedy sampling and a fixed seed.
+        checks = [r for r in fake.generate_requests() if r.get("stream") is False and r.get("prompt")]
+        assert len(checks) == 4
+        assert all(r["options"]["temperature"] == 0 and r["options"]["seed"] == 42 for r in checks)
+        assert sorted(str(r["options"].get("draft_num_predict")) for r in checks) == ["0", "0", "4", "None"]
+
+
+def test_identity_record_and_draft_statistics_round_trip() -> None:
+    ident = output_identity("chat", 4, "one two three", "one two four")
+    assert ident["identical"] is False and ident["first_difference"] == 8
+    samples = [RequestSample("p", 0, 1, 2, 3, 4.0, 5, 6.0, 0, 7, "length", draft_tokens=10, draft_accepted=6),
+               RequestSample("p", 1, 1, 2, 3, 4.0, 5, 6.0, 0, 7, "length", draft_tokens=6, draft_accepted=2)]
+    rec = build_record("m", {"draft_num_predict": 4}, {}, samples)
+    assert (rec.draft_tokens, rec.draft_accepted, rec.draft_acceptance) == (16, 8, 0.5)
+    rec.identity = ident
+    attrs = record.stored_attrs(rec)
+    assert attrs[record.OUTPUT_IDENTITY] == ident and attrs[record.DRAFT_ACCEPTANCE] == 0.5
+    flat = rec.flat()
+    assert flat[record.DRAFT_TOKENS] == 16 and flat[record.DRAFT_ACCEPTED] == 8
+    # A request without drafting stores no drafting fields.
+    assert "draft_tokens" not in RequestSample("p", 0, 1, 2, 3, 4.0, 5, 6.0, 0, 7, "stop").to_dict()
+    assert build_record("m", {}, {}, samples[:0]).draft_tokens is None
+
+
+def test_builtin_workloads() -> None:
+    assert set(BUILTIN_WORKLOADS) == {"default", "copy", "chat"}
+    assert [p.name for p in workload_prompts(None)] == ["chat", "document"]
+    assert [p.name for p in workload_prompts("builtin:copy")] == ["code_edit"]
+    assert "copy" in builtin_prompts("copy")[0].text.lower()
+    from tuner.errors import WorkloadError
+
+    with pytest.raises(WorkloadError, match="unknown built-in workload 'nope': choose from builtin:default"):
+        workload_prompts("builtin:nope")
+
+
+def test_the_engine_reports_what_the_server_can_draft() -> None:
+    with _fake() as fake:
+        engine = OllamaEngine(fake.url)
+        try:
+            d = engine.drafting(MTP)
+            assert d.available and d.method == "mtp" and d.engine_default == 4 and d.default_lengths[0] == 0
+            assert not engine.drafting("gemma3:1b").available
+            assert engine.greedy_pair(MTP, "copy ```x```", {}, {"num_predict": 8, "temperature": 0, "seed": 1}) \
+                is not None
+        finally:
+            engine.close()
