@@ -415,3 +415,22 @@ def test_roofline_share() -> None:
 
 def test_cpu_bandwidth_is_plausible() -> None:
     assert 0.5 < cpu_bandwidth_gbs(size_mib=32, repeats=2) < 2000
+
+
+def test_a_gpu_server_gets_a_gpu_ceiling_or_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner import roofline as rl
+    from tuner.record import StudyInfo
+    from tuner.results import roofline_of
+
+    # NVML gives no memory clock and bus width: no line, never the CPU's ceiling.
+    monkeypatch.setattr(rl, "gpu_bandwidth_gbs", lambda index=0: None)
+    monkeypatch.setattr(rl, "cpu_bandwidth_gbs", lambda: pytest.fail("measured the CPU for a GPU server"))
+    assert rl.roofline(120.0, 800_000_000, on_gpu=True) is None
+    monkeypatch.setattr(rl, "gpu_bandwidth_gbs", lambda index=0: (1008.0, "RTX 4090"))
+    r = rl.roofline(120.0, 800_000_000, on_gpu=True)
+    assert r is not None and r.device == "GPU 0 (RTX 4090)" and r.ceiling_tps == pytest.approx(1260.0)
+    # A CPU ceiling stored by an older version for a server that offloads is not shown.
+    cpu = Roofline("CPU", 20.0, "test", 800_000_000, 25.0, 11000.0).to_dict()
+    gpu_env = {"gpu_offload": {"offloads": True, "source": "ollama-ps", "detail": ""}}
+    assert roofline_of(StudyInfo(roofline=cpu, environment=gpu_env, gpu_offload_source="ollama-ps")) is None
+    assert roofline_of(StudyInfo(roofline=cpu, environment={"gpu_offload": {"offloads": False}})) == cpu

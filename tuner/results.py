@@ -18,6 +18,7 @@ from tuner.errors import StudyError
 from tuner.record import (CREATED_AT, VALIDATION, StudyInfo, TrialRecord, baseline_of, constraints, has_error,
                           read_record, read_study_info)
 from tuner.settings import SETTINGS
+from tuner.machine import offloads
 from tuner.memory import fit_of
 from tuner.stats import overlaps
 from tuner.storage import lost_trial_key, rdb_trials
@@ -265,6 +266,15 @@ def searched_values(space: dict[str, Any] | None, params: Sequence[dict[str, Any
     return {k: v for k, v in seen.items() if len(v) > 1}
 
 
+def roofline_of(info: StudyInfo) -> dict[str, Any] | None:
+    """The stored roofline, less a CPU ceiling stored for a server that offloads to a GPU (an
+    older version stored one): that is not the GPU's ceiling."""
+    r = info.roofline
+    if r and str(r.get("device")) == "CPU" and offloads(info) is True:
+        return None
+    return r
+
+
 def read_study(study: Study) -> StoredStudy:
     """Read ``study`` once: its trials in one read (:func:`trials_of`), one record per trial."""
     with paused_gc():
@@ -482,7 +492,7 @@ def summarise_study(study: Study, objectives: list[str], storage: str, trials_ru
         space=space if space is not None else st.info.space,
         validation=st.info.validation,
         engine=st.info.engine_or_default,
-        roofline=st.info.roofline,
+        roofline=roofline_of(st.info),
         pruned=len(pruned),
         pruned_saved_s=sum(r.pruned_saved_s or 0.0 for r in pruned),
         trials=st.records,

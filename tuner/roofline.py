@@ -75,14 +75,16 @@ def gpu_bandwidth_gbs(index: int = 0) -> tuple[float, str] | None:
 
 
 def roofline(decode_tps: float, model_bytes: int, on_gpu: bool, gpu_index: int = 0) -> Roofline | None:
-    """The roofline for a winner; None when the model size is unknown."""
+    """The roofline for a winner; None when the model size is unknown, or when it ran on a GPU
+    whose memory clock and bus width NVML does not give (the CPU's ceiling is not its ceiling)."""
     if model_bytes <= 0 or decode_tps <= 0:
         return None
     if on_gpu:
         g = gpu_bandwidth_gbs(gpu_index)
-        if g is not None:
-            bw, name = g
-            return Roofline(f"GPU {gpu_index} ({name})", bw, "NVML memory clock x bus width",
-                            model_bytes, bw * 1e9 / model_bytes, decode_tps)
+        if g is None:
+            return None
+        bw, name = g
+        return Roofline(f"GPU {gpu_index} ({name})", bw, "NVML memory clock x bus width",
+                        model_bytes, bw * 1e9 / model_bytes, decode_tps)
     bw = cpu_bandwidth_gbs()
     return Roofline("CPU", bw, "measured 256 MiB array copy", model_bytes, bw * 1e9 / model_bytes, decode_tps)

@@ -572,7 +572,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
 def _store_roofline(study: Any, p: _Prepared) -> None:
     """Compute the winner's share of the memory-bandwidth ceiling and keep it with the study."""
     v = results.best_feasible(study)
-    if v is None:
+    # A remote server's memory is not this machine's, whose bandwidth is all that can be measured.
+    if v is None or not p.engine.local:
         return
     decode = v.stat(record.DECODE_TPS)
     if not decode:
