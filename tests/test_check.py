@@ -370,6 +370,9 @@ def test_environment_changes_name_what_changed() -> None:
     assert environment_changes(old, new) == ["Ollama: 0.12.3 -> 0.13.0", "driver: 550.1 -> 560.2",
                                              "model digest: aaaaaaaaaaaa -> bbbbbbbbbbbb"]
     assert environment_changes(old, {**old, "gpus": []}, "llama-cpp") == ["GPU: RTX 4090 -> none"]
+    # Digests that share their first 12 digits are shown up to the first that differs.
+    near = {**old, "model_digest": "sha256:" + "a" * 20 + "c" + "a" * 43}
+    assert environment_changes(old, near) == ["model digest: " + "a" * 21 + " -> " + "a" * 20 + "c"]
     assert environment_changes({**old, "server_version": "0.3.1"}, {**old, "server_version": "0.3.2"},
                                "llama-cpp") == ["llama.cpp: 0.3.1 -> 0.3.2"]
 

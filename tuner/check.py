@@ -406,7 +406,8 @@ def format_check(r: CheckReport) -> str:
         no_gpu = key == "driver" and r.stored_environment.get("gpus") == []
         shown = env_text(key, old) if old is not None else "none" if no_gpu else "not recorded"
         if new is not None and new != old:
-            shown += f" -> {env_text(key, new)}" + ("  (changed)" if old is not None else "")
+            shown = env_text(key, old, new) if old is not None else shown
+            shown += f" -> {env_text(key, new, old)}" + ("  (changed)" if old is not None else "")
         lines.append(printable(f"  {what:<13} {shown}"))
     how = {"rounds": "the re-validation's rounds", "requests": "the search's requests",
            "trial": "the search's single value"}.get(c.compared, c.compared)

@@ -149,13 +149,29 @@ def environment_summary(env: Mapping[str, Any], server_version: str | None = Non
     }
 
 
-def env_text(key: str, v: Any) -> str:
-    """One fact of :func:`environment_summary` as shown."""
+#: A digest is shown by this many hex digits (as `ollama list` shows it), more where two differ later.
+DIGEST_SHOWN = 12
+
+
+def env_text(key: str, v: Any, other: Any = None) -> str:
+    """One fact of :func:`environment_summary` as shown; a digest compared with ``other`` is
+    cut only where the two already differ."""
     if key == "gpus":
         return ", ".join(v) if v else "none"
     if key == "model_digest":
-        return str(v).split(":", 1)[-1][:12]
+        return str(v).split(":", 1)[-1][:digest_width(v, other)]
     return str(v)
+
+
+def digest_width(a: Any, b: Any = None) -> int:
+    """How many digits of digest ``a`` to show beside ``b``: DIGEST_SHOWN, more when the two
+    first differ later, all of them when they differ only in length or in the algorithm."""
+    x = str(a).split(":", 1)[-1]
+    if b is None:
+        return DIGEST_SHOWN
+    y = str(b).split(":", 1)[-1]
+    first = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+    return len(x) if first is None else max(DIGEST_SHOWN, first + 1)
 
 
 def environment_changes(old: dict[str, Any], new: dict[str, Any], engine: str = "ollama") -> list[str]:
@@ -167,7 +183,7 @@ def environment_changes(old: dict[str, Any], new: dict[str, Any], engine: str = 
         if a is None or b is None or a == b:
             continue
         what = label or results.engine_name(engine)
-        out.append(f"{what}: {env_text(key, a)} -> {env_text(key, b)}")
+        out.append(f"{what}: {env_text(key, a, b)} -> {env_text(key, b, a)}")
     return out
 
 
