@@ -6,7 +6,8 @@ to make a 1,000-trial study. Three layouts are timed on a fresh SQLite file each
 - ``flat, rollback journal``: the layout before the trial record, every value one attribute
   (about 60 ``set_user_attr`` commits), on SQLite's default journal: what a trial cost before.
 - ``flat, WAL``: the same writes with the storage the tuner opens now (WAL, synchronous=NORMAL).
-- ``record, WAL``: ``tuner.record.write_record``, the layout the tuner writes now.
+- ``record, WAL``: ``tuner.record.write_record``, the layout the tuner writes now (one transaction
+  per write on SQLite and PostgreSQL).
 
 Goal: <= 15 ms per trial for the tuner's layout, with no loss on kill -9 (WAL keeps every
 committed transaction when a process dies; only a power cut can drop the last commits).

@@ -257,3 +257,29 @@ def test_fleet_of_two_machines_in_one_storage(pg: str, fake: FakeOllama, monkeyp
     assert (r.exit_code, r.output) == (0, "fleet.html\n")
     page = (tmp_path / "fleet.html").read_text()
     assert "<code>h200</code>" in page and "<code>box</code>" in page and "NVIDIA H200" in page
+
+
+def test_a_trial_record_is_one_upsert_on_postgresql(pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-transaction write stores what Optuna's per-attribute writes store, on PostgreSQL."""
+    import json
+
+    import optuna
+
+    from tuner import record
+    from tuner.metrics import RequestSample
+
+    s = [RequestSample("chat", 0, 60.0, 1000.0, 100, 50.0, 64, 640.0, 0.1, 1100.0, "length")]
+    r = record.build_record("gemma3:1b", {"num_ctx": 2048}, {}, s, reload_ms=3.0)
+    r.constraints = {"load": 0.0}
+    got = []
+    for name, fast in (("fast", True), ("slow", False)):
+        if not fast:
+            monkeypatch.setattr(record, "_write_in_one_transaction", lambda *a: False)
+        study = optuna.create_study(storage=open_storage(pg), study_name=name)
+        trial = study.ask()
+        record.write_record(trial, r)
+        record.write_record(trial, r)  # a second write of the same values changes nothing
+        study.tell(trial, 1.0)
+        got.append(optuna.load_study(study_name=name, storage=open_storage(pg)).trials[0])
+    assert got[0].user_attrs == got[1].user_attrs == json.loads(json.dumps(record.stored_attrs(r)))
+    assert got[0].system_attrs == got[1].system_attrs

@@ -359,3 +359,40 @@ def test_reloads_do_not_grow_memory(gguf: str) -> None:
     finally:
         engine.close()
     assert rss[-1] - rss[1] < 64, rss  # MiB, over six reloads
+
+
+def test_what_each_setting_is_worth_on_the_real_model(gguf: str, tmp_path: Path) -> None:
+    """The ablation on real llama.cpp: two threads against the binding's one decode faster,
+    num_batch (a prefill setting) does nothing for decode, and the portable export keeps only
+    what counts. Contended rounds are re-measured or dropped by the tuner itself."""
+    from tuner import export
+    from tuner.results import read_study
+    from tuner.study import TuneOptions, run_study
+
+    import optuna
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU core: no second thread to compare")
+    storage = f"sqlite:///{tmp_path}/ablation.db"
+    o = TuneOptions(model=[gguf], engine="llama-cpp", trials=5, repeats=2, num_predict=32, storage=storage,
+                    study_name="real-ablation", seed=3, sampler="grid", prune=False, roofline=False,
+                    warm_start=False, starting_points=False, validate=2, validate_rounds=3,
+                    params={"num_thread": [1, 2], "num_batch": [64, 512], "num_ctx": [2048]})
+    run_study(o)
+    st = read_study(optuna.load_study(study_name="real-ablation", storage=storage))
+    val, ab = st.validation, st.ablation
+    assert val is not None and val.winner is not None
+    if val.winner == st.baseline().number:
+        pytest.fail(f"the defaults (one thread) won against two threads: {val.describe()}")
+    assert ab is not None, "no ablation stored"
+    by = {e.change.setting: e for e in ab.effects}
+    print("\n".join(ab.lines("decode tok/s")))
+    assert "num_thread" in by and by["num_thread"].kept, by
+    if "num_batch" in by:
+        assert not by["num_batch"].reverted.gain or by["num_batch"].reverted.ratio < 1.1, by["num_batch"].text()
+    assert ab.adds_up is not False, ab.lines("decode tok/s")
+    text = export.export(storage, "real-ablation", "modelfile").text
+    assert "PARAMETER num_thread 2" in text
+    for e in ab.effects:
+        if not e.kept and e.change.kind == "option":
+            assert f"PARAMETER {e.change.setting} " not in text, text

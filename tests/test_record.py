@@ -127,3 +127,75 @@ def test_the_study_record_is_written_once_and_read_back() -> None:
     assert record.read_study_info(dict(study.user_attrs)) == info
     record.write_study_info(study, record.StudyInfo(limits={}), new=False)  # a resume writes its limits only
     assert study.user_attrs["limits"] == {} and study.user_attrs["model"] == "gemma3:1b"
+
+
+def _stored_by_both_paths(url_for: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """The same record written through the one-transaction path and the per-attribute path."""
+    import warnings
+
+    from tuner.storage import open_storage
+
+    warnings.filterwarnings("ignore", message="Heartbeat of storage")
+    r = _record(reload_ms=12.5, worker={"hostname": "h", "pid": 1})
+    r.constraints = {"ttft_ms": -3.0, "load": 0.0}
+    out = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(record, "_write_in_one_transaction", lambda *a: False)
+        study = optuna.create_study(storage=open_storage(url_for(fast)), study_name="s", direction="maximize")
+        trial = study.ask()
+        record.write_record(trial, r)
+        assert trial.user_attrs == json.loads(json.dumps(stored_attrs(r)))
+        study.tell(trial, 1.0)
+        out.append(study.trials[0])
+    return out[0], out[1]
+
+
+def test_a_trial_is_stored_in_one_commit_with_the_same_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlalchemy
+
+    from tuner.storage import open_storage
+
+    commits: list[int] = []
+
+    def count(conn: Any) -> None:
+        commits.append(1)
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/one.db"), study_name="one")
+    trial = study.ask()
+    r = _record()
+    r.constraints = {"load": 0.0}
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "commit", count)
+    try:
+        record.write_record(trial, r)
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "commit", count)
+    assert len(commits) == 1  # Optuna alone commits once per attribute: ~25
+    fast, slow = _stored_by_both_paths(lambda fast: f"sqlite:///{tmp_path}/{fast}.db", monkeypatch)
+    assert fast.user_attrs == slow.user_attrs and fast.system_attrs == slow.system_attrs
+    assert record.constraints(fast) == {"ttft_ms": -3.0, "load": 0.0}
+    assert read_record(fast).flat() == read_record(slow).flat()
+
+
+def test_a_journal_storage_takes_the_per_attribute_path(tmp_path: Path) -> None:
+    from tuner.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(f"journal:///{tmp_path}/s.log"), study_name="j")
+    trial = study.ask()
+    r = _record()
+    r.constraints = {"load": 0.0}
+    record.write_record(trial, r)
+    study.tell(trial, 1.0)
+    back = optuna.load_study(study_name="j", storage=open_storage(f"journal:///{tmp_path}/s.log")).trials[0]
+    assert back.user_attrs == json.loads(json.dumps(stored_attrs(r)))
+    assert record.constraints(back) == {"load": 0.0}
+
+
+def test_a_finished_trial_is_not_written_by_the_fast_path(tmp_path: Path) -> None:
+    from tuner.storage import open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/f.db"), study_name="f")
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    with pytest.raises(RuntimeError):
+        record.write_record(trial, _record())

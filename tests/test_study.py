@@ -274,7 +274,8 @@ def test_pruning_stops_clearly_worse_trials_and_keeps_what_they_measured(fake: F
 
 
 def test_winner_revalidation_is_interleaved_and_stored(fake: FakeOllama, gpu: None) -> None:
-    o = opts(fake, trials=5, repeats=1, prune=False, validate=3, validate_rounds=2,
+    # The ablation would follow with its own rounds: this looks at the re-validation's.
+    o = opts(fake, trials=5, repeats=1, prune=False, validate=3, validate_rounds=2, ablation=False,
              params={"num_gpu": [0, 27], "num_thread": [1, 4], "num_ctx": [2048], "num_batch": [512],
                      "variant": ["gemma3:1b"]})
     n_before = 0

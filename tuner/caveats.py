@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from tuner import results
+from tuner.gains import ContextChange, context_change
 from tuner.memory import fit_of
 from tuner.record import TrialRecord
 
@@ -52,18 +53,10 @@ def run_caveat(text: str) -> Caveat:
     return Caveat(code, text)
 
 
-def context_lowered(st: StoredStudy, r: TrialRecord) -> tuple[int, int] | None:
-    """(the context ``r`` runs, the server's default for this model) when ``r``'s is lower:
-    the default is the context the baseline ran as the engine reported it (/api/ps
-    ``context_length``), else what it sent (``--context``)."""
-    base = st.baseline()
-    if base is None or r.baseline or r.number == base.number:
-        return None
-    default = base.ran.get("num_ctx", base.options.get("num_ctx"))
-    ctx = r.ran.get("num_ctx", r.options.get("num_ctx"))
-    if not isinstance(default, int) or not isinstance(ctx, int) or isinstance(ctx, bool):
-        return None
-    return (ctx, default) if 0 < ctx < default else None
+def context_lowered(st: StoredStudy, r: TrialRecord) -> ContextChange | None:
+    """The context ``r`` gives up against the server's default for this model (the baseline's),
+    with what lowering it measured in the ablation; None when it gives up none."""
+    return context_change(r, st.baseline(), st.ablation)
 
 
 def _contended(st: StoredStudy) -> Caveat | None:
@@ -120,12 +113,10 @@ def study_caveats(st: StoredStudy, best: TrialRecord | None = None) -> list[Cave
         out.append(speedup)
     lowered = context_lowered(st, best)
     if lowered is not None:
-        ctx, default = lowered
-        out.append(Caveat(CONTEXT_LOWERED,
-                          f"the winner runs a context of {ctx} tokens, below the {default} the server gives this "
-                          f"model by default: prompts and replies longer than {ctx} tokens are cut; to keep "
-                          f"{default}, run a new study with `--context {default}`",
-                          {"num_ctx": ctx, "default_num_ctx": default}))
+        r = lowered.effect.reverted if lowered.effect is not None else None
+        out.append(Caveat(CONTEXT_LOWERED, "the winner's " + "; ".join(lowered.lines()),
+                          {"num_ctx": lowered.value, "default_num_ctx": lowered.default,
+                           **({"gain": r.to_dict()} if r is not None else {})}))
     fit = fit_of(best, st.attrs, st.records)
     if fit is not None and fit.tight:
         out.append(Caveat(LOW_HEADROOM,

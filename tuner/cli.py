@@ -262,6 +262,9 @@ def _complete_study(ctx: click.Context, param: click.Parameter, incomplete: str)
 @click.option("--validate-max-rounds", type=int, default=default("validate_max_rounds"), show_default=True,
               help="Rounds of the re-validation at most: rounds are added until the best config's 95% "
                    "interval overlaps no other's.")
+@click.option("--ablation/--no-ablation", default=default("ablation"), show_default=True,
+              help="After the re-validation, measure what each of the winner's settings is worth: each one "
+                   "reverted alone, interleaved with the winner (the portable export keeps those that count).")
 @click.option("--remeasure-contended", type=int, default=default("remeasure_contended"), show_default=True,
               help="Measure a trial again (this many times at most) when other processes used a quarter of a "
                    "core or more while it ran; 0 keeps such trials, flagged and left out of the winner.")
@@ -457,12 +460,18 @@ def report_cmd(study: str | None, storage: str | None, output: str | None, open_
                    "standard output.")
 @click.option("--allow-infeasible", is_flag=True,
               help="Export even when no trial meets the limits (the least-violating one).")
+@click.option("--all-settings", is_flag=True,
+              help="Export every setting of the trial; by default only those whose measured effect (the "
+                   "ablation after the re-validation) is distinguishable from none, and those the study fixed.")
+@click.option("--keep", "keep", metavar="SETTING", multiple=True,
+              help="Export this setting even when its effect was not distinguishable (repeatable: --keep num_ctx).")
 @click.option("--create", "create_name", metavar="NAME",
               help="Create Ollama model NAME with the tuned settings (`ollama run NAME`).")
 @click.option("--host", help="Ollama server for --create [default: the study's host; for a managed-server "
                             "study $OLLAMA_HOST or http://127.0.0.1:11434].")
 def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: int | None, output: str | None,
-               allow_infeasible: bool, create_name: str | None, host: str | None) -> None:
+               allow_infeasible: bool, all_settings: bool, keep: tuple[str, ...], create_name: str | None,
+               host: str | None) -> None:
     """Export STUDY's winner (or --trial N) for production, or every trial as a table.
 
     STUDY defaults to the latest study in the storage.
@@ -475,13 +484,14 @@ def export_cmd(study: str | None, fmt: str, storage: str | None, trial_number: i
         from tuner.engines.ollama import create_model
 
         plan = create_plan(storage, study, create_name, host=host, trial_number=trial_number,
-                           allow_infeasible=allow_infeasible)
+                           allow_infeasible=allow_infeasible, all_settings=all_settings, keep=keep)
         # The server's progress lines and its address are its text: made printable.
         said = create_model(plan.name, plan.source, plan.parameters, lambda msg: click.echo(printable(msg)),
                             host=plan.host, announce=plan.announce(), note=plan.note)
         click.echo(printable(said))
         return
-    r = export(storage, study, fmt, trial_number=trial_number, output=output, allow_infeasible=allow_infeasible)
+    r = export(storage, study, fmt, trial_number=trial_number, output=output, allow_infeasible=allow_infeasible,
+               all_settings=all_settings, keep=keep)
     if not output and r.text is not None:
         click.echo(r.text, nl=not r.text.endswith("\n"))
     else:  # written (to standard output too): stdout holds the document alone

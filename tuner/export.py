@@ -6,6 +6,7 @@ in, text out) so they can be tested and reused without storage.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import re
@@ -90,6 +91,89 @@ def runtime_options(trial: TrialLike) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What an export of a trial carries: the settings whose measured effect earns their place
+    (the portable config, from the study's ablation), or every setting of the trial."""
+
+    record: TrialRecord
+    #: Why these settings, one comment line.
+    note: str
+    #: Measured effect of each kept setting, by name (where the ablation measured one).
+    effects: dict[str, str]
+    #: Settings of the trial left to the server, each with why.
+    left: list[str]
+
+
+def select(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple[str, ...] = ()) -> Selection:
+    """The settings to export from ``trial``: by default only those the study's ablation found
+    worth something (or the user ``keep``s, or the study fixed); ``all_settings`` takes them all.
+
+    Without an ablation of this trial there is nothing to choose by: every setting is kept and
+    the note says why.
+    """
+    unknown = [k for k in keep if k not in settings.SETTINGS and k != "variant"]
+    if unknown:
+        raise ExportError(f"--keep {unknown[0]}: not a setting; choose from variant, {', '.join(settings.SETTINGS)}")
+    v = _view(trial)
+    s = _stored(study)
+    ab = s.ablation
+    why = ""
+    if all_settings:
+        why = "every setting of the trial (--all-settings)"
+    elif v.baseline:
+        why = "the defaults: nothing to choose"
+    elif ab is None:
+        why = ("every setting of the trial: what each one is worth was not measured (it needs the "
+               "re-validation and the ablation: --validate 2 or more, --ablation)")
+    elif ab.winner != v.number:
+        why = f"every setting of the trial: what each one is worth was measured for #{ab.winner}, not this trial"
+    elif not ab.portable_holds:
+        why = ("every setting of the trial: with only the settings that count alone it measured "
+               "distinguishably slower (the settings interact)")
+    if why:
+        return Selection(v, why, {}, [])
+    assert ab is not None
+    defaults = s.baseline()
+    kept = set(ab.portable) | set(keep)
+    options, server, model = dict(v.options), dict(v.effective_server), v.model
+    effects, left = {}, []
+    for e in ab.effects:
+        c = e.change
+        text = e.text()
+        if c.setting in kept:
+            effects[c.setting] = text
+            continue
+        left.append(f"{c.setting}={_show_value(c.value)} ({text})")
+        if c.kind == "variant":
+            model = str(c.default)
+            continue
+        target = server if c.kind == "server" else options
+        sent = (defaults.effective_server if c.kind == "server" else defaults.options) if defaults else {}
+        if c.setting in sent:
+            target[c.setting] = sent[c.setting]
+        else:
+            target.pop(c.setting, None)
+    # Values the defaults ran too (not changes) go unless the study fixed them or the user keeps
+    # them: the server gives them anyway here, and a pin would break the next machine.
+    fixed = {k for k, val in (s.attrs.get("space") or {}).items() if isinstance(val, list) and len(val) == 1}
+    changed = {e.change.setting for e in ab.effects}
+    for target in (options, server):
+        for k in [k for k in target if k not in changed and k not in fixed and k not in keep]:
+            if defaults is not None and defaults.options.get(k) == target[k]:
+                continue  # what the defaults sent (--context): the user asked for it
+            left.append(f"{k}={_show_value(target.pop(k))} (what the server gives by default)")
+    note = ("only the settings whose effect was measured distinguishable from none"
+            + (f", and {', '.join(sorted(set(keep)))} (--keep)" if keep else "")
+            + " (--all-settings exports every one)")
+    rec = dataclasses.replace(v, model=model, options=options, server=server, server_effective=None)
+    return Selection(rec, note, effects, left)
+
+
+def _show_value(v: Any) -> str:
+    return v.rsplit("/", 1)[-1] if isinstance(v, str) and v.endswith(".gguf") else str(v)
+
+
 def _model_tag(v: TrialRecord) -> str:
     # Refused rather than escaped: a name with control characters (or spaces) is no model
     # Ollama has, and the FROM line must stay one valid token.
@@ -161,14 +245,22 @@ def _comment_header(trial: TrialLike, s: results.StoredStudy, what: str) -> list
     return lines
 
 
-def modelfile_text(trial: TrialLike, study: Any) -> str:
-    """A Modelfile: ``FROM`` the trial's model and a ``PARAMETER`` line per tuned runtime option.
+def _selection_lines(sel: Selection) -> list[str]:
+    lines = [f"# settings: {sel.note}"]
+    lines += [f"# left to the server: {x}" for x in sel.left]
+    return lines
+
+
+def modelfile_text(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple[str, ...] = ()) -> str:
+    """A Modelfile: ``FROM`` the trial's model and a ``PARAMETER`` line per exported runtime
+    option (:func:`select`), each with its measured effect as a comment.
 
     ``study`` is an Optuna study or a :class:`~tuner.results.StoredStudy` (then nothing is read).
     """
-    v = _view(trial)
     s = _stored(study)
-    lines = _comment_header(trial, s, "Modelfile")
+    sel = select(trial, s, all_settings, keep)
+    v = sel.record
+    lines = _comment_header(trial, s, "Modelfile") + _selection_lines(sel) + _context_lines(sel, s)
     options = runtime_options(v)
     skipped = [k for k, val in v.options.items() if k not in options]
     if skipped:
@@ -177,8 +269,12 @@ def modelfile_text(trial: TrialLike, study: Any) -> str:
         lines.append("# server-level settings cannot go in a Modelfile; set them on `ollama serve`: "
                      + ", ".join(f"{k}={val}" for k, val in v.effective_server.items()))
         lines.append(f"# (see: {tune_command('export', s.name, '--format', 'env', '--trial', v.number)})")
+    if "variant" in sel.effects:
+        lines.append(f"# {sel.effects['variant']}")
     lines.append(f"FROM {_model_tag(v)}")
     for key, value in options.items():
+        if key in sel.effects:
+            lines.append(f"# {sel.effects[key]}")
         if isinstance(value, list):
             lines += [f"PARAMETER {key} {json.dumps(item)}" for item in value]
         elif isinstance(value, bool):
@@ -188,9 +284,17 @@ def modelfile_text(trial: TrialLike, study: Any) -> str:
     return _document(lines)
 
 
-def json_text(trial: TrialLike, study: Any) -> str:
+def _context_lines(sel: Selection, s: results.StoredStudy) -> list[str]:
+    """Context honesty: a num_ctx below the context the server gives this model by default."""
+    from tuner.gains import context_change
+
+    c = context_change(sel.record, s.baseline(), s.ablation)
+    return [f"# {line}" for line in c.lines()] if c is not None else []
+
+
+def json_text(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple[str, ...] = ()) -> str:
     """The body fields for /api/generate or /api/chat: ``{"model": ..., "options": {...}}``."""
-    v = _view(trial)
+    v = select(trial, study, all_settings, keep).record
     return json.dumps({"model": _model_tag(v), "options": runtime_options(v)}, indent=2) + "\n"
 
 
@@ -213,19 +317,26 @@ def _server_env(v: TrialRecord) -> tuple[dict[str, str], list[str]]:
     return env, notes
 
 
-def env_text(trial: TrialLike, study: Any) -> str:
+def env_text(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple[str, ...] = ()) -> str:
     """The server-level settings as a ``KEY=value`` env file for ``ollama serve``."""
-    v = _view(trial)
     s = _stored(study)
-    lines = _comment_header(trial, s, "Ollama server environment")
+    sel = select(trial, s, all_settings, keep)
+    v = sel.record
+    lines = _comment_header(trial, s, "Ollama server environment") + _selection_lines(sel)
     env, notes = _server_env(v)
     lines.append("# use with systemd (EnvironmentFile=), docker (--env-file) or `set -a; . FILE; set +a`,")
     lines.append("# then restart `ollama serve`: these settings only apply at server start")
-    if not v.effective_server:
+    if not v.effective_server and not _view(trial).effective_server:
         lines.append(f"# study '{s.name}' tuned no server-level setting "
                      f"({', '.join(settings.SERVER_PARAMS)}): nothing to set, keep the server's defaults")
+    elif not v.effective_server:
+        lines.append("# no server-level setting made a measured difference: nothing to set, keep the server's defaults")
     lines += [f"# {n}" for n in notes]
-    lines += [f"{k}={val}" for k, val in env.items()]
+    for k, val in env.items():
+        name = next((n for n, var in settings.ENV_VARS.items() if var == k), None)
+        if name in sel.effects:
+            lines.append(f"# {sel.effects[name]}")
+        lines.append(f"{k}={val}")
     return _document(lines)
 
 
@@ -270,7 +381,7 @@ def parquet_bytes(study: Any) -> bytes:
     return buf.getvalue()
 
 
-_RENDERERS: dict[str, Callable[[Any, Any], str]] = {
+_RENDERERS: dict[str, Callable[[Any, Any, bool, tuple[str, ...]], str]] = {
     "modelfile": modelfile_text,
     "json": json_text,
     "env": env_text,
@@ -291,6 +402,8 @@ def export(
     trial_number: int | None = None,
     output: str | None = None,
     allow_infeasible: bool = False,
+    all_settings: bool = False,
+    keep: tuple[str, ...] = (),
 ) -> ExportResult:
     """Export the best feasible trial (or ``trial_number``) of a study as ``fmt``.
 
@@ -324,7 +437,7 @@ def export(
         said = f"exported {n} trials of '{study.study_name}' as {fmt}"
     else:
         trial = results.pick_trial(study, trial_number, allow_infeasible)
-        text = _RENDERERS[fmt](trial, study)
+        text = _RENDERERS[fmt](trial, study, all_settings, keep)
         data = text.encode("utf-8")
         feasible = "" if trial.feasible else " (not feasible)"
         said = f"exported trial #{trial.number}{feasible} of '{study.study_name}' as {fmt}"
@@ -364,6 +477,8 @@ def create_plan(
     host: str | None = None,
     trial_number: int | None = None,
     allow_infeasible: bool = False,
+    all_settings: bool = False,
+    keep: tuple[str, ...] = (),
 ) -> CreatePlan:
     """Plan creating Ollama model ``name`` from the winner's variant with its runtime options
     as PARAMETERs, on ``host`` or else the server the study was tuned on."""
@@ -377,7 +492,8 @@ def create_plan(
             f"study '{study.study_name}' was tuned with the {engine_name} engine: creating an Ollama model "
             "needs an Ollama study; use --format modelfile and `ollama create` instead"
         )
-    v = results.pick_trial(study, trial_number, allow_infeasible)
+    picked = results.pick_trial(study, trial_number, allow_infeasible)
+    v = select(picked, study, all_settings, keep).record
     # A managed server's address died with the run that started it: use OLLAMA_HOST then.
     tuned_on = None if info.managed_server else info.host
     note = ""
@@ -386,4 +502,4 @@ def create_plan(
         note = printable(f"the server-level settings ({settings_text}) "
                          f"need `{tune_command('export', study.study_name, '--format', 'env')}`")
     return CreatePlan(name, host or tuned_on or None, _model_tag(v), runtime_options(v), v.number,
-                      modelfile_text(v, study), note)
+                      modelfile_text(picked, study, all_settings, keep), note)

@@ -62,6 +62,9 @@ class TuneOptions:
     #: until the leader's 95% interval overlaps no other config's.
     validate_rounds: int = 3
     validate_max_rounds: int = 8
+    #: After the re-validation, measure what each of the winner's settings is worth
+    #: (tuner/ablate.py), over ``validate_rounds`` interleaved rounds.
+    ablation: bool = True
     roofline: bool = True
     #: Enqueue a few informed configs right after the baseline (benchmarks turn it off).
     starting_points: bool = True

@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from tuner.errors import StudyError
+from tuner.gains import Ablation, Change
 from tuner.record import (CREATED_AT, VALIDATION, StudyInfo, TrialRecord, baseline_of, constraints, has_error,
                           read_record, read_study_info)
 from tuner.settings import SETTINGS
@@ -104,6 +105,11 @@ class StoredStudy:
             return Validation.from_dict(stored) if isinstance(stored, dict) else None
         except (KeyError, TypeError, ValueError, IndexError):
             return None
+
+    @property
+    def ablation(self) -> Ablation | None:
+        """What each of the winner's settings is worth, as stored; None without one."""
+        return Ablation.from_dict(self.info.ablation)
 
     def _score(self, r: TrialRecord) -> float:
         sign = 1.0 if self.direction == "maximize" else -1.0
@@ -226,12 +232,21 @@ class StoredStudy:
 
 def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: str,
                      fixed: frozenset[str] = frozenset()) -> list[str]:
-    """The settings ``r`` sets away from the engine's defaults, as ``name=value``.
+    """The settings ``r`` sets away from the engine's defaults, as ``name=value``
+    (:func:`changes`)."""
+    return [f"variant={r.model_label}" if c.kind == "variant" else f"{c.setting}={c.value}"
+            for c in changes(r, defaults, base_model, fixed)]
+
+
+def changes(r: TrialRecord, defaults: TrialRecord | None, base_model: str,
+            fixed: frozenset[str] = frozenset()) -> list[Change]:
+    """The settings ``r`` sets away from the engine's defaults, with what the defaults ran.
 
     The baseline sends none. A value the baseline also ran (as the engine reported it: a server
-    setting, the context, llama.cpp's batch and threads; or the ``--context`` it sent) or a setting's "runtime decides" value (``num_thread=0``,
-    ``num_gpu=-1``, ``flash_attention=auto``) is the default, so it does not count; neither does
-    a setting the study fixed (``fixed``: every config sends the same value, it is no choice).
+    setting, the context, llama.cpp's batch and threads; or the ``--context`` it sent) or a
+    setting's "runtime decides" value (``num_thread=0``, ``num_gpu=-1``, ``flash_attention=auto``)
+    is the default, so it does not count; neither does a setting the study fixed (``fixed``:
+    every config sends the same value, it is no choice).
     """
     if r.baseline:
         return []
@@ -242,12 +257,13 @@ def changed_settings(r: TrialRecord, defaults: TrialRecord | None, base_model: s
     out = []
     model = defaults.model if defaults is not None and defaults.model else base_model
     if r.model and model and r.model != model:
-        out.append(f"variant={r.model_label}")
-    for k, v in {**r.options, **r.effective_server}.items():
+        out.append(Change("variant", model, r.model, "variant"))
+    server = r.effective_server
+    for k, v in {**r.options, **server}.items():
         s = SETTINGS.get(k)
         if k in fixed or base_opts.get(k, base_server.get(k)) == v or (s is not None and v in (s.auto, "auto")):
             continue
-        out.append(f"{k}={v}")
+        out.append(Change(k, base_opts.get(k, base_server.get(k)), v, "server" if k in server else "option"))
     return out
 
 
@@ -450,6 +466,8 @@ class StudySummary:
     fit: Any = None
     #: Why sampling stopped before --trials (--max-time), in words; "" when it did not.
     stopped_on_time: str = ""
+    #: What each of the winner's settings is worth (tuner/gains.py); None without an ablation.
+    ablation: Ablation | None = None
     #: What makes the result less certain than it looks (tuner/caveats.py), from the stored
     #: study; :attr:`all_warnings` adds the run's own ``warnings``.
     caveats: list[Any] = field(default_factory=list)
@@ -501,6 +519,7 @@ def summarise_study(study: Study, objectives: list[str], storage: str, trials_ru
         winner_speedup=st.winner_speedup(best) if best is not None and feasible else None,
         fit=fit_of(best, st.attrs, st.records) if best is not None and feasible else None,
         caveats=study_caveats(st, best if feasible else None),
+        ablation=st.ablation,
     )
 
 

@@ -28,6 +28,7 @@ from tuner.roofline import roofline
 from tuner.start import _BASELINE_DONE, _dead_here, _enqueue_start, _physical_cores
 from tuner.storage import mask, open_storage, shown_url, write_failure
 from tuner.terminal import printable
+from tuner.ablate import ALONE_MAX, ablate
 from tuner.validate import validate_top
 from tuner.workload import Workload, workload_prompts
 from tuner import results
@@ -425,10 +426,11 @@ def _hw_text(hw: dict[str, Any]) -> str:
 class _Deadline:
     """``--max-time``: stops sampling once the next trial and the re-validation after it would
     not fit in the budget. Both are estimated from this run's trials (their mean duration; the
-    re-validation measures its K configs ``validate_rounds`` times)."""
+    re-validation measures its K configs ``validate_rounds`` times, the ablation its
+    ``ablation_configs``)."""
 
-    def __init__(self, o: TuneOptions, progress: _Progress) -> None:
-        self.o, self.progress = o, progress
+    def __init__(self, o: TuneOptions, progress: _Progress, ablation_configs: int = 0) -> None:
+        self.o, self.progress, self.ablation_configs = o, progress, ablation_configs
         self.started = time.monotonic()
         self.stopped = False
         self.text = ""
@@ -439,7 +441,8 @@ class _Deadline:
             return
         elapsed = time.monotonic() - self.started
         per_trial = elapsed / max(1, self.progress.done)
-        reserve = per_trial * o.validate * o.validate_rounds if o.validate > 1 and len(o.objectives) == 1 else 0.0
+        configs = o.validate + (self.ablation_configs if o.ablation else 0)
+        reserve = per_trial * configs * o.validate_rounds if o.validate > 1 and len(o.objectives) == 1 else 0.0
         if elapsed + per_trial + reserve > o.max_time_s:
             self.stopped = True
             self.text = (f"stopped on time: {self.progress.done} of {o.trials} trials in {elapsed:.0f} s, to finish "
@@ -539,7 +542,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         progress = _Progress(o, echo, o.trials)
         start = _enqueue_start(study, o, p, created, echo, source, progress)
         runner = _Runner(o, p, echo, on_sample, on_trial_start)
-        deadline = _Deadline(o, progress)
+        n = len(p.space.searched)
+        deadline = _Deadline(o, progress, 2 + (2 * n if n <= ALONE_MAX else n))
         study.optimize(runner, n_trials=o.trials, callbacks=[progress, start, deadline], catch=(TrialFailedError,))
         if deadline.stopped:
             echo(printable(deadline.text))
@@ -554,6 +558,11 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
                                max_rounds=o.validate_max_rounds)
             if val is not None:
                 study.set_user_attr(record.VALIDATION, val.to_dict())
+                if o.ablation:
+                    ab = ablate(study, p.engine, p.workload, p.model, o.objectives[0], o.validate_rounds, echo,
+                                sampler_factory=runner._sampler)
+                    if ab is not None:
+                        study.set_user_attr(record.ABLATION, ab.to_dict())
         if o.roofline:
             _store_roofline(study, p)
         summary = results.summarise_study(study, o.objectives, shown_url(o.storage),

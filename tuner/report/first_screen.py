@@ -72,6 +72,19 @@ class CostRow:
 
 
 @dataclass(frozen=True)
+class EffectRow:
+    """One of the winner's settings and what it is worth (tuner/gains.py SettingEffect)."""
+
+    change: str
+    #: The winner over the winner with this setting reverted, as a percentage and its interval.
+    effect: str
+    #: The defaults with this setting alone over the defaults ("" where not measured).
+    alone: str
+    #: Exported by default (its effect is distinguishable from none).
+    kept: bool
+
+
+@dataclass(frozen=True)
 class FirstScreen:
     """What to run: the winner ready to paste, its speedup over the defaults, what it costs."""
 
@@ -104,6 +117,10 @@ class FirstScreen:
     #: What makes this result less certain than it looks (tuner/caveats.py), the same list as
     #: the terminal summary's and ``--json``'s ``warnings``.
     warnings: list[Caveat] = field(default_factory=list)
+    #: What each of the winner's settings is worth (the ablation), and the lines under it
+    #: (whether the effects add up, the portable config against the winner).
+    effects: list[EffectRow] = field(default_factory=list)
+    effects_notes: list[str] = field(default_factory=list)
 
 
 def _gpu_text(env: dict[str, Any]) -> str:
@@ -307,4 +324,14 @@ def _first_screen(s: StoredStudy, data: ReportData, best: TrialRecord | None, fe
         check_note=_check_note(check, best.number),
         check_regression=check is not None and check.verdict == "regression",
         memory_lines=fit.lines() if fit is not None else [], memory_tight=fit is not None and fit.tight,
-        warnings=study_caveats(s, best))
+        warnings=study_caveats(s, best), **_effects(s, best))
+
+
+def _effects(s: StoredStudy, best: TrialRecord) -> dict[str, Any]:
+    ab = s.ablation
+    if ab is None or ab.winner != best.number:
+        return {}
+    rows = [EffectRow(e.change.text(), e.reverted.pct() if e.reverted else (e.error or "not measured"),
+                      e.alone.pct() if e.alone else "", e.kept) for e in ab.effects]
+    # The per-setting lines are the table; the lines after them say how they combine.
+    return {"effects": rows, "effects_notes": [line.strip() for line in ab.lines("")[1 + len(ab.effects):]]}

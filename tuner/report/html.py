@@ -241,6 +241,13 @@ def _first_html(data: ReportData) -> str:
         rows = [[(escape(c.label + (f" ({c.source})" if c.source else "")), False), (number(c.winner, c.digits), True),
                  (number(c.defaults, c.digits), True)] for c in f.costs]
         parts.append(table(["what it costs", f"winner (#{f.number})", base], rows))
+    if f.effects:
+        rows = [[(escape(e.change), False), (escape(e.effect), True), (escape(e.alone or "-"), True),
+                 ("exported" if e.kept else "left to the server", False)] for e in f.effects]
+        parts += ["<h3>What each setting is worth</h3>",
+                  table(["setting", "reverted alone from the winner: the winner gains", "alone on the defaults",
+                         "export"], rows)]
+        parts += [f"<p class=\"note\">{escape(line)}</p>" for line in f.effects_notes]
     # The tight-fit warning is among the warnings at the top.
     parts += [f"<p class=\"note\">{escape(line)}</p>" for line in f.memory_lines if not line.startswith("WARNING:")]
     if f.modelfile:

@@ -1,0 +1,139 @@
+"""What each of the winner's settings is worth (tuner/ablate.py, tuner/gains.py), and the
+portable export that keeps only the settings that count.
+
+The fake server's surface is known here: num_batch 256 gives +30% decode, num_ctx 2048 +20%,
+num_thread nothing; each response carries 0.5% multiplicative noise so intervals are real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import optuna
+import pytest
+
+from fake_ollama import FakeOllama
+from test_export import check_parameters, parse_modelfile
+from tuner import export, gains
+from tuner.results import read_study
+from tuner.show import summary_json
+from tuner.study import TuneOptions, run_study
+
+def surface(model: str, o: dict[str, Any]) -> tuple[float, float]:
+    decode = 40.0 * (1.3 if o.get("num_batch") == 256 else 1.0) * (1.2 if o.get("num_ctx") == 2048 else 1.0)
+    return 400.0, decode * math.exp(random.gauss(0.0, 0.005))
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    global STORAGE
+    STORAGE = f"sqlite:///{tmp_path_factory.mktemp('ablation')}/a.db"
+    random.seed(7)
+    with FakeOllama(speed_fn=surface) as fake:
+        o = TuneOptions(model=["gemma3:1b"], host=fake.url, trials=9, repeats=1, num_predict=16, storage=STORAGE,
+                        study_name="known", seed=1, sampler="grid", prune=False,
+                        params={"num_batch": [256, 512], "num_ctx": [2048, 4096], "num_thread": [2, 4]},
+                        starting_points=False, warm_start=False, roofline=False, validate=2, validate_rounds=6,
+                        measure_interference=False)
+        return run_study(o)
+
+
+def test_each_setting_is_measured_alone_and_the_effects_add_up(summary: Any) -> None:
+    st = read_study(optuna.load_study(study_name="known", storage=STORAGE))
+    ab = st.ablation
+    assert ab is not None and ab.rounds == 6
+    assert ab.winner == summary.best.number
+    by = {e.change.setting: e for e in ab.effects}
+    # The grid also searched the variants (same speed here) and num_gpu (no effect here).
+    assert {"num_batch", "num_ctx", "num_thread"} <= set(by) <= {"num_batch", "num_ctx", "num_thread", "num_gpu",
+                                                                "variant"}
+    # Ollama reports the context it allocated (/api/ps), not the batch: that default is "auto".
+    assert by["num_batch"].change.value == 256 and by["num_ctx"].change.default == 4096
+    assert by["num_batch"].change.default is None
+    assert by["num_batch"].reverted.ratio == pytest.approx(1.3, rel=0.02)
+    assert by["num_ctx"].reverted.ratio == pytest.approx(1.2, rel=0.02)
+    assert by["num_thread"].reverted.ratio == pytest.approx(1.0, abs=0.02)
+    assert by["num_batch"].kept and by["num_ctx"].kept
+    assert not any(e.kept for k, e in by.items() if k not in ("num_batch", "num_ctx"))
+    if len(by) <= 3:  # each one applied alone to the defaults is measured too
+        assert by["num_batch"].alone.ratio == pytest.approx(1.3, rel=0.02)
+    # Done when: the effects multiply (sum on the log scale) to within the winner's measured gain.
+    assert ab.total is not None and ab.total.ratio == pytest.approx(1.56, rel=0.03)
+    assert ab.adds_up is True
+    assert ab.combined is not None and ab.combined.ratio == pytest.approx(ab.product)
+    assert sorted(ab.portable) == ["num_batch", "num_ctx"] and ab.portable_holds
+
+
+def test_every_view_reads_the_effects(summary: Any) -> None:
+    doc = json.loads(json.dumps(summary_json(summary)))
+    settings = {e["change"]["setting"]: e for e in doc["ablation"]["effects"]}
+    assert settings["num_batch"]["reverted"]["ratio"] == pytest.approx(1.3, rel=0.02)
+    from tuner.show import format_summary
+
+    text = format_summary(summary)
+    assert "what each setting is worth" in text and "num_batch auto->256: +30" in text
+    assert "num_thread auto->" in text and "not distinguishable from no effect" in text
+
+
+def test_the_default_export_keeps_only_what_counts(summary: Any) -> None:
+    r = export.export(STORAGE, "known", "modelfile")
+    source, params = parse_modelfile(r.text)
+    check_parameters(params)
+    assert source == "gemma3:1b"  # the variant made no difference: the default tag
+    assert params == {"num_batch": ["256"], "num_ctx": ["2048"]}
+    assert "# num_batch auto->256: +30" in r.text
+    assert "left to the server: num_thread=" in r.text
+    # Context honesty: the server gives this model 4096 by default.
+    assert "num_ctx 2048 is below the 4096 tokens of context" in r.text
+    assert "keeping 4096 costs that much" in r.text and "--context 4096" in r.text
+    threads = str(summary.best.options["num_thread"])
+    full = parse_modelfile(export.export(STORAGE, "known", "modelfile", all_settings=True).text)[1]
+    assert full["num_thread"] == [threads] and "num_gpu" in full
+    kept = parse_modelfile(export.export(STORAGE, "known", "modelfile", keep=("num_thread",)).text)[1]
+    assert kept == {"num_batch": ["256"], "num_ctx": ["2048"], "num_thread": [threads]}
+    options = json.loads(export.export(STORAGE, "known", "json").text)["options"]
+    assert options == {"num_batch": 256, "num_ctx": 2048}
+
+
+STORAGE = ""
+
+
+def test_keep_names_a_setting() -> None:
+    with pytest.raises(export.ExportError, match="--keep num_thrad: not a setting"):
+        export.select(None, None, keep=("num_thrad",))
+
+
+def test_the_record_reads_back() -> None:
+    c = gains.Change("num_batch", 512, 256)
+    ab = gains.Ablation("decode_tps", 3, 0, 4, [gains.SettingEffect(c, gains.Ratio.of([1.1, 1.12, 1.09]))],
+                        gains.Ratio.of([1.1, 1.1, 1.12]), ["num_batch"])
+    back = gains.Ablation.from_dict(json.loads(json.dumps(ab.to_dict())))
+    assert back is not None and back.effects[0].reverted == ab.effects[0].reverted and back.portable == ["num_batch"]
+    assert gains.Ablation.from_dict({"winner": "x"}) is None
+    assert gains.Ratio.of([1.2]) is None
+
+
+def test_tune_show_the_report_and_the_caveat_carry_the_effects(summary: Any) -> None:
+    from tuner.report.data import build_data
+    from tuner.report.html import render_html
+    from tuner.show import format_show, show_json
+
+    text = format_show(STORAGE, "known")
+    assert "what each setting is worth" in text and "num_ctx 4096->2048: +20" in text
+    doc = show_json(STORAGE, "known")
+    assert doc["ablation"]["portable"] and doc["ablation"]["adds_up"] is True
+    # Context honesty travels with the warnings, with the measured cost of keeping the default.
+    ctx = next(w for w in doc["warnings"] if w["code"] == "context_lowered")
+    assert "lowering it measured +20" in ctx["text"] and "--context 4096" in ctx["text"]
+    assert ctx["detail"]["gain"]["ratio"] == pytest.approx(1.2, rel=0.02)
+    data = build_data(optuna.load_study(study_name="known", storage=STORAGE), STORAGE)
+    rows = {r.change.split(" ")[0]: r for r in data.first.effects}
+    assert rows["num_batch"].kept and rows["num_ctx"].kept and not rows["num_thread"].kept
+    assert any("add up" in line for line in data.first.effects_notes)
+    # The Modelfile on the first screen is the portable export.
+    assert "PARAMETER num_thread" not in data.first.modelfile and "PARAMETER num_batch 256" in data.first.modelfile
+    page = render_html(data)
+    assert "What each setting is worth" in page and "left to the server" in page
