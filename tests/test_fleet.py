@@ -210,22 +210,28 @@ def _lower_the_revalidation(name: str, factor: float) -> None:
     study.set_user_attr("validation", val)
 
 
-def test_the_best_study_is_picked_on_search_values_for_all(fake: FakeOllama,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_revalidated_study_is_preferred_over_single_search_values(fake: FakeOllama,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     run_on(fake, monkeypatch, "revalidated")
     _lower_the_revalidation("revalidated", 0.9)
-    fake.speed_factor = 0.95  # the same machine, a bit slower in a study measured only in its search
-    run_on(fake, monkeypatch, "searched", validate=0)
+    fake.speed_factor = 1.05  # the same machine, a lucky study measured only in its search
+    run_on(fake, monkeypatch, "lucky", validate=0)
     _, high = _stored("revalidated")
-    _, low = _stored("searched")
-    hb, lb = high.best(), low.best()
+    _, lucky = _stored("lucky")
+    hb, lb = high.best(), lucky.best()
     assert hb is not None and lb is not None and hb.values and lb.values
-    assert 0.9 * hb.values[0] < lb.values[0] < hb.values[0]
+    assert lb.values[0] > hb.values[0] > 0.9 * hb.values[0]
     [row] = fleet.read_fleet(STORAGE).rows
-    # Search value against search value: "revalidated" found the faster config, though its
-    # re-validated mean is below the other's single search value; its re-validated value is shown.
-    assert row.study == "revalidated" and row.studies == ("revalidated", "searched")
+    # A single search value, however high, does not displace a re-validated interval; the row
+    # shows the re-validated value and says so.
+    assert row.study == "revalidated" and row.studies == ("revalidated", "lucky")
     assert row.value_source == "revalidation" and row.value == pytest.approx(0.9 * hb.values[0], rel=1e-6)
+    line = invoke("studies", "--by-hardware", "--storage", STORAGE).output.splitlines()[3]
+    assert f"{row.value:,.1f} " in line and "(search)" not in line, line
+    # Without any re-validation, the best search value is shown, marked as one.
+    [row] = fleet.fleet_rows([lucky])
+    assert (row.study, row.value_source, row.value) == ("lucky", "search", lb.values[0])
+    assert f"{lb.values[0]:,.1f} (search)" in fleet.format_fleet(fleet.Fleet(STORAGE, 1, [row]))
 
 
 def test_a_tie_goes_to_the_revalidated_study_and_the_last_check_is_the_pairs(

@@ -128,10 +128,10 @@ class _Candidate:
     st: StoredStudy
     row: FleetRow
     key: tuple[str, str, str, str]
-    #: The search value of the study's best trial (signed so higher is better): one basis for
-    #: every study, as a re-validated mean of one against single values of others would not be.
+    #: The value shown (signed so higher is better): the re-validated mean where there is one,
+    #: else the search value.
     score: float
-    #: Its best config was re-measured with an interval: preferred on a tie.
+    #: Its best config was re-measured with an interval: preferred over single search values.
     validated: bool = False
 
 
@@ -152,7 +152,9 @@ def _value(st: StoredStudy, best: TrialRecord, objective: str) -> tuple[float | 
     """The best config's value: re-validated when its re-measurement counts, else the search's."""
     val = st.validation
     if val is not None and val.objective == objective:
-        entry = next((e for e in val.entries if e.number == best.number), None)
+        # The defaults, when they won, were re-measured in the same rounds.
+        entries = [*val.entries, *([val.baseline] if val.baseline is not None else [])]
+        entry = next((e for e in entries if e.number == best.number), None)
         if entry is not None and not entry.error and entry.values and entry.mean > 0:
             return entry.mean, ((entry.ci95[0], entry.ci95[1]) if len(entry.values) > 1 else None), "revalidation"
     return (best.values[0] if best.values else None), None, "search"
@@ -201,9 +203,8 @@ def _candidate(st: StoredStudy) -> _Candidate:
         config=best.config_text(), value=value, value_ci95=ci95, value_source=source, speedup=speedup,
         warnings=tuple(warnings))
     sign = 1.0 if st.direction == "maximize" else -1.0
-    searched = best.values[0] if best.values else None
     validated = source == "revalidation" or (speedup is not None and speedup.ci95 is not None)
-    return _Candidate(st, row, key, sign * searched if searched is not None else -math.inf, validated)
+    return _Candidate(st, row, key, sign * value if value is not None else -math.inf, validated)
 
 
 def _imported_candidate(st: StoredStudy, row: FleetRow, key: tuple[str, str, str, str]) -> _Candidate:
@@ -230,9 +231,10 @@ def _imported_candidate(st: StoredStudy, row: FleetRow, key: tuple[str, str, str
 
 
 def fleet_rows(studies: Sequence[StoredStudy]) -> list[FleetRow]:
-    """One row per model x hardware x objective: the study whose best trial has the best search
-    value (ties: one with a re-validation, then the most recently updated), naming every study of
-    the group and the latest check among them. Sorted by model, then hardware."""
+    """One row per model x hardware x objective: of the studies whose best config was re-validated,
+    the one with the best re-validated value; only without any, the one with the best search value
+    (a single measurement can be lucky); ties: the most recently updated. The row names every study
+    of the group and the latest check among them. Sorted by model, then hardware."""
     groups: dict[tuple[str, str, str, str], list[_Candidate]] = {}
     for st in studies:
         c = _candidate(st)
@@ -240,7 +242,7 @@ def fleet_rows(studies: Sequence[StoredStudy]) -> list[FleetRow]:
     never = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
     best: list[_Candidate] = []
     for members in groups.values():
-        members.sort(key=lambda c: (c.score, c.validated, _aware(c.row.last_update) or never, c.st.name),
+        members.sort(key=lambda c: (c.validated, c.score, _aware(c.row.last_update) or never, c.st.name),
                      reverse=True)
         best.append(members[0])
         checks = [c.row.last_check for c in members if c.row.last_check is not None]
@@ -289,7 +291,7 @@ def _value_text(r: FleetRow, with_label: bool) -> str:
         return "-"
     unit = objectives.OBJECTIVES[r.objective].unit if r.objective in objectives.OBJECTIVES else ""
     digits = 0 if unit == "ms" else 1 if unit == "tok/s" else 2
-    text = f"{r.value:,.{digits}f}" + (" (imported)" if r.value_source == "imported" else "")
+    text = f"{r.value:,.{digits}f}" + {"imported": " (imported)", "search": " (search)"}.get(r.value_source or "", "")
     return f"{text} {objectives.label(r.objective)}" if with_label else text
 
 
@@ -297,8 +299,9 @@ def _study_text(r: FleetRow) -> str:
     return r.study if len(r.studies) == 1 else f"{r.study} (best of {len(r.studies)})"
 
 
-SPEEDUP_NOTE = ("speedup vs the engine's defaults: (low-high) 95% CI, re-measured interleaved; n.s.: not "
-                "distinguishable; (search): single measurements, no interval")
+SPEEDUP_NOTE = ("value: the re-validated geometric mean, (search): a single search measurement; speedup vs the "
+                "engine's defaults: (low-high) 95% CI, re-measured interleaved; n.s.: not distinguishable; "
+                "(search): single measurements, no interval")
 
 
 def format_fleet(fleet: Fleet) -> str:

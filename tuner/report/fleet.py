@@ -70,8 +70,8 @@ def render_fleet(fleet: Fleet, generated_at: str | None = None) -> str:
         "<h1>ollama-tuner fleet</h1>",
         f"<p class=\"caption\">Generated {escape(at)} from {escape(fleet.storage)}: {fleet.studies} studies, "
         f"{len(fleet.rows)} model x hardware pairs. Where several studies measured the same model on the same "
-        "hardware, the one whose best trial has the best search value is shown (its re-validated value where it "
-        "has one).</p>",
+        "hardware, the one whose best config has the best re-validated value is shown, and the best single search "
+        "value only where none was re-validated; each value says which it is.</p>",
     ]
     if not fleet.rows:
         body.append("<p class=\"note\">The storage holds no study.</p>")
