@@ -137,3 +137,13 @@ def test_tune_show_the_report_and_the_caveat_carry_the_effects(summary: Any) -> 
     assert "PARAMETER num_thread" not in data.first.modelfile and "PARAMETER num_batch 256" in data.first.modelfile
     page = render_html(data)
     assert "What each setting is worth" in page and "left to the server" in page
+
+
+def test_a_setting_whose_effect_was_not_measured_is_kept() -> None:
+    """Reverting num_gpu may not load at all: a setting without a measured effect stays."""
+    failed = gains.SettingEffect(gains.Change("num_gpu", None, 20), None, None, "did not fit: out of memory")
+    none = gains.SettingEffect(gains.Change("num_thread", None, 2), gains.Ratio.of([1.0, 1.01, 0.99]))
+    assert failed.kept and not none.kept
+    ab = gains.Ablation("decode_tps", 3, 0, 3, [failed, none])
+    assert gains.portable_settings(ab) == ["num_gpu"]
+    assert "not measured, kept (did not fit" in failed.text()

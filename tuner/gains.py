@@ -101,16 +101,18 @@ class SettingEffect:
 
     @property
     def kept(self) -> bool:
-        """Worth exporting: reverting it alone makes the winner distinguishably worse."""
-        return self.reverted is not None and self.reverted.gain
+        """Exported by default: reverting it alone makes the winner distinguishably worse, or
+        could not be measured (a config without it that fails to load needs it; an effect not
+        measured is not shown to be none)."""
+        return self.reverted is None or self.reverted.gain
 
     def text(self) -> str:
         """e.g. ``num_batch 512->256: +4.1% (95% CI +3.2 .. +5.0%)`` (and alone, where measured)."""
         head = self.change.text()
         if self.error:
-            return f"{head}: not measured ({self.error})"
+            return f"{head}: not measured, kept ({self.error})"
         if self.reverted is None:
-            return f"{head}: not measured (fewer than 2 rounds)"
+            return f"{head}: not measured (fewer than 2 rounds), kept"
         text = f"{head}: {self.reverted.pct()}"
         if self.alone is not None:
             text += f"; alone on the defaults {self.alone.pct()}"
@@ -222,8 +224,7 @@ class Ablation:
 
 
 def portable_settings(ablation: Ablation) -> list[str]:
-    """The settings a portable export keeps: those whose reverting alone makes the winner
-    distinguishably worse."""
+    """The settings a portable export keeps (:attr:`SettingEffect.kept`)."""
     return [e.change.setting for e in ablation.effects if e.kept]
 
 
