@@ -363,6 +363,27 @@ def test_empty_effects_figure_says_why(study_url: tuple[str, Any]) -> None:
     assert fig.data == () and "no measured trial with searched parameters" in fig.layout.annotations[0].text
 
 
+def test_effects_subplot_titles_fit_their_panels(study_url: tuple[str, Any]) -> None:
+    from tuner.report import figures
+
+    data = report.build_data(study_url[1])
+    assert data.effects is not None and len(data.effects.params) == 6
+    fig = figures.effects_figure(data)
+    titles = [a for a in fig.layout.annotations if a.yref == "paper" and a.text]
+    assert [a.text.split("<br>")[0] for a in titles] == [p.name for p in data.effects.params]
+    per_char = figures.TITLE_FONT_PX * figures.CHAR_EM
+    tallest = max(len(a.text.split("<br>")) for a in titles)
+    gap = fig.layout.xaxis2.domain[0] - fig.layout.xaxis.domain[1]
+    for a, axis in zip(titles, ("xaxis", "xaxis2", "xaxis3", "xaxis4", "xaxis5", "xaxis6")):
+        lo, hi = fig.layout[axis].domain
+        longest = max(len(html.unescape(line)) for line in a.text.split("<br>"))
+        # Each line is narrower than its panel plus half the gaps beside it: neighbours never meet.
+        assert longest * per_char <= (hi - lo + gap) * figures.PLOT_WIDTH_PX, (a.text, lo, hi)
+    # Room above the panels for the tallest title, under the figure's own title at the top.
+    assert fig.layout.margin.t >= 40 + tallest * figures.TITLE_FONT_PX * 1.2
+    assert (fig.layout.title.yref, fig.layout.title.y, fig.layout.title.yanchor) == ("container", 1, "top")
+
+
 def test_baseline_only_study() -> None:
     import optuna
     from optuna.trial import create_trial

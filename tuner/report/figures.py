@@ -26,6 +26,21 @@ INFEASIBLE = "#cccccc"
 PRUNED = "#999999"
 #: A numeric setting with at most this many values is drawn as categories (num_ctx 2048 .. 32768).
 MAX_NUMERIC_CATEGORIES = 8
+#: The width of a figure's plot area in the report (px, less plotly's side margins), the subplot
+#: title font size, and a character's mean width in it (em): titles are wrapped to their panel's
+#: width so that neighbours never overlap.
+PLOT_WIDTH_PX = 940
+TITLE_FONT_PX = 12
+CHAR_EM = 0.55
+
+
+def wrap_title(text: str, panels: int, spacing: float = 0.0, width_px: int = PLOT_WIDTH_PX) -> list[str]:
+    """``text`` in lines that fit one of ``panels`` side by side, ``spacing`` (of the plot's
+    width) between them."""
+    import textwrap
+
+    panel_px = width_px * (1 - spacing * (panels - 1)) / max(panels, 1) + width_px * spacing
+    return textwrap.wrap(text, max(12, int(panel_px / (TITLE_FONT_PX * CHAR_EM))), break_on_hyphens=False) or [""]
 
 
 def _text(number: int, config: str) -> str:
@@ -97,8 +112,13 @@ def effects_figure(data: ReportData) -> go.Figure:
                            showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
         fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False})
         return fig
-    titles = [html.escape(f"{p.name}: {p.effect_text(eff.log_scale)}") for p in params]
-    fig = make_subplots(rows=1, cols=len(params), shared_yaxes=True, subplot_titles=titles)
+    # The setting on the first line, its effect wrapped below: titles side by side never overlap.
+    spacing = min(0.04, 0.4 / max(len(params) - 1, 1))
+    lines = [[p.name, *wrap_title(p.effect_text(eff.log_scale), len(params), spacing)] for p in params]
+    titles = ["<br>".join(html.escape(x) for x in t) for t in lines]
+    fig = make_subplots(rows=1, cols=len(params), shared_yaxes=True, subplot_titles=titles,
+                        horizontal_spacing=spacing)
+    fig.update_annotations(font_size=TITLE_FONT_PX)
     mean = "geometric mean" if eff.log_scale else "mean"
     for col, p in enumerate(params, start=1):
         color = "#d62728" if p.name == eff.top else "#1f77b4"
@@ -119,7 +139,11 @@ def effects_figure(data: ReportData) -> go.Figure:
         fig.update_xaxes(title_text=html.escape(p.name), type="category", categoryorder="array",
                          categoryarray=[str(v.value) for v in p.values], row=1, col=col)
     fig.update_yaxes(title_text=f"{data.objective_label} ({mean})", row=1, col=1)
-    fig.update_layout(title=f"{data.objective_label} per value of each setting: {mean} and 95% CI")
+    # The figure's own title at the very top, then room for the tallest panel title under it.
+    top = 56 + max(len(t) for t in lines) * int(TITLE_FONT_PX * 1.3)
+    fig.update_layout(title={"text": f"{data.objective_label} per value of each setting: {mean} and 95% CI",
+                             "yref": "container", "y": 1, "yanchor": "top", "pad": {"t": 12}},
+                      margin={"t": top})
     return fig
 
 
