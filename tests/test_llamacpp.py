@@ -157,6 +157,7 @@ def test_get_engine_builds_the_llamacpp_engine(fake_lib: SimpleNamespace, gguf: 
     assert isinstance(engine, LlamaCppEngine)
     assert engine.supported_params == (
         "variant", "num_ctx", "num_batch", "num_gpu", "num_thread", "flash_attention", "kv_cache_type",
+        "draft_num_predict", "draft_ngram_size",
     )
 
 

@@ -396,3 +396,32 @@ def test_what_each_setting_is_worth_on_the_real_model(gguf: str, tmp_path: Path)
     for e in ab.effects:
         if not e.kept and e.change.kind == "option":
             assert f"PARAMETER {e.change.setting} " not in text, text
+
+
+@pytest.mark.real
+def test_prompt_lookup_drafting_is_measured_and_keeps_the_output(gguf: str, tmp_path: Path) -> None:
+    # Issue 24: the drafting axis on llama-cpp, measured for real on the copying workload.
+    from tuner import record, results
+    from tuner.options import TuneOptions
+    from tuner.storage import open_storage
+    from tuner.study import run_study
+
+    storage = f"sqlite:///{tmp_path / 'draft.db'}"
+    o = TuneOptions(model=[gguf], engine="llama-cpp", trials=3, repeats=1, num_predict=32, storage=storage,
+                    study_name="draft", seed=1, sampler="grid", prompts_file="builtin:copy", validate=0,
+                    prune=False, warm_start=False, params={"draft_num_predict": [0, 4], "num_thread": [2],
+                                                           "num_ctx": [1024], "num_batch": [512]})
+    run_study(o)
+    recs = [r for r in results.read_study(results.load_study(open_storage(storage), "draft")).records
+            if not r.baseline]
+    on = [r for r in recs if r.options.get("draft_num_predict") == 4]
+    off = [r for r in recs if r.options.get("draft_num_predict") == 0]
+    assert on and off
+    r = on[0]
+    assert r.identity is not None and r.identity["identical"] is True, r.identity
+    assert r.constraints[record.OUTPUT_IDENTITY] == 0.0 and r.feasible
+    # llama-cpp-python's drafts are counted: some drafted, at most all of them accepted.
+    assert r.draft_tokens and 0 < (r.draft_accepted or 0) <= r.draft_tokens
+    for s in r.request_samples():
+        assert s.eval_tokens == 31 and s.decode_tps > 0 and s.prompt_eval_ms > 0
+    assert off[0].identity is None and off[0].draft_tokens is None

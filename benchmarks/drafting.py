@@ -1,0 +1,77 @@
+"""Drafting on this machine: real decode with and without prompt-lookup drafting (llama-cpp,
+Gemma 3 270M) on the two built-in workloads, with 95% intervals and the identity check.
+
+    python benchmarks/drafting.py [--draft 0,2,4,8] [--repeats 3] [--num-predict 96]
+
+One study per workload (``builtin:copy``: a code edit the answer mostly copies; ``builtin:chat``:
+free text), grid over ``draft_num_predict``, 2 threads. Per config: decode tok/s (geometric mean
+and 95% t interval on the log scale over the measured requests), the speed-up over drafting off
+(ratio of geometric means, Welch 95% interval), the accepted share of drafted tokens, and the
+output-identity check (greedy text with drafting == without, on the workload's first prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from typing import Any
+
+from _common import load_average, now_iso
+
+from tuner import results
+from tuner.demo import demo_model_path
+from tuner.options import TuneOptions
+from tuner.record import DECODE_TPS
+from tuner.stats import log_ci95, log_ratio_ci95
+from tuner.storage import open_storage
+from tuner.study import run_study
+
+
+def _study(workload: str, drafts: list[int], repeats: int, num_predict: int, storage: str) -> list[Any]:
+    o = TuneOptions(model=[str(demo_model_path())], engine="llama-cpp", trials=len(drafts) + 2, repeats=repeats,
+                    num_predict=num_predict, storage=storage, study_name=workload, seed=1, sampler="grid",
+                    prompts_file=f"builtin:{workload}", validate=0, prune=False, warm_start=False,
+                    params={"draft_num_predict": drafts, "num_thread": [2], "num_ctx": [2048], "num_batch": [512]})
+    run_study(o)
+    stored = results.read_study(results.load_study(open_storage(storage), workload))
+    return [r for r in stored.records if not r.baseline and r.measured]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--draft", default="0,2,4,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--num-predict", type=int, default=96)
+    a = ap.parse_args(argv)
+    drafts = [int(x) for x in a.draft.split(",")]
+    print(f"# drafting benchmark {now_iso()}, load average before {load_average()}")
+    print("workload  draft  n  decode tok/s (95% CI)      speed-up vs off (95% CI)  accepted  identical  contended")
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = f"sqlite:///{tmp}/drafting.db"
+        for workload in ("copy", "chat"):
+            recs = _study(workload, drafts, a.repeats, a.num_predict, storage)
+            by_draft: dict[int, list[float]] = {}
+            info: dict[int, Any] = {}
+            for r in recs:
+                k = int(r.options.get("draft_num_predict", 0))
+                by_draft.setdefault(k, []).extend(r.per_request_values(DECODE_TPS))
+                info[k] = r
+            off = by_draft.get(0)
+            for k in sorted(by_draft):
+                g, lo, hi = log_ci95(by_draft[k])
+                ratio = "-"
+                if off and k:
+                    x, xlo, xhi = log_ratio_ci95(by_draft[k], off)
+                    ratio = f"{x:.2f}x ({xlo:.2f}-{xhi:.2f})"
+                r = info[k]
+                acc = "-" if r.draft_acceptance is None else f"{100 * r.draft_acceptance:.0f}% of {r.draft_tokens}"
+                ident = "-" if r.identity is None else ("yes" if r.identity["identical"] else
+                                                        f"NO @{r.identity.get('first_difference')}")
+                print(f"{workload:<9} {k:>5} {len(by_draft[k]):>2}  {g:6.1f} ({lo:5.1f}-{hi:5.1f})"
+                      f"{'':8}{ratio:<26}{acc:<10}{ident:<11}{r.contended}")
+    print(f"# load average after {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
