@@ -35,7 +35,9 @@ def summary(tmp_path_factory: pytest.TempPathFactory) -> Any:
     with FakeOllama(speed_fn=surface) as fake:
         o = TuneOptions(model=["gemma3:1b"], host=fake.url, trials=9, repeats=1, num_predict=16, storage=STORAGE,
                         study_name="known", seed=1, sampler="grid", prune=False,
-                        params={"num_batch": [256, 512], "num_ctx": [2048, 4096], "num_thread": [2, 4]},
+                        # num_gpu fixed (the user asked for it: exported), one variant: three changes.
+                        params={"num_batch": [256, 512], "num_ctx": [2048, 4096], "num_thread": [2, 4],
+                                "num_gpu": [27], "variant": ["gemma3:1b"]},
                         starting_points=False, warm_start=False, roofline=False, validate=2, validate_rounds=6,
                         measure_interference=False)
         return run_study(o)
@@ -47,9 +49,7 @@ def test_each_setting_is_measured_alone_and_the_effects_add_up(summary: Any) -> 
     assert ab is not None and ab.rounds == 6
     assert ab.winner == summary.best.number
     by = {e.change.setting: e for e in ab.effects}
-    # The grid also searched the variants (same speed here) and num_gpu (no effect here).
-    assert {"num_batch", "num_ctx", "num_thread"} <= set(by) <= {"num_batch", "num_ctx", "num_thread", "num_gpu",
-                                                                "variant"}
+    assert set(by) == {"num_batch", "num_ctx", "num_thread"}
     # Ollama reports the context it allocated (/api/ps), not the batch: that default is "auto".
     assert by["num_batch"].change.value == 256 and by["num_ctx"].change.default == 4096
     assert by["num_batch"].change.default is None
@@ -58,8 +58,9 @@ def test_each_setting_is_measured_alone_and_the_effects_add_up(summary: Any) -> 
     assert by["num_thread"].reverted.ratio == pytest.approx(1.0, abs=0.02)
     assert by["num_batch"].kept and by["num_ctx"].kept
     assert not any(e.kept for k, e in by.items() if k not in ("num_batch", "num_ctx"))
-    if len(by) <= 3:  # each one applied alone to the defaults is measured too
-        assert by["num_batch"].alone.ratio == pytest.approx(1.3, rel=0.02)
+    # Three changes: each one applied alone to the defaults is measured too.
+    assert by["num_batch"].alone.ratio == pytest.approx(1.3, rel=0.02)
+    assert by["num_thread"].alone is not None and not by["num_thread"].alone.distinguishable
     # Done when: the effects multiply (sum on the log scale) to within the winner's measured gain.
     assert ab.total is not None and ab.total.ratio == pytest.approx(1.56, rel=0.03)
     assert ab.adds_up is True
@@ -82,8 +83,9 @@ def test_the_default_export_keeps_only_what_counts(summary: Any) -> None:
     r = export.export(STORAGE, "known", "modelfile")
     source, params = parse_modelfile(r.text)
     check_parameters(params)
-    assert source == "gemma3:1b"  # the variant made no difference: the default tag
-    assert params == {"num_batch": ["256"], "num_ctx": ["2048"]}
+    assert source == "gemma3:1b"
+    # num_gpu 27 was fixed by the study (--param): the user asked for it.
+    assert params == {"num_batch": ["256"], "num_ctx": ["2048"], "num_gpu": ["27"]}
     assert "# num_batch auto->256: +30" in r.text
     assert "left to the server: num_thread=" in r.text
     # Context honesty: the server gives this model 4096 by default.
@@ -91,11 +93,11 @@ def test_the_default_export_keeps_only_what_counts(summary: Any) -> None:
     assert "keeping 4096 costs that much" in r.text and "--context 4096" in r.text
     threads = str(summary.best.options["num_thread"])
     full = parse_modelfile(export.export(STORAGE, "known", "modelfile", all_settings=True).text)[1]
-    assert full["num_thread"] == [threads] and "num_gpu" in full
+    assert full["num_thread"] == [threads]
     kept = parse_modelfile(export.export(STORAGE, "known", "modelfile", keep=("num_thread",)).text)[1]
-    assert kept == {"num_batch": ["256"], "num_ctx": ["2048"], "num_thread": [threads]}
+    assert kept == {"num_batch": ["256"], "num_ctx": ["2048"], "num_gpu": ["27"], "num_thread": [threads]}
     options = json.loads(export.export(STORAGE, "known", "json").text)["options"]
-    assert options == {"num_batch": 256, "num_ctx": 2048}
+    assert options == {"num_batch": 256, "num_ctx": 2048, "num_gpu": 27}
 
 
 STORAGE = ""
@@ -147,3 +149,65 @@ def test_a_setting_whose_effect_was_not_measured_is_kept() -> None:
     ab = gains.Ablation("decode_tps", 3, 0, 3, [failed, none])
     assert gains.portable_settings(ab) == ["num_gpu"]
     assert "not measured, kept (did not fit" in failed.text()
+
+
+def test_prompt_lookup_drafting_never_goes_into_an_ollama_export() -> None:
+    """A llama-cpp study's draft_num_predict is llama.cpp's prompt lookup, not Ollama's MTP option."""
+    from optuna.trial import create_trial
+
+    from tuner.metrics import RequestSample
+    from tuner.record import build_record, stored_attrs
+
+    s = [RequestSample("chat", 0, 60.0, 1000.0, 100, 50.0, 64, 640.0, 0.1, 1100.0, "length")]
+    r = build_record("/m/gemma.gguf", {"num_thread": 2, "draft_num_predict": 4, "draft_ngram_size": 2}, {}, s)
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("engine", "llama-cpp")
+    study.add_trial(create_trial(value=1.0, user_attrs=json.loads(json.dumps(stored_attrs(r)))))
+    text = export.modelfile_text(study.trials[0], study, all_settings=True)
+    _, params = parse_modelfile(text)
+    assert params == {"num_thread": ["2"]}
+    assert "draft_num_predict=4, draft_ngram_size=2 (llama.cpp prompt-lookup drafting" in text
+    assert json.loads(export.json_text(study.trials[0], study))["options"] == {"num_thread": 2}
+
+
+def variant_surface(model: str, o: dict[str, Any]) -> tuple[float, float]:
+    """Only the q8_0 variant (+25%) and num_ctx 2048 (+20%) matter."""
+    decode = 40.0 * (1.25 if model.endswith("q8_0") else 1.0) * (1.2 if o.get("num_ctx") == 2048 else 1.0)
+    return 400.0, decode * math.exp(random.gauss(0.0, 0.005))
+
+
+def test_a_variant_is_reverted_and_the_portable_config_is_measured_when_new(tmp_path: Any) -> None:
+    random.seed(11)
+    url = f"sqlite:///{tmp_path}/v.db"
+    with FakeOllama(speed_fn=variant_surface) as fake:
+        o = TuneOptions(model=["gemma3:1b"], host=fake.url, trials=17, repeats=1, num_predict=16, storage=url,
+                        study_name="variants", seed=1, sampler="grid", prune=False, starting_points=False,
+                        warm_start=False, roofline=False, validate=2, validate_rounds=5, measure_interference=False,
+                        params={"num_batch": [256, 512], "num_ctx": [2048, 4096], "num_thread": [2, 4],
+                                "num_gpu": [27], "variant": ["gemma3:1b", "gemma3:1b-it-q8_0"]})
+        lines: list[str] = []
+        run_study(o, echo=lines.append)
+    ab = read_study(optuna.load_study(study_name="variants", storage=url)).ablation
+    assert ab is not None
+    by = {e.change.setting: e for e in ab.effects}
+    assert by["variant"].change.default == "gemma3:1b" and by["variant"].change.value == "gemma3:1b-it-q8_0"
+    assert by["variant"].reverted.ratio == pytest.approx(1.25, rel=0.02)
+    # Four changes: no applied-alone configs; the portable config is none measured yet, so it
+    # is measured against the winner in more rounds.
+    assert all(e.alone is None for e in ab.effects)
+    assert sorted(ab.portable) == ["num_ctx", "variant"]
+    assert any(line.startswith("measuring the portable config") for line in lines), lines
+    assert ab.portable_vs_winner is not None and ab.portable_holds
+    assert ab.portable_vs_defaults.ratio == pytest.approx(1.5, rel=0.03)
+    source, params = parse_modelfile(export.export(url, "variants", "modelfile").text)
+    assert source == "gemma3:1b-it-q8_0" and params == {"num_ctx": ["2048"], "num_gpu": ["27"]}
+
+
+def test_an_objective_where_lower_is_better_reads_as_its_own_change() -> None:
+    """TTFT: ratios are stored as 'above 1 is better' but printed as what TTFT did."""
+    better = gains.Ratio.of([1.25, 1.25, 1.25])  # reverting made TTFT 25% higher
+    e = gains.SettingEffect(gains.Change("num_batch", None, 1024), better)
+    assert e.text(lower_is_better=True).startswith("num_batch auto->1024: -20.0%")
+    ab = gains.Ablation("ttft_p95", 3, 0, 3, [e], better, maximize=False, combined=better)
+    text = "\n".join(ab.lines("p95 TTFT ms"))
+    assert "lower is better" in text and "0.80x" in text and "-20.0%" in text

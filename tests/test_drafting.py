@@ -135,6 +135,18 @@ def test_a_config_that_changes_the_output_is_infeasible_with_that_cause() -> Non
         assert len(checks) == 4
         assert all(r["options"]["temperature"] == 0 and r["options"]["seed"] == 42 for r in checks)
         assert sorted(str(r["options"].get("draft_num_predict")) for r in checks) == ["0", "0", "4", "None"]
+    # Every view carries the drafting statistics and the identity check.
+    from tuner.report.data import build_data
+    from tuner.show import trial_json
+    from tuner.storage import open_storage
+
+    doc = trial_json(bad)
+    # Ollama reports no drafted/accepted counts, so there are none in the metrics here.
+    assert doc["output_identity"]["identical"] is False
+    bench = build_data(results.load_study(open_storage(STORAGE), None), STORAGE).bench
+    assert "drafts accepted" in bench.columns and "greedy output" in bench.columns
+    col = bench.columns.index("greedy output")
+    assert {line[col] for line in bench.cells} <= {"same", "differs", "-"}
 
 
 def test_identity_record_and_draft_statistics_round_trip() -> None:

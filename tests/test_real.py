@@ -361,6 +361,7 @@ def test_reloads_do_not_grow_memory(gguf: str) -> None:
     assert rss[-1] - rss[1] < 64, rss  # MiB, over six reloads
 
 
+@pytest.mark.real
 def test_what_each_setting_is_worth_on_the_real_model(gguf: str, tmp_path: Path) -> None:
     """The ablation on real llama.cpp: two threads against the binding's one decode faster,
     num_batch (a prefill setting) does nothing for decode, and the portable export keeps only

@@ -18,10 +18,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tuner"
 #: What measures, searches or runs a study: never loaded by reading one.
 WRITE_SIDE = ("tuner.study", "tuner.runner", "tuner.start", "tuner.progress", "tuner.staged", "tuner.space",
               "tuner.measure", "tuner.validate", "tuner.engines", "tuner.server", "tuner.telemetry",
-              "tuner.gpu_telemetry", "tuner.host_telemetry", "tuner.warmstart", "tuner.check")
+              "tuner.gpu_telemetry", "tuner.host_telemetry", "tuner.warmstart", "tuner.check", "tuner.ablate")
 #: The read side's entry points: ``tune show``, ``studies``, ``report``, ``export``.
 READ_SIDE = ("tuner.show", "tuner.fleet", "tuner.report", "tuner.report.fleet", "tuner.export", "tuner.results",
-             "tuner.checks", "tuner.machine")
+             "tuner.checks", "tuner.machine", "tuner.caveats", "tuner.gains")
 
 
 def _loaded(code: str) -> set[str]:

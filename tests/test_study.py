@@ -298,7 +298,9 @@ def test_roofline_is_stored_with_the_study(fake: FakeOllama, monkeypatch: pytest
     import tuner.roofline as rl
 
     monkeypatch.setattr(rl, "cpu_bandwidth_gbs", lambda *a, **k: 50.0)
-    run_study(opts(fake, trials=2))
+    # A CPU-only server: a server that offloads to a GPU gets no CPU ceiling.
+    with FakeOllama(memory_budget_mib=0) as cpu_only:
+        run_study(opts(cpu_only, trials=2))
     roof = _load().user_attrs["roofline"]
     assert roof["bandwidth_gbs"] == 50.0 and roof["device"] == "CPU"
     assert roof["ceiling_tps"] == pytest.approx(50e9 / roof["model_bytes"])

@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 
 from tuner import objectives, results
 from tuner.engines.base import Engine
-from tuner.gains import Ablation, Change, Ratio, SettingEffect, portable_settings
+from tuner.gains import Ablation, Ratio, SettingEffect, portable_record, portable_settings, revert_value, with_change
 from tuner.measure import config_key
-from tuner.record import TrialRecord
+from tuner.record import TrialRecord, fixed_settings
 from tuner.validate import Interleaved, interleaved_rounds
 from tuner.workload import Workload
 
@@ -28,31 +28,9 @@ from tuner.workload import Workload
 ALONE_MAX = 3
 
 
-def with_change(base: TrialRecord, c: Change, value: Any, number: int) -> TrialRecord:
-    """``base`` with ``c``'s setting at ``value`` (None: not sent, the server decides)."""
-    options, server, model = dict(base.options), dict(base.effective_server), base.model
-    if c.kind == "variant":
-        model = str(value)
-    else:
-        target = server if c.kind == "server" else options
-        if value is None:
-            target.pop(c.setting, None)
-        else:
-            target[c.setting] = value
-    return dataclasses.replace(base, model=model, options=options, server=server, server_effective=None,
-                               number=number, baseline=False)
-
-
-def _revert_value(c: Change, defaults: TrialRecord) -> Any:
-    """What a reverted setting sends: what the defaults sent, else nothing (the server decides)."""
-    if c.kind == "variant":
-        return c.default
-    sent = defaults.effective_server if c.kind == "server" else defaults.options
-    return sent.get(c.setting)
-
-
 def _key(t: TrialRecord) -> tuple[Any, ...]:
-    return config_key(t.model, (t.options or None) if t.baseline else t.options, t.effective_server)
+    # Sending no options is sending none, baseline or not.
+    return config_key(t.model, t.options or None, t.effective_server)
 
 
 def _combined(rows: Sequence[dict[tuple[Any, ...], float]], w: tuple[Any, ...], reverted: Sequence[tuple[Any, ...]],
@@ -77,8 +55,7 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
     winner = next((r for r in st.records if r.number == val.winner), None)
     if winner is None:
         return None
-    space = st.attrs.get("space") or {}
-    fixed = frozenset(k for k, v in space.items() if isinstance(v, list) and len(v) == 1)
+    fixed = fixed_settings(st.attrs.get("space"))
     found = results.changes(winner, defaults, base_model, fixed)
     if not found:
         return None
@@ -88,9 +65,8 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
     reverted: dict[str, tuple[Any, ...]] = {}
     alone: dict[str, tuple[Any, ...]] = {}
     for i, c in enumerate(found):
-        # A config equal to one already planned (W - s is D when W changes one setting) is
-        # measured once and read for both.
-        r = with_change(winner, c, _revert_value(c, defaults), -1 - i)
+        # A config equal to one already planned is measured once and read for both.
+        r = with_change(winner, c, revert_value(c, defaults), -1 - i)
         reverted[c.setting] = _key(r)
         configs.setdefault(_key(r), r)
         if len(found) <= ALONE_MAX:
@@ -128,24 +104,22 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
     effects = []
     for c in found:
         rk, ak = reverted[c.setting], alone.get(c.setting)
-        err = errors.get(rk) or (errors.get(ak) if ak else None)
-        effects.append(SettingEffect(c, ratio(w, rk, counted), ratio(ak, d, counted) if ak else None, err))
+        effects.append(SettingEffect(c, ratio(w, rk, counted), ratio(ak, d, counted) if ak else None, errors.get(rk)))
     ab = Ablation(objective, winner.number, defaults.number, len(counted), effects, ratio(w, d, counted),
-                  contended=contended, dropped=dropped, combined=_combined(counted, w, list(reverted.values()), maximize))
+                  contended=contended, dropped=dropped, maximize=maximize,
+                  combined=_combined(counted, w, list(reverted.values()), maximize))
     ab.portable = portable_settings(ab)
-    kept = [c for c in found if c.setting in ab.portable]
-    portable = defaults
-    for c in kept:
-        portable = with_change(portable, c, c.value, -201)
-    pk = _key(portable) if kept else d
-    if pk in configs or pk == w:
+    # The config the default export writes, exactly (tuner/export.py select).
+    portable, _ = portable_record(winner, defaults, found, ab.portable, fixed, number=-201)
+    pk = _key(portable)
+    if pk in configs:
         ab.portable_vs_winner = ratio(pk, w, counted) if pk != w else None
         ab.portable_vs_defaults = ratio(pk, d, counted) if pk != d else None
     else:
-        echo(f"measuring the portable config (only {', '.join(ab.portable)}) against #{winner.number} "
-             f"over {rounds} interleaved rounds ...")
-        trio = [winner, defaults, portable]
-        more, c2, d2 = interleaved_rounds(measure_round(trio), rounds, rounds, echo, "portable check")
+        echo(f"measuring the portable config (only {', '.join(ab.portable) or 'what the study fixed'}) against "
+             f"#{winner.number} over {rounds} interleaved rounds ...")
+        more, c2, d2 = interleaved_rounds(measure_round([winner, defaults, portable]), rounds, rounds, echo,
+                                          "portable check")
         ab.portable_vs_winner, ab.portable_vs_defaults = ratio(pk, w, more), ratio(pk, d, more)
         ab.contended, ab.dropped = ab.contended + c2, ab.dropped + d2
     for line in ab.lines(objectives.get(objective).label):

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner import results
-from tuner.record import DECODE_TPS, PREFILL_TPS, TTFT_MS, TrialRecord, read_study_info
-from tuner import settings
+from tuner.record import DECODE_TPS, PREFILL_TPS, TTFT_MS, TrialRecord, fixed_settings, read_study_info
+from tuner import gains, settings
 from tuner.errors import ExportError, SpaceError
 from tuner.terminal import printable, tune_command
 from tuner.memory import fit_of
@@ -132,42 +132,33 @@ def select(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple
         why = ("every setting of the trial: with only the settings that count alone it measured "
                "distinguishably slower (the settings interact)")
     if why:
-        return Selection(v, why, {}, [])
+        return _without_lookup(Selection(v, why, {}, []), s)
     assert ab is not None
-    defaults = s.baseline()
-    kept = set(ab.portable) | set(keep)
-    options, server, model = dict(v.options), dict(v.effective_server), v.model
-    effects, left = {}, []
-    for e in ab.effects:
-        c = e.change
-        text = e.text()
-        if c.setting in kept:
-            effects[c.setting] = text
-            continue
-        left.append(f"{c.setting}={_show_value(c.value)} ({text})")
-        if c.kind == "variant":
-            model = str(c.default)
-            continue
-        target = server if c.kind == "server" else options
-        sent = (defaults.effective_server if c.kind == "server" else defaults.options) if defaults else {}
-        if c.setting in sent:
-            target[c.setting] = sent[c.setting]
-        else:
-            target.pop(c.setting, None)
-    # Values the defaults ran too (not changes) go unless the study fixed them or the user keeps
-    # them: the server gives them anyway here, and a pin would break the next machine.
-    fixed = {k for k, val in (s.attrs.get("space") or {}).items() if isinstance(val, list) and len(val) == 1}
-    changed = {e.change.setting for e in ab.effects}
-    for target in (options, server):
-        for k in [k for k in target if k not in changed and k not in fixed and k not in keep]:
-            if defaults is not None and defaults.options.get(k) == target[k]:
-                continue  # what the defaults sent (--context): the user asked for it
-            left.append(f"{k}={_show_value(target.pop(k))} (what the server gives by default)")
-    note = ("only the settings whose effect was measured distinguishable from none"
-            + (f", and {', '.join(sorted(set(keep)))} (--keep)" if keep else "")
+    kept = [*ab.portable, *(k for k in keep if k not in ab.portable)]
+    changes = [e.change for e in ab.effects]
+    rec, out = gains.portable_record(v, s.baseline(), changes, kept, fixed_settings(s.attrs.get("space")))
+    effects = {e.change.setting: e.text(not ab.maximize) for e in ab.effects if e.change.setting in kept}
+    by = {e.change.setting: e for e in ab.effects}
+    left = [f"{k}={_show_value(val)} ({by[k].text(not ab.maximize)})" if how == "reverted"
+            else f"{k}={_show_value(val)} (what the server gives by default)" for k, val, how in out]
+    note = ("only the settings with a measured effect (or none measured: kept to be safe) and what the study "
+            "fixed" + (f", and {', '.join(sorted(set(keep)))} (--keep)" if keep else "")
             + " (--all-settings exports every one)")
-    rec = dataclasses.replace(v, model=model, options=options, server=server, server_effective=None)
-    return Selection(rec, note, effects, left)
+    return _without_lookup(Selection(rec, note, effects, left), s)
+
+
+def _without_lookup(sel: Selection, s: results.StoredStudy) -> Selection:
+    """A llama-cpp study's drafting is llama.cpp's prompt lookup, which Ollama has no option for
+    (its ``draft_num_predict`` drafts with a model's own MTP heads): said, never exported."""
+    v = sel.record
+    if s.info.engine != "llama-cpp" or not any(k in v.options for k in settings.DRAFT_PARAMS):
+        return sel
+    lookup = {k: v.options[k] for k in settings.DRAFT_PARAMS if k in v.options}
+    text = ", ".join(f"{k}={val}" for k, val in lookup.items())
+    left = [*sel.left, f"{text} (llama.cpp prompt-lookup drafting: Ollama has no option for it; with "
+                       "llama-cpp-python pass Llama(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=N)))"]
+    rec = dataclasses.replace(v, options={k: val for k, val in v.options.items() if k not in lookup})
+    return Selection(rec, sel.note, {k: e for k, e in sel.effects.items() if k not in lookup}, left)
 
 
 def _show_value(v: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from tuner import objectives, results
 from tuner.checks import last_check
 from tuner.machine import accelerator, hardware_label, remote_server
-from tuner.record import StudyInfo, TrialRecord
+from tuner.record import StudyInfo, TrialRecord, fixed_settings
 from tuner.results import StoredStudy
 from tuner.show import jsonable
 from tuner.storage import open_storage, shown_url
@@ -188,7 +188,7 @@ def _candidate(st: StoredStudy) -> _Candidate:
         return _imported_candidate(st, row, key)
     value, ci95, source = _value(st, best, objective)
     space = info.space
-    fixed = frozenset(k for k, v in space.items() if isinstance(v, list) and len(v) == 1)
+    fixed = fixed_settings(space)
     base = st.baseline()
     warnings = []
     if st.only_contended:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from tuner.stats import log_ci95, overlaps
+
+if TYPE_CHECKING:
+    from tuner.record import TrialRecord
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,56 @@ def _show(v: Any) -> str:
     if isinstance(v, str) and "/" in v:  # a model path: its file name
         return v.rsplit("/", 1)[-1]
     return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def with_change(base: TrialRecord, c: Change, value: Any, number: int | None = None) -> TrialRecord:
+    """``base`` with ``c``'s setting at ``value`` (None: not sent, the server decides); not the
+    baseline any more (it sends what it holds)."""
+    options, server, model = dict(base.options), dict(base.effective_server), base.model
+    if c.kind == "variant":
+        model = str(value)
+    else:
+        target = server if c.kind == "server" else options
+        if value is None:
+            target.pop(c.setting, None)
+        else:
+            target[c.setting] = value
+    return dataclasses.replace(base, model=model, options=options, server=server, server_effective=None,
+                               number=base.number if number is None else number, baseline=False)
+
+
+def revert_value(c: Change, defaults: TrialRecord | None) -> Any:
+    """What a reverted setting sends: what the defaults sent, else nothing (the server decides)."""
+    if c.kind == "variant":
+        return c.default
+    if defaults is None:
+        return None
+    sent = defaults.effective_server if c.kind == "server" else defaults.options
+    return sent.get(c.setting)
+
+
+def portable_record(winner: TrialRecord, defaults: TrialRecord | None, changes: Sequence[Change],
+                    kept: Iterable[str], fixed: Iterable[str] = (), number: int | None = None
+                    ) -> tuple[TrialRecord, list[tuple[str, Any, str]]]:
+    """The winner with every change not ``kept`` reverted, and what it sent that the defaults
+    ran anyway (not a change) left to the server unless the study ``fixed`` it or the defaults
+    sent it (``--context``): the config a portable export writes, and the one the ablation
+    measures. Returns it and what was left out as (setting, value, why)."""
+    keep, fixed_ = set(kept), set(fixed)
+    rec, left = winner, []
+    for c in changes:
+        if c.setting not in keep:
+            rec = with_change(rec, c, revert_value(c, defaults), number)
+            left.append((c.setting, c.value, "reverted"))
+    changed = {c.setting for c in changes}
+    sent_by_defaults = {**(defaults.options if defaults else {}), **(defaults.effective_server if defaults else {})}
+    for kind, values in (("option", rec.options), ("server", rec.effective_server)):
+        for k, v in values.items():
+            if k in changed or k in fixed_ or k in keep or sent_by_defaults.get(k) == v:
+                continue
+            rec = with_change(rec, Change(k, None, v, kind), None, number)
+            left.append((k, v, "default"))
+    return (rec if number is None else dataclasses.replace(rec, number=number)), left
 
 
 @dataclass(frozen=True)
@@ -82,10 +135,19 @@ class Ratio:
         """Distinguishably better (the whole interval above 1)."""
         return self.ci95[0] > 1.0
 
-    def pct(self) -> str:
-        """e.g. ``+4.1% (95% CI +3.2 .. +5.0%)``."""
-        lo, hi = ((x - 1.0) * 100 for x in self.ci95)
-        return f"{(self.ratio - 1.0) * 100:+.1f}% (95% CI {lo:+.1f} .. {hi:+.1f}%)"
+    def pct(self, lower_is_better: bool = False) -> str:
+        """e.g. ``+4.1% (95% CI +3.2 .. +5.0%)``: the change in the objective itself. The ratio
+        is oriented so that above 1 is better; for an objective where lower is better (TTFT)
+        it is turned back into the objective's change (-3.9%: lower)."""
+        r, (lo, hi) = (1.0 / self.ratio, (1.0 / self.ci95[1], 1.0 / self.ci95[0])) if lower_is_better else (
+            self.ratio, self.ci95)
+        return f"{(r - 1.0) * 100:+.1f}% (95% CI {(lo - 1.0) * 100:+.1f} .. {(hi - 1.0) * 100:+.1f}%)"
+
+    def times(self, lower_is_better: bool = False) -> str:
+        """e.g. ``1.56x (95% CI 1.55-1.57x)``: the objective's own ratio."""
+        r, (lo, hi) = (1.0 / self.ratio, (1.0 / self.ci95[1], 1.0 / self.ci95[0])) if lower_is_better else (
+            self.ratio, self.ci95)
+        return f"{r:.2f}x (95% CI {lo:.2f}-{hi:.2f}x)"
 
 
 @dataclass
@@ -106,16 +168,14 @@ class SettingEffect:
         measured is not shown to be none)."""
         return self.reverted is None or self.reverted.gain
 
-    def text(self) -> str:
+    def text(self, lower_is_better: bool = False) -> str:
         """e.g. ``num_batch 512->256: +4.1% (95% CI +3.2 .. +5.0%)`` (and alone, where measured)."""
         head = self.change.text()
-        if self.error:
-            return f"{head}: not measured, kept ({self.error})"
         if self.reverted is None:
-            return f"{head}: not measured (fewer than 2 rounds), kept"
-        text = f"{head}: {self.reverted.pct()}"
+            return f"{head}: not measured, kept ({self.error or 'fewer than 2 rounds'})"
+        text = f"{head}: {self.reverted.pct(lower_is_better)}"
         if self.alone is not None:
-            text += f"; alone on the defaults {self.alone.pct()}"
+            text += f"; alone on the defaults {self.alone.pct(lower_is_better)}"
         return text + ("" if self.reverted.distinguishable else ", not distinguishable from no effect")
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +207,8 @@ class Ablation:
     portable_vs_defaults: Ratio | None = None
     contended: int = 0
     dropped: int = 0
+    #: The objective is maximised (a rate); False where lower is better (TTFT, latency).
+    maximize: bool = True
     #: The per-setting effects multiplied round by round (summed on the log scale), with an
     #: interval: what the settings give if each acts alone.
     combined: Ratio | None = None
@@ -181,26 +243,26 @@ class Ablation:
 
     def lines(self, label: str) -> list[str]:
         """What each setting is worth, in words, for every view."""
-        out = [f"what each setting is worth ({label}, reverted alone from #{self.winner}, "
-               f"{self.rounds} interleaved rounds):"]
-        out += [f"  {e.text()}" for e in self.effects]
+        low = not self.maximize
+        out = [f"what each setting is worth ({label}{', lower is better' if low else ''}, reverted alone from "
+               f"#{self.winner}, {self.rounds} interleaved rounds):"]
+        out += [f"  {e.text(low)}" for e in self.effects]
         p, t = self.product, self.total
         if p is not None and t is not None:
             verdict = ("they add up" if self.adds_up else
                        "they do not add up: the settings interact, so each one's effect depends on the others")
-            both = self.combined
-            together = f"{p:.2f}x" + (f" (95% CI {both.ci95[0]:.2f}-{both.ci95[1]:.2f}x)" if both else "")
-            out.append(f"  together {together}; the winner measured {t.ratio:.2f}x the defaults "
-                       f"(95% CI {t.ci95[0]:.2f}-{t.ci95[1]:.2f}x): {verdict}")
+            both = self.combined or Ratio(p, (p, p))
+            together = both.times(low) if self.combined else f"{(1.0 / p if low else p):.2f}x"
+            out.append(f"  together {together}; the winner measured {t.times(low)} the defaults: {verdict}")
         if self.portable_vs_winner is not None:
             kept = ", ".join(self.portable) or "none (the defaults)"
-            out.append(f"  portable export (only {kept}): {self.portable_vs_winner.pct()} vs the full winner"
+            out.append(f"  portable export (only {kept}): {self.portable_vs_winner.pct(low)} vs the full winner"
                        + ("" if self.portable_holds else ": distinguishably worse, so exports keep every setting"))
         return out
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("objective", "winner", "baseline", "rounds", "portable", "contended",
-                                            "dropped")}
+                                            "dropped", "maximize")}
         d["effects"] = [e.to_dict() for e in self.effects]
         for k in ("total", "portable_vs_winner", "portable_vs_defaults", "combined"):
             r = getattr(self, k)
@@ -218,7 +280,8 @@ class Ablation:
                        [SettingEffect.from_dict(e) for e in d.get("effects") or []],
                        Ratio.from_dict(d.get("total")), [str(x) for x in d.get("portable") or []],
                        Ratio.from_dict(d.get("portable_vs_winner")), Ratio.from_dict(d.get("portable_vs_defaults")),
-                       int(d.get("contended") or 0), int(d.get("dropped") or 0), Ratio.from_dict(d.get("combined")))
+                       int(d.get("contended") or 0), int(d.get("dropped") or 0), bool(d.get("maximize", True)),
+                       Ratio.from_dict(d.get("combined")))
         except (KeyError, TypeError, ValueError, IndexError):
             return None
 
@@ -236,6 +299,7 @@ class ContextChange:
     value: int
     #: num_ctx's measured effect in the winner (None: not measured).
     effect: SettingEffect | None = None
+    lower_is_better: bool = False
 
     def lines(self) -> list[str]:
         """The trade in words: what is given up, what it buys, and how to keep the default."""
@@ -243,7 +307,7 @@ class ContextChange:
                f"by default: prompts and replies longer than {self.value} tokens are cut"]
         r = self.effect.reverted if self.effect is not None else None
         if r is not None:
-            out.append(f"lowering it measured {r.pct()}: keeping {self.default} costs that much"
+            out.append(f"lowering it measured {r.pct(self.lower_is_better)}: keeping {self.default} costs that much"
                        + ("" if r.distinguishable else ", which is not distinguishable from nothing"))
         else:
             out.append("what lowering it gains was not measured on its own")
@@ -266,5 +330,6 @@ def context_change(record: Any, defaults: Any, ablation: Ablation | None) -> Con
     default = defaults.ran.get("num_ctx", defaults.options.get("num_ctx"))
     if not isinstance(value, int) or not isinstance(default, int) or isinstance(value, bool) or not 0 < value < default:
         return None
-    effect = ablation.effect("num_ctx") if ablation is not None and ablation.winner == record.number else None
-    return ContextChange(default, value, effect)
+    ours = ablation is not None and ablation.winner == record.number
+    effect = ablation.effect("num_ctx") if ablation is not None and ours else None
+    return ContextChange(default, value, effect, ablation is not None and ours and not ablation.maximize)

@@ -530,12 +530,20 @@ def _write_in_one_transaction(trial: Any, user: Mapping[str, Any], system: Mappi
         return False
     if not isinstance(backend, RDBStorage) or not hasattr(backend, "_set_trial_attr_without_commit"):
         return False
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
-        backend.check_trial_is_updatable(trial._trial_id, row.state)
-        for model, attrs in ((models.TrialUserAttributeModel, user), (models.TrialSystemAttributeModel, system)):
-            if attrs:
-                _upsert(backend, session, model, trial._trial_id, attrs)
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with _create_scoped_session(backend.scoped_session) as session:
+            row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
+            backend.check_trial_is_updatable(trial._trial_id, row.state)
+            for model, attrs in ((models.TrialUserAttributeModel, user), (models.TrialSystemAttributeModel, system)):
+                if attrs:
+                    _upsert(backend, session, model, trial._trial_id, attrs)
+    except (AttributeError, TypeError, IntegrityError):
+        # Internals that differ in another Optuna, or a key written meanwhile by another
+        # process: nothing was committed; Optuna's own per-attribute path writes it.
+        backend.scoped_session().rollback()
+        return False
     return True
 
 
@@ -786,6 +794,11 @@ class StudyInfo:
     def warm_start_sources(self) -> list[WarmStartSource]:
         """The studies the warm start took its configs from ([] without a warm start)."""
         return warm_start_sources(self.warm_start or {})
+
+
+def fixed_settings(space: Mapping[str, Any] | None) -> frozenset[str]:
+    """The settings a stored space fixes (one value: every config sends it, it is no choice)."""
+    return frozenset(k for k, v in (space or {}).items() if isinstance(v, list) and len(v) == 1)
 
 
 def warm_start_sources(stored: Mapping[str, Any]) -> list[WarmStartSource]:

@@ -519,7 +519,9 @@ def summarise_study(study: Study, objectives: list[str], storage: str, trials_ru
         winner_speedup=st.winner_speedup(best) if best is not None and feasible else None,
         fit=fit_of(best, st.attrs, st.records) if best is not None and feasible else None,
         caveats=study_caveats(st, best if feasible else None),
-        ablation=st.ablation,
+        # The ablation of the winner shown, not of an earlier one.
+        ablation=st.ablation if st.ablation is not None and best is not None and feasible
+        and st.ablation.winner == best.number else None,
     )
 
 

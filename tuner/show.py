@@ -385,6 +385,9 @@ def trial_json(v: TrialRecord) -> dict[str, Any]:
         # The memory model's prediction (made before the trial) beside what the server reported.
         "memory": v.memory,
         "ran": v.ran or None,
+        # Drafting (speculative decoding): the greedy-output identity check, where it ran;
+        # drafted/accepted tokens are among the metrics.
+        "output_identity": v.identity,
         "datetime_start": v.datetime_start,
         "datetime_complete": v.datetime_complete,
         "metrics": v.flat(),

@@ -190,7 +190,15 @@ def prepare(o: TuneOptions, echo: Echo) -> _Prepared:
                 f"the longest prompt plus --num-predict needs about {need} tokens but the model's "
                 f"context is {info.context_length}: use shorter prompts or a smaller --num-predict"
             )
-        drafting = engine.drafting(model)
+        # Every variant must be able to draft: one that cannot would ignore the setting, and its
+        # effect would be put down to drafting.
+        drafts = {m: engine.drafting(m) for m in dict.fromkeys([model, *variants])}
+        drafting = drafts[model]
+        for m, d in drafts.items():
+            if not d.available:
+                drafting = dataclasses.replace(d, detail=d.detail if m == model else (
+                    f"variant {m}: {d.detail} (--param variant=TAG,... limited to variants that draft searches it)"))
+                break
         supported = engine.supported_params
         if not drafting.available:
             # A server or model that cannot draft never sees the drafting settings.
@@ -561,8 +569,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
                 if o.ablation:
                     ab = ablate(study, p.engine, p.workload, p.model, o.objectives[0], o.validate_rounds, echo,
                                 sampler_factory=runner._sampler)
-                    if ab is not None:
-                        study.set_user_attr(record.ABLATION, ab.to_dict())
+                    # None too: an ablation of an earlier winner must not outlive it.
+                    study.set_user_attr(record.ABLATION, ab.to_dict() if ab is not None else None)
         if o.roofline:
             _store_roofline(study, p)
         summary = results.summarise_study(study, o.objectives, shown_url(o.storage),

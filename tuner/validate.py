@@ -18,7 +18,7 @@ from tuner import objectives, results
 from tuner.engines.base import Engine
 from tuner.errors import LoadError, ServerError
 from tuner.measure import config_key, measure_config
-from tuner.record import TrialRecord
+from tuner.record import TrialRecord, fixed_settings
 from tuner.results import Speedup, Validated, Validation, changed_settings
 from tuner.stats import log_ci95, mean_ci95, overlaps
 from tuner.workload import Workload
@@ -175,7 +175,7 @@ def validate_top(
     if maximize and defaults is not None and defaults.number not in {t.number for t in top}:
         configs.append(defaults)
     space = st.attrs.get("space") or {}
-    fixed = frozenset(k for k, v in space.items() if isinstance(v, list) and len(v) == 1)
+    fixed = fixed_settings(space)
     entries = {t.number: Validated(t.number, changed=changed_settings(t, defaults, base_model, fixed))
                for t in configs}
     meter = Interleaved(engine, workload, base_model, sampler_factory)

@@ -121,6 +121,10 @@ class BenchRow:
     vram_mib: float | None
     tokens_per_joule: float | None
     speedup: float | None
+    #: Drafting: the share of drafted tokens accepted (None: no drafting statistics), and the
+    #: greedy-output identity check ("same", "differs" or "" where it did not run).
+    draft_acceptance: float | None = None
+    identity: str = ""
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,10 @@ def _pm(mean: float | None, sd: float | None) -> str:
     return "-" if mean is None else f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.0f}%"
+
+
 def _cell(v: float | None, digits: int) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
@@ -296,15 +304,18 @@ def _bench(s: StoredStudy, ranked: Sequence[TrialRecord], env: dict[str, Any], d
             decode_tps=_num(r.stat(DEFAULT_RATE)), decode_sd=_num(r.stat(DEFAULT_RATE, "sd")),
             prefill_tps=_num(r.stat(PREFILL_TPS)), prefill_sd=_num(r.stat(PREFILL_TPS, "sd")),
             ttft_ms_p95=_num(_TTFT_P95(r)), vram_mib=_num(r.vram_peak_mib),
-            tokens_per_joule=_num(r.tokens_per_joule), speedup=s.speedup(r)))
+            tokens_per_joule=_num(r.tokens_per_joule), speedup=s.speedup(r), draft_acceptance=r.draft_acceptance,
+            identity="" if not r.identity else ("differs" if r.output_changed else "same")))
     other = data.tps_metric not in (DEFAULT_RATE, PREFILL_TPS)
+    drafting = "draft_num_predict" in settings or any(r.draft_acceptance is not None or r.identity for r in rows)
     stage = any(r.stage for r in rows)
     speedup = any(r.speedup is not None for r in rows)
     columns = (["rank", "trial"] + (["stage"] if stage else []) + ["model", "size", "params", "quant", "backend"]
                + settings + ["decode tok/s", "prefill tok/s"] + ([f"{data.tps_label}"] if other else [])
-               + ["p95 TTFT ms", "VRAM MiB", "tokens/J"] + (["x defaults"] if speedup else []))
+               + ["p95 TTFT ms", "VRAM MiB", "tokens/J"] + (["drafts accepted", "greedy output"] if drafting else [])
+               + (["x defaults"] if speedup else []))
     numeric = [c in ("rank", "trial", "size", "decode tok/s", "prefill tok/s", data.tps_label, "p95 TTFT ms",
-                     "VRAM MiB", "tokens/J", "x defaults") for c in columns]
+                     "VRAM MiB", "tokens/J", "drafts accepted", "x defaults") for c in columns]
     cells = []
     for row, r in zip(rows, top):
         cells.append(
@@ -314,6 +325,7 @@ def _bench(s: StoredStudy, ranked: Sequence[TrialRecord], env: dict[str, Any], d
             + [_pm(row.decode_tps, row.decode_sd), _pm(row.prefill_tps, row.prefill_sd)]
             + ([_pm(_num(r.stat(data.tps_metric)), _num(r.stat(data.tps_metric, "sd")))] if other else [])
             + [_cell(row.ttft_ms_p95, 0), _cell(row.vram_mib, 0), _cell(row.tokens_per_joule, 3)]
+            + ([_pct(row.draft_acceptance), row.identity or "-"] if drafting else [])
             + (["-" if row.speedup is None else f"{row.speedup:.2f}x"] if speedup else []))
     md = ["| " + " | ".join(_md_cell(c) for c in columns) + " |",
           "| " + " | ".join("---:" if n else "---" for n in numeric) + " |"]
