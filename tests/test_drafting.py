@@ -96,6 +96,36 @@ def test_an_mtp_model_gets_the_axis_and_finds_the_draft_length() -> None:
         assert summary.best is not None and summary.best.options.get("draft_num_predict", 4) > 0
         # Ollama reports no drafting statistics: none are invented.
         assert all(r.draft_tokens is None and r.draft_acceptance is None for r in recs)
+    # The report draws decode against draft length per prompt (the baseline at Ollama's 4).
+    from tuner.report.data import build_data
+    from tuner.report.figures import draw
+    from tuner.storage import open_storage
+
+    data = build_data(results.load_study(open_storage(STORAGE), None), STORAGE)
+    pts = {(p.prompt, p.draft): p for p in data.drafting}
+    assert {d for _, d in pts} == set(range(9)) and {p for p, _ in pts} == {"code_edit"}
+    assert pts[("code_edit", 4)].decode_tps > 2 * pts[("code_edit", 0)].decode_tps
+    assert pts[("code_edit", 4)].requests > pts[("code_edit", 3)].requests  # the baseline drafts 4 too
+    assert "drafting" in [f.key for f in draw(data)]
+
+
+def test_the_drafting_series_splits_by_prompt() -> None:
+    from tuner.report.series import drafting_series
+
+    def rec(draft: int | None, prompt_rates: dict[str, float], accepted: int | None = None) -> record.TrialRecord:
+        samples = [RequestSample(p, i, 50.0, 1000.0, 100, 50.0, 64, 64 / rate * 1000, 0.1, 1100.0, "length",
+                                 draft_tokens=40 if accepted is not None else None, draft_accepted=accepted)
+                   for p, rate in prompt_rates.items() for i in range(2)]
+        options = {} if draft is None else {"draft_num_predict": draft}
+        return build_record("m.gguf", options, {}, samples)
+
+    series = drafting_series([rec(0, {"copy": 40.0, "chat": 40.0}), rec(4, {"copy": 100.0, "chat": 44.0}, 30),
+                              rec(None, {"copy": 40.0, "chat": 40.0})], engine_default=0)
+    by = {(p.prompt, p.draft): p for p in series}
+    assert by[("copy", 4)].decode_tps == pytest.approx(100.0) and by[("chat", 4)].decode_tps == pytest.approx(44.0)
+    assert by[("copy", 4)].acceptance == pytest.approx(0.75) and by[("copy", 0)].acceptance is None
+    assert by[("copy", 0)].requests == 4  # the config that sent none runs the engine's default, 0
+    assert drafting_series([rec(None, {"copy": 40.0})], engine_default=0) == []
 
 
 def test_a_model_without_mtp_never_sees_the_axis() -> None:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tuner.errors import StudyError
 from tuner.machine import SAME_GPU, SAME_HARDWARE, TIERS, Machine, match
-from tuner.record import ENGINE, IMPORTED_ENGINE, WARM_START, TrialRecord, WarmStartSource, warm_start_sources
+from tuner.record import (ENGINE, IMPORTED_ENGINE, WARM_START, TrialRecord, WarmStartSource, read_study_info,
+                          warm_start_sources)
 from tuner.space import SearchSpace
 
 #: The study attribute a warm start is kept in (:meth:`WarmStart.to_dict`).
@@ -155,9 +156,7 @@ def find_sources(storage: Any, exclude: str, model: str, variants: Sequence[str]
     found: list[tuple[int, str, str]] = []
     for s in storage.get_all_studies():
         a = s.user_attrs
-        # Another engine's or objective's winners answer another question.
-        if (s.study_name == exclude or not same_model(model, variants, a) or a.get("engine") != engine
-                or (a.get("objectives") or [None])[0] != objective):
+        if s.study_name == exclude or not same_model(model, variants, a) or not _same_question(a, engine, objective):
             continue
         how = match(machine, Machine.of(a))
         if how is not None:
@@ -169,6 +168,13 @@ def find_sources(storage: Any, exclude: str, model: str, variants: Sequence[str]
     return [(name, TIERS[tier]) for tier, _, name in chosen]
 
 
+def _same_question(attrs: Mapping[str, Any], engine: str, objective: str) -> bool:
+    """A stored study answers this study's question: same engine, same first objective
+    (another engine's or objective's winners answer another one)."""
+    info = read_study_info(attrs)
+    return info.engine_or_default == engine and info.objective == objective
+
+
 def no_source_reason(storage: Any, exclude: str, model: str, variants: Sequence[str], machine: Machine,
                      engine: str, objective: str) -> tuple[str, str]:
     """Why :func:`find_sources` found no study: (code, words)."""
@@ -178,8 +184,7 @@ def no_source_reason(storage: Any, exclude: str, model: str, variants: Sequence[
     same = [s for s in others if same_model(model, variants, s.user_attrs)]
     if not same:
         return OTHER_MODEL, f"no earlier study tuned {model} or a variant of it"
-    alike = [s for s in same if s.user_attrs.get("engine") == engine
-             and (s.user_attrs.get("objectives") or [None])[0] == objective]
+    alike = [s for s in same if _same_question(s.user_attrs, engine, objective)]
     if not alike:
         return OTHER_MODEL, (f"the earlier studies of {model} ran on another engine or ranked another objective "
                              f"than {engine} and {objective}")
@@ -347,13 +352,14 @@ def plan(source_storage: Any, study_name: str, model: str, space: SearchSpace, a
         how = match(machine, Machine.of(names[from_study].user_attrs))
         found = [(from_study, how or CHOSEN)]
     else:
-        found = find_sources(source_storage, study_name, model, variants, machine, str(attrs.get("engine")),
-                             str((attrs.get("objectives") or [""])[0]))
+        info = read_study_info(attrs)
+        found = find_sources(source_storage, study_name, model, variants, machine, info.engine_or_default,
+                             info.objective)
     ws = WarmStart()
     if not found:
-        ws.reason_code, ws.reason = no_source_reason(
-            source_storage, study_name, model, variants, machine, str(attrs.get("engine")),
-            str((attrs.get("objectives") or [""])[0]))
+        info = read_study_info(attrs)
+        ws.reason_code, ws.reason = no_source_reason(source_storage, study_name, model, variants, machine,
+                                                     info.engine_or_default, info.objective)
     import optuna
 
     for name, how in found:

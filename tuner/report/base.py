@@ -28,7 +28,7 @@ TELEMETRY_VIEWS: tuple[tuple[str, str, str | None, str, Any], ...] = (
 LOG_AXIS_RATIO = 10.0
 #: The figures in report order; a figure with no data says why in its place. "parameters"
 #: stands for the four parameter figures when there is no trial with searched settings at all.
-FIGURE_ORDER = ("history", "parameters", "effects", "importances", "parallel", "slices", "tradeoff", "power",
+FIGURE_ORDER = ("history", "parameters", "effects", "drafting", "importances", "parallel", "slices", "tradeoff", "power",
                 "vram", TOKENS_PER_JOULE, "prefill", "host", "timeline", "validation", "drift")
 
 

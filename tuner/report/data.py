@@ -23,8 +23,8 @@ from tuner.report.base import (
 )
 from tuner.report.first_screen import CostRow, FirstScreen, Header, _first_screen, _header, tuned_name
 from tuner.report.series import (
-    ParamAxis, TelemetryPoint, TelemetryView, TimelineRow, TrialPoint, TrialSeries, TrialValue, _per_trial, _search,
-    _telemetry, _timeline, best_so_far, log_axis,
+    DraftPoint, ParamAxis, TelemetryPoint, TelemetryView, TimelineRow, TrialPoint, TrialSeries, TrialValue, _per_trial,
+    _search, _telemetry, _timeline, best_so_far, drafting_series, log_axis,
 )
 from tuner.report.tables import (
     BenchRow, BenchTable, FailureRow, ImportRow, MemoryRow, PrunedRow, TopRow, TradeoffPoint, _bench, _failures,
@@ -119,6 +119,8 @@ class ReportData:
     tradeoff_log_y: bool = False
     #: Prefill tok/s (mean ± sd) of each measured trial, and its host telemetry.
     prefill: list[TrialValue] = field(default_factory=list)
+    #: Decode against draft length per workload prompt (studies that searched drafting).
+    drafting: list[DraftPoint] = field(default_factory=list)
     host: list[TrialSeries] = field(default_factory=list)
     timeline: list[TimelineRow] = field(default_factory=list)
     #: The figures with no data, each with why, in report order.
@@ -212,6 +214,7 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
     env = s.info.environment
     _telemetry(measured, data, env)
     _per_trial(measured, data)
+    data.drafting = drafting_series(measured, int((env.get("drafting") or {}).get("engine_default") or 0))
     data.drift = drift_series(s.info)
     data.timeline = _timeline(s.records)
     if not data.timeline:

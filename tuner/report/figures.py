@@ -147,6 +147,30 @@ def effects_figure(data: ReportData) -> go.Figure:
     return fig
 
 
+def drafting_figure(data: ReportData) -> go.Figure:
+    """Decode tok/s against draft length, one line per workload prompt."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for prompt in dict.fromkeys(p.prompt for p in data.drafting):
+        pts = [p for p in data.drafting if p.prompt == prompt]
+        fig.add_trace(go.Scatter(
+            x=[p.draft for p in pts], y=[p.decode_tps for p in pts], mode="lines+markers", name=prompt,
+            marker={"symbol": ["x" if p.changed_output else "circle" for p in pts], "size": 9},
+            error_y={"type": "data", "symmetric": False,
+                     "array": [(p.ci95[1] - p.decode_tps) if p.ci95 else 0.0 for p in pts],
+                     "arrayminus": [(p.decode_tps - p.ci95[0]) if p.ci95 else 0.0 for p in pts]},
+            text=[f"{p.requests} requests; " + ("no draft counts" if p.acceptance is None
+                                                else f"{p.acceptance:.0%} of drafts accepted")
+                  + ("; output changed" if p.changed_output else "") for p in pts],
+            hovertemplate="draft %{x}: %{y:.1f} tok/s<br>%{text}<extra>" + prompt + "</extra>",
+        ))
+    fig.update_layout(title="Decode tok/s by draft length", xaxis={"title": {"text": "draft_num_predict"},
+                                                                   "dtick": 1},
+                      yaxis_title="decode tok/s", legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
 def _as_category(axis: ParamAxis) -> bool:
     return not axis.numeric or len(axis.categories) <= MAX_NUMERIC_CATEGORIES
 
@@ -493,6 +517,13 @@ def draw(data: ReportData) -> list[NamedFigure]:
                 "effects", "Parameter effects", effects_figure(data),
                 f"{eff.n_trials} measured trials; per value, the {how} (open circles: measured once, no "
                 f"interval); the setting the verdict names is drawn in red. {MARGINAL}" + note))
+        if data.drafting:
+            figs.append(NamedFigure(
+                "drafting", "Decode against draft length, per workload prompt", drafting_figure(data),
+                "Every measured request of the trials at each draft length (0: no drafting), by prompt: "
+                "geometric mean and its 95% interval; hover for the accepted share of the drafts. Drafting "
+                "pays where the answer copies its prompt and little in free chat; a draft length whose greedy "
+                "output differed is marked (such configs are infeasible)." + note))
         if data.importances:
             figs.append(NamedFigure("importances", "Parameter importances", importances_figure(data),
                                     f"How much each setting explains the objective (PED-ANOVA) over "

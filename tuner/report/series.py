@@ -269,6 +269,57 @@ def _per_trial(measured: Sequence[TrialRecord], data: ReportData) -> None:
             "installed where the tuner ran, or no trial measured yet)."))
 
 
+@dataclass(frozen=True)
+class DraftPoint:
+    """Decode tok/s of one workload prompt at one draft length, over every request measured so."""
+
+    prompt: str
+    #: Tokens drafted per step (0: no drafting; a config that sent none runs the engine's default).
+    draft: int
+    #: Geometric mean of the per-request decode rates and its 95% interval (None: one request).
+    decode_tps: float
+    ci95: tuple[float, float] | None
+    requests: int
+    #: Accepted share of the drafted tokens (None: the engine reports no counts).
+    acceptance: float | None
+    #: Trials at this draft length whose greedy output differed with drafting.
+    changed_output: int = 0
+
+
+def drafting_series(measured: Sequence[TrialRecord], engine_default: int) -> list[DraftPoint]:
+    """Decode against draft length per workload prompt, from the raw samples of the measured
+    trials (contended ones left out); [] when no trial chose a draft length."""
+    from tuner.stats import log_ci95
+
+    if not any("draft_num_predict" in r.options for r in measured):
+        return []
+    rates: dict[tuple[str, int], list[float]] = {}
+    drafted: dict[tuple[str, int], list[int]] = {}
+    changed: dict[int, int] = {}
+    for r in measured:
+        if r.contended:
+            continue
+        draft = int(r.options.get("draft_num_predict", engine_default))
+        changed[draft] = changed.get(draft, 0) + int(r.output_changed)
+        for x in r.request_samples():
+            if x.eval_tokens > 0 and x.eval_ms > 0:
+                rates.setdefault((x.prompt, draft), []).append(x.decode_tps)
+            if x.draft_tokens:
+                d = drafted.setdefault((x.prompt, draft), [0, 0])
+                d[0] += x.draft_tokens
+                d[1] += x.draft_accepted or 0
+    out = []
+    for (prompt, draft), values in sorted(rates.items()):
+        if len(values) >= 2:
+            g, lo, hi = log_ci95(values)
+            ci: tuple[float, float] | None = (lo, hi)
+        else:
+            g, ci = values[0], None
+        d = drafted.get((prompt, draft))
+        out.append(DraftPoint(prompt, draft, g, ci, len(values), d[1] / d[0] if d else None, changed.get(draft, 0)))
+    return out
+
+
 def _timeline(records: Sequence[TrialRecord]) -> list[TimelineRow]:
     """Every finished trial from its start to its end, with its model (re)load time."""
     out = []
