@@ -287,11 +287,14 @@ def test_winner_revalidation_is_interleaved_and_stored(fake: FakeOllama, gpu: No
     assert val["winner"] == results.best_feasible(study).number
     for e in val["entries"]:
         assert len(e["values"]) == 2 and e["ci95"][0] <= e["mean"] <= e["ci95"][1]
-    # the last requests alternate configs: A B C A B C (each preceded by its warm-up)
+    # the last requests alternate configs, each round every config once, the order turned by one
+    # from round to round (A B C, B C A: no config always follows the same one); each is
+    # preceded by its warm-up
     measured = [g for g in fake.prompt_requests()[n_before:] if g["options"]["num_predict"] != 8]
     tail = [(g["options"].get("num_gpu"), g["options"].get("num_thread")) for g in measured[-12:]]
     per_round = [tail[i] for i in range(0, 12, 2)]
-    assert per_round[:3] == per_round[3:] and len(set(per_round[:3])) == 3
+    assert len(set(per_round[:3])) == 3 and set(per_round[:3]) == set(per_round[3:])
+    assert per_round[3:] == per_round[1:3] + per_round[:1]
 
 
 def test_roofline_is_stored_with_the_study(fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from tuner import objectives, results
 from tuner.engines.base import Engine
 from tuner.gains import Ablation, Ratio, SettingEffect, portable_record, portable_settings, revert_value, with_change
 from tuner.measure import config_key
-from tuner.record import TrialRecord, fixed_settings
+from tuner.record import TrialRecord, fixed_settings, user_fixed
 from tuner.validate import Interleaved, interleaved_rounds
 from tuner.workload import Workload
 
@@ -110,7 +110,7 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
                   combined=_combined(counted, w, list(reverted.values()), maximize))
     ab.portable = portable_settings(ab)
     # The config the default export writes, exactly (tuner/export.py select).
-    portable, _ = portable_record(winner, defaults, found, ab.portable, fixed, number=-201)
+    portable, _ = portable_record(winner, defaults, found, ab.portable, user_fixed(st.info), number=-201)
     pk = _key(portable)
     if pk in configs:
         ab.portable_vs_winner = ratio(pk, w, counted) if pk != w else None
@@ -122,6 +122,4 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
                                           "portable check")
         ab.portable_vs_winner, ab.portable_vs_defaults = ratio(pk, w, more), ratio(pk, d, more)
         ab.contended, ab.dropped = ab.contended + c2, ab.dropped + d2
-    for line in ab.lines(objectives.get(objective).label):
-        echo(line)
     return ab

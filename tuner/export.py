@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tuner import results
-from tuner.record import DECODE_TPS, PREFILL_TPS, TTFT_MS, TrialRecord, fixed_settings, read_study_info
+from tuner.record import DECODE_TPS, PREFILL_TPS, TTFT_MS, TrialRecord, read_study_info, user_fixed
 from tuner import gains, settings
 from tuner.errors import ExportError, SpaceError
 from tuner.terminal import printable, tune_command
@@ -136,7 +136,7 @@ def select(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple
     assert ab is not None
     kept = [*ab.portable, *(k for k in keep if k not in ab.portable)]
     changes = [e.change for e in ab.effects]
-    rec, out = gains.portable_record(v, s.baseline(), changes, kept, fixed_settings(s.attrs.get("space")))
+    rec, out = gains.portable_record(v, s.baseline(), changes, kept, user_fixed(s.info))
     effects = {e.change.setting: e.text(not ab.maximize) for e in ab.effects if e.change.setting in kept}
     by = {e.change.setting: e for e in ab.effects}
     left = [f"{k}={_show_value(val)} ({by[k].text(not ab.maximize)})" if how == "reverted"

@@ -255,8 +255,8 @@ class Ablation:
             together = both.times(low) if self.combined else f"{(1.0 / p if low else p):.2f}x"
             out.append(f"  together {together}; the winner measured {t.times(low)} the defaults: {verdict}")
         if self.portable_vs_winner is not None:
-            kept = ", ".join(self.portable) or "none (the defaults)"
-            out.append(f"  portable export (only {kept}): {self.portable_vs_winner.pct(low)} vs the full winner"
+            kept = ", ".join(self.portable) or "none"
+            out.append(f"  portable export (changes kept: {kept}): {self.portable_vs_winner.pct(low)} vs the full winner"
                        + ("" if self.portable_holds else ": distinguishably worse, so exports keep every setting"))
         return out
 

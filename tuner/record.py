@@ -801,6 +801,16 @@ def fixed_settings(space: Mapping[str, Any] | None) -> frozenset[str]:
     return frozenset(k for k, v in (space or {}).items() if isinstance(v, list) and len(v) == 1)
 
 
+def user_fixed(info: StudyInfo) -> frozenset[str]:
+    """The settings the study fixed because it was asked to (``--param k=v``, a space file,
+    ``--context``): :func:`fixed_settings` without the tuner's own pin of num_gpu to 0 on a
+    server that offloads nothing, which a portable export must not carry."""
+    fixed = fixed_settings(info.space)
+    if info.space.get("num_gpu") == [0] and info.gpu_offload_source != "--param num_gpu":
+        fixed -= {"num_gpu"}
+    return fixed
+
+
 def warm_start_sources(stored: Mapping[str, Any]) -> list[WarmStartSource]:
     """The sources of a stored warm start (the study attribute ``warm_start``)."""
     return [WarmStartSource(str(x.get("study")), str(x.get("match")))

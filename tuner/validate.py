@@ -60,8 +60,11 @@ def paired_speedup(rounds: Sequence[dict[int, float]], trial: int, baseline: int
 
 
 class Interleaved:
-    """Measures configs one after another, each with the workload once (A B C A B C ...),
-    loading a config (one discarded warm-up) only when it differs from what ran last.
+    """Measures configs one after another, each with the workload once, the order turned by one
+    each round (A B C, B C A, C A B ...) so that no config always follows the same one (a
+    config measured right after another inherits its warm caches or heat: a fixed order would
+    put that into every paired ratio); a config is loaded (one discarded warm-up) only when it
+    differs from what ran last.
 
     A config that fails to load or run is kept in ``errors`` and skipped from then on.
     """
@@ -71,6 +74,7 @@ class Interleaved:
         self.engine, self.base_model, self.sampler_factory = engine, base_model, sampler_factory
         self.one = dataclasses.replace(workload, repeats=1)
         self.loaded: Any = None
+        self._turn = 0
         #: Why a config could not be measured, by trial number.
         self.errors: dict[int, str] = {}
 
@@ -78,7 +82,9 @@ class Interleaved:
         """Each config once: its measurement's record by trial number; None as soon as one
         measurement was contended (other processes competed, per its telemetry)."""
         got: dict[int, TrialRecord] = {}
-        for t in configs:
+        k = self._turn % len(configs) if configs else 0
+        self._turn += 1
+        for t in [*configs[k:], *configs[:k]]:
             if t.number in self.errors:
                 continue
             # The baseline sends what it sent in the search: nothing, or only --context.
@@ -148,7 +154,7 @@ def validate_top(
     sampler_factory: Callable[[], Any] | None = None,
     max_rounds: int | None = None,
 ) -> Validation | None:
-    """Re-measure the top ``k`` feasible distinct configs in interleaved rounds (A B C A B C),
+    """Re-measure the top ``k`` feasible distinct configs in interleaved rounds (:class:`Interleaved`),
     with the defaults as one more config when the objective is a maximised rate.
 
     At least ``rounds`` rounds count; more follow, up to ``max_rounds``, until the leader's
