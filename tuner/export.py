@@ -139,7 +139,7 @@ def select(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple
     rec, out = gains.portable_record(v, s.baseline(), changes, kept, user_fixed(s.info))
     effects = {e.change.setting: e.text(not ab.maximize) for e in ab.effects if e.change.setting in kept}
     by = {e.change.setting: e for e in ab.effects}
-    left = [f"{k}={_show_value(val)} ({by[k].text(not ab.maximize)})" if how == "reverted"
+    left = [f"{k}={_show_value(val)} ({by[k].short(not ab.maximize)})" if how == "reverted"
             else f"{k}={_show_value(val)} (what the server gives by default)" for k, val, how in out]
     note = ("only the settings with a measured effect (or none measured: kept to be safe) and what the study "
             "fixed" + (f", and {', '.join(sorted(set(keep)))} (--keep)" if keep else "")

@@ -178,6 +178,14 @@ class SettingEffect:
             text += f"; alone on the defaults {self.alone.pct(lower_is_better)}"
         return text + ("" if self.reverted.distinguishable else ", not distinguishable from no effect")
 
+    def short(self, lower_is_better: bool = False) -> str:
+        """The change and its effect in the winner only, e.g. ``num_batch 512->64: -0.6% (95% CI
+        -3.7 .. +2.5%), no distinguishable effect``."""
+        if self.reverted is None:
+            return self.text(lower_is_better)
+        return (f"{self.change.text()}: {self.reverted.pct(lower_is_better)}"
+                + ("" if self.reverted.distinguishable else ", no distinguishable effect"))
+
     def to_dict(self) -> dict[str, Any]:
         return {"change": self.change.to_dict(), "reverted": self.reverted.to_dict() if self.reverted else None,
                 "alone": self.alone.to_dict() if self.alone else None, "error": self.error}
