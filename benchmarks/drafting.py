@@ -17,7 +17,7 @@ import math
 import tempfile
 from typing import Any
 
-from _common import load_average, now_iso
+from _common import load_average, now_iso, table
 
 from tuner import results
 from tuner.demo import demo_model_path
@@ -45,20 +45,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-predict", type=int, default=96)
     a = ap.parse_args(argv)
     drafts = [int(x) for x in a.draft.split(",")]
-    print(f"# drafting benchmark {now_iso()}, load average before {load_average()}")
-    print("workload  draft  n  decode tok/s (95% CI)      speed-up vs off (95% CI)  accepted  identical  contended")
+    print(f"{now_iso()}  drafting benchmark; load average {load_average()}")
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         storage = f"sqlite:///{tmp}/drafting.db"
         for workload in ("copy", "chat"):
             recs = _study(workload, drafts, a.repeats, a.num_predict, storage)
             by_draft: dict[int, list[float]] = {}
             info: dict[int, Any] = {}
+            busy: dict[int, int] = {}
             for r in recs:
                 k = int(r.options.get("draft_num_predict", 0))
+                if r.contended:  # measured while other processes competed: not a number to keep
+                    busy[k] = busy.get(k, 0) + 1
+                    continue
                 by_draft.setdefault(k, []).extend(r.per_request_values(DECODE_TPS))
                 info[k] = r
             off = by_draft.get(0)
-            for k in sorted(by_draft):
+            for k in sorted(set(by_draft) | set(busy)):
+                if k not in by_draft:
+                    rows.append([workload, k, 0, "contended only", "-", "-", "-", busy[k]])
+                    continue
                 g, lo, hi = log_ci95(by_draft[k])
                 ratio = "-"
                 if off and k:
@@ -67,10 +74,13 @@ def main(argv: list[str] | None = None) -> None:
                 r = info[k]
                 acc = "-" if r.draft_acceptance is None else f"{100 * r.draft_acceptance:.0f}% of {r.draft_tokens}"
                 ident = "-" if r.identity is None else ("yes" if r.identity["identical"] else
-                                                        f"NO @{r.identity.get('first_difference')}")
-                print(f"{workload:<9} {k:>5} {len(by_draft[k]):>2}  {g:6.1f} ({lo:5.1f}-{hi:5.1f})"
-                      f"{'':8}{ratio:<26}{acc:<10}{ident:<11}{r.contended}")
-    print(f"# load average after {load_average()}")
+                                                        f"NO, at character {r.identity.get('first_difference')}")
+                rows.append([workload, k, len(by_draft[k]), f"{g:.1f} ({lo:.1f}-{hi:.1f})", ratio, acc, ident,
+                             busy.get(k, 0)])
+    print(table(["workload", "draft", "requests", "decode tok/s (95% CI)", "vs off (95% CI)", "accepted",
+                 "same greedy output", "contended trials left out"], rows,
+                f"prompt-lookup drafting, Gemma 3 270M, 2 threads, {a.repeats} repeats, {a.num_predict} tokens"))
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":
