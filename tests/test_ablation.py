@@ -211,3 +211,22 @@ def test_an_objective_where_lower_is_better_reads_as_its_own_change() -> None:
     ab = gains.Ablation("ttft_p95", 3, 0, 3, [e], better, maximize=False, combined=better)
     text = "\n".join(ab.lines("p95 TTFT ms"))
     assert "lower is better" in text and "0.80x" in text and "-20.0%" in text
+
+
+def test_the_run_warnings_reach_every_view_once(summary: Any) -> None:
+    """What the run warned about before measuring is stored with the study: tune show and the
+    report's first screen carry it, and the run's own --json says it once."""
+    from tuner.report.data import build_data
+    from tuner.show import show_json
+
+    import shutil
+
+    st = read_study(optuna.load_study(study_name="known", storage=STORAGE))
+    assert st.info.run_warnings == summary.warnings
+    if shutil.which("nvidia-smi") is None:  # without NVML the run warns that it has no GPU telemetry
+        assert any(w.startswith("no NVIDIA GPU telemetry") for w in summary.warnings)
+    texts = [w["text"] for w in summary_json(summary)["warnings"]]
+    shown = [w["text"] for w in show_json(STORAGE, "known")["warnings"]]
+    first = [c.text for c in build_data(optuna.load_study(study_name="known", storage=STORAGE), STORAGE).first.warnings]
+    for w in summary.warnings:
+        assert texts.count(w) == 1 and shown.count(w) == 1 and first.count(w) == 1

@@ -105,7 +105,8 @@ def _single(st: StoredStudy, best: TrialRecord) -> Caveat | None:
 def study_caveats(st: StoredStudy, best: TrialRecord | None = None) -> list[Caveat]:
     """The caveats of a stored study whose feasible winner is ``best`` (None: nothing feasible,
     then only those of the study as a whole)."""
-    out = [c for c in [_contended(st)] if c is not None]
+    out = [run_caveat(w) for w in st.info.run_warnings]
+    out += [c for c in [_contended(st)] if c is not None]
     if best is None:
         return out
     speedup = _speedup(st, best)
@@ -130,5 +131,8 @@ def study_caveats(st: StoredStudy, best: TrialRecord | None = None) -> list[Cave
 
 
 def all_caveats(run_warnings: Iterable[str], caveats: Iterable[Caveat]) -> list[Caveat]:
-    """The run's own warnings (coded), then the study's caveats."""
-    return [*(run_caveat(w) for w in run_warnings), *caveats]
+    """The run's own warnings (coded), then the study's caveats (which hold the stored warnings
+    of the latest run: each said once)."""
+    caveats = list(caveats)
+    said = {c.text for c in caveats}
+    return [*(run_caveat(w) for w in run_warnings if w not in said), *caveats]

@@ -714,6 +714,8 @@ GPU_OFFLOAD_SOURCE, MEMORY_MODEL, CREATED_AT, CONTEXT, LIMITS = (
 VALIDATION, ROOFLINE, WARM_START, CHECKS = "validation", "roofline", "warm_start", "checks"
 #: Kept after the re-validation: what each of the winner's settings is worth (tuner/gains.py).
 ABLATION = "ablation"
+#: The warnings the latest run printed before measuring (no GPU telemetry, ...), for every view.
+RUN_WARNINGS = "run_warnings"
 
 #: The objective of a study that stored none, and the engine of one that stored none.
 DEFAULT_OBJECTIVE = DECODE_TPS
@@ -776,6 +778,8 @@ class StudyInfo:
     roofline: dict[str, Any] | None = None
     #: The one-factor ablation of the winner (tuner/gains.py Ablation.to_dict()).
     ablation: dict[str, Any] | None = None
+    #: What the latest run warned about before measuring (tuner/caveats.py codes them).
+    run_warnings: list[str] = field(default_factory=list)
     warm_start: dict[str, Any] | None = None
     checks: list[Any] = field(default_factory=list)
     #: The measured baseline trial's number; None without one, or when read without trials.
@@ -882,6 +886,7 @@ def read_study_info(source: Any) -> StudyInfo:
         validation=mapping(VALIDATION),
         roofline=mapping(ROOFLINE),
         ablation=mapping(ABLATION),
+        run_warnings=[str(w) for w in attrs.get(RUN_WARNINGS) or [] if isinstance(w, str)],
         warm_start=mapping(WARM_START),
         checks=list(checks) if isinstance(checks, list) else [],
         baseline=baseline,

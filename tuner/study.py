@@ -571,6 +571,8 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
                                 sampler_factory=runner._sampler)
                     # None too: an ablation of an earlier winner must not outlive it.
                     study.set_user_attr(record.ABLATION, ab.to_dict() if ab is not None else None)
+        # The run's warnings go with the study, so that show and the report carry them too.
+        study.set_user_attr(record.RUN_WARNINGS, list(p.warnings))
         if o.roofline:
             _store_roofline(study, p)
         summary = results.summarise_study(study, o.objectives, shown_url(o.storage),
