@@ -1,7 +1,9 @@
 """End-to-end with real inference: llama-cpp-python running the real Gemma 3 270M Q4_K_M GGUF.
 
 Run with ``pytest -m real``. Sized for a 2-core CPU (25-90 decode tok/s on one thread, 45-100 on
-two, by machine): short prompts, 32-48 generated tokens, few repeats; about a minute on an idle machine.
+two, by machine): short prompts, 32-48 generated tokens, few repeats; about 6 minutes on an idle
+2-core machine (356 s on 2026-12-07), most of it the fidelity check's quiet pairs and the
+ablation study's interleaved rounds.
 Timing checks use only measurements taken while other processes left the CPU alone.
 """
 
