@@ -18,9 +18,10 @@ from tuner import objectives, results
 from tuner.engines.base import Engine
 from tuner.errors import LoadError, ServerError
 from tuner.measure import config_key, measure_config
+from tuner.gains import Ratio
 from tuner.record import TrialRecord, fixed_settings
 from tuner.results import Speedup, Validated, Validation, changed_settings
-from tuner.stats import log_ci95, mean_ci95, overlaps
+from tuner.stats import mean_ci95, overlaps
 from tuner.workload import Workload
 
 #: How the intervals are computed, stored with the validation.
@@ -52,11 +53,8 @@ def _summarise(e: Validated) -> None:
 
 def paired_speedup(rounds: Sequence[dict[int, float]], trial: int, baseline: int) -> Speedup | None:
     """``trial`` over ``baseline`` from the rounds that measured both (None under 2 such rounds)."""
-    ratios = [r[trial] / r[baseline] for r in rounds if trial in r and baseline in r]
-    if len(ratios) < 2:
-        return None
-    g, lo, hi = log_ci95(ratios)
-    return Speedup(trial, baseline, g, (lo, hi), [round(x, 4) for x in ratios])
+    r = Ratio.of([r[trial] / r[baseline] for r in rounds if trial in r and baseline in r])
+    return None if r is None else Speedup(trial, baseline, r.ratio, r.ci95, list(r.ratios))
 
 
 class Interleaved:
