@@ -11,7 +11,6 @@ export recommends was itself measured. The record is :class:`tuner.gains.Ablatio
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Sequence
 

@@ -195,7 +195,7 @@ def build_data(source: Study | StoredStudy, storage: str | None = None) -> Repor
         maximize=direction == "maximize",
     )
     data.pruned_saved_s = sum(p.saved_s for p in data.pruned)
-    val = _validation(s, data, ranked)
+    _validation(s, data, ranked)
     best = s.best(ranked)
     feasible = best is not None
     if best is None:

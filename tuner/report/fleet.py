@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any
 
 from tuner import objectives
 from tuner.fleet import SPEEDUP_NOTE, Fleet, FleetRow, read_fleet
