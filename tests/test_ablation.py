@@ -104,7 +104,7 @@ STORAGE = ""
 
 
 def test_keep_names_a_setting() -> None:
-    with pytest.raises(export.ExportError, match="--keep num_thrad: not a setting"):
+    with pytest.raises(export.ExportError, match="^--keep num_thrad: not a setting; choose from variant, num_ctx, "):
         export.select(None, None, keep=("num_thrad",))
 
 

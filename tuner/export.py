@@ -112,9 +112,9 @@ def select(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple
     Without an ablation of this trial there is nothing to choose by: every setting is kept and
     the note says why.
     """
-    unknown = [k for k in keep if k not in settings.SETTINGS and k != "variant"]
+    unknown = [k for k in keep if k not in settings.SETTINGS]
     if unknown:
-        raise ExportError(f"--keep {unknown[0]}: not a setting; choose from variant, {', '.join(settings.SETTINGS)}")
+        raise ExportError(f"--keep {unknown[0]}: not a setting; choose from {', '.join(settings.SETTINGS)}")
     v = _view(trial)
     s = _stored(study)
     ab = s.ablation
