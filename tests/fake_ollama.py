@@ -48,7 +48,9 @@ Behaviour (all durations reported are synthetic integer nanoseconds; the server 
   ``1 + 0.12 k``, with acceptance ``a`` = 0.85 on a prompt that asks to copy (holds "copy" or a
   code fence) and 0.35 otherwise. Older versions (``version`` < 0.31) and models without MTP
   ignore the option. ``draft_changes_output=True`` makes drafting change the generated text (from
-  the ninth word on), to test the output-identity check.
+  the ninth word on), to test the output-identity check; an int N does so only for prompts of more
+  than N tokens (batched verification that differs from one token at a time only past some
+  context length, as llama.cpp's CPU kernels do: docs/drafting.md).
 
 Speed model (:func:`default_speed`), for a model with P parameters and quantization q::
 
@@ -821,7 +823,7 @@ class FakeOllama:
         host: str = "127.0.0.1",
         port: int = 0,
         speed_factor: float = 1.0,
-        draft_changes_output: bool = False,
+        draft_changes_output: bool | int = False,
     ) -> None:
         #: Both settable while the server runs: ``/api/version`` answers ``version``, and every
         #: config's decode and prefill rates are multiplied by ``speed_factor`` (0.8: 20% slower).
@@ -1598,7 +1600,8 @@ class FakeOllama:
         seed = int(opts["seed"])
         start = zlib.crc32(" ".join(tokens).encode()) ^ (seed if seed >= 0 else 0)
         words = [_VOCAB[zlib.crc32(b"%d:%d" % (start, i)) % len(_VOCAB)] for i in range(count)]
-        if draft and self.draft_changes_output:
+        changes = self.draft_changes_output
+        if draft and changes is not False and (changes is True or len(tokens) > changes):
             words = words[:8] + [_VOCAB[zlib.crc32(b"draft:%d:%d" % (start, i)) % len(_VOCAB)] for i in range(8, count)]
         pieces = [f" {w}" if i else w for i, w in enumerate(words)]
         prefill_ns = max(1, round(uncached / prefill_tps * 1e9)) if tokens else 0

@@ -3,6 +3,7 @@ measured, and checked for identical greedy output (docs/drafting.md)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import ollama
@@ -14,7 +15,7 @@ from tuner.engines.ollama import OllamaEngine, mtp_evidence, version_tuple
 from tuner.errors import SpaceError
 from tuner.metrics import RequestSample
 from tuner.record import build_record
-from tuner.runner import output_identity
+from tuner.runner import identity_text, output_identity
 from tuner.study import TuneOptions, run_study
 from tuner.workload import BUILTIN_WORKLOADS, builtin_prompts, workload_prompts
 
@@ -160,6 +161,8 @@ def test_a_config_that_changes_the_output_is_infeasible_with_that_cause() -> Non
         base = next(r for r in _records() if r.baseline)
         assert base.identity is not None and base.identity["identical"] is False and not base.feasible
         assert good.feasible and summary.best is not None and summary.best.options["draft_num_predict"] == 0
+        # Ollama's API gives no logits: no batched-scoring control is claimed.
+        assert "batched_scoring" not in bad.identity
         # The check ran once per drafting config, with greedy sampling and a fixed seed.
         checks = [r for r in fake.generate_requests() if r.get("stream") is False and r.get("prompt")]
         assert len(checks) == 4
@@ -177,6 +180,67 @@ def test_a_config_that_changes_the_output_is_infeasible_with_that_cause() -> Non
     assert "drafts accepted" in bench.columns and "greedy output" in bench.columns
     col = bench.columns.index("greedy output")
     assert {line[col] for line in bench.cells} <= {"same", "differs", "-"}
+
+
+def test_a_failed_check_runs_the_batched_scoring_control_and_says_what_it_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def control(self: Any, model: str, prompt: str, runner: dict[str, Any], predict: dict[str, Any]) -> dict[str, Any]:
+        calls.append(runner)
+        return {"batch": int(runner.get("draft_num_predict", 4)) + 1, "tokens": 8, "max_logit_difference": 0.8,
+                "flips_at_token": 3, "flip_batch": 2, "top_two_gap": 0.01}
+
+    monkeypatch.setattr(OllamaEngine, "batched_scoring", control)
+    with _fake(draft_changes_output=True) as fake:
+        run_study(_opts(fake, MTP, trials=3, params={"draft_num_predict": [0, 2], "num_thread": [4],
+                                                              "num_ctx": [2048], "num_batch": [512],
+                                                              "num_gpu": [0]}, sampler="grid"))
+        recs = {r.options.get("draft_num_predict"): r for r in _records() if not r.baseline}
+    bad = recs[2]
+    assert bad.identity is not None and bad.identity["batched_scoring"]["batch"] == 3
+    assert any("with no drafter at all, scoring the text without drafting in batches of 2 to 3 tokens" in v
+               and "generated token 3 (batches of 2;" in v for v in bad.violations), bad.violations
+    # Only the failed checks ran it (the defaults draft 4 and failed too; draft 0 is no check).
+    assert sorted(int(c.get("draft_num_predict", 4)) for c in calls) == [2, 4]
+
+
+def test_the_check_covers_the_longest_prompt_where_only_a_long_context_changes_the_output(
+        tmp_path: Any) -> None:
+    # Drafting changes the text only past 40 prompt tokens: the first prompt (short) keeps it,
+    # the longest does not; checking the first prompt alone would have called the config safe.
+    short, long = "Say hello.", " ".join(f"word{i}" for i in range(120))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"name": "short", "prompt": short}) + "\n"
+                       + json.dumps({"name": "long", "prompt": long}) + "\n")
+    with _fake(draft_changes_output=40) as fake:
+        run_study(_opts(fake, MTP, trials=3, prompts_file=str(prompts),
+                        params={"draft_num_predict": [0, 2], "num_thread": [4], "num_ctx": [2048],
+                                "num_batch": [512], "num_gpu": [0]}, sampler="grid"))
+        recs = {r.options.get("draft_num_predict"): r for r in _records() if not r.baseline}
+    bad = recs[2]
+    assert bad.identity is not None and bad.identity["identical"] is False, bad.identity
+    assert bad.identity["prompt"] == "long" and bad.identity["checked"] == ["short", "long"]
+    assert not bad.feasible and any("on prompt 'long'" in v for v in bad.violations)
+    assert recs[0].feasible and recs[0].identity is None
+
+
+def test_identity_text_names_the_cause_the_control_found() -> None:
+    ident = output_identity("chat", 2, "a b c.", "a b c d")
+    plain = identity_text(ident)
+    assert plain.startswith("drafting changed the output") and "batches" not in plain
+    ident["batched_scoring"] = {"batch": 3, "tokens": 64, "max_logit_difference": 1.19, "flips_at_token": 16,
+                                "flip_batch": 3, "top_two_gap": 0.009}
+    assert "already changes the greedy choice at generated token 16 (batches of 3; top two logits 0.009 apart" \
+        in identity_text(ident)
+    ident["batched_scoring"] = {"batch": 9, "tokens": 64, "max_logit_difference": 1.3, "flips_at_token": 16,
+                                "flip_batch": 8, "top_two_gap": 0.06,
+                                "max_logit_difference_by_batch": {str(b): 0.0 if b < 8 else 1.3 for b in range(2, 10)}}
+    assert identity_text(ident).endswith("batches of up to 7 tokens gave exactly the same logits, so "
+                                         "draft_num_predict <= 6 may keep the output (docs/drafting.md)")
+    ident["batched_scoring"] = {"batch": 3, "tokens": 64, "max_logit_difference": 0.0, "flips_at_token": None}
+    assert identity_text(ident).endswith("changes no greedy choice (logits differ by up to 0.0), so the drafting "
+                                         "itself changed it")
 
 
 def test_identity_record_and_draft_statistics_round_trip() -> None:

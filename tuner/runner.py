@@ -278,7 +278,7 @@ class _Runner:
     def _identity(self, model: str, runner: dict[str, Any] | None, server: dict[str, Any]) -> dict[str, Any] | None:
         """Check once per drafting config (the defaults too where the engine drafts by default)
         that greedy output with drafting equals the output without it, on the workload's first
-        prompt (None: the config does not draft)."""
+        prompt and its longest (None: the config does not draft)."""
         if "draft_num_predict" not in self.p.space:
             return None
         # No option sent (the baseline): the engine's own default (Ollama drafts 4 with MTP heads).
@@ -289,10 +289,27 @@ class _Runner:
         key = config_key(model, runner, server)
         if key not in self._identities:
             w = self.p.workload
-            prompt = w.prompts[0]
+            # The first prompt, and the longest: whether batched verification matches one token at
+            # a time can depend on how long the context is (docs/drafting.md).
+            prompts = [w.prompts[0]]
+            longest = max(w.prompts, key=lambda p: len(p.text))
+            if longest.text != prompts[0].text:
+                prompts.append(longest)
             predict = {**w.predict_options(), "temperature": 0.0, "seed": w.seed}
-            pair = self.p.engine.greedy_pair(model, prompt.text, dict(runner or {}), predict)
-            self._identities[key] = None if pair is None else output_identity(prompt.name, draft, *pair)
+            found: dict[str, Any] | None = None
+            for prompt in prompts:
+                pair = self.p.engine.greedy_pair(model, prompt.text, dict(runner or {}), predict)
+                if pair is None:
+                    break
+                found = output_identity(prompt.name, draft, *pair)
+                found["checked"] = [p.name for p in prompts[:prompts.index(prompt) + 1]]
+                if not found["identical"]:
+                    # Where the text differs, say whether batching alone (no drafter) does it.
+                    control = self.p.engine.batched_scoring(model, prompt.text, dict(runner or {}), predict)
+                    if control is not None:
+                        found["batched_scoring"] = control
+                    break
+            self._identities[key] = found
         return self._identities[key]
 
     def _predict(self, trial: Any, rec: TrialRecord) -> dict[str, Any] | None:
@@ -421,8 +438,37 @@ def output_identity(prompt: str, draft: int, with_draft: str, without: str) -> d
 
 
 def identity_text(identity: dict[str, Any]) -> str:
-    """The violation of a failed identity check, in words."""
-    return (f"drafting changed the output: greedy text on prompt '{identity.get('prompt')}' with "
+    """The violation of a failed identity check, in words, with what the batched-scoring control
+    says of its cause where it ran."""
+    text = (f"drafting changed the output: greedy text on prompt '{identity.get('prompt')}' with "
             f"draft_num_predict={identity.get('draft_num_predict')} differs from the text without drafting "
             f"at character {identity.get('first_difference')} ({identity.get('with_draft')!r} vs "
             f"{identity.get('without')!r})")
+    control = identity.get("batched_scoring")
+    if not isinstance(control, dict):
+        return text
+    sizes = f"batches of 2 to {control.get('batch')} tokens (the sizes one verification evaluates)"
+    if control.get("flips_at_token") is None:
+        return (text + f"; scoring the text without drafting in {sizes} changes no greedy choice (logits differ "
+                f"by up to {control.get('max_logit_difference')}), so the drafting itself changed it")
+    text += (f"; with no drafter at all, scoring the text without drafting in {sizes} already changes "
+             f"the greedy choice at generated token {control.get('flips_at_token')} (batches of "
+             f"{control.get('flip_batch')}; top two logits {control.get('top_two_gap')} apart): the engine "
+             "computes a batch with other arithmetic than one token at a time")
+    exact = _exact_batches(control.get("max_logit_difference_by_batch"))
+    if exact:
+        text += (f"; batches of up to {exact} tokens gave exactly the same logits, so draft_num_predict <= "
+                 f"{exact - 1} may keep the output")
+    return text + " (docs/drafting.md)"
+
+
+def _exact_batches(by_size: Any) -> int:
+    """The largest batch size up to which every size from 2 scored bit-identically (0: none)."""
+    if not isinstance(by_size, dict):
+        return 0
+    exact = 0
+    for size in range(2, 2 + len(by_size)):
+        if by_size.get(str(size)) != 0.0:
+            break
+        exact = size
+    return exact

@@ -122,6 +122,14 @@ class Engine(ABC):
         output-identity check; None when the engine cannot produce both."""
         return None
 
+    def batched_scoring(self, model: str, prompt: str, runner_options: dict[str, Any],
+                        predict_options: dict[str, Any]) -> dict[str, Any] | None:
+        """The control of a failed identity check: the greedy text without drafting scored again
+        in batches as large as a verification (draft length + 1), with no drafter at all; where
+        a batch's greedy choice differs from the one-token-at-a-time choice, the engine's batched
+        arithmetic alone changes the output. None when the engine gives no logits."""
+        return None
+
     def snapshot_loaded(self) -> None:
         """Remember what the server has loaded now, so ``restore_loaded`` can leave it so."""
 

@@ -734,5 +734,56 @@ class LlamaCppEngine(Engine):
             texts.append(str(out["choices"][0]["text"]))
         return texts[0], texts[1]
 
+    def batched_scoring(self, model: str, prompt: str, runner_options: dict[str, Any],
+                        predict_options: dict[str, Any]) -> dict[str, Any] | None:
+        """Score the greedy text without drafting again in batches of every size one verification
+        can evaluate (2 to draft length + 1) with no drafter, and compare each position's logits
+        and greedy choice with those made token by token (a drafting load keeps every position's
+        logits)."""
+        dc = draft_config(runner_options)
+        if dc is None:
+            return None
+        import numpy as np
+
+        self._ready(model, runner_options)
+        llm = self._llm
+        completion = {_PREDICT[k]: v for k, v in predict_options.items() if k in _PREDICT}
+        llm.draft_model = None
+        llm.reset()
+        by_size: dict[str, float] = {}
+        flip: tuple[int, int] | None = None  # (generated token, batch size)
+        try:
+            out = llm.create_completion(prompt, **completion)
+            n_prompt, n = int(out["usage"]["prompt_tokens"]), int(llm.n_tokens)
+            tokens = [int(t) for t in llm.input_ids[:n]]
+            # Row i predicts token i + 1: from the prompt's last token to the last one fed back.
+            one_by_one = np.array(llm.scores[n_prompt - 1:n], dtype=np.float32)
+            picks = one_by_one.argmax(axis=1)
+            for size in range(2, dc[0] + 2):
+                llm.reset()
+                llm.eval(tokens[:n_prompt])
+                for i in range(n_prompt, n, size):
+                    llm.eval(tokens[i:i + size])
+                batched = np.array(llm.scores[n_prompt - 1:n], dtype=np.float32)
+                by_size[str(size)] = round(float(np.abs(one_by_one - batched).max()), 4)
+                differ = np.nonzero(batched.argmax(axis=1) != picks)[0]
+                if len(differ) and (flip is None or int(differ[0]) < flip[0]):
+                    flip = (int(differ[0]), size)
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise LoadError(f"llama.cpp failed to score {model} in batches: {e}") from None
+        finally:
+            llm.reset()
+        result: dict[str, Any] = {
+            "batch": dc[0] + 1, "tokens": int(len(picks)),
+            "max_logit_difference": max(by_size.values(), default=0.0),
+            "max_logit_difference_by_batch": by_size,
+            "flips_at_token": None if flip is None else flip[0],
+        }
+        if flip is not None:
+            row = np.sort(one_by_one[flip[0]])
+            result["flip_batch"] = flip[1]
+            result["top_two_gap"] = round(float(row[-1] - row[-2]), 4)
+        return result
+
     def close(self) -> None:
         self._unload()
