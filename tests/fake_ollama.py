@@ -50,7 +50,9 @@ Behaviour (all durations reported are synthetic integer nanoseconds; the server 
   ignore the option. ``draft_changes_output=True`` makes drafting change the generated text (from
   the ninth word on), to test the output-identity check; an int N does so only for prompts of more
   than N tokens (batched verification that differs from one token at a time only past some
-  context length, as llama.cpp's CPU kernels do: docs/drafting.md).
+  context length, as llama.cpp's CPU kernels do: docs/drafting.md); a callable ``f(options)`` only
+  where it returns True for the request's options (output kept only with some setting, as
+  llama.cpp's flash attention keeps it for short batches).
 
 Speed model (:func:`default_speed`), for a model with P parameters and quantization q::
 
@@ -823,7 +825,7 @@ class FakeOllama:
         host: str = "127.0.0.1",
         port: int = 0,
         speed_factor: float = 1.0,
-        draft_changes_output: bool | int = False,
+        draft_changes_output: bool | int | Callable[[dict[str, Any]], bool] = False,
     ) -> None:
         #: Both settable while the server runs: ``/api/version`` answers ``version``, and every
         #: config's decode and prefill rates are multiplied by ``speed_factor`` (0.8: 20% slower).
@@ -1601,6 +1603,8 @@ class FakeOllama:
         start = zlib.crc32(" ".join(tokens).encode()) ^ (seed if seed >= 0 else 0)
         words = [_VOCAB[zlib.crc32(b"%d:%d" % (start, i)) % len(_VOCAB)] for i in range(count)]
         changes = self.draft_changes_output
+        if callable(changes):
+            changes = bool(changes(opts))
         if draft and changes is not False and (changes is True or len(tokens) > changes):
             words = words[:8] + [_VOCAB[zlib.crc32(b"draft:%d:%d" % (start, i)) % len(_VOCAB)] for i in range(8, count)]
         pieces = [f" {w}" if i else w for i, w in enumerate(words)]

@@ -151,6 +151,22 @@ def test_a_setting_whose_effect_was_not_measured_is_kept() -> None:
     assert "not measured, kept (did not fit" in failed.text()
 
 
+def test_a_portable_config_that_could_not_run_is_no_export() -> None:
+    """A portable config that failed to load or changed the greedy output keeps every setting."""
+    c = gains.Change("num_batch", 512, 256)
+    ab = gains.Ablation("decode_tps", 3, 0, 3, [gains.SettingEffect(c, gains.Ratio.of([1.0, 1.01, 0.99]))],
+                        portable_error="drafting changed the output: greedy text on prompt 'chat' ...")
+    assert not ab.portable_holds
+    assert any("not measured (drafting changed the output" in line and "exports keep every setting" in line
+               for line in ab.lines("decode tok/s"))
+    back = gains.Ablation.from_dict(json.loads(json.dumps(ab.to_dict())))
+    assert back is not None and back.portable_error == ab.portable_error and not back.portable_holds
+    # An older record without the field reads as none.
+    old = ab.to_dict()
+    del old["portable_error"]
+    assert gains.Ablation.from_dict(old).portable_error is None
+
+
 def test_prompt_lookup_drafting_never_goes_into_an_ollama_export() -> None:
     """A llama-cpp study's draft_num_predict is llama.cpp's prompt lookup, not Ollama's MTP option."""
     from optuna.trial import create_trial

@@ -15,7 +15,7 @@ from tuner.engines.ollama import OllamaEngine, mtp_evidence, version_tuple
 from tuner.errors import SpaceError
 from tuner.metrics import RequestSample
 from tuner.record import build_record
-from tuner.runner import identity_text, output_identity
+from tuner.identity import compare as output_identity, text as identity_text
 from tuner.study import TuneOptions, run_study
 from tuner.workload import BUILTIN_WORKLOADS, builtin_prompts, workload_prompts
 
@@ -282,3 +282,39 @@ def test_the_engine_reports_what_the_server_can_draft() -> None:
                 is not None
         finally:
             engine.close()
+
+
+def test_a_setting_that_keeps_drafting_identical_is_kept_by_the_ablation_and_the_export(tmp_path: Any) -> None:
+    # Drafting keeps the greedy output only with num_batch 256 (as llama.cpp's flash attention keeps
+    # it for short batches): reverting num_batch alone from the winner changes the output, so the
+    # ablation must not measure that config as if it were a candidate, and the portable export must
+    # keep num_batch however small its effect on speed.
+    from tuner import export
+
+    storage = f"sqlite:///{tmp_path / 'keep.db'}"
+    with _fake(draft_changes_output=lambda o: o.get("num_batch") != 256) as fake:
+        echoed: list[str] = []
+        summary = run_study(_opts(fake, MTP, trials=6, storage=storage, study_name="keep", sampler="grid",
+                                  prune=False, validate=2, validate_rounds=3, warm_start=False,
+                                  params={"draft_num_predict": [0, 4], "num_batch": [256, 512], "num_thread": [4],
+                                          "num_ctx": [2048], "num_gpu": [0]}), echo=echoed.append)
+    best = summary.best
+    assert best is not None and best.options["draft_num_predict"] == 4 and best.options["num_batch"] == 256
+    from tuner.storage import open_storage
+
+    ab = results.read_study(results.load_study(open_storage(storage), "keep")).ablation
+    assert ab is not None and ab.winner == best.number
+    batch = ab.effect("num_batch")
+    assert batch is not None and batch.reverted is None and batch.kept
+    assert batch.error is not None and batch.error.startswith("drafting changed the output"), batch.error
+    assert "num_batch" in ab.portable and ab.portable_error is None
+    assert any("num_batch auto->256: not measured, kept (drafting changed the output" in line
+               for line in ab.lines("decode tok/s"))
+    # Reverting draft_num_predict sends none: the server drafts its default 4, the same config.
+    draft = ab.effect("draft_num_predict")
+    assert draft is not None and draft.reverted is not None and not draft.kept
+    text = export.export(storage, "keep", "modelfile").text
+    assert "PARAMETER num_batch 256" in text, text
+    # The defaults are faster here but change the output: never recommended.
+    assert summary.baseline is not None and not summary.baseline.feasible
+    assert any("the defaults are infeasible" in line for line in echoed)

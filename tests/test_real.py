@@ -410,7 +410,7 @@ def test_prompt_lookup_drafting_is_measured_and_keeps_the_output(gguf: str, tmp_
     # draft length here must keep the greedy output.
     from tuner import record, results
     from tuner.options import TuneOptions
-    from tuner.runner import identity_text
+    from tuner.identity import text as identity_text
     from tuner.storage import open_storage
     from tuner.study import run_study
 
@@ -444,7 +444,7 @@ def test_batched_scoring_control_agrees_with_the_identity_check(gguf: str, flash
     # Issue 24: drafting changes the greedy text only through batched verification, so a text that
     # changed must come with batched logits that differ, and batched logits identical to
     # one-at-a-time ones must come with an unchanged text.
-    from tuner.runner import identity_text, output_identity
+    from tuner.identity import compare as output_identity, text as identity_text
     from tuner.workload import builtin_prompts
 
     engine = LlamaCppEngine(models=[gguf])

@@ -44,9 +44,12 @@ def _combined(rows: Sequence[dict[tuple[Any, ...], float]], w: tuple[Any, ...], 
 
 
 def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, objective: str, rounds: int,
-           echo: Callable[[str], None], sampler_factory: Callable[[], Any] | None = None) -> Ablation | None:
+           echo: Callable[[str], None], sampler_factory: Callable[[], Any] | None = None,
+           check: Callable[[TrialRecord], str | None] | None = None) -> Ablation | None:
     """Measure what each of the re-validated winner's settings is worth; None when there is no
-    re-validated winner other than the defaults, or nothing changed."""
+    re-validated winner other than the defaults, or nothing changed. ``check`` refuses a config
+    before it is measured (why, or None): the output-identity check of a drafting study, so a
+    setting whose removal changes the greedy output counts as needed, never as worthless."""
     st = results.read_study(study)
     val, defaults = st.validation, st.baseline()
     if val is None or val.winner is None or defaults is None or val.winner == defaults.number or rounds < 2:
@@ -72,7 +75,13 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
             a = with_change(defaults, c, c.value, -101 - i)
             alone[c.setting] = _key(a)
             configs.setdefault(_key(a), a)
-    meter = Interleaved(engine, workload, base_model, sampler_factory)
+    ran = {winner.number, defaults.number}
+
+    def refuse(t: TrialRecord) -> str | None:
+        # The winner passed in the search; the defaults are the reference whatever they do.
+        return None if check is None or t.number in ran else check(t)
+
+    meter = Interleaved(engine, workload, base_model, sampler_factory, refuse)
     measured = list(configs.values())
 
     def measure_round(todo: Sequence[TrialRecord]) -> Callable[[], dict[tuple[Any, ...], float] | None]:
@@ -114,6 +123,7 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
     if pk in configs:
         ab.portable_vs_winner = ratio(pk, w, counted) if pk != w else None
         ab.portable_vs_defaults = ratio(pk, d, counted) if pk != d else None
+        failed = next((t.number for t in measured if _key(t) == pk and t.number in meter.errors), None)
     else:
         echo(f"measuring the portable config (only {', '.join(ab.portable) or 'what the study fixed'}) against "
              f"#{winner.number} over {rounds} interleaved rounds ...")
@@ -121,4 +131,8 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
                                           "portable check")
         ab.portable_vs_winner, ab.portable_vs_defaults = ratio(pk, w, more), ratio(pk, d, more)
         ab.contended, ab.dropped = ab.contended + c2, ab.dropped + d2
+        failed = portable.number if portable.number in meter.errors else None
+    if failed is not None:
+        # A portable config that fails to load or changes the output is no export.
+        ab.portable_error = meter.errors[failed]
     return ab

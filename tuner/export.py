@@ -128,6 +128,9 @@ def select(trial: TrialLike, study: Any, all_settings: bool = False, keep: tuple
                "re-validation and the ablation: --validate 2 or more, --ablation)")
     elif ab.winner != v.number:
         why = f"every setting of the trial: what each one is worth was measured for #{ab.winner}, not this trial"
+    elif ab.portable_error is not None:
+        why = ("every setting of the trial: the config with only the settings that count alone was not measured: "
+               + ab.portable_error)
     elif not ab.portable_holds:
         why = ("every setting of the trial: with only the settings that count alone it measured "
                "distinguishably slower (the settings interact)")

@@ -220,6 +220,9 @@ class Ablation:
     #: The per-setting effects multiplied round by round (summed on the log scale), with an
     #: interval: what the settings give if each acts alone.
     combined: Ratio | None = None
+    #: Why the portable config could not be measured (it failed to load, or its drafting changed
+    #: the greedy output): exports then keep every setting.
+    portable_error: str | None = None
 
     def effect(self, setting: str) -> SettingEffect | None:
         return next((e for e in self.effects if e.change.setting == setting), None)
@@ -245,9 +248,9 @@ class Ablation:
 
     @property
     def portable_holds(self) -> bool:
-        """The portable config is not distinguishably worse than the winner."""
+        """The portable config ran and is not distinguishably worse than the winner."""
         r = self.portable_vs_winner
-        return r is None or r.ci95[1] >= 1.0
+        return self.portable_error is None and (r is None or r.ci95[1] >= 1.0)
 
     def lines(self, label: str) -> list[str]:
         """What each setting is worth, in words, for every view."""
@@ -262,7 +265,10 @@ class Ablation:
             both = self.combined or Ratio(p, (p, p))
             together = both.times(low) if self.combined else f"{(1.0 / p if low else p):.2f}x"
             out.append(f"  together {together}; the winner measured {t.times(low)} the defaults: {verdict}")
-        if self.portable_vs_winner is not None:
+        if self.portable_error is not None:
+            out.append(f"  portable export (changes kept: {', '.join(self.portable) or 'none'}): not measured "
+                       f"({self.portable_error}), so exports keep every setting")
+        elif self.portable_vs_winner is not None:
             kept = ", ".join(self.portable) or "none"
             out.append(f"  portable export (changes kept: {kept}): {self.portable_vs_winner.pct(low)} vs the full winner"
                        + ("" if self.portable_holds else ": distinguishably worse, so exports keep every setting"))
@@ -270,7 +276,7 @@ class Ablation:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("objective", "winner", "baseline", "rounds", "portable", "contended",
-                                            "dropped", "maximize")}
+                                            "dropped", "maximize", "portable_error")}
         d["effects"] = [e.to_dict() for e in self.effects]
         for k in ("total", "portable_vs_winner", "portable_vs_defaults", "combined"):
             r = getattr(self, k)
@@ -289,7 +295,8 @@ class Ablation:
                        Ratio.from_dict(d.get("total")), [str(x) for x in d.get("portable") or []],
                        Ratio.from_dict(d.get("portable_vs_winner")), Ratio.from_dict(d.get("portable_vs_defaults")),
                        int(d.get("contended") or 0), int(d.get("dropped") or 0), bool(d.get("maximize", True)),
-                       Ratio.from_dict(d.get("combined")))
+                       Ratio.from_dict(d.get("combined")),
+                       str(d["portable_error"]) if d.get("portable_error") else None)
         except (KeyError, TypeError, ValueError, IndexError):
             return None
 

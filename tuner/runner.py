@@ -9,7 +9,7 @@ import platform
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from tuner import objectives, record
+from tuner import identity, objectives, record
 from tuner.errors import LoadError, ServerError, ServerHungError, StoppedError, TrialFailedError
 from tuner.leaderboard import Leaderboard, TrialCache
 from tuner.machine import hardware_fingerprint
@@ -272,13 +272,12 @@ class _Runner:
             # Same keys on every trial of a drafting study: 1 where drafting changed the output.
             values[record.OUTPUT_IDENTITY] = 1.0 if load_failed or rec.output_changed else 0.0
             if rec.output_changed and not load_failed:
-                out.append(identity_text(rec.identity or {}))
+                out.append(identity.text(rec.identity or {}))
         return values, out
 
     def _identity(self, model: str, runner: dict[str, Any] | None, server: dict[str, Any]) -> dict[str, Any] | None:
-        """Check once per drafting config (the defaults too where the engine drafts by default)
-        that greedy output with drafting equals the output without it, on the workload's first
-        prompt and its longest (None: the config does not draft)."""
+        """The output-identity check of a drafting config, once per config (the defaults too
+        where the engine drafts by default); None: the config does not draft."""
         if "draft_num_predict" not in self.p.space:
             return None
         # No option sent (the baseline): the engine's own default (Ollama drafts 4 with MTP heads).
@@ -288,29 +287,16 @@ class _Runner:
             return None
         key = config_key(model, runner, server)
         if key not in self._identities:
-            w = self.p.workload
-            # The first prompt, and the longest: whether batched verification matches one token at
-            # a time can depend on how long the context is (docs/drafting.md).
-            prompts = [w.prompts[0]]
-            longest = max(w.prompts, key=lambda p: len(p.text))
-            if longest.text != prompts[0].text:
-                prompts.append(longest)
-            predict = {**w.predict_options(), "temperature": 0.0, "seed": w.seed}
-            found: dict[str, Any] | None = None
-            for prompt in prompts:
-                pair = self.p.engine.greedy_pair(model, prompt.text, dict(runner or {}), predict)
-                if pair is None:
-                    break
-                found = output_identity(prompt.name, draft, *pair)
-                found["checked"] = [p.name for p in prompts[:prompts.index(prompt) + 1]]
-                if not found["identical"]:
-                    # Where the text differs, say whether batching alone (no drafter) does it.
-                    control = self.p.engine.batched_scoring(model, prompt.text, dict(runner or {}), predict)
-                    if control is not None:
-                        found["batched_scoring"] = control
-                    break
-            self._identities[key] = found
+            self._identities[key] = identity.check(self.p.engine, self.p.workload, model, dict(runner or {}), draft)
         return self._identities[key]
+
+    def identity_violation(self, t: TrialRecord) -> str | None:
+        """Why the config of ``t`` (one the search did not run, e.g. the ablation's) may not be
+        measured: its drafting changes the greedy output; None when it keeps it or does not draft.
+        The engine must have ``t``'s server settings in place."""
+        runner = (t.options or None) if t.baseline else t.options
+        found = self._identity(t.model or self.p.model, runner, t.effective_server)
+        return identity.text(found) if found is not None and not found["identical"] else None
 
     def _predict(self, trial: Any, rec: TrialRecord) -> dict[str, Any] | None:
         """The memory model's prediction for this config from the evidence so far (None
@@ -425,50 +411,3 @@ def _machine_check(p: _Prepared) -> str:
     return f"machine check: quiet ({_busy_text(busy)})"
 
 
-def output_identity(prompt: str, draft: int, with_draft: str, without: str) -> dict[str, Any]:
-    """The stored identity check: whether the texts match and, where not, where they part."""
-    out: dict[str, Any] = {"identical": with_draft == without, "prompt": prompt, "draft_num_predict": draft,
-                           "chars": len(without), "temperature": 0.0}
-    if with_draft != without:
-        i = next((k for k, (a, b) in enumerate(zip(with_draft, without)) if a != b), min(len(with_draft), len(without)))
-        out["first_difference"] = i
-        out["with_draft"] = with_draft[max(0, i - 30):i + 30]
-        out["without"] = without[max(0, i - 30):i + 30]
-    return out
-
-
-def identity_text(identity: dict[str, Any]) -> str:
-    """The violation of a failed identity check, in words, with what the batched-scoring control
-    says of its cause where it ran."""
-    text = (f"drafting changed the output: greedy text on prompt '{identity.get('prompt')}' with "
-            f"draft_num_predict={identity.get('draft_num_predict')} differs from the text without drafting "
-            f"at character {identity.get('first_difference')} ({identity.get('with_draft')!r} vs "
-            f"{identity.get('without')!r})")
-    control = identity.get("batched_scoring")
-    if not isinstance(control, dict):
-        return text
-    sizes = f"batches of 2 to {control.get('batch')} tokens (the sizes one verification evaluates)"
-    if control.get("flips_at_token") is None:
-        return (text + f"; scoring the text without drafting in {sizes} changes no greedy choice (logits differ "
-                f"by up to {control.get('max_logit_difference')}), so the drafting itself changed it")
-    text += (f"; with no drafter at all, scoring the text without drafting in {sizes} already changes "
-             f"the greedy choice at generated token {control.get('flips_at_token')} (batches of "
-             f"{control.get('flip_batch')}; top two logits {control.get('top_two_gap')} apart): the engine "
-             "computes a batch with other arithmetic than one token at a time")
-    exact = _exact_batches(control.get("max_logit_difference_by_batch"))
-    if exact:
-        text += (f"; batches of up to {exact} tokens gave exactly the same logits, so draft_num_predict <= "
-                 f"{exact - 1} may keep the output")
-    return text + " (docs/drafting.md)"
-
-
-def _exact_batches(by_size: Any) -> int:
-    """The largest batch size up to which every size from 2 scored bit-identically (0: none)."""
-    if not isinstance(by_size, dict):
-        return 0
-    exact = 0
-    for size in range(2, 2 + len(by_size)):
-        if by_size.get(str(size)) != 0.0:
-            break
-        exact = size
-    return exact

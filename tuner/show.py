@@ -68,7 +68,12 @@ def speedup_text(s: results.StudySummary, short: bool = False) -> str:
     w = s.winner_speedup
     defaults = results.defaults_name(s.engine)
     if isinstance(w, results.Speedup):
-        return w.describe(objectives.label(s.objectives[0]), defaults)
+        text = w.describe(objectives.label(s.objectives[0]), defaults)
+        b = s.baseline
+        if b is not None and not b.feasible and w.ci95[1] < 1.0:
+            # Slower than defaults that break a limit: say why those are no choice.
+            text += printable(f": the defaults are faster but infeasible ({'; '.join(b.violations) or b.error})")
+        return text
     if isinstance(w, results.NoSpeedup) and w.reason == results.DEFAULTS_WON:
         # "1.00x vs the defaults" would read as a measured gain of nothing: say what it means.
         if s.only_contended:
@@ -77,7 +82,8 @@ def speedup_text(s: results.StudySummary, short: bool = False) -> str:
         val = results.Validation.from_dict(s.validation) if s.validation else None
         if val is not None and val.defaults_won and val.speedup is not None:
             sp = val.speedup
-            return (f"the {defaults} are as fast as the best tuned config (#{sp.trial}: {sp.ratio:.2f}x, 95% CI "
+            faster = "faster than" if sp.ci95[1] < 1.0 else "as fast as"
+            return (f"the {defaults} are {faster} the best tuned config (#{sp.trial}: {sp.ratio:.2f}x, 95% CI "
                     f"{sp.ci95[0]:.2f}-{sp.ci95[1]:.2f}x, re-measured interleaved over {len(sp.ratios)} rounds): "
                     "nothing to change")
         return f"the {defaults} are the best configuration found: nothing to change"

@@ -568,7 +568,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
                 study.set_user_attr(record.VALIDATION, val.to_dict())
                 if o.ablation:
                     ab = ablate(study, p.engine, p.workload, p.model, o.objectives[0], o.validate_rounds, echo,
-                                sampler_factory=runner._sampler)
+                                sampler_factory=runner._sampler, check=runner.identity_violation)
                     # None too: an ablation of an earlier winner must not outlive it.
                     study.set_user_attr(record.ABLATION, ab.to_dict() if ab is not None else None)
         # The run's warnings go with the study, so that show and the report carry them too.

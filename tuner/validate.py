@@ -64,12 +64,16 @@ class Interleaved:
     put that into every paired ratio); a config is loaded (one discarded warm-up) only when it
     differs from what ran last.
 
-    A config that fails to load or run is kept in ``errors`` and skipped from then on.
+    A config that fails to load or run, or that ``check`` refuses (asked once per config, its
+    server settings in place, before its first measurement: the output-identity check of a
+    drafting config the search never ran), is kept in ``errors`` and skipped from then on.
     """
 
     def __init__(self, engine: Engine, workload: Workload, base_model: str,
-                 sampler_factory: Callable[[], Any] | None = None) -> None:
+                 sampler_factory: Callable[[], Any] | None = None,
+                 check: Callable[[TrialRecord], str | None] | None = None) -> None:
         self.engine, self.base_model, self.sampler_factory = engine, base_model, sampler_factory
+        self.check, self._checked = check, set[int]()
         self.one = dataclasses.replace(workload, repeats=1)
         self.loaded: Any = None
         self._turn = 0
@@ -90,6 +94,13 @@ class Interleaved:
             cfg_key = config_key(t.model, runner, t.effective_server)
             try:
                 restarted = self.engine.prepare(t.effective_server)
+                if self.check is not None and t.number not in self._checked:
+                    self._checked.add(t.number)
+                    refused = self.check(t)
+                    if refused:
+                        self.errors[t.number] = refused
+                        self.loaded = None
+                        continue
                 m = measure_config(self.engine, t.model or self.base_model, runner, self.one,
                                    reload=restarted or cfg_key != self.loaded,
                                    sampler=self.sampler_factory() if self.sampler_factory else None)
@@ -228,11 +239,18 @@ def validate_top(
     if base is not None and winner is not None and winner != base.number and not base.error:
         speedup = paired_speedup(counted, winner, base.number)
         if speedup is not None and speedup.ci95[0] <= 1.0:
-            # Paired round by round, the winner is not faster than the defaults: the simplest
-            # config is no change at all (a tuned one would pin settings worth nothing measured).
-            echo(f"re-validation: #{winner} is not distinguishable from the defaults (paired {speedup.ratio:.2f}x, "
-                 f"95% CI {speedup.ci95[0]:.2f}-{speedup.ci95[1]:.2f}x): recommending the defaults")
-            winner = base.number
+            how = "slower than" if speedup.ci95[1] < 1.0 else "not distinguishable from"
+            paired = f"paired {speedup.ratio:.2f}x, 95% CI {speedup.ci95[0]:.2f}-{speedup.ci95[1]:.2f}x"
+            if defaults is not None and not defaults.feasible:
+                # The defaults break a limit (latency, changed output): never the recommendation.
+                why = "; ".join(defaults.violations) or defaults.error or "infeasible"
+                echo(f"re-validation: #{winner} is {how} the defaults ({paired}), but the defaults are infeasible "
+                     f"({why}): keeping #{winner}")
+            else:
+                # Paired round by round, the winner is not faster than the defaults: the simplest
+                # config is no change at all (a tuned one would pin settings worth nothing measured).
+                echo(f"re-validation: #{winner} is {how} the defaults ({paired}): recommending the defaults")
+                winner = base.number
     return Validation(objective, len(counted), chosen, winner, overlap, len(study.get_trials(deepcopy=False)),
                       max_rounds=max_rounds, leader=leader, contended=contended, dropped=dropped,
                       interval=INTERVAL, baseline=base, speedup=speedup)
