@@ -747,15 +747,24 @@ class LlamaCppEngine(Engine):
 
         self._ready(model, runner_options)
         llm = self._llm
-        completion = {_PREDICT[k]: v for k, v in predict_options.items() if k in _PREDICT}
         llm.draft_model = None
         llm.reset()
         by_size: dict[str, float] = {}
         flip: tuple[int, int] | None = None  # (generated token, batch size)
         try:
-            out = llm.create_completion(prompt, **completion)
-            n_prompt, n = int(out["usage"]["prompt_tokens"]), int(llm.n_tokens)
-            tokens = [int(t) for t in llm.input_ids[:n]]
+            tokens = [int(t) for t in llm.tokenize(prompt.encode("utf-8"), special=True)]
+            n_prompt = len(tokens)
+            llm.eval(tokens)
+            # Greedy, one token at a time (temperature 0 is the argmax), up to the request's length.
+            count = max(1, int(predict_options.get("num_predict") or 64))
+            for i in range(count):
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                if token == llm.token_eos():
+                    break
+                tokens.append(token)
+                if i < count - 1:  # the last token is generated, never fed back
+                    llm.eval([token])
+            n = int(llm.n_tokens)
             # Row i predicts token i + 1: from the prompt's last token to the last one fed back.
             one_by_one = np.array(llm.scores[n_prompt - 1:n], dtype=np.float32)
             picks = one_by_one.argmax(axis=1)
