@@ -466,3 +466,26 @@ def test_another_server_given_with_host_is_an_environment_change(old: FakeOllama
     c = last_check(_attrs(name))
     assert c is not None and c.environment_changes[0] == f"server: {old.url} -> {other.url}"
     assert f"since server {old.url} -> {other.url}" in r.output.splitlines()[-1]
+
+
+def test_a_drafting_winner_whose_output_changed_since_is_not_measured() -> None:
+    # The study's drafting winner kept the greedy output then; an engine that now verifies drafts
+    # with other arithmetic changes it: the check says so instead of timing a changed answer.
+    from fake_ollama import mtp_model
+
+    mtp = "qwen3.6:27b-mtp"
+    with FakeOllama(models=default_models() + [mtp_model(mtp)]) as fake:
+        name = _study(fake, model=[mtp], trials=3, prompts_file="builtin:copy", sampler="grid", validate=0,
+                      params={"draft_num_predict": [0, 4], "num_thread": [4], "num_ctx": [2048], "num_gpu": [0]})
+        best = results.summarise_study(results.load_study(open_storage(STORAGE), name), ["decode_tps"], STORAGE).best
+        # The winner drafts (on an MTP model the defaults draft 4 too) and kept the output.
+        assert best is not None and best.identity is not None and best.identity["identical"]
+        assert _check(name).exit_code == 0
+        fake.draft_changes_output = True
+        r = _check(name)
+    assert r.exit_code == 3, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: could not measure study '{name}' now: the winner (#{best.number}) did not run: "
+                           "drafting changed the output: greedy text on prompt 'code_edit'"), r.output
+    c = last_check(_attrs(name))
+    assert c is not None and c.verdict == "unmeasured" and "drafting changed the output" in (c.error or "")

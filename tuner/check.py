@@ -331,7 +331,8 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
                 c.environment_changes.insert(0, f"server: {then} -> {normalise_host(o.host)}")
         engine.snapshot_loaded()
         configs = [winner, *([defaults] if defaults is not None else [])]
-        meter = Interleaved(engine, workload, base_model, _sampler_factory(engine))
+        meter = Interleaved(engine, workload, base_model, _sampler_factory(engine),
+                            check=_output_kept(engine, workload, base_model, winner))
         recs: dict[int, list[TrialRecord]] = {t.number: [] for t in configs}
 
         def measure() -> dict[int, TrialRecord] | None:
@@ -367,6 +368,22 @@ def run_check(o: CheckOptions, echo: Echo = lambda s: None) -> CheckReport:
             pass
         finally:
             engine.close()
+
+
+def _output_kept(engine: Any, workload: Any, base_model: str, winner: TrialRecord
+                 ) -> Callable[[TrialRecord], str | None]:
+    """A drafting winner's output-identity check run again now (another engine version can verify
+    a batch with other kernels): why the winner may not be measured, or None."""
+    from tuner import identity
+
+    def check(t: TrialRecord) -> str | None:
+        if t.number != winner.number or not winner.identity:
+            return None
+        draft = int(winner.identity.get("draft_num_predict") or 0)
+        runner = dict((t.options or {}) if t.baseline else t.options)
+        found = identity.check(engine, workload, t.model or base_model, runner, draft)
+        return identity.text(found) if found is not None and not found["identical"] else None
+    return check
 
 
 def _compare(c: Check, w_now: list[float], w_stored: list[float], defaults: TrialRecord | None,
