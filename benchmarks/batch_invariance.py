@@ -42,7 +42,7 @@ def _measure(llm: object, prompt: list[int], tokens: int, batches: list[int]) ->
         batched = np.array(llm.scores[n_prompt - 1:llm.n_tokens], dtype=np.float32)
         diff = float(np.abs(one - batched).max())
         flips = np.nonzero(batched.argmax(axis=1) != picks)[0]
-        cells.append("0" if diff == 0 else f"{diff:.2f}" + (f", flips {int(flips[0])}" if len(flips) else ""))
+        cells.append("0" if diff == 0 else f"{diff:.2f}" + (f", flips {int(flips[0]) + 1}" if len(flips) else ""))
     return cells
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                 llm.close()
     print(table(["flash attention", "threads", "context at the end", *[f"batch {b}" for b in batches]], rows,
                 f"largest logit difference, batched vs one token at a time (Gemma 3 270M Q4_K_M, {a.tokens} "
-                "generated tokens; 'flips N': the greedy choice changes at generated token N)"))
+                "generated tokens; 'flips N': the greedy choice of generated token N changes, counted from 1)"))
     print(f"load average after: {load_average()}")
 
 

@@ -7,7 +7,8 @@ One study per workload (``builtin:copy``: a code edit the answer mostly copies; 
 free text), grid over ``draft_num_predict``, 2 threads. Per config: decode tok/s (geometric mean
 and 95% t interval on the log scale over the measured requests), the speed-up over drafting off
 (ratio of geometric means, Welch 95% interval), the accepted share of drafted tokens, and the
-output-identity check (greedy text with drafting == without, on the workload's first prompt) and,
+output-identity check (greedy text with drafting == without, on the workload's first and longest
+prompt) and,
 where it fails, its control: the text without drafting scored in verification-sized batches with
 no drafter, and the first generated token whose greedy choice that changes.
 """

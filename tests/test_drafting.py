@@ -239,8 +239,10 @@ def test_identity_text_names_the_cause_the_control_found() -> None:
     assert identity_text(ident).endswith("batches of up to 7 tokens gave exactly the same logits, so "
                                          "draft_num_predict <= 6 may keep the output (docs/drafting.md)")
     ident["batched_scoring"] = {"batch": 3, "tokens": 64, "max_logit_difference": 0.0, "flips_at_token": None}
-    assert identity_text(ident).endswith("changes no greedy choice (logits differ by up to 0.0), so the drafting "
-                                         "itself changed it")
+    assert identity_text(ident).endswith("changes no greedy choice (logits differ by up to 0.0): batching at those "
+                                         "offsets does not explain it")
+    ident["batched_scoring"] = {"error": "llama.cpp failed to score m in batches: boom"}
+    assert identity_text(ident) == plain
 
 
 def test_identity_record_and_draft_statistics_round_trip() -> None:
@@ -318,3 +320,31 @@ def test_a_setting_that_keeps_drafting_identical_is_kept_by_the_ablation_and_the
     # The defaults are faster here but change the output: never recommended.
     assert summary.baseline is not None and not summary.baseline.feasible
     assert any("the defaults are infeasible" in line for line in echoed)
+    from tuner.show import speedup_text
+
+    assert ": the defaults are faster but infeasible (drafting changed the output" in speedup_text(summary)
+
+
+def test_a_resumed_study_checks_the_drafting_configs_it_re_validates_again(tmp_path: Any) -> None:
+    # The first run's drafting winner kept the output; before the study is resumed the server
+    # starts changing it (another version). The re-validation checks it again before timing it:
+    # refused, it cannot be the recommendation.
+    from tuner.storage import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'resume.db'}"
+    kw: dict[str, Any] = dict(storage=storage, study_name="resume", sampler="grid", prune=False, validate=2,
+                              validate_rounds=2, warm_start=False, ablation=False,
+                              params={"draft_num_predict": [0, 4], "num_thread": [4], "num_ctx": [2048],
+                                      "num_batch": [512], "num_gpu": [27]})
+    with _fake() as fake:
+        first = run_study(_opts(fake, MTP, trials=4, **kw))
+        assert first.best is not None and not first.best.baseline
+        assert first.best.identity is not None and first.best.identity["identical"]
+        fake.draft_changes_output = True
+        echoed: list[str] = []
+        second = run_study(_opts(fake, MTP, trials=5, **kw), echo=echoed.append)
+    val = results.read_study(results.load_study(open_storage(storage), "resume")).validation
+    assert val is not None
+    refused = {e.number: e.error for e in val.entries if e.error}
+    assert first.best.number in refused and refused[first.best.number].startswith("drafting changed the output")
+    assert second.best is None or second.best.number != first.best.number

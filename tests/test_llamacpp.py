@@ -425,3 +425,66 @@ def test_extra_cpu_buffers_are_checked_where_the_build_has_amx(monkeypatch: pyte
     monkeypatch.setattr(llamacpp, "_EXTRA_BUFFERS_OK", {})
     monkeypatch.setattr(llamacpp, "_PROBE", "pass")
     assert llamacpp.extra_buffers_ok(Lib(b"CPU : AMX_INT8 = 1 |"), str(model)) == (True, "")
+
+
+class ScoringLlama(FakeLlama):
+    """Keeps logits for every position (as a drafting load does) from a known rule: the best next
+    token follows from the history, the runner-up 0.01 behind; a batch of 3 or more lifts the
+    runner-up above it from its second token on (other kernels), a batch of 2 moves a logit by
+    0.001 and flips nothing."""
+
+    VOCAB = 8
+
+    def __init__(self, model_path: str, **kwargs: Any) -> None:
+        super().__init__(model_path, **kwargs)
+        import numpy as np
+
+        self.scores = np.zeros((kwargs.get("n_ctx", 64), self.VOCAB), dtype=np.float32)
+        self.n_tokens = 0
+        self.history: list[int] = []
+        self.draft_model = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.n_tokens, self.history = 0, []
+
+    def n_ctx(self) -> int:
+        return int(self.scores.shape[0])
+
+    def token_eos(self) -> int:
+        return 0
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return [1] + [2 + b % 5 for b in text[:5]]
+
+    def eval(self, tokens: list[int]) -> None:
+        for j, t in enumerate(tokens):
+            self.history.append(int(t))
+            best = 1 + sum(self.history) % 7
+            second = 1 + (best % 7)
+            row = self.scores[self.n_tokens]
+            row[:] = 0.0
+            row[best], row[second] = 10.0, 9.99
+            if len(tokens) >= 3 and j >= 1 and len(self.history) > 6:
+                row[second] += 1.0
+            elif len(tokens) == 2 and j == 1:
+                row[self.VOCAB - 1] += 0.001
+            self.n_tokens += 1
+
+
+def test_the_batched_scoring_control_counts_positions_right(fake_lib: SimpleNamespace, gguf: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = LlamaCppEngine(models=[gguf])
+    llm = ScoringLlama(gguf, n_ctx=64)
+    monkeypatch.setattr(engine, "_ready", lambda model, runner: setattr(engine, "_llm", llm))
+    out = engine.batched_scoring(gguf, "hello", {"draft_num_predict": 3}, {"num_predict": 8})
+    assert out is not None
+    # Rows: the prompt's last position, then the 7 generated tokens fed back: 8 greedy choices.
+    assert out["tokens"] == 8 and out["batch"] == 4
+    assert out["max_logit_difference_by_batch"] == {"2": 0.001, "3": 1.0, "4": 1.0}
+    # The first batch of 3 starts at the first generated token; its second token's logits predict
+    # the third generated token, the first whose greedy choice flips (counted from 1).
+    assert out["flips_at_token"] == 3 and out["flip_batch"] == 3 and out["top_two_gap"] == pytest.approx(0.01, abs=1e-4)
+    # The control leaves no drafter and nothing evaluated behind.
+    assert llm.draft_model is None and llm.n_tokens == 0
+    assert engine.batched_scoring(gguf, "hello", {"draft_num_predict": 0}, {"num_predict": 8}) is None

@@ -405,14 +405,18 @@ def test_what_each_setting_is_worth_on_the_real_model(gguf: str, tmp_path: Path)
 @pytest.mark.parametrize("workload", ["copy", "chat"])
 def test_prompt_lookup_drafting_is_measured_and_keeps_the_output(gguf: str, tmp_path: Path, workload: str) -> None:
     # Issue 24: the drafting axis on llama-cpp, measured for real on both built-in workloads, with
-    # flash attention on: there llama.cpp scores batches of up to 7 tokens exactly as one token at
-    # a time while the context stays within 256 cells (benchmarks/batch_invariance.py), so every
-    # draft length here must keep the greedy output.
+    # flash attention on. Whether drafting keeps the greedy output is whether llama.cpp scores a
+    # verification batch exactly as one token at a time, which depends on the kernels this build
+    # runs here (benchmarks/batch_invariance.py: bit-identical up to 7 tokens with flash attention
+    # on and a short context, on the machine its table comes from). So the control decides what
+    # must hold: batches bit-identical -> every drafting config keeps the output; otherwise every
+    # config that changed it carries the control that explains it.
     from tuner import record, results
     from tuner.options import TuneOptions
     from tuner.identity import text as identity_text
     from tuner.storage import open_storage
     from tuner.study import run_study
+    from tuner.workload import builtin_prompts
 
     storage = f"sqlite:///{tmp_path / 'draft.db'}"
     o = TuneOptions(model=[gguf], engine="llama-cpp", trials=5, repeats=1, num_predict=32, storage=storage,
@@ -426,9 +430,23 @@ def test_prompt_lookup_drafting_is_measured_and_keeps_the_output(gguf: str, tmp_
     on = [r for r in recs if r.options.get("draft_num_predict", 0) > 0]
     off = [r for r in recs if r.options.get("draft_num_predict") == 0]
     assert {r.options["draft_num_predict"] for r in on} == {2, 4} and off
+    engine = LlamaCppEngine(models=[gguf])
+    try:
+        engine.prepare({"flash_attention": "on"})
+        control = engine.batched_scoring(gguf, builtin_prompts(workload)[0].text,
+                                         {"draft_num_predict": 4, "num_thread": 2, "num_ctx": 1024, "num_batch": 512},
+                                         {"num_predict": 32, "temperature": 0.0, "seed": 1})
+    finally:
+        engine.close()
+    assert control is not None
+    exact = control["max_logit_difference"] == 0.0
     for r in on:
-        assert r.identity is not None and r.identity["identical"] is True, identity_text(r.identity or {})
-        assert r.constraints[record.OUTPUT_IDENTITY] == 0.0 and r.feasible
+        assert r.identity is not None, r.options
+        if exact:
+            assert r.identity["identical"] is True, identity_text(r.identity)
+            assert r.constraints[record.OUTPUT_IDENTITY] == 0.0 and r.feasible
+        elif not r.identity["identical"]:
+            assert not r.feasible and r.identity["batched_scoring"]["max_logit_difference"] > 0.0, r.identity
         # llama-cpp-python's drafts are counted: at most all of them accepted.
         assert r.draft_tokens is not None and 0 <= (r.draft_accepted or 0) <= r.draft_tokens
         for s in r.request_samples():
@@ -458,7 +476,7 @@ def test_batched_scoring_control_agrees_with_the_identity_check(gguf: str, flash
         again = engine.greedy_pair(gguf, prompt, runner, predict)
     finally:
         engine.close()
-    assert control is not None and control["batch"] == 3 and control["tokens"] == 32, control
+    assert control is not None and control["batch"] == 3 and 1 <= control["tokens"] <= 32, control
     assert set(control["max_logit_difference_by_batch"]) == {"2", "3"}
     assert again == (with_draft, without)
     if with_draft != without:
@@ -469,4 +487,4 @@ def test_batched_scoring_control_agrees_with_the_identity_check(gguf: str, flash
     if control["max_logit_difference"] == 0.0:
         assert with_draft == without
     if control["flips_at_token"] is not None:
-        assert 0 <= control["flips_at_token"] < 32 and control["top_two_gap"] >= 0.0
+        assert 1 <= control["flips_at_token"] <= control["tokens"] and control["top_two_gap"] >= 0.0

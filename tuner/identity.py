@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuner.engines.base import Engine
+from tuner.errors import TunerError
 from tuner.workload import Workload
 
 
@@ -28,8 +29,12 @@ def check(engine: Engine, workload: Workload, model: str, runner: dict[str, Any]
         found = compare(prompt.name, draft, *pair)
         found["checked"] = [p.name for p in prompts[:i + 1]]
         if not found["identical"]:
-            # Where the text differs, say whether batching alone (no drafter) does it.
-            control = engine.batched_scoring(model, prompt.text, runner, predict)
+            # Where the text differs, say whether batching alone (no drafter) does it. The control
+            # only explains: its failure must not cost the config its measurement.
+            try:
+                control = engine.batched_scoring(model, prompt.text, runner, predict)
+            except TunerError as e:
+                control = {"error": str(e)}
             if control is not None:
                 found["batched_scoring"] = control
             break
@@ -56,12 +61,13 @@ def text(identity: dict[str, Any]) -> str:
            f"at character {identity.get('first_difference')} ({identity.get('with_draft')!r} vs "
            f"{identity.get('without')!r})")
     control = identity.get("batched_scoring")
-    if not isinstance(control, dict):
+    if not isinstance(control, dict) or control.get("error"):
         return out
     sizes = f"batches of 2 to {control.get('batch')} tokens (the sizes one verification evaluates)"
     if control.get("flips_at_token") is None:
-        return (out + f"; scoring the text without drafting in {sizes} changes no greedy choice (logits differ "
-                f"by up to {control.get('max_logit_difference')}), so the drafting itself changed it")
+        return (out + f"; scoring the text without drafting in {sizes}, from the end of the prompt on, changes no "
+                f"greedy choice (logits differ by up to {control.get('max_logit_difference')}): batching at those "
+                "offsets does not explain it")
     out += (f"; with no drafter at all, scoring the text without drafting in {sizes} already changes "
             f"the greedy choice at generated token {control.get('flips_at_token')} (batches of "
             f"{control.get('flip_batch')}; top two logits {control.get('top_two_gap')} apart): the engine "

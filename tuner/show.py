@@ -70,9 +70,10 @@ def speedup_text(s: results.StudySummary, short: bool = False) -> str:
     if isinstance(w, results.Speedup):
         text = w.describe(objectives.label(s.objectives[0]), defaults)
         b = s.baseline
-        if b is not None and not b.feasible and w.ci95[1] < 1.0:
-            # Slower than defaults that break a limit: say why those are no choice.
-            text += printable(f": the defaults are faster but infeasible ({'; '.join(b.violations) or b.error})")
+        if b is not None and not b.feasible and w.ci95[0] <= 1.0:
+            # Not faster than defaults that break a limit: say why those are no choice.
+            how = "faster" if w.ci95[1] < 1.0 else "as fast"
+            text += printable(f": the defaults are {how} but infeasible ({'; '.join(b.violations)})")
         return text
     if isinstance(w, results.NoSpeedup) and w.reason == results.DEFAULTS_WON:
         # "1.00x vs the defaults" would read as a measured gain of nothing: say what it means.

@@ -563,7 +563,7 @@ def run_study(o: TuneOptions, echo: Echo = lambda s: None,
         if o.validate > 1 and len(o.objectives) == 1:
             val = validate_top(study, p.engine, p.workload, p.model, o.objectives[0], o.validate,
                                o.validate_rounds, echo, sampler_factory=runner._sampler,
-                               max_rounds=o.validate_max_rounds)
+                               max_rounds=o.validate_max_rounds, check=runner.identity_violation)
             if val is not None:
                 study.set_user_attr(record.VALIDATION, val.to_dict())
                 if o.ablation:

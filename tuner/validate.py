@@ -162,6 +162,7 @@ def validate_top(
     echo: Callable[[str], None],
     sampler_factory: Callable[[], Any] | None = None,
     max_rounds: int | None = None,
+    check: Callable[[TrialRecord], str | None] | None = None,
 ) -> Validation | None:
     """Re-measure the top ``k`` feasible distinct configs in interleaved rounds (:class:`Interleaved`),
     with the defaults as one more config when the objective is a maximised rate.
@@ -170,6 +171,8 @@ def validate_top(
     interval overlaps no other. A round in which any measurement was contended (other
     processes competed, per its telemetry) does not count: it is measured again once, and
     dropped if it is contended again. None when there are fewer than 2 configs or rounds.
+    ``check`` may refuse a config before it is measured (the output-identity check of a drafting
+    config that an earlier run or another worker measured); the defaults are never refused.
     """
     max_rounds = max(rounds, max_rounds or rounds)
     st = results.read_study(study)
@@ -193,7 +196,10 @@ def validate_top(
     fixed = fixed_settings(space)
     entries = {t.number: Validated(t.number, changed=changed_settings(t, defaults, base_model, fixed))
                for t in configs}
-    meter = Interleaved(engine, workload, base_model, sampler_factory)
+    def refuse(t: TrialRecord) -> str | None:
+        return None if check is None or (defaults is not None and t.number == defaults.number) else check(t)
+
+    meter = Interleaved(engine, workload, base_model, sampler_factory, refuse)
 
     def measure_round() -> dict[int, float] | None:
         """Each config once (its objective value); None as soon as a measurement was contended."""
@@ -243,7 +249,7 @@ def validate_top(
             paired = f"paired {speedup.ratio:.2f}x, 95% CI {speedup.ci95[0]:.2f}-{speedup.ci95[1]:.2f}x"
             if defaults is not None and not defaults.feasible:
                 # The defaults break a limit (latency, changed output): never the recommendation.
-                why = "; ".join(defaults.violations) or defaults.error or "infeasible"
+                why = "; ".join(defaults.violations) or "a limit"
                 echo(f"re-validation: #{winner} is {how} the defaults ({paired}), but the defaults are infeasible "
                      f"({why}): keeping #{winner}")
             else:

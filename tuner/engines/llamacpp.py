@@ -373,6 +373,17 @@ def _llama_errors(lib: Any) -> Iterator[list[str]]:
         log_set(original, ctypes.c_void_p(0))
 
 
+def _end_of_generation(lib: Any, llm: Any, token: int) -> bool:
+    """Whether generation ends at ``token`` (any end-of-generation token, as llama-cpp-python's
+    completion loop decides; the end-of-sequence token where the library has no such test)."""
+    low = getattr(lib, "llama_cpp", None)
+    test = getattr(low, "llama_vocab_is_eog", None)
+    vocab = getattr(getattr(llm, "_model", None), "vocab", None)
+    if test is not None and vocab is not None:
+        return bool(test(vocab, token))
+    return token == llm.token_eos()
+
+
 class _CountedDraft:
     """Prompt-lookup drafting that counts what it drafts and what the model accepted, and notes
     llama.cpp's counters when the first draft is asked for (the prompt is evaluated by then).
@@ -755,11 +766,12 @@ class LlamaCppEngine(Engine):
             tokens = [int(t) for t in llm.tokenize(prompt.encode("utf-8"), special=True)]
             n_prompt = len(tokens)
             llm.eval(tokens)
-            # Greedy, one token at a time (temperature 0 is the argmax), up to the request's length.
-            count = max(1, int(predict_options.get("num_predict") or 64))
+            # Greedy, one token at a time (temperature 0 is the argmax), up to the request's length
+            # and the context, ending where generation would (any end-of-generation token).
+            count = min(max(1, int(predict_options.get("num_predict") or 64)), llm.n_ctx() - n_prompt)
             for i in range(count):
                 token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                if token == llm.token_eos():
+                if _end_of_generation(self._lib, llm, token):
                     break
                 tokens.append(token)
                 if i < count - 1:  # the last token is generated, never fed back
@@ -772,7 +784,7 @@ class LlamaCppEngine(Engine):
                 llm.reset()
                 llm.eval(tokens[:n_prompt])
                 for i in range(n_prompt, n, size):
-                    llm.eval(tokens[i:i + size])
+                    llm.eval(tokens[i:min(i + size, n)])
                 batched = np.array(llm.scores[n_prompt - 1:n], dtype=np.float32)
                 by_size[str(size)] = round(float(np.abs(one_by_one - batched).max()), 4)
                 differ = np.nonzero(batched.argmax(axis=1) != picks)[0]
@@ -786,7 +798,8 @@ class LlamaCppEngine(Engine):
             "batch": dc[0] + 1, "tokens": int(len(picks)),
             "max_logit_difference": max(by_size.values(), default=0.0),
             "max_logit_difference_by_batch": by_size,
-            "flips_at_token": None if flip is None else flip[0],
+            # Counted from 1: the first generated token is token 1.
+            "flips_at_token": None if flip is None else flip[0] + 1,
         }
         if flip is not None:
             row = np.sort(one_by_one[flip[0]])
