@@ -22,7 +22,7 @@ import optuna
 import pytest
 from fake_ollama import FakeOllama
 
-from tuner import results
+from tuner import record, results
 from tuner.storage import open_storage
 from tuner.study import TuneOptions, run_study
 
@@ -130,8 +130,10 @@ def test_killed_worker_trial_fails_after_grace_and_is_retried(pg: str, tmp_path:
             done = [t for t in trials if t.state.name == "COMPLETE"]
             running = [t for t in trials if t.state.name == "RUNNING"]
             full = max((len(t.params) for t in done), default=0)
-            # Killed once its config is chosen (every parameter suggested), mid-measurement.
-            if len(done) >= 2 and running and full and len(running[0].params) == full:
+            # Killed once its config is chosen (every parameter suggested) and its record says so
+            # (written before measuring), mid-measurement.
+            if (len(done) >= 2 and running and full and len(running[0].params) == full
+                    and record.WORKER in running[0].user_attrs):
                 killed_number = running[0].number
                 p.send_signal(signal.SIGKILL)
                 break
@@ -265,7 +267,6 @@ def test_a_trial_record_is_one_upsert_on_postgresql(pg: str, monkeypatch: pytest
 
     import optuna
 
-    from tuner import record
     from tuner.metrics import RequestSample
 
     s = [RequestSample("chat", 0, 60.0, 1000.0, 100, 50.0, 64, 640.0, 0.1, 1100.0, "length")]
