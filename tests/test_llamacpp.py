@@ -262,6 +262,24 @@ def test_load_failure_is_a_load_error(fake_lib: SimpleNamespace, gguf: str) -> N
     assert len(FakeLlama.created) == 2
 
 
+def test_a_drafting_load_that_cannot_allocate_its_logits_is_a_load_error(fake_lib: SimpleNamespace, gguf: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # llama-cpp-python keeps n_ctx x vocabulary floats when drafting (logits_all): at a large
+    # num_ctx numpy cannot allocate them. A config that does not fit, not a crash of the study.
+    class Hungry(FakeLlama):
+        def __init__(self, model_path: str, **kwargs: Any) -> None:
+            if kwargs.get("logits_all"):
+                raise MemoryError("Unable to allocate 32.0 GiB for an array with shape (32768, 262144)")
+            super().__init__(model_path, **kwargs)
+
+    monkeypatch.setattr(fake_lib, "Llama", Hungry)
+    engine = LlamaCppEngine([gguf])
+    with pytest.raises(LoadError, match=r"Unable to allocate 32.0 GiB .*\(a drafting load keeps the logits of every "
+                                        r"position \(logits_all\)"):
+        engine.generate(gguf, "x", {"num_ctx": 32768, "draft_num_predict": 4}, PREDICT)
+    engine.generate(gguf, "x", {"num_ctx": 32768}, PREDICT)
+
+
 def test_a_load_error_carries_llama_cpp_s_logged_reason(monkeypatch: pytest.MonkeyPatch, gguf: str) -> None:
     lib = _fake_lib()
     logger: dict[str, Any] = {"cb": "original"}

@@ -615,8 +615,12 @@ class LlamaCppEngine(Engine):
         with _llama_errors(self._lib) as errors:
             try:
                 llm = new_llama(self._lib, path, verbose=False, **kwargs)
-            except (ValueError, RuntimeError, OSError) as e:
+            except (ValueError, RuntimeError, OSError, MemoryError) as e:
                 reason = "; ".join(dict.fromkeys(errors))
+                if isinstance(e, MemoryError) and kwargs.get("logits_all"):
+                    # llama-cpp-python keeps n_ctx x vocabulary floats for a drafting load.
+                    reason = "; ".join(filter(None, [reason, "a drafting load keeps the logits of every position "
+                                                     "(logits_all): n_ctx x vocabulary x 4 bytes"]))
                 shown = ", ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)
                 raise LoadError(
                     f"llama.cpp could not load {Path(path).name} with {shown}: {e}" + (f" ({reason})" if reason else "")
@@ -681,7 +685,7 @@ class LlamaCppEngine(Engine):
                     first = time.perf_counter()
                 if choice.get("finish_reason"):
                     reason = str(choice["finish_reason"])
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, MemoryError) as e:
             raise LoadError(f"llama.cpp failed to run {Path(path).name}: {e}") from None
         finally:
             llm.draft_model = None
@@ -738,7 +742,7 @@ class LlamaCppEngine(Engine):
             llm.reset()
             try:
                 out = llm.create_completion(prompt, **completion)
-            except (ValueError, RuntimeError) as e:
+            except (ValueError, RuntimeError, MemoryError) as e:
                 raise LoadError(f"llama.cpp failed to run {model}: {e}") from None
             finally:
                 llm.draft_model = None
@@ -790,7 +794,7 @@ class LlamaCppEngine(Engine):
                 differ = np.nonzero(batched.argmax(axis=1) != picks)[0]
                 if len(differ) and (flip is None or int(differ[0]) < flip[0]):
                     flip = (int(differ[0]), size)
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        except (ValueError, RuntimeError, KeyError, TypeError, MemoryError) as e:
             raise LoadError(f"llama.cpp failed to score {model} in batches: {e}") from None
         finally:
             llm.reset()
