@@ -75,13 +75,9 @@ def ablate(study: Any, engine: Engine, workload: Workload, base_model: str, obje
             a = with_change(defaults, c, c.value, -101 - i)
             alone[c.setting] = _key(a)
             configs.setdefault(_key(a), a)
-    ran = {winner.number, defaults.number}
-
-    def refuse(t: TrialRecord) -> str | None:
-        # The winner passed in the search; the defaults are the reference whatever they do.
-        return None if check is None or t.number in ran else check(t)
-
-    meter = Interleaved(engine, workload, base_model, sampler_factory, refuse)
+    # The winner passed its check in the re-validation; the defaults are the reference.
+    meter = Interleaved(engine, workload, base_model, sampler_factory, check,
+                        exempt=[winner.number, defaults.number])
     measured = list(configs.values())
 
     def measure_round(todo: Sequence[TrialRecord]) -> Callable[[], dict[tuple[Any, ...], float] | None]:

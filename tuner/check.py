@@ -380,9 +380,7 @@ def _output_kept(engine: Any, workload: Any, base_model: str, winner: TrialRecor
         if t.number != winner.number or not winner.identity:
             return None
         draft = int(winner.identity.get("draft_num_predict") or 0)
-        runner = dict((t.options or {}) if t.baseline else t.options)
-        found = identity.check(engine, workload, t.model or base_model, runner, draft)
-        return identity.text(found) if found is not None and not found["identical"] else None
+        return identity.violation(identity.check(engine, workload, t.model or base_model, dict(t.options), draft))
     return check
 
 

@@ -41,6 +41,11 @@ def check(engine: Engine, workload: Workload, model: str, runner: dict[str, Any]
     return found
 
 
+def violation(found: dict[str, Any] | None) -> str | None:
+    """The violation of a check that failed, in words; None where it passed or did not run."""
+    return text(found) if found is not None and not found["identical"] else None
+
+
 def compare(prompt: str, draft: int, with_draft: str, without: str) -> dict[str, Any]:
     """The stored identity check: whether the texts match and, where not, where they part."""
     out: dict[str, Any] = {"identical": with_draft == without, "prompt": prompt, "draft_num_predict": draft,

@@ -269,6 +269,11 @@ class TrialRecord:
         return (self.datetime_complete - self.datetime_start).total_seconds()
 
     @property
+    def sent_options(self) -> dict[str, Any] | None:
+        """The runner options as the trial sends them: None for a baseline that sends none."""
+        return (self.options or None) if self.baseline else self.options
+
+    @property
     def effective_server(self) -> dict[str, Any]:
         """Server settings that really ran."""
         return {**self.server, **(self.server_effective or {})}

@@ -294,9 +294,7 @@ class _Runner:
         """Why the config of ``t`` (one the search did not run, e.g. the ablation's) may not be
         measured: its drafting changes the greedy output; None when it keeps it or does not draft.
         The engine must have ``t``'s server settings in place."""
-        runner = (t.options or None) if t.baseline else t.options
-        found = self._identity(t.model or self.p.model, runner, t.effective_server)
-        return identity.text(found) if found is not None and not found["identical"] else None
+        return identity.violation(self._identity(t.model or self.p.model, t.sent_options, t.effective_server))
 
     def _predict(self, trial: Any, rec: TrialRecord) -> dict[str, Any] | None:
         """The memory model's prediction for this config from the evidence so far (None

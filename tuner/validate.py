@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from tuner import objectives, results
 from tuner.engines.base import Engine
@@ -66,14 +66,15 @@ class Interleaved:
 
     A config that fails to load or run, or that ``check`` refuses (asked once per config, its
     server settings in place, before its first measurement: the output-identity check of a
-    drafting config the search never ran), is kept in ``errors`` and skipped from then on.
+    drafting config the search never ran), is kept in ``errors`` and skipped from then on. The
+    trials in ``exempt`` are never asked about (the defaults: the reference whatever they do).
     """
 
     def __init__(self, engine: Engine, workload: Workload, base_model: str,
                  sampler_factory: Callable[[], Any] | None = None,
-                 check: Callable[[TrialRecord], str | None] | None = None) -> None:
+                 check: Callable[[TrialRecord], str | None] | None = None, exempt: Iterable[int] = ()) -> None:
         self.engine, self.base_model, self.sampler_factory = engine, base_model, sampler_factory
-        self.check, self._checked = check, set[int]()
+        self.check, self._checked = check, set(exempt)
         self.one = dataclasses.replace(workload, repeats=1)
         self.loaded: Any = None
         self._turn = 0
@@ -90,7 +91,7 @@ class Interleaved:
             if t.number in self.errors:
                 continue
             # The baseline sends what it sent in the search: nothing, or only --context.
-            runner = (t.options or None) if t.baseline else t.options
+            runner = t.sent_options
             cfg_key = config_key(t.model, runner, t.effective_server)
             try:
                 restarted = self.engine.prepare(t.effective_server)
@@ -196,10 +197,8 @@ def validate_top(
     fixed = fixed_settings(space)
     entries = {t.number: Validated(t.number, changed=changed_settings(t, defaults, base_model, fixed))
                for t in configs}
-    def refuse(t: TrialRecord) -> str | None:
-        return None if check is None or (defaults is not None and t.number == defaults.number) else check(t)
-
-    meter = Interleaved(engine, workload, base_model, sampler_factory, refuse)
+    meter = Interleaved(engine, workload, base_model, sampler_factory, check,
+                        exempt=[defaults.number] if defaults is not None else [])
 
     def measure_round() -> dict[int, float] | None:
         """Each config once (its objective value); None as soon as a measurement was contended."""
